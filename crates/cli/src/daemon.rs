@@ -1,0 +1,115 @@
+//! Starting the agent in the background, as ssh-agent does without `-d`/`-D`.
+//!
+//! Rather than fork (which needs `unsafe` and is unsound in a process that
+//! may have threads), token-agent starts itself again as a detached child
+//! (`--daemon-child`), waits until the child listens, and then either prints
+//! the shell commands that point at it or runs COMMAND with them set.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{bail, Context};
+
+use crate::args::Options;
+use crate::serve::READY;
+use crate::shell;
+
+/// Starts the agent in the background.
+pub(crate) fn start(options: &Options) -> anyhow::Result<ExitCode> {
+    warn_if_another_agent_runs();
+    let exe = std::env::current_exe().context("cannot find the token-agent executable")?;
+    let mut child = Command::new(exe);
+    child
+        .arg("--daemon-child")
+        .args(child_flags(options))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if !options.command.is_empty() {
+        child
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string());
+    }
+    let mut child = child.spawn().context("cannot start the agent")?;
+    let pid = child.id();
+    let stdout = child.stdout.take().context("no pipe from the agent")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("cannot read from the agent")?;
+    let Some(socket) = line.trim_end().strip_prefix(READY).map(PathBuf::from) else {
+        // The child failed before listening: relay what it said.
+        let mut said = String::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            let _ = stderr.read_to_string(&mut said);
+        }
+        let _ = child.wait();
+        let said = said.trim().trim_start_matches("token-agent: ");
+        bail!("the agent did not start: {said}");
+    };
+    // From here on the child logs to its file; its stdout and stderr pipes are
+    // closed when this process exits or execs, so no shell waits on them.
+    drop(child.stderr.take());
+
+    if options.command.is_empty() {
+        print!("{}", shell::environment(options.shell, &socket, pid, true));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (program, args) = options.command.split_first().context("no command given")?;
+    let err = Command::new(program)
+        .args(args)
+        .env("SSH_AUTH_SOCK", &socket)
+        .env("SSH_AGENT_PID", pid.to_string())
+        .exec();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    Err(err).with_context(|| format!("cannot run {}", program.to_string_lossy()))
+}
+
+/// The flags the child needs to serve as this process was asked.
+fn child_flags(options: &Options) -> Vec<std::ffi::OsString> {
+    let mut flags: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(path) = &options.bind_address {
+        flags.push("-a".into());
+        flags.push(path.into());
+    }
+    if let Some(lifetime) = options.default_lifetime {
+        flags.push("-t".into());
+        flags.push(lifetime.as_secs().to_string().into());
+    }
+    if let Some(providers) = &options.allowed_providers {
+        flags.push("-P".into());
+        flags.push(providers.into());
+    }
+    if options.fingerprint_hash == ssh_key::HashAlg::Sha512 {
+        flags.push("-E".into());
+        flags.push("sha512".into());
+    }
+    if options.allow_remote_pkcs11 {
+        flags.push("-O".into());
+        flags.push("allow-remote-pkcs11".into());
+    }
+    if let Some(config) = &options.config {
+        flags.push("--config".into());
+        flags.push(config.into());
+    }
+    flags
+}
+
+/// Starting a second agent is allowed, but usually a mistake: say so.
+fn warn_if_another_agent_runs() {
+    let Some(socket) = std::env::var_os("SSH_AUTH_SOCK") else {
+        return;
+    };
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        eprintln!(
+            "token-agent: note: SSH_AUTH_SOCK already points at a running agent ({}); \
+             this starts another one",
+            PathBuf::from(socket).display()
+        );
+    }
+}

@@ -1,0 +1,45 @@
+//! `token-agent`: an SSH agent for keys in hardware tokens, and a drop-in for
+//! OpenSSH's ssh-agent.
+//!
+//! This binary owns the wiring: flags (ssh-agent compatible) and the
+//! configuration file are checked into [`args::Options`] and
+//! [`config::Config`] before anything runs; then it either starts the agent
+//! in the background and prints its environment, serves in the foreground,
+//! or kills a running agent. Exit codes: 0 on success, 1 on any error (as
+//! ssh-agent), 2 for a command-line usage error (clap's).
+
+#![forbid(unsafe_code)]
+
+mod args;
+mod config;
+mod daemon;
+mod logging;
+mod serve;
+mod shell;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Args, Mode, Options};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("token-agent: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let options = Options::try_from(args)?;
+    match options.mode {
+        Mode::Kill => shell::kill(&options),
+        Mode::Daemon => daemon::start(&options),
+        Mode::Foreground { debug } => serve::run(&options, serve::Role::Foreground { debug }),
+        Mode::DaemonChild => serve::run(&options, serve::Role::DaemonChild),
+    }
+}

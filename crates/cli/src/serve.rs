@@ -1,0 +1,250 @@
+//! Running the agent: bind the socket, wire the router, serve until told to stop.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ssh_key::Certificate;
+use token_agent_core::{Backend, Prompter};
+use token_agent_prompt::{Askpass, Bridge, NoticeConfig, Notifier, PinSource, Pinentry};
+use token_agent_server::provider::ProviderAllowlist;
+use token_agent_server::{listener, Policy, Router, SoftwareKeys};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::args::Options;
+use crate::config::{self, Config, PinPrompt};
+use crate::{logging, shell};
+
+/// How this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// `-d` / `-D`: in the foreground, logging to stderr.
+    Foreground {
+        /// `-d`: debug logs.
+        debug: bool,
+    },
+    /// Started by `token-agent` without `-d`/`-D`: detached, logging to a file.
+    DaemonChild,
+}
+
+/// The first line a daemon child prints once it listens, followed by the socket path.
+pub(crate) const READY: &str = "TOKEN-AGENT-READY ";
+
+/// Serves until SIGTERM (or SIGINT in the foreground, or the parent's exit).
+pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
+    let config = Config::load(options.config.as_deref())?;
+    match role {
+        Role::Foreground { debug } => {
+            let level = if debug { "debug" } else { "info" };
+            logging::to_stderr(level, config.log_level.as_deref());
+        }
+        Role::DaemonChild => {
+            // A session of its own: the terminal's hangup and ^C do not reach the agent.
+            nix::unistd::setsid().context("cannot start a new session")?;
+            let path = config
+                .log_file
+                .clone()
+                .or_else(config::default_log_file)
+                .context("cannot find a place for the log file: set HOME or log_file")?;
+            logging::to_file(&path, "info", config.log_level.as_deref())?;
+        }
+    }
+    harden();
+
+    let (socket_path, made_dir) = socket_path(options)?;
+    let certificates = load_certificates(&config.certificates)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let _guard = listener::SocketGuard::new(socket_path.clone(), made_dir);
+        let socket = listener::bind(&socket_path)
+            .with_context(|| format!("cannot listen on {}", socket_path.display()))?;
+        let router = Router::new(backends(), prompter(&config), policy(options), certificates);
+        tracing::info!(
+            socket = %socket_path.display(),
+            pid = std::process::id(),
+            version = env!("CARGO_PKG_VERSION"),
+            "token-agent started"
+        );
+        announce(options, role, &socket_path)?;
+        let shutdown = shutdown_signal(role, options.parent_pid, router.clone())?;
+        listener::serve(socket, router, listener::Access::current(), shutdown).await;
+        tracing::info!("token-agent stopped");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn backends() -> Vec<Arc<dyn Backend>> {
+    vec![Arc::new(SoftwareKeys::new())]
+}
+
+fn policy(options: &Options) -> Policy {
+    Policy {
+        default_lifetime: options.default_lifetime,
+        providers: options
+            .allowed_providers
+            .clone()
+            .map(ProviderAllowlist::new)
+            .unwrap_or_default(),
+        allow_remote_providers: options.allow_remote_pkcs11,
+        fingerprint_hash: options.fingerprint_hash,
+    }
+}
+
+fn prompter(config: &Config) -> Arc<dyn Prompter> {
+    let program = config
+        .prompt
+        .pinentry
+        .clone()
+        .or_else(|| std::env::var_os("PINENTRY_PROGRAM").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("pinentry"));
+    let timeout = config.prompt.timeout_seconds;
+    let askpass = std::env::var_os("SSH_ASKPASS")
+        .filter(|program| !program.is_empty())
+        .map(|program| Askpass::new(program, Duration::from_secs(u64::from(timeout))));
+    let pin_source = match config.prompt.pin_prompt {
+        PinPrompt::Pinentry => PinSource::Pinentry,
+        PinPrompt::Askpass => PinSource::Askpass,
+    };
+    let notifier = Notifier::new(NoticeConfig {
+        delay: config.notice.delay(),
+        command: config.notice.command.clone(),
+    });
+    Arc::new(Bridge::new(
+        Pinentry::new(program, timeout),
+        askpass,
+        pin_source,
+        notifier,
+    ))
+}
+
+fn load_certificates(paths: &[PathBuf]) -> anyhow::Result<Vec<Certificate>> {
+    paths
+        .iter()
+        .map(|path| {
+            Certificate::read_file(path)
+                .with_context(|| format!("cannot read the certificate {}", path.display()))
+        })
+        .collect()
+}
+
+/// The socket path: `-a`, or `$TMPDIR/ssh-XXXXXXXXXX/agent.PPID` as ssh-agent makes it.
+/// Returns the directory too when the agent made it (and so removes it at exit).
+fn socket_path(options: &Options) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    if let Some(path) = &options.bind_address {
+        return Ok((path.clone(), None));
+    }
+    let base = std::env::temp_dir();
+    for _ in 0..16 {
+        let dir = base.join(format!("ssh-{}", random_suffix()));
+        match listener::create_private_dir(&dir) {
+            Ok(()) => {
+                let parent = nix::unistd::getppid();
+                return Ok((dir.join(format!("agent.{parent}")), Some(dir)));
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!("cannot create a socket directory in {}", base.display())
+                })
+            }
+        }
+    }
+    anyhow::bail!(
+        "cannot create a unique socket directory in {}",
+        base.display()
+    )
+}
+
+fn random_suffix() -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    Alphanumeric.sample_string(&mut rand::rngs::OsRng, 10)
+}
+
+/// Tells the shell (foreground) or the parent (daemon child) where the agent is.
+fn announce(options: &Options, role: Role, socket: &Path) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match role {
+        Role::Foreground { .. } => {
+            write!(
+                stdout,
+                "{}",
+                shell::environment(options.shell, socket, std::process::id(), false)
+            )?;
+        }
+        Role::DaemonChild => writeln!(stdout, "{READY}{}", socket.display())?,
+    }
+    stdout.flush().context("cannot write to stdout")
+}
+
+/// Completes on SIGTERM, on SIGINT in the foreground, or when the parent
+/// running COMMAND exits. SIGHUP makes every backend forget cached PINs and
+/// let go of its tokens, and the agent goes on.
+fn shutdown_signal(
+    role: Role,
+    parent: Option<i32>,
+    router: Arc<Router>,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let foreground = matches!(role, Role::Foreground { .. });
+    Ok(async move {
+        let mut parent_check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: shutting down");
+                    return;
+                }
+                _ = int.recv() => {
+                    if foreground {
+                        tracing::info!("SIGINT: shutting down");
+                        return;
+                    }
+                }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: forgetting cached PINs and releasing tokens");
+                    router.forget_secrets();
+                }
+                _ = parent_check.tick(), if parent.is_some() => {
+                    if let Some(pid) = parent {
+                        if !parent_alive(pid) {
+                            tracing::info!(pid, "the command's process exited: shutting down");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn parent_alive(pid: i32) -> bool {
+    nix::unistd::getppid().as_raw() == pid
+        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// No core dumps or ptrace by other processes of the user (PR_SET_DUMPABLE),
+/// and room for many clients at once (RLIMIT_NOFILE raised to its hard limit).
+fn harden() {
+    if let Err(err) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(%err, "cannot make the process non-dumpable");
+    }
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(%err, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(err) => tracing::debug!(%err, "cannot read the open-file limit"),
+    }
+}

@@ -1,0 +1,259 @@
+//! A sign request and the facts known about who asked and for where.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use ssh_encoding::Encode;
+use ssh_key::public::KeyData;
+use ssh_key::{HashAlg, Signature};
+
+use crate::identity::fingerprint;
+
+/// The flags of SSH_AGENTC_SIGN_REQUEST (draft-miller-ssh-agent, section 4.5.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SignFlags(u32);
+
+impl SignFlags {
+    /// SSH_AGENT_RSA_SHA2_256: an RSA key signs with rsa-sha2-256.
+    pub const RSA_SHA2_256: u32 = 0x02;
+    /// SSH_AGENT_RSA_SHA2_512: an RSA key signs with rsa-sha2-512.
+    pub const RSA_SHA2_512: u32 = 0x04;
+
+    /// Flags as they arrived on the wire; unknown bits are kept and ignored.
+    pub fn from_bits(bits: u32) -> Self {
+        Self(bits)
+    }
+
+    /// The raw bits.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// The hash an RSA signature uses: SHA-512 wins when both SHA-2 flags are set,
+    /// as in OpenSSH; SHA-1 (the legacy "ssh-rsa") only when neither is.
+    pub fn rsa_hash(self) -> RsaHash {
+        if self.0 & Self::RSA_SHA2_512 != 0 {
+            RsaHash::Sha512
+        } else if self.0 & Self::RSA_SHA2_256 != 0 {
+            RsaHash::Sha256
+        } else {
+            RsaHash::Sha1
+        }
+    }
+}
+
+/// The digest of an RSA PKCS#1 v1.5 signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RsaHash {
+    /// "ssh-rsa": SHA-1, only for peers that ask for nothing better.
+    Sha1,
+    /// "rsa-sha2-256".
+    Sha256,
+    /// "rsa-sha2-512".
+    Sha512,
+}
+
+impl RsaHash {
+    /// The SSH signature algorithm name.
+    pub fn algorithm_name(self) -> &'static str {
+        match self {
+            Self::Sha1 => "ssh-rsa",
+            Self::Sha256 => "rsa-sha2-256",
+            Self::Sha512 => "rsa-sha2-512",
+        }
+    }
+
+    /// The `ssh-key` hash for SHA-2 variants; `None` for SHA-1.
+    pub fn hash_alg(self) -> Option<HashAlg> {
+        match self {
+            Self::Sha1 => None,
+            Self::Sha256 => Some(HashAlg::Sha256),
+            Self::Sha512 => Some(HashAlg::Sha512),
+        }
+    }
+}
+
+/// What to sign, and how.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SignRequest {
+    /// The bytes to sign (for SSH user authentication, the session id and the
+    /// SSH_MSG_USERAUTH_REQUEST fields).
+    pub data: Vec<u8>,
+    /// The request's flags.
+    pub flags: SignFlags,
+}
+
+impl fmt::Debug for SignRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignRequest")
+            .field("data_len", &self.data.len())
+            .field("flags", &self.flags)
+            .finish()
+    }
+}
+
+/// The process at the other end of the agent socket, from SO_PEERCRED.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Peer {
+    /// Effective uid of the client.
+    pub uid: u32,
+    /// Process id of the client, when the kernel reports one.
+    pub pid: Option<i32>,
+    /// The client's executable (`/proc/PID/exe`), when readable.
+    pub exe: Option<PathBuf>,
+}
+
+impl fmt::Display for Peer {
+    /// "ssh (pid 1234)", "pid 1234", or "an unknown process".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self
+            .exe
+            .as_ref()
+            .and_then(|exe| exe.file_name())
+            .map(|name| name.to_string_lossy().into_owned());
+        match (name, self.pid) {
+            (Some(name), Some(pid)) => write!(f, "{name} (pid {pid})"),
+            (Some(name), None) => f.write_str(&name),
+            (None, Some(pid)) => write!(f, "pid {pid}"),
+            (None, None) => f.write_str("an unknown process"),
+        }
+    }
+}
+
+/// Where a signature will be used, learned from session-bind@openssh.com.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    /// The host key the client verified for the server it is talking to.
+    pub host_key: KeyData,
+    /// The host name, when a destination constraint named it.
+    pub hostname: Option<String>,
+    /// The user the signature logs in as, when the signed data says so.
+    pub user: Option<String>,
+}
+
+impl fmt::Display for Destination {
+    /// "git@github.com", "github.com", or "the host with key SHA256:...".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.user, &self.hostname) {
+            (Some(user), Some(host)) => write!(f, "{user}@{host}"),
+            (None, Some(host)) => f.write_str(host),
+            (user, None) => {
+                if let Some(user) = user {
+                    write!(f, "{user}@")?;
+                }
+                write!(
+                    f,
+                    "the host with key {}",
+                    fingerprint(&self.host_key, HashAlg::Sha256)
+                )
+            }
+        }
+    }
+}
+
+/// Everything known about a request besides its bytes: who asked and for where.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SignContext {
+    /// The client process.
+    pub peer: Peer,
+    /// The host the signature is for, after session-bind@openssh.com.
+    pub destination: Option<Destination>,
+    /// Whether the connection reached the agent through agent forwarding
+    /// (a session bind said so).
+    pub forwarded: bool,
+}
+
+impl SignContext {
+    /// A context for a local client with no session binding.
+    pub fn local(peer: Peer) -> Self {
+        Self {
+            peer,
+            destination: None,
+            forwarded: false,
+        }
+    }
+}
+
+/// A signature as SSH_AGENT_SIGN_RESPONSE carries it: the encoded signature blob
+/// (`string algorithm`, `string signature`, and for sk keys the flags and counter).
+///
+/// `ssh_key::Signature` cannot hold the legacy SHA-1 "ssh-rsa" form, which an
+/// agent must still produce when a client asks for it, hence this type.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SshSignature {
+    blob: Vec<u8>,
+}
+
+impl SshSignature {
+    /// An RSA PKCS#1 v1.5 signature `raw` made with `hash`.
+    pub fn rsa(hash: RsaHash, raw: &[u8]) -> Self {
+        let mut blob = Vec::with_capacity(8 + hash.algorithm_name().len() + raw.len());
+        push_string(&mut blob, hash.algorithm_name().as_bytes());
+        push_string(&mut blob, raw);
+        Self { blob }
+    }
+
+    /// The encoded blob.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.blob
+    }
+
+    /// The algorithm name the blob starts with.
+    pub fn algorithm(&self) -> &str {
+        self.blob
+            .get(..4)
+            .and_then(|len| <[u8; 4]>::try_from(len).ok())
+            .map(|len| u32::from_be_bytes(len) as usize)
+            .and_then(|len| self.blob.get(4..4 + len))
+            .and_then(|name| std::str::from_utf8(name).ok())
+            .unwrap_or("")
+    }
+}
+
+impl TryFrom<&Signature> for SshSignature {
+    type Error = ssh_key::Error;
+
+    fn try_from(signature: &Signature) -> Result<Self, Self::Error> {
+        let mut blob = Vec::new();
+        signature.encode(&mut blob)?;
+        Ok(Self { blob })
+    }
+}
+
+impl fmt::Debug for SshSignature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SshSignature")
+            .field("algorithm", &self.algorithm())
+            .field("len", &self.blob.len())
+            .finish()
+    }
+}
+
+fn push_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Lengths here are of signatures and algorithm names, far below u32::MAX.
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_pick_the_rsa_hash_as_openssh() {
+        assert_eq!(SignFlags::from_bits(0).rsa_hash(), RsaHash::Sha1);
+        assert_eq!(SignFlags::from_bits(2).rsa_hash(), RsaHash::Sha256);
+        assert_eq!(SignFlags::from_bits(4).rsa_hash(), RsaHash::Sha512);
+        assert_eq!(SignFlags::from_bits(6).rsa_hash(), RsaHash::Sha512);
+    }
+
+    #[test]
+    fn sha1_rsa_signature_is_encoded_as_ssh_rsa() {
+        let sig = SshSignature::rsa(RsaHash::Sha1, &[1, 2, 3]);
+        assert_eq!(sig.algorithm(), "ssh-rsa");
+        assert_eq!(
+            sig.as_bytes(),
+            &[0, 0, 0, 7, b's', b's', b'h', b'-', b'r', b's', b'a', 0, 0, 0, 3, 1, 2, 3]
+        );
+    }
+}

@@ -1,0 +1,42 @@
+//! Prompters for token-agent: how the agent talks to the person.
+//!
+//! This crate owns every way of asking: a pinentry program over the Assuan
+//! protocol ([`Pinentry`]), an `SSH_ASKPASS` program as OpenSSH's agent runs it
+//! ([`Askpass`]), touch notices that appear after a short delay, run a command
+//! and are withdrawn when the device answers ([`Notifier`]), the [`Bridge`]
+//! that chooses among them, and a [`Scripted`] prompter for tests.
+//!
+//! Backends never use these types directly: they see only
+//! [`token_agent_core::Prompter`]. This crate must not know any device.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use token_agent_core::{PinRequest, PromptSubject, Prompter};
+//! use token_agent_prompt::{Scripted, ScriptedAnswer};
+//!
+//! # tokio_test_block_on(async {
+//! let prompter = Scripted::new([ScriptedAnswer::Pin("123456".into())]);
+//! let pin = prompter.pin(&PinRequest::new(PromptSubject::default())).await.unwrap();
+//! assert_eq!(secrecy::ExposeSecret::expose_secret(&pin), "123456");
+//! assert_eq!(prompter.asked().len(), 1);
+//! # });
+//! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+//! #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod askpass;
+mod bridge;
+mod notice;
+mod pinentry;
+mod scripted;
+
+pub use askpass::Askpass;
+pub use bridge::{Bridge, PinSource};
+pub use notice::{NoticeConfig, Notifier};
+pub use pinentry::Pinentry;
+pub use scripted::{Asked, Scripted, ScriptedAnswer};

@@ -1,0 +1,111 @@
+//! Asking through a pinentry program (GnuPG's Assuan protocol, via the `pinentry` crate).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use secrecy::SecretString;
+use token_agent_core::{ConfirmRequest, PinRequest, PromptError};
+
+/// A pinentry program: `pinentry-gnome3`, `pinentry-qt`, `pinentry-curses`, `pinentry-mac`, ...
+#[derive(Debug, Clone)]
+pub struct Pinentry {
+    program: PathBuf,
+    timeout_seconds: u16,
+}
+
+impl Pinentry {
+    /// Uses `program` (a path, or a name looked up in PATH), giving the person
+    /// `timeout_seconds` to answer.
+    pub fn new(program: impl Into<PathBuf>, timeout_seconds: u16) -> Self {
+        Self {
+            program: program.into(),
+            timeout_seconds,
+        }
+    }
+
+    /// The program, as configured.
+    pub fn program(&self) -> &std::path::Path {
+        &self.program
+    }
+
+    /// Asks for a PIN. Blocking: run it off the async runtime.
+    pub fn pin(&self, request: &PinRequest) -> Result<SecretString, PromptError> {
+        self.check_display(&request.title())?;
+        let Some(mut input) = ::pinentry::PassphraseInput::with_binary(&self.program) else {
+            return Err(self.not_found());
+        };
+        let (title, description, label) = (request.title(), request.description(), request.label());
+        input
+            .with_title(&title)
+            .with_description(&description)
+            .with_prompt(&label)
+            .with_timeout(self.timeout_seconds)
+            .required("The PIN cannot be empty.");
+        input.interact().map_err(|e| self.error(e))
+    }
+
+    /// Asks to allow a use of a key. Blocking: run it off the async runtime.
+    pub fn confirm(&self, request: &ConfirmRequest) -> Result<bool, PromptError> {
+        self.check_display("a confirmation")?;
+        let Some(mut dialog) = ::pinentry::ConfirmationDialog::with_binary(&self.program) else {
+            return Err(self.not_found());
+        };
+        dialog
+            .with_title("token-agent")
+            .with_ok("Allow")
+            .with_cancel("Deny")
+            .with_timeout(self.timeout_seconds);
+        match dialog.confirm(&request.description()) {
+            Ok(answer) => Ok(answer),
+            // A confirmation that times out is a "no", as an unanswered askpass is.
+            Err(::pinentry::Error::Timeout) => Ok(false),
+            Err(err) => Err(self.error(err)),
+        }
+    }
+
+    /// The agent usually runs without a terminal; a pinentry then needs a
+    /// graphical session, and without one it would fail obscurely or wait for
+    /// a window nobody sees. Say so plainly instead. (An agent run in the
+    /// foreground on a terminal, `-D`, can use pinentry-curses there.)
+    fn check_display(&self, what: &str) -> Result<(), PromptError> {
+        let has = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+        if has("DISPLAY") || has("WAYLAND_DISPLAY") || std::io::stdin().is_terminal() {
+            return Ok(());
+        }
+        Err(PromptError::Unavailable {
+            what: what.to_owned(),
+            reason: format!(
+                "{} needs a graphical session, but neither DISPLAY nor WAYLAND_DISPLAY is set \
+                 in the agent's environment; start the agent from your desktop session, or set \
+                 pin_prompt = \"askpass\" in the configuration with SSH_ASKPASS naming a program \
+                 that can ask here",
+                self.program.display()
+            ),
+        })
+    }
+
+    fn not_found(&self) -> PromptError {
+        PromptError::Unavailable {
+            what: "a PIN".into(),
+            reason: format!(
+                "the pinentry program {} was not found or is not executable; install one \
+                 (Debian: apt install pinentry-gnome3 or pinentry-curses) or set \
+                 PINENTRY_PROGRAM",
+                self.program.display()
+            ),
+        }
+    }
+
+    fn error(&self, err: ::pinentry::Error) -> PromptError {
+        match err {
+            ::pinentry::Error::Cancelled => PromptError::Cancelled,
+            ::pinentry::Error::Timeout => PromptError::TimedOut {
+                seconds: u64::from(self.timeout_seconds),
+            },
+            other => PromptError::Failed {
+                program: self.program.display().to_string(),
+                message: other.to_string(),
+            },
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! Key constraints (`ssh-add -t`, `-c`, `-h`) and session bindings
+//! (session-bind@openssh.com), checked exactly as OpenSSH's agent checks them
+//! (PROTOCOL.agent and ssh-agent.c: `identity_permitted`,
+//! `permitted_by_dest_constraints`, `match_key_hop`, `process_ext_session_bind`).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use signature::Verifier;
+use ssh_agent_lib::proto::extension::{DestinationConstraint, HostTuple};
+use ssh_encoding::{Decode, Reader};
+use ssh_key::certificate::{CertType, Certificate};
+use ssh_key::public::KeyData;
+use ssh_key::{Algorithm, HashAlg, Signature};
+
+use crate::pattern;
+use crate::proto::userauth;
+
+/// OpenSSH's AGENT_MAX_SESSION_IDS: how many bindings one connection may record.
+const MAX_SESSION_IDS: usize = 16;
+/// OpenSSH's AGENT_MAX_SID_LEN.
+const MAX_SESSION_ID_LEN: usize = 128;
+
+/// What a client asked to limit a key to when it added it.
+#[derive(Debug, Clone, Default)]
+pub struct Constraints {
+    /// When the key is removed (`ssh-add -t`, or the agent's `-t`).
+    pub expires_at: Option<Instant>,
+    /// Each use must be confirmed by the person (`ssh-add -c`).
+    pub confirm: bool,
+    /// The hosts the key may be used for (`ssh-add -h`); empty means anywhere.
+    pub destinations: Vec<DestinationConstraint>,
+}
+
+impl Constraints {
+    /// Constraints with a lifetime of `lifetime` from now.
+    pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
+        self.expires_at = Instant::now().checked_add(lifetime);
+        self
+    }
+
+    /// Whether the key's lifetime has run out.
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// A host key presented in a session bind: a plain key or a host certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKey {
+    /// A plain host key.
+    Plain(KeyData),
+    /// A host certificate.
+    Certificate(Box<Certificate>),
+}
+
+impl HostKey {
+    /// The key that signs (a certificate's subject key).
+    pub fn key_data(&self) -> &KeyData {
+        match self {
+            Self::Plain(key) => key,
+            Self::Certificate(cert) => cert.public_key(),
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut probe = bytes;
+        let algorithm = String::decode(&mut probe).map_err(|e| e.to_string())?;
+        if Algorithm::new_certificate(&algorithm).is_ok() {
+            let cert = crate::proto::message::decode_exact::<Certificate>(bytes)?;
+            Ok(Self::Certificate(Box::new(cert)))
+        } else {
+            Ok(Self::Plain(crate::proto::message::decode_exact::<KeyData>(
+                bytes,
+            )?))
+        }
+    }
+}
+
+/// One session-bind@openssh.com record.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// The server's host key, verified by the client.
+    pub host_key: HostKey,
+    /// The SSH session identifier.
+    pub session_id: Vec<u8>,
+    /// Whether the agent is forwarded over this session (rather than used to log in).
+    pub forwarded: bool,
+}
+
+/// The bindings recorded on one client connection.
+#[derive(Debug, Default)]
+pub struct SessionBindings {
+    bindings: Vec<Binding>,
+    attempted: bool,
+}
+
+impl SessionBindings {
+    /// The recorded hops, first to last.
+    pub fn hops(&self) -> &[Binding] {
+        &self.bindings
+    }
+
+    /// Whether the last hop is a forwarding one: the client is a remote host
+    /// using a forwarded agent.
+    pub fn forwarded(&self) -> bool {
+        self.bindings.last().is_some_and(|b| b.forwarded)
+    }
+
+    /// Handles a session-bind@openssh.com request: parse, verify the host's
+    /// signature over the session id, and record it.
+    pub fn bind(&mut self, payload: &[u8]) -> Result<&Binding, String> {
+        self.attempted = true;
+        let mut reader = payload;
+        let host_key = reader
+            .read_prefixed(|r| {
+                let mut bytes = vec![0u8; r.remaining_len()];
+                r.read(&mut bytes)?;
+                Ok::<_, ssh_encoding::Error>(bytes)
+            })
+            .map_err(|e| format!("host key: {e}"))?;
+        let host_key = HostKey::decode(&host_key)?;
+        let session_id = Vec::<u8>::decode(&mut reader).map_err(|e| e.to_string())?;
+        let signature = reader
+            .read_prefixed(Signature::decode)
+            .map_err(|e| format!("signature: {e}"))?;
+        let forwarded = u8::decode(&mut reader).map_err(|e| e.to_string())? != 0;
+        if !reader.is_finished() {
+            return Err("trailing bytes".into());
+        }
+        if session_id.len() > MAX_SESSION_ID_LEN {
+            return Err("session id too long".into());
+        }
+        host_key
+            .key_data()
+            .verify(&session_id, &signature)
+            .map_err(|e| format!("host key signature does not verify: {e}"))?;
+        let mut known = None;
+        for (index, binding) in self.bindings.iter().enumerate() {
+            if !binding.forwarded {
+                return Err(
+                    "connection was already bound for authentication; refusing another bind".into(),
+                );
+            }
+            if binding.session_id == session_id {
+                if binding.host_key.key_data() == host_key.key_data() {
+                    known = Some(index);
+                    break;
+                }
+                return Err("session id already bound to a different host key".into());
+            }
+        }
+        let index = match known {
+            Some(index) => index,
+            None => {
+                if self.bindings.len() >= MAX_SESSION_IDS {
+                    return Err("too many session ids on one connection".into());
+                }
+                self.bindings.push(Binding {
+                    host_key,
+                    session_id,
+                    forwarded,
+                });
+                self.bindings.len() - 1
+            }
+        };
+        Ok(&self.bindings[index])
+    }
+}
+
+/// The outcome of checking a destination-constrained key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permitted {
+    /// The host name of the final hop, when a constraint named it.
+    pub hostname: Option<String>,
+    /// The user logged in as, for a signature.
+    pub user: Option<String>,
+}
+
+/// Whether a key with `constraints` may be listed on a connection with
+/// `bindings` (OpenSSH lists only keys usable from where the client is).
+pub fn visible(constraints: &Constraints, bindings: &SessionBindings) -> bool {
+    identity_permitted(&constraints.destinations, bindings, None).is_ok()
+}
+
+/// Whether a key with `constraints` may sign `data` for a connection with
+/// `bindings`. `key` is the key (or certificate's key) being used.
+pub fn may_sign(
+    constraints: &Constraints,
+    bindings: &SessionBindings,
+    key: &KeyData,
+    data: &[u8],
+) -> Result<Permitted, String> {
+    if constraints.destinations.is_empty() {
+        return Ok(Permitted {
+            hostname: None,
+            user: None,
+        });
+    }
+    let Some(last) = bindings.bindings.last() else {
+        return Err("destination-constrained key used on a connection without session-bind".into());
+    };
+    let request = userauth::parse(data, key).ok_or(
+        "destination-constrained key asked to sign something that is not a user authentication",
+    )?;
+    let hostname = identity_permitted(
+        &constraints.destinations,
+        bindings,
+        Some(request.user.as_str()),
+    )?;
+    if request.session_id != last.session_id {
+        return Err("the signed session id is not the connection's most recent binding".into());
+    }
+    if bindings.bindings.len() > 1 && request.host_key.is_none() {
+        return Err("no host key recorded in the request on a forwarded connection".into());
+    }
+    if let Some(host_key) = &request.host_key {
+        if host_key != last.host_key.key_data() {
+            return Err("the host key in the request is not the most recently bound one".into());
+        }
+    }
+    Ok(Permitted {
+        hostname,
+        user: Some(request.user),
+    })
+}
+
+/// OpenSSH's `identity_permitted`: walk the hops and find a constraint for each.
+/// Returns the host name of the last hop when a constraint names it.
+fn identity_permitted(
+    destinations: &[DestinationConstraint],
+    bindings: &SessionBindings,
+    user: Option<&str>,
+) -> Result<Option<String>, String> {
+    if destinations.is_empty() {
+        return Ok(None);
+    }
+    if bindings.attempted && bindings.bindings.is_empty() {
+        return Err("a previous session bind failed on this connection".into());
+    }
+    if bindings.bindings.is_empty() {
+        // Local use: the key is usable from this host.
+        return Ok(None);
+    }
+    let mut from: Option<&HostKey> = None;
+    let mut last_hostname = None;
+    let count = bindings.bindings.len();
+    for (index, hop) in bindings.bindings.iter().enumerate() {
+        let mut test_user = None;
+        if index == count - 1 {
+            test_user = user;
+            if hop.forwarded && user.is_some() {
+                return Err("tried to sign on a forwarding hop".into());
+            }
+        } else if !hop.forwarded {
+            return Err("tried to forward through a signing bind".into());
+        }
+        last_hostname =
+            permitted_by_constraints(destinations, from, Some(&hop.host_key), test_user)
+                .ok_or("not permitted for this destination")?;
+        from = Some(&hop.host_key);
+    }
+    let last = &bindings.bindings[count - 1];
+    if last.forwarded
+        && user.is_none()
+        && permitted_by_constraints(destinations, Some(&last.host_key), None, None).is_none()
+    {
+        return Err("permitted at the host but not beyond it".into());
+    }
+    Ok(last_hostname)
+}
+
+/// OpenSSH's `permitted_by_dest_constraints`: `Some(hostname)` when a constraint matches.
+fn permitted_by_constraints(
+    destinations: &[DestinationConstraint],
+    from: Option<&HostKey>,
+    to: Option<&HostKey>,
+    user: Option<&str>,
+) -> Option<Option<String>> {
+    destinations.iter().find_map(|constraint| {
+        match from {
+            None => {
+                if !constraint.from.hostname.is_empty() || !constraint.from.keys.is_empty() {
+                    return None;
+                }
+            }
+            Some(key) => {
+                if !match_key_hop(key, &constraint.from) {
+                    return None;
+                }
+            }
+        }
+        if let Some(key) = to {
+            if !match_key_hop(key, &constraint.to) {
+                return None;
+            }
+        }
+        if let Some(user) = user {
+            if !constraint.to.username.is_empty()
+                && !pattern::matches(user, &constraint.to.username)
+            {
+                return None;
+            }
+        }
+        let hostname = (!constraint.to.hostname.is_empty()).then(|| constraint.to.hostname.clone());
+        Some(hostname)
+    })
+}
+
+/// OpenSSH's `match_key_hop`: the host key is one of the hop's keys, or a host
+/// certificate signed by one of its CA keys and valid for its host name.
+fn match_key_hop(key: &HostKey, hop: &HostTuple) -> bool {
+    hop.keys.iter().any(|spec| {
+        if !spec.is_ca {
+            return key.key_data() == &spec.keyblob;
+        }
+        let HostKey::Certificate(cert) = key else {
+            return false;
+        };
+        if cert.signature_key() != &spec.keyblob || cert.cert_type() != CertType::Host {
+            return false;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let ca = spec.keyblob.fingerprint(HashAlg::Sha256);
+        if cert.validate_at(now, [&ca]).is_err() {
+            return false;
+        }
+        let principals = cert.valid_principals();
+        let hostname = if hop.hostname.is_empty() {
+            "(ORIGIN)"
+        } else {
+            hop.hostname.as_str()
+        };
+        principals.is_empty() || principals.iter().any(|p| p == hostname)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use ssh_agent_lib::proto::extension::KeySpec;
+    use ssh_encoding::Encode;
+    use ssh_key::private::Ed25519Keypair;
+
+    use super::*;
+
+    fn keypair(seed: u8) -> Ed25519Keypair {
+        Ed25519Keypair::from_seed(&[seed; 32])
+    }
+
+    fn bind_payload(host: &Ed25519Keypair, sid: &[u8], forwarded: bool) -> Vec<u8> {
+        let signature = signature::Signer::<Signature>::sign(host, sid);
+        let mut out = Vec::new();
+        KeyData::Ed25519(host.public)
+            .encode_prefixed(&mut out)
+            .unwrap();
+        sid.to_vec().encode(&mut out).unwrap();
+        signature.encode_prefixed(&mut out).unwrap();
+        u8::from(forwarded).encode(&mut out).unwrap();
+        out
+    }
+
+    fn to_host(host: &Ed25519Keypair, name: &str, user: &str) -> DestinationConstraint {
+        DestinationConstraint {
+            from: HostTuple {
+                username: String::new(),
+                hostname: String::new(),
+                keys: vec![],
+            },
+            to: HostTuple {
+                username: user.into(),
+                hostname: name.into(),
+                keys: vec![KeySpec {
+                    keyblob: KeyData::Ed25519(host.public),
+                    is_ca: false,
+                }],
+            },
+        }
+    }
+
+    fn userauth(sid: &[u8], user: &str, key: &KeyData, host: &KeyData) -> Vec<u8> {
+        let mut out = Vec::new();
+        sid.to_vec().encode(&mut out).unwrap();
+        50u8.encode(&mut out).unwrap();
+        user.encode(&mut out).unwrap();
+        "ssh-connection".encode(&mut out).unwrap();
+        "publickey-hostbound-v00@openssh.com"
+            .encode(&mut out)
+            .unwrap();
+        1u8.encode(&mut out).unwrap();
+        "ssh-ed25519".encode(&mut out).unwrap();
+        key.encode_prefixed(&mut out).unwrap();
+        host.encode_prefixed(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn bind_verifies_the_host_signature() {
+        let host = keypair(1);
+        let mut bindings = SessionBindings::default();
+        let mut payload = bind_payload(&host, b"sid", false);
+        // Corrupt one byte of the signature.
+        let len = payload.len();
+        payload[len - 2] ^= 1;
+        assert!(bindings.bind(&payload).is_err());
+        assert!(bindings.hops().is_empty());
+        assert!(bindings.bind(&bind_payload(&host, b"sid", false)).is_ok());
+        assert_eq!(bindings.hops().len(), 1);
+    }
+
+    #[test]
+    fn no_second_bind_after_an_authentication_bind() {
+        let host = keypair(1);
+        let mut bindings = SessionBindings::default();
+        bindings.bind(&bind_payload(&host, b"one", false)).unwrap();
+        assert!(bindings.bind(&bind_payload(&host, b"two", false)).is_err());
+    }
+
+    #[test]
+    fn restricted_key_signs_for_its_host_only() {
+        let (allowed, other, user) = (keypair(1), keypair(2), keypair(3));
+        let user_key = KeyData::Ed25519(user.public);
+        let constraints = Constraints {
+            destinations: vec![to_host(&allowed, "allowed.example", "")],
+            ..Constraints::default()
+        };
+
+        let mut good = SessionBindings::default();
+        good.bind(&bind_payload(&allowed, b"sid-a", false)).unwrap();
+        let data = userauth(
+            b"sid-a",
+            "alice",
+            &user_key,
+            &KeyData::Ed25519(allowed.public),
+        );
+        let permitted = may_sign(&constraints, &good, &user_key, &data).unwrap();
+        assert_eq!(permitted.hostname.as_deref(), Some("allowed.example"));
+        assert_eq!(permitted.user.as_deref(), Some("alice"));
+        assert!(visible(&constraints, &good));
+
+        let mut bad = SessionBindings::default();
+        bad.bind(&bind_payload(&other, b"sid-b", false)).unwrap();
+        let data = userauth(
+            b"sid-b",
+            "alice",
+            &user_key,
+            &KeyData::Ed25519(other.public),
+        );
+        assert!(may_sign(&constraints, &bad, &user_key, &data).is_err());
+        assert!(!visible(&constraints, &bad));
+    }
+
+    #[test]
+    fn restricted_key_refuses_unbound_connections_and_foreign_data() {
+        let (allowed, user) = (keypair(1), keypair(3));
+        let user_key = KeyData::Ed25519(user.public);
+        let constraints = Constraints {
+            destinations: vec![to_host(&allowed, "allowed.example", "")],
+            ..Constraints::default()
+        };
+        let unbound = SessionBindings::default();
+        assert!(visible(&constraints, &unbound), "local use lists the key");
+        assert!(may_sign(&constraints, &unbound, &user_key, b"data").is_err());
+
+        let mut bound = SessionBindings::default();
+        bound.bind(&bind_payload(&allowed, b"sid", false)).unwrap();
+        assert!(may_sign(&constraints, &bound, &user_key, b"not userauth").is_err());
+        let stale = userauth(
+            b"old-sid",
+            "alice",
+            &user_key,
+            &KeyData::Ed25519(allowed.public),
+        );
+        assert!(may_sign(&constraints, &bound, &user_key, &stale).is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! The ssh-agent wire protocol (draft-miller-ssh-agent; OpenSSH PROTOCOL.agent).
+
+pub mod frame;
+pub mod message;
+pub mod userauth;

@@ -1,0 +1,600 @@
+//! The router: one snapshot of every backend's identities, and the path of
+//! every request to the backend that owns the key.
+//!
+//! Backends publish their identities; the router combines them with the
+//! certificates named in the configuration and the constraints clients set,
+//! into a [`Snapshot`] swapped atomically on every change. Listing reads the
+//! snapshot and never touches a device, so it answers at once while another
+//! request waits for a PIN or a touch.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use secrecy::SecretString;
+use ssh_key::certificate::Certificate;
+use ssh_key::public::KeyData;
+use ssh_key::{Algorithm, HashAlg};
+use token_agent_core::{
+    AddKey, Backend, ConfirmRequest, Destination, Error, Identity, IdentitySink, PromptSubject,
+    Prompter, ProviderRequest, SignContext, SignRequest, SshSignature,
+};
+
+use crate::constraints::{self, Constraints, SessionBindings};
+use crate::lock::Lock;
+use crate::proto::message::encode_blob;
+use crate::provider::ProviderAllowlist;
+use crate::software::identity_blob;
+
+/// Agent-wide policy, from the command line and the configuration.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The lifetime of keys added without one (`token-agent -t`).
+    pub default_lifetime: Option<Duration>,
+    /// Which providers `ssh-add -s` may load (`-P`).
+    pub providers: ProviderAllowlist,
+    /// Whether forwarded connections may load providers (`-O allow-remote-pkcs11`).
+    pub allow_remote_providers: bool,
+    /// The fingerprint hash used in logs and prompts (`-E`).
+    pub fingerprint_hash: HashAlg,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            default_lifetime: None,
+            providers: ProviderAllowlist::default(),
+            allow_remote_providers: false,
+            fingerprint_hash: HashAlg::Sha256,
+        }
+    }
+}
+
+/// One listed identity with everything needed to serve it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The identity as its backend published it (with a configured certificate attached, for paired entries).
+    pub identity: Identity,
+    /// The encoded public key or certificate clients name it by.
+    pub blob: Vec<u8>,
+    /// Constraints set when it was added.
+    pub constraints: Option<Arc<Constraints>>,
+}
+
+/// Every identity of every backend, at one moment.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    entries: Vec<Entry>,
+}
+
+impl Snapshot {
+    /// All entries, in backend order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The entry a client names by `blob`.
+    pub fn find(&self, blob: &[u8]) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.blob == blob)
+    }
+}
+
+/// Why a request was refused; logged, and answered with SSH_AGENT_FAILURE.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The agent is locked.
+    #[error("the agent is locked")]
+    Locked,
+    /// No listed identity has this key.
+    #[error("no such key")]
+    UnknownKey,
+    /// The key's lifetime ran out.
+    #[error("the key's lifetime has expired")]
+    Expired,
+    /// A destination constraint does not allow this use.
+    #[error("destination constraint: {0}")]
+    Destination(String),
+    /// The person declined a confirmation.
+    #[error("the user declined to confirm the use of the key")]
+    Declined,
+    /// A malformed or unacceptable request.
+    #[error("{0}")]
+    Invalid(String),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] Error),
+}
+
+/// The router.
+pub struct Router {
+    backends: Vec<Arc<dyn Backend>>,
+    prompter: Arc<dyn Prompter>,
+    policy: Policy,
+    certificates: Vec<Arc<Certificate>>,
+    published: Mutex<HashMap<String, Vec<Identity>>>,
+    constraints: Mutex<HashMap<Vec<u8>, Arc<Constraints>>>,
+    snapshot: ArcSwap<Snapshot>,
+    lock: Lock,
+    this: Weak<Self>,
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field("backends", &self.backends)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// A router over `backends` (in listing order), asking the person through
+    /// `prompter`, presenting `certificates` for whichever backend's key they certify.
+    pub fn new(
+        backends: Vec<Arc<dyn Backend>>,
+        prompter: Arc<dyn Prompter>,
+        policy: Policy,
+        certificates: Vec<Certificate>,
+    ) -> Arc<Self> {
+        let router = Arc::new_cyclic(|this| Self {
+            this: this.clone(),
+            backends,
+            prompter,
+            policy,
+            certificates: certificates.into_iter().map(Arc::new).collect(),
+            published: Mutex::new(HashMap::new()),
+            constraints: Mutex::new(HashMap::new()),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            lock: Lock::default(),
+        });
+        for backend in &router.backends {
+            let weak = router.this.clone();
+            let name = backend.name().to_owned();
+            backend.start(IdentitySink::new(move |identities| {
+                if let Some(router) = weak.upgrade() {
+                    router.published(&name, identities);
+                }
+            }));
+        }
+        router
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The agent's policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The lock.
+    pub fn lock(&self) -> &Lock {
+        &self.lock
+    }
+
+    /// Locks the agent and makes every backend forget cached PINs.
+    pub fn lock_agent(&self, password: &SecretString) -> bool {
+        if !self.lock.lock(password) {
+            return false;
+        }
+        self.forget_secrets();
+        true
+    }
+
+    /// Makes every backend forget cached PINs and let go of its tokens.
+    pub fn forget_secrets(&self) {
+        for backend in &self.backends {
+            backend.forget_secrets();
+        }
+    }
+
+    /// The entries a client with `bindings` may see (none while locked).
+    pub fn list(&self, bindings: &SessionBindings) -> Vec<Entry> {
+        if self.lock.is_locked() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        self.snapshot()
+            .entries()
+            .iter()
+            .filter(|e| match &e.constraints {
+                None => true,
+                Some(c) => !c.expired(now) && constraints::visible(c, bindings),
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Signs for a client: checks the lock, lifetime, destination constraints
+    /// and confirmation, then asks the owning backend.
+    pub async fn sign(
+        &self,
+        blob: &[u8],
+        key_data: &KeyData,
+        request: SignRequest,
+        context: SignContext,
+        bindings: &SessionBindings,
+    ) -> Result<(Entry, SshSignature, SignContext), Refusal> {
+        if self.lock.is_locked() {
+            return Err(Refusal::Locked);
+        }
+        let entry = self
+            .snapshot()
+            .find(blob)
+            .cloned()
+            .ok_or(Refusal::UnknownKey)?;
+        let mut context = context;
+        if let Some(c) = &entry.constraints {
+            if c.expired(Instant::now()) {
+                return Err(Refusal::Expired);
+            }
+            let permitted = constraints::may_sign(c, bindings, key_data, &request.data)
+                .map_err(Refusal::Destination)?;
+            if let Some(last) = bindings.hops().last() {
+                context.destination = Some(Destination {
+                    host_key: last.host_key.key_data().clone(),
+                    hostname: permitted.hostname,
+                    user: permitted.user,
+                });
+            }
+            if c.confirm {
+                let confirm = ConfirmRequest {
+                    subject: self.subject(&entry).with_context(&context),
+                };
+                match self.prompter.confirm(&confirm).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(Refusal::Declined),
+                    Err(err) => return Err(Refusal::Backend(Error::Prompt(err))),
+                }
+            }
+        }
+        let backend = self.backend(entry.identity.key().backend())?;
+        let signature = backend
+            .sign(
+                entry.identity.key(),
+                &request,
+                &context,
+                self.prompter.clone(),
+            )
+            .await?;
+        Ok((entry, signature, context))
+    }
+
+    /// Adds a client's key with `constraints` (lifetime already defaulted by the caller).
+    pub async fn add_key(&self, key: AddKey, constraints: Constraints) -> Result<Entry, Refusal> {
+        if self.lock.is_locked() {
+            return Err(Refusal::Locked);
+        }
+        let algorithm = key
+            .keypair
+            .algorithm()
+            .map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let backend = self
+            .backends
+            .iter()
+            .find(|b| b.accepts_key(&algorithm))
+            .cloned()
+            .ok_or_else(|| Refusal::Backend(no_backend_for(&algorithm)))?;
+        // The constraints are in place before the key can be listed, so no
+        // request can use it unconstrained in between.
+        let public =
+            KeyData::try_from(&key.keypair).map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let blob = match &key.certificate {
+            Some(cert) => encode_blob(cert.as_ref()),
+            None => encode_blob(&public),
+        }
+        .map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let constraints = self.constrain(blob.clone(), constraints);
+        let identity = match backend.add_key(key).await {
+            Ok(identity) => identity,
+            Err(err) => {
+                self.constraints_mut().remove(&blob);
+                self.rebuild();
+                return Err(err.into());
+            }
+        };
+        if let Some(c) = &constraints {
+            self.schedule_expiry(blob.clone(), c);
+        }
+        Ok(Entry {
+            identity,
+            blob,
+            constraints,
+        })
+    }
+
+    /// Removes the key a client names by `blob` (`ssh-add -d`).
+    pub async fn remove(&self, blob: &[u8]) -> Result<Entry, Refusal> {
+        if self.lock.is_locked() {
+            return Err(Refusal::Locked);
+        }
+        let entry = self
+            .snapshot()
+            .find(blob)
+            .cloned()
+            .ok_or(Refusal::UnknownKey)?;
+        if entry.identity.certificate().is_some()
+            && self
+                .certificates
+                .iter()
+                .any(|c| Some(c.as_ref()) == entry.identity.certificate())
+        {
+            return Err(Refusal::Invalid(
+                "this certificate comes from the configuration; remove it there".into(),
+            ));
+        }
+        self.backend(entry.identity.key().backend())?
+            .remove_key(entry.identity.key())
+            .await?;
+        self.constraints_mut().remove(blob);
+        self.rebuild();
+        Ok(entry)
+    }
+
+    /// Removes every key clients added (`ssh-add -D`).
+    pub async fn remove_all(&self) -> Result<(), Refusal> {
+        if self.lock.is_locked() {
+            return Err(Refusal::Locked);
+        }
+        for backend in &self.backends {
+            backend.remove_all().await;
+        }
+        let live: Vec<Vec<u8>> = self
+            .snapshot()
+            .entries()
+            .iter()
+            .map(|e| e.blob.clone())
+            .collect();
+        self.constraints_mut().retain(|blob, _| live.contains(blob));
+        self.rebuild();
+        Ok(())
+    }
+
+    /// Loads a provider (`ssh-add -s`) with `constraints` on each of its keys.
+    pub async fn add_provider(
+        &self,
+        request: ProviderRequest,
+        constraints: Constraints,
+    ) -> Result<Vec<Entry>, Refusal> {
+        if self.lock.is_locked() {
+            return Err(Refusal::Locked);
+        }
+        if request.context.forwarded && !self.policy.allow_remote_providers {
+            return Err(Refusal::Invalid(format!(
+                "refusing to load provider {} requested over a forwarded connection \
+                 (start the agent with -O allow-remote-pkcs11 to allow it)",
+                request.provider
+            )));
+        }
+        let canonical = self
+            .policy
+            .providers
+            .check(&request.provider)
+            .map_err(Refusal::Invalid)?;
+        let backend = self
+            .backends
+            .iter()
+            .find(|b| b.accepts_providers())
+            .cloned()
+            .ok_or_else(|| {
+                Refusal::Backend(Error::NoBackend {
+                    what: format!(
+                        "cannot load {}: this token-agent has no PKCS#11 backend enabled",
+                        request.provider
+                    ),
+                })
+            })?;
+        let request = ProviderRequest {
+            provider: canonical,
+            ..request
+        };
+        let identities = backend.add_provider(request).await?;
+        let mut added = Vec::new();
+        for identity in identities {
+            let blob = identity_blob(&identity).map_err(|e| Refusal::Invalid(e.to_string()))?;
+            let constraints = self.constrain(blob.clone(), constraints.clone());
+            if let Some(c) = &constraints {
+                self.schedule_expiry(blob.clone(), c);
+            }
+            added.push(Entry {
+                identity,
+                blob,
+                constraints,
+            });
+        }
+        Ok(added)
+    }
+
+    /// Unloads a provider (`ssh-add -e`).
+    pub async fn remove_provider(&self, provider: &str) -> Result<(), Refusal> {
+        if self.lock.is_locked() {
+            return Err(Refusal::Locked);
+        }
+        let backend = self
+            .backends
+            .iter()
+            .find(|b| b.accepts_providers())
+            .cloned()
+            .ok_or_else(|| {
+                Refusal::Backend(Error::NoBackend {
+                    what: format!(
+                        "cannot remove {provider}: this token-agent has no PKCS#11 backend enabled"
+                    ),
+                })
+            })?;
+        let canonical = self
+            .policy
+            .providers
+            .canonical(provider)
+            .unwrap_or_else(|| provider.to_owned());
+        backend.remove_provider(&canonical).await?;
+        Ok(())
+    }
+
+    /// The words a prompt uses for `entry`.
+    pub fn subject(&self, entry: &Entry) -> PromptSubject {
+        PromptSubject {
+            key: Some(entry.identity.comment().to_owned()),
+            fingerprint: Some(
+                entry
+                    .identity
+                    .public_key()
+                    .fingerprint(self.policy.fingerprint_hash)
+                    .to_string(),
+            ),
+            device: entry.identity.device().cloned(),
+            requester: None,
+            destination: None,
+        }
+    }
+
+    fn backend(&self, name: &str) -> Result<Arc<dyn Backend>, Refusal> {
+        self.backends
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
+            .ok_or(Refusal::UnknownKey)
+    }
+
+    /// Records `constraints` for `blob` when there are any; returns them.
+    fn constrain(&self, blob: Vec<u8>, mut constraints: Constraints) -> Option<Arc<Constraints>> {
+        if constraints.expires_at.is_none() {
+            if let Some(lifetime) = self.policy.default_lifetime {
+                constraints = constraints.with_lifetime(lifetime);
+            }
+        }
+        let mut map = self.constraints_mut();
+        if constraints.expires_at.is_none()
+            && !constraints.confirm
+            && constraints.destinations.is_empty()
+        {
+            map.remove(&blob);
+            return None;
+        }
+        let constraints = Arc::new(constraints);
+        map.insert(blob, constraints.clone());
+        drop(map);
+        self.rebuild();
+        Some(constraints)
+    }
+
+    /// Removes the key `blob` names when its lifetime ends.
+    fn schedule_expiry(&self, blob: Vec<u8>, constraints: &Arc<Constraints>) {
+        let Some(at) = constraints.expires_at else {
+            return;
+        };
+        let router = self.this.clone();
+        let expected = constraints.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let Some(router) = router.upgrade() else {
+                return;
+            };
+            // The key may have been removed or re-added with other constraints since.
+            let current = router.constraints_mut().get(&blob).cloned();
+            if current.is_some_and(|c| Arc::ptr_eq(&c, &expected)) {
+                if let Some(entry) = router.snapshot().find(&blob).cloned() {
+                    tracing::info!(
+                        key = %entry.identity.fingerprint(),
+                        comment = entry.identity.comment(),
+                        "key lifetime expired; removing it"
+                    );
+                    if let Ok(backend) = router.backend(entry.identity.key().backend()) {
+                        if let Err(err) = backend.remove_key(entry.identity.key()).await {
+                            tracing::warn!(%err, "could not remove an expired key");
+                        }
+                    }
+                }
+                router.constraints_mut().remove(&blob);
+                router.rebuild();
+            }
+        });
+    }
+
+    fn published(&self, backend: &str, identities: Vec<Identity>) {
+        self.published_mut().insert(backend.to_owned(), identities);
+        self.rebuild();
+    }
+
+    fn published_mut(&self) -> MutexGuard<'_, HashMap<String, Vec<Identity>>> {
+        self.published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn constraints_mut(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Arc<Constraints>>> {
+        self.constraints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Builds and swaps in a new snapshot.
+    fn rebuild(&self) {
+        // Hold the published lock while swapping, so two rebuilds cannot swap
+        // in an older list after a newer one.
+        let published = self.published_mut();
+        let constraints = self.constraints_mut().clone();
+        let mut entries = Vec::new();
+        for backend in &self.backends {
+            let Some(identities) = published.get(backend.name()) else {
+                continue;
+            };
+            for identity in identities {
+                let Ok(blob) = identity_blob(identity) else {
+                    tracing::warn!(
+                        comment = identity.comment(),
+                        "skipping a key that cannot be encoded"
+                    );
+                    continue;
+                };
+                let key_blob = encode_blob(identity.public_key()).unwrap_or_default();
+                let plain_constraints = constraints.get(&key_blob).cloned();
+                entries.push(Entry {
+                    identity: identity.clone(),
+                    constraints: constraints.get(&blob).cloned(),
+                    blob,
+                });
+                if identity.certificate().is_some() {
+                    continue;
+                }
+                for cert in &self.certificates {
+                    if cert.public_key() != identity.public_key() {
+                        continue;
+                    }
+                    let Ok(cert_blob) = encode_blob(cert.as_ref()) else {
+                        continue;
+                    };
+                    if entries.iter().any(|e| e.blob == cert_blob) {
+                        continue;
+                    }
+                    entries.push(Entry {
+                        identity: identity.clone().with_certificate(cert.clone()),
+                        constraints: plain_constraints.clone(),
+                        blob: cert_blob,
+                    });
+                }
+            }
+        }
+        self.snapshot.store(Arc::new(Snapshot { entries }));
+        drop(published);
+    }
+}
+
+fn no_backend_for(algorithm: &Algorithm) -> Error {
+    match algorithm {
+        Algorithm::SkEd25519 | Algorithm::SkEcdsaSha2NistP256 => Error::NoBackend {
+            what: format!(
+                "cannot add a {algorithm} key: security-key (FIDO) keys need the FIDO backend, \
+                 which is not enabled in this token-agent"
+            ),
+        },
+        other => Error::NoBackend {
+            what: format!("cannot add a {other} key: no backend holds keys of this type"),
+        },
+    }
+}
