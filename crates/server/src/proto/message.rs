@@ -54,7 +54,8 @@ pub enum DecodeError {
 /// Decodes `frame` as one request that must fill it exactly.
 pub fn decode_request(frame: &[u8]) -> Result<Request, DecodeError> {
     let kind = *frame.first().ok_or(DecodeError::Empty)?;
-    let mut reader = frame;
+    let padded = pad_ecdsa_scalar(frame);
+    let mut reader: &[u8] = padded.as_ref().map_or(frame, |p| p.as_slice());
     let request = Request::decode(&mut reader).map_err(|err| match err {
         ssh_agent_lib::proto::ProtoError::UnsupportedCommand { command } => {
             DecodeError::UnknownType(command)
@@ -71,6 +72,69 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, DecodeError> {
         });
     }
     Ok(request)
+}
+
+/// SSH_AGENTC_ADD_IDENTITY and SSH_AGENTC_ADD_ID_CONSTRAINED.
+const ADD_IDENTITY: [u8; 2] = [17, 25];
+
+/// OpenSSH sends an ECDSA private scalar as a minimal mpint, so a scalar
+/// whose top byte is zero arrives shorter than the curve's size (about one
+/// P-256 key in 256, and many P-521 keys). `ssh-key` 0.6 accepts only the
+/// full width and would refuse such keys, so widen the scalar to the curve's
+/// size before decoding. Returns `None` when the frame needs no change.
+fn pad_ecdsa_scalar(frame: &[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    let (&kind, mut rest) = frame.split_first()?;
+    if !ADD_IDENTITY.contains(&kind) {
+        return None;
+    }
+    let algorithm = take_string(&mut rest)?;
+    let curve_size = |name: &[u8]| match name {
+        b"nistp256" => Some(32),
+        b"nistp384" => Some(48),
+        b"nistp521" => Some(66),
+        _ => None,
+    };
+    let size = match algorithm {
+        b"ecdsa-sha2-nistp256" | b"ecdsa-sha2-nistp384" | b"ecdsa-sha2-nistp521" => {
+            let curve = take_string(&mut rest)?;
+            take_string(&mut rest)?; // the public point
+            curve_size(curve)?
+        }
+        b"ecdsa-sha2-nistp256-cert-v01@openssh.com" => {
+            take_string(&mut rest)?; // the certificate
+            32
+        }
+        b"ecdsa-sha2-nistp384-cert-v01@openssh.com" => {
+            take_string(&mut rest)?;
+            48
+        }
+        b"ecdsa-sha2-nistp521-cert-v01@openssh.com" => {
+            take_string(&mut rest)?;
+            66
+        }
+        _ => return None,
+    };
+    let scalar_at = frame.len() - rest.len();
+    let scalar = take_string(&mut rest)?;
+    if scalar.len() >= size {
+        return None;
+    }
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(frame.len() + size));
+    out.extend_from_slice(&frame[..scalar_at]);
+    put_u32(&mut out, size);
+    let padded_len = out.len() + size - scalar.len();
+    out.resize(padded_len, 0);
+    out.extend_from_slice(scalar);
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
+/// Takes an SSH `string` off the front of `input`.
+fn take_string<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = u32::from_be_bytes(input.get(..4)?.try_into().ok()?) as usize;
+    let body = input.get(4..4usize.checked_add(len)?)?;
+    *input = &input[4 + len..];
+    Some(body)
 }
 
 /// Decodes `bytes` as a `T` that must fill them exactly (extension payloads).
@@ -215,6 +279,30 @@ mod tests {
             decode_request(&frame),
             Err(DecodeError::Malformed { kind: 13, .. })
         ));
+    }
+
+    #[test]
+    fn short_ecdsa_scalars_are_widened() {
+        // An ADD_IDENTITY for P-256 whose scalar mpint is 31 bytes long.
+        let mut frame = vec![17];
+        put_string(&mut frame, b"ecdsa-sha2-nistp256");
+        put_string(&mut frame, b"nistp256");
+        put_string(&mut frame, &[4; 65]);
+        put_string(&mut frame, &[0x11; 31]);
+        put_string(&mut frame, b"comment");
+        let padded = pad_ecdsa_scalar(&frame).unwrap();
+        let mut expected = vec![17];
+        put_string(&mut expected, b"ecdsa-sha2-nistp256");
+        put_string(&mut expected, b"nistp256");
+        put_string(&mut expected, &[4; 65]);
+        let mut scalar = vec![0];
+        scalar.extend_from_slice(&[0x11; 31]);
+        put_string(&mut expected, &scalar);
+        put_string(&mut expected, b"comment");
+        assert_eq!(&padded[..], &expected[..]);
+        // Full-width scalars and other keys are left alone.
+        assert!(pad_ecdsa_scalar(&expected).is_none());
+        assert!(pad_ecdsa_scalar(&[11]).is_none());
     }
 
     #[test]
