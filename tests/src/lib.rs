@@ -1,1 +1,117 @@
-//! End-to-end test support.
+//! Support for token-agent's end-to-end tests and benchmark.
+//!
+//! Every test starts its own daemons (token-agent, OpenSSH's sshd and
+//! ssh-agent, pcscd with piv-sim) in its own temporary directory, on loopback
+//! only, and stops them by PID when dropped, so tests run in parallel.
+
+pub mod agent;
+pub mod openssh;
+pub mod pcsc;
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// The `token-agent` binary of this workspace, built on first use if a
+/// `cargo test` run did not build it already.
+pub fn agent_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| find_or_build("token-agent", "token-agent").map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// A binary of this test crate (`scripted-pinentry`, `agent-bench`).
+pub fn test_binary(name: &str) -> anyhow::Result<PathBuf> {
+    find_or_build("token-agent-e2e", name)
+}
+
+fn find_or_build(package: &str, name: &str) -> anyhow::Result<PathBuf> {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().context("cannot find the test executable")?;
+    let mut dir = exe.parent().context("test executable has no directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps has no parent")?;
+    }
+    let path = dir.join(name);
+    let profile_release = dir.ends_with("release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "--quiet", "-p", package, "--bin", name]);
+    if profile_release {
+        build.arg("--release");
+    }
+    // Always ask cargo: it rebuilds only what changed, and a stale binary
+    // would test old code.
+    let status = build
+        .status()
+        .context("cannot run cargo to build the binaries")?;
+    if !status.success() {
+        bail!("building {name} failed");
+    }
+    if !path.exists() {
+        bail!("{} was not built", path.display());
+    }
+    Ok(path)
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Standard output of `output` as text.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Standard error of `output` as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Fails with the command's output unless it succeeded.
+pub fn check(output: Output, what: &str) -> anyhow::Result<Output> {
+    if !output.status.success() {
+        bail!(
+            "{what} failed ({}):\nstdout: {}\nstderr: {}",
+            output.status,
+            stdout(&output),
+            stderr(&output)
+        );
+    }
+    Ok(output)
+}
+
+/// Writes an executable shell script.
+pub fn write_script(path: &Path, body: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Whether this process runs as root (sshd and other-uid tests need it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}

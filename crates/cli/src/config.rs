@@ -111,7 +111,14 @@ impl Config {
         };
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read the configuration {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("in the configuration {}", path.display()))
+        let mut config = Self::parse(&text)
+            .with_context(|| format!("in the configuration {}", path.display()))?;
+        for certificate in &mut config.certificates {
+            *certificate = expand_home(certificate);
+        }
+        config.log_file = config.log_file.as_deref().map(expand_home);
+        config.prompt.pinentry = config.prompt.pinentry.as_deref().map(expand_home);
+        Ok(config)
     }
 
     /// Parses a configuration; errors name the line and column.
@@ -129,6 +136,14 @@ pub(crate) fn default_path() -> Option<PathBuf> {
 /// `$XDG_STATE_HOME/token-agent/agent.log`, or `~/.local/state/token-agent/agent.log`.
 pub(crate) fn default_log_file() -> Option<PathBuf> {
     xdg_dir("XDG_STATE_HOME", ".local/state").map(|dir| dir.join("token-agent").join("agent.log"))
+}
+
+/// `~/x` as `$HOME/x`, as a person writes paths in a configuration file.
+fn expand_home(path: &Path) -> PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => path.to_owned(),
+    }
 }
 
 fn xdg_dir(variable: &str, fallback: &str) -> Option<PathBuf> {
@@ -164,6 +179,19 @@ command = "notify-send token-agent \"$TOKEN_AGENT_NOTICE\""
         assert_eq!(config.prompt.timeout_seconds, 30);
         assert_eq!(config.notice.delay(), Duration::from_millis(250));
         assert_eq!(config.certificates.len(), 1);
+    }
+
+    #[test]
+    fn home_is_expanded() {
+        let home = PathBuf::from(std::env::var_os("HOME").unwrap_or_default());
+        assert_eq!(
+            expand_home(Path::new("~/.ssh/c.pub")),
+            home.join(".ssh/c.pub")
+        );
+        assert_eq!(
+            expand_home(Path::new("/etc/c.pub")),
+            Path::new("/etc/c.pub")
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Debug prints nothing, and requests are logged by fingerprint and size.
 
 use std::fs::OpenOptions;
+use std::io::IsTerminal;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Mutex;
@@ -15,6 +16,7 @@ use tracing_subscriber::EnvFilter;
 pub(crate) fn to_stderr(default_level: &str, configured: Option<&str>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter(default_level, configured))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use ssh_encoding::Encode;
 use ssh_key::public::KeyData;
-use ssh_key::{HashAlg, Signature};
+use ssh_key::{Algorithm, EcdsaCurve, HashAlg, Signature};
 
 use crate::identity::fingerprint;
 
@@ -193,6 +193,29 @@ impl SshSignature {
         Self { blob }
     }
 
+    /// An ECDSA signature on `curve` from its integers `r` and `s` (big-endian,
+    /// unsigned), encoded as RFC 5656 section 3.1.2 asks: two mpints.
+    pub fn ecdsa(curve: EcdsaCurve, r: &[u8], s: &[u8]) -> Self {
+        let mut inner = Vec::with_capacity(r.len() + s.len() + 10);
+        push_mpint(&mut inner, r);
+        push_mpint(&mut inner, s);
+        let name = Algorithm::Ecdsa { curve }.to_string();
+        let mut blob = Vec::with_capacity(8 + name.len() + inner.len());
+        push_string(&mut blob, name.as_bytes());
+        push_string(&mut blob, &inner);
+        Self { blob }
+    }
+
+    /// An ECDSA signature from the fixed-width `r || s` form that PKCS#11
+    /// (CKM_ECDSA) and PIV cards return. `None` when the length is odd.
+    pub fn ecdsa_fixed(curve: EcdsaCurve, r_and_s: &[u8]) -> Option<Self> {
+        if r_and_s.is_empty() || r_and_s.len() % 2 != 0 {
+            return None;
+        }
+        let (r, s) = r_and_s.split_at(r_and_s.len() / 2);
+        Some(Self::ecdsa(curve, r, s))
+    }
+
     /// The encoded blob.
     pub fn as_bytes(&self) -> &[u8] {
         &self.blob
@@ -229,6 +252,21 @@ impl fmt::Debug for SshSignature {
     }
 }
 
+/// Appends an SSH mpint (RFC 4251 section 5) of the unsigned big-endian `value`.
+fn push_mpint(out: &mut Vec<u8>, value: &[u8]) {
+    let trimmed = match value.iter().position(|b| *b != 0) {
+        Some(first) => &value[first..],
+        None => &[],
+    };
+    let pad = trimmed.first().is_some_and(|b| b & 0x80 != 0);
+    let len = trimmed.len() + usize::from(pad);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    if pad {
+        out.push(0);
+    }
+    out.extend_from_slice(trimmed);
+}
+
 fn push_string(out: &mut Vec<u8>, bytes: &[u8]) {
     // Lengths here are of signatures and algorithm names, far below u32::MAX.
     out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
@@ -245,6 +283,21 @@ mod tests {
         assert_eq!(SignFlags::from_bits(2).rsa_hash(), RsaHash::Sha256);
         assert_eq!(SignFlags::from_bits(4).rsa_hash(), RsaHash::Sha512);
         assert_eq!(SignFlags::from_bits(6).rsa_hash(), RsaHash::Sha512);
+    }
+
+    #[test]
+    fn ecdsa_fixed_form_becomes_mpints_that_ssh_key_accepts() {
+        // r with its high bit set gets a zero byte; s with leading zeros loses them.
+        let mut rs = vec![0x80; 32];
+        rs.extend(std::iter::repeat_n(0, 31));
+        rs.push(7);
+        let sig = SshSignature::ecdsa_fixed(EcdsaCurve::NistP256, &rs).unwrap();
+        assert_eq!(sig.algorithm(), "ecdsa-sha2-nistp256");
+        let parsed = Signature::try_from(sig.as_bytes()).unwrap();
+        let inner = parsed.as_bytes();
+        assert_eq!(&inner[..5], &[0, 0, 0, 33, 0]);
+        assert_eq!(&inner[inner.len() - 5..], &[0, 0, 0, 1, 7]);
+        assert!(SshSignature::ecdsa_fixed(EcdsaCurve::NistP256, &[1, 2, 3]).is_none());
     }
 
     #[test]

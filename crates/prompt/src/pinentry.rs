@@ -34,7 +34,8 @@ impl Pinentry {
         let Some(mut input) = ::pinentry::PassphraseInput::with_binary(&self.program) else {
             return Err(self.not_found());
         };
-        let (title, description, label) = (request.title(), request.description(), request.label());
+        let (title, label) = (request.title(), request.label());
+        let description = assuan_line(request.description());
         input
             .with_title(&title)
             .with_description(&description)
@@ -55,7 +56,7 @@ impl Pinentry {
             .with_ok("Allow")
             .with_cancel("Deny")
             .with_timeout(self.timeout_seconds);
-        match dialog.confirm(&request.description()) {
+        match dialog.confirm(&assuan_line(request.description())) {
             Ok(answer) => Ok(answer),
             // A confirmation that times out is a "no", as an unanswered askpass is.
             Err(::pinentry::Error::Timeout) => Ok(false),
@@ -107,5 +108,34 @@ impl Pinentry {
                 message: other.to_string(),
             },
         }
+    }
+}
+
+/// Assuan lines are limited to 1,000 bytes (and the `pinentry` crate panics
+/// past that): shorten a long description, at a character boundary, leaving
+/// room for the command and escapes.
+fn assuan_line(mut text: String) -> String {
+    const MAX: usize = 600;
+    if text.len() > MAX {
+        let mut end = MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_descriptions_are_shortened() {
+        let text = assuan_line("é".repeat(1000));
+        assert!(text.len() <= 604);
+        assert!(text.ends_with('…'));
+        assert_eq!(assuan_line("short".into()), "short");
     }
 }

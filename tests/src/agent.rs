@@ -1,0 +1,206 @@
+//! Running token-agent (or OpenSSH's ssh-agent) for a test.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+
+use crate::{agent_binary, wait_for};
+
+/// An agent serving on a socket in its own temporary directory.
+#[derive(Debug)]
+pub struct Agent {
+    dir: TempDir,
+    socket: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// How to start token-agent.
+#[derive(Debug, Default, Clone)]
+pub struct AgentOptions {
+    /// Extra flags (`-t 60`, `-P ...`).
+    pub args: Vec<String>,
+    /// Environment variables for the agent.
+    pub env: Vec<(String, String)>,
+    /// Contents of a configuration file, if any.
+    pub config: Option<String>,
+}
+
+impl Agent {
+    /// Starts token-agent in the foreground (`-d`) with `options`.
+    pub fn start(options: AgentOptions) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("token-agent-test")
+            .tempdir()?;
+        let socket = dir.path().join("agent.sock");
+        let log = dir.path().join("agent.log");
+        let mut command = Command::new(agent_binary()?);
+        command.arg("-d").arg("-a").arg(&socket);
+        command.args(&options.args);
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, options.config.as_deref().unwrap_or(""))?;
+        command.arg("--config").arg(&config);
+        // A clean environment: no desktop, no askpass, unless the test asks.
+        command.env_remove("SSH_ASKPASS").env_remove("DISPLAY");
+        command
+            .env_remove("WAYLAND_DISPLAY")
+            .env_remove("SSH_AUTH_SOCK");
+        command.env("TOKEN_AGENT_LOG", "debug");
+        for (key, value) in &options.env {
+            command.env(key, value);
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        let child = command.spawn().context("cannot start token-agent")?;
+        let agent = Self {
+            dir,
+            socket,
+            log,
+            child: Some(child),
+        };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Starts OpenSSH's ssh-agent in the foreground with `env` added to its environment.
+    pub fn start_openssh(env: &[(String, String)]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("openssh-agent-test")
+            .tempdir()?;
+        let socket = dir.path().join("agent.sock");
+        let log = dir.path().join("agent.log");
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .env_remove("SSH_ASKPASS")
+            .env_remove("DISPLAY")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start ssh-agent")?;
+        let agent = Self {
+            dir,
+            socket,
+            log,
+            child: Some(child),
+        };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        let ready = wait_for(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+        });
+        if !ready {
+            bail!("the agent did not start:\n{}", self.log_text());
+        }
+        Ok(())
+    }
+
+    /// The agent's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A directory for the test's own files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the agent process still runs.
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// A command with SSH_AUTH_SOCK pointing at this agent.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut command = Command::new(program);
+        command
+            .env("SSH_AUTH_SOCK", &self.socket)
+            .env_remove("SSH_AGENT_PID")
+            .env_remove("DISPLAY")
+            .env_remove("SSH_ASKPASS")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `ssh-add ARGS` against this agent.
+    pub fn ssh_add<I, S>(&self, args: I) -> anyhow::Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Ok(self.command("ssh-add").args(args).output()?)
+    }
+
+    /// `ssh-add -L`: the listed public keys, one per line.
+    pub fn listed(&self) -> anyhow::Result<Vec<String>> {
+        let output = self.ssh_add(["-L"])?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        Ok(text
+            .lines()
+            .filter(|line| !line.is_empty() && !line.starts_with("The agent has no identities"))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        let pid = Pid::from_raw(i32::try_from(child.id())?);
+        let _ = kill(pid, Signal::SIGTERM);
+        let stopped = wait_for(Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !stopped {
+            let _ = child.kill();
+        }
+        Ok(child.wait()?)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Generates a key pair of `kind` ("ed25519", "ecdsa-256", "rsa-2048", ...) at `path`.
+pub fn keygen(path: &Path, kind: &str, comment: &str) -> anyhow::Result<()> {
+    let (algorithm, bits) = kind.split_once('-').unwrap_or((kind, ""));
+    let mut command = Command::new("ssh-keygen");
+    command.args(["-q", "-N", "", "-t", algorithm, "-C", comment, "-f"]);
+    command.arg(path);
+    if !bits.is_empty() {
+        command.args(["-b", bits]);
+    }
+    crate::check(command.output()?, "ssh-keygen")?;
+    Ok(())
+}

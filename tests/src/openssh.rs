@@ -1,0 +1,146 @@
+//! A private sshd on 127.0.0.1 at a free port, and logins through an agent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tempfile::TempDir;
+
+use crate::agent::{keygen, Agent};
+use crate::{free_port, wait_for};
+
+/// An sshd with its own host key and configuration.
+#[derive(Debug)]
+pub struct Sshd {
+    dir: TempDir,
+    port: u16,
+    child: Child,
+    host_public: String,
+}
+
+impl Sshd {
+    /// Starts sshd accepting keys in `authorized_keys` and, when given,
+    /// certificates signed by `user_ca` (TrustedUserCAKeys).
+    pub fn start(authorized_keys: &str, user_ca: Option<&Path>) -> anyhow::Result<Self> {
+        // sshd insists on its privilege separation directory.
+        std::fs::create_dir_all("/run/sshd").context("cannot create /run/sshd (run as root)")?;
+        let dir = tempfile::Builder::new().prefix("sshd-test").tempdir()?;
+        let host_key = dir.path().join("host_ed25519");
+        keygen(&host_key, "ed25519", "test host")?;
+        let host_public = std::fs::read_to_string(host_key.with_extension("pub"))?;
+        let authorized = dir.path().join("authorized_keys");
+        std::fs::write(&authorized, authorized_keys)?;
+        let log = dir.path().join("sshd.log");
+        let mut last_error = String::new();
+        // Another test may take the port between choosing and binding: retry.
+        for _ in 0..5 {
+            let port = free_port()?;
+            let config = dir.path().join("sshd_config");
+            let mut text = format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {pid}\n\
+                 AuthorizedKeysFile {authorized}\nStrictModes no\nUsePAM no\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 PubkeyAuthentication yes\nPermitRootLogin prohibit-password\n\
+                 LogLevel DEBUG1\nPubkeyAcceptedAlgorithms +ssh-rsa\n",
+                host = host_key.display(),
+                pid = dir.path().join("sshd.pid").display(),
+                authorized = authorized.display(),
+            );
+            if let Some(ca) = user_ca {
+                text.push_str(&format!("TrustedUserCAKeys {}\n", ca.display()));
+            }
+            std::fs::write(&config, text)?;
+            let mut child = Command::new("/usr/sbin/sshd")
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?)
+                .spawn()
+                .context("cannot start /usr/sbin/sshd (install openssh-server)")?;
+            let up = wait_for(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    || matches!(child.try_wait(), Ok(Some(_)))
+            });
+            if up && matches!(child.try_wait(), Ok(None)) {
+                return Ok(Self {
+                    dir,
+                    port,
+                    child,
+                    host_public,
+                });
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            last_error = std::fs::read_to_string(&log).unwrap_or_default();
+        }
+        bail!("sshd did not start:\n{last_error}")
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The host public key line ("ssh-ed25519 AAAA... test host").
+    pub fn host_public(&self) -> &str {
+        self.host_public.trim()
+    }
+
+    /// A known_hosts file naming this server as `[127.0.0.1]:PORT`.
+    pub fn known_hosts(&self) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join("known_hosts");
+        std::fs::write(
+            &path,
+            format!("[127.0.0.1]:{} {}\n", self.port, self.host_public()),
+        )?;
+        Ok(path)
+    }
+
+    /// What sshd logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+
+    /// Logs in as the current user through `agent` and runs `echo logged-in`.
+    pub fn login(&self, agent: &Agent) -> anyhow::Result<Output> {
+        let known_hosts = self.known_hosts()?;
+        let user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
+            .context("no passwd entry for the current user")?
+            .name;
+        let output = agent
+            .command("ssh")
+            .args(["-F", "none", "-p"])
+            .arg(self.port.to_string())
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "PasswordAuthentication=no",
+                "-o",
+                "IdentityFile=none",
+                "-o",
+                "ConnectTimeout=10",
+                "-o",
+            ])
+            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+            .arg("-o")
+            .arg(format!("IdentityAgent={}", agent.socket().display()))
+            .arg(format!("{user}@127.0.0.1"))
+            .arg("echo logged-in")
+            .output()?;
+        Ok(output)
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,184 @@
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use token_agent_e2e::agent::keygen;
+use token_agent_e2e::{agent_binary, check, stderr, stdout, wait_for};
+
+/// Compares `actual` with the snapshot file `name`; UPDATE_SNAPSHOTS=1 rewrites it.
+fn snapshot(name: &str, actual: &str) -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("snapshots")
+        .join(name);
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&path, actual)?;
+        return Ok(());
+    }
+    let expected = std::fs::read_to_string(&path)?;
+    assert_eq!(
+        actual, expected,
+        "{name} changed; review it and run with UPDATE_SNAPSHOTS=1 to accept"
+    );
+    Ok(())
+}
+
+fn token_agent(dir: &Path) -> anyhow::Result<Command> {
+    let mut command = Command::new(agent_binary()?);
+    command
+        .env("TMPDIR", dir)
+        .env("XDG_STATE_HOME", dir)
+        .env("XDG_CONFIG_HOME", dir)
+        .env_remove("SSH_AUTH_SOCK")
+        .env_remove("SSH_AGENT_PID");
+    Ok(command)
+}
+
+fn variable(text: &str, name: &str) -> Option<String> {
+    text.split(&format!("{name}="))
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .map(str::to_owned)
+}
+
+fn running(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.contains(") Z "))
+}
+
+#[test]
+fn background_start_prints_the_environment_and_k_kills() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let output = check(
+        token_agent(dir.path())?.arg("-s").output()?,
+        "token-agent -s",
+    )?;
+    let text = stdout(&output);
+    let socket = variable(&text, "SSH_AUTH_SOCK").unwrap_or_default();
+    let pid = variable(&text, "SSH_AGENT_PID").unwrap_or_default();
+    assert!(text.contains("export SSH_AUTH_SOCK;"), "{text}");
+    assert!(
+        text.ends_with(&format!("echo Agent pid {pid};\n")),
+        "{text}"
+    );
+    let listed = Command::new("ssh-add")
+        .arg("-l")
+        .env("SSH_AUTH_SOCK", &socket)
+        .output()?;
+    assert!(stdout(&listed).contains("The agent has no identities."));
+
+    let killed = check(
+        token_agent(dir.path())?
+            .arg("-k")
+            .env("SSH_AGENT_PID", &pid)
+            .output()?,
+        "token-agent -k",
+    )?;
+    assert_eq!(
+        stdout(&killed),
+        format!("unset SSH_AUTH_SOCK;\nunset SSH_AGENT_PID;\necho Agent pid {pid} killed;\n")
+    );
+    let pid: i32 = pid.parse()?;
+    assert!(wait_for(Duration::from_secs(10), || !running(pid)));
+    assert!(wait_for(Duration::from_secs(5), || !Path::new(&socket).exists()));
+    Ok(())
+}
+
+#[test]
+fn c_shell_output() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let text = stdout(&check(
+        token_agent(dir.path())?.arg("-c").output()?,
+        "token-agent -c",
+    )?);
+    assert!(text.starts_with("setenv SSH_AUTH_SOCK "), "{text}");
+    let pid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("setenv SSH_AGENT_PID "))
+        .and_then(|p| p.strip_suffix(';'))
+        .unwrap_or_default()
+        .to_owned();
+    check(
+        token_agent(dir.path())?
+            .args(["-k", "-c"])
+            .env("SSH_AGENT_PID", &pid)
+            .output()?,
+        "token-agent -k -c",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn command_mode_runs_the_command_and_exits_with_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("id");
+    keygen(&key, "ed25519", "command-mode")?;
+    let script = format!(
+        "ssh-add -q {} && ssh-add -l && echo pid=$SSH_AGENT_PID",
+        key.display()
+    );
+    let output = check(
+        token_agent(dir.path())?
+            .args(["sh", "-c", &script])
+            .output()?,
+        "token-agent sh -c",
+    )?;
+    let text = stdout(&output);
+    assert!(text.contains("command-mode (ED25519)"), "{text}");
+    let pid: i32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .unwrap_or_default()
+        .parse()?;
+    assert!(
+        wait_for(Duration::from_secs(10), || !running(pid)),
+        "the agent outlived its command"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_broken_config_names_the_line() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[prompt]\npin_prompt = \"carrier-pigeon\"\n")?;
+    let output = token_agent(dir.path())?
+        .arg("-D")
+        .arg("-a")
+        .arg(dir.path().join("s"))
+        .arg("--config")
+        .arg(&config)
+        .output()?;
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output).replace(&dir.path().display().to_string(), "DIR");
+    snapshot("config-error.txt", &text)?;
+    Ok(())
+}
+
+#[test]
+fn background_start_reports_a_failure() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let occupied = dir.path().join("occupied");
+    std::fs::write(&occupied, "")?;
+    let output = token_agent(dir.path())?.arg("-a").arg(&occupied).output()?;
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output).replace(&dir.path().display().to_string(), "DIR");
+    snapshot("bind-error.txt", &text)?;
+    Ok(())
+}
+
+#[test]
+fn usage_errors_and_help_text() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let help = stdout(&token_agent(dir.path())?.arg("--help").output()?);
+    snapshot("help.txt", &help)?;
+    let bad_time = token_agent(dir.path())?
+        .args(["-t", "10x", "-D"])
+        .output()?;
+    assert_eq!(bad_time.status.code(), Some(1));
+    snapshot("bad-lifetime.txt", &stderr(&bad_time))?;
+    let kill = token_agent(dir.path())?.arg("-k").output()?;
+    assert_eq!(kill.status.code(), Some(1));
+    snapshot("kill-without-pid.txt", &stderr(&kill))?;
+    Ok(())
+}

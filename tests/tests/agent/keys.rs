@@ -1,0 +1,156 @@
+use std::time::Duration;
+
+use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
+use token_agent_e2e::{check, stdout, wait_for};
+
+#[test]
+fn add_list_remove_every_key_type() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let kinds = ["ed25519", "ecdsa-256", "ecdsa-384", "ecdsa-521", "rsa-2048"];
+    for kind in kinds {
+        let key = agent.dir().join(format!("id_{kind}"));
+        keygen(&key, kind, &format!("{kind}@test"))?;
+        check(agent.ssh_add([&key])?, "ssh-add")?;
+    }
+    let listed = agent.listed()?;
+    assert_eq!(listed.len(), kinds.len(), "{listed:?}");
+    for kind in kinds {
+        let public = std::fs::read_to_string(agent.dir().join(format!("id_{kind}.pub")))?;
+        assert!(
+            listed.iter().any(|line| line.trim() == public.trim()),
+            "{kind} not listed: {listed:?}"
+        );
+    }
+    let fingerprints = stdout(&check(agent.ssh_add(["-l"])?, "ssh-add -l")?);
+    assert!(
+        fingerprints.contains("ed25519@test (ED25519)"),
+        "{fingerprints}"
+    );
+    assert!(
+        fingerprints.contains("rsa-2048@test (RSA)"),
+        "{fingerprints}"
+    );
+
+    // -d removes one key, -D the rest.
+    check(
+        agent.ssh_add(["-d".as_ref(), agent.dir().join("id_ed25519").as_os_str()])?,
+        "ssh-add -d",
+    )?;
+    assert_eq!(agent.listed()?.len(), kinds.len() - 1);
+    check(agent.ssh_add(["-D"])?, "ssh-add -D")?;
+    assert!(agent.listed()?.is_empty());
+    let output = agent.ssh_add(["-l"])?;
+    assert!(!output.status.success());
+    assert!(stdout(&output).contains("The agent has no identities."));
+    Ok(())
+}
+
+#[test]
+fn removing_an_unknown_key_fails() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ed25519", "never added")?;
+    let output = agent.ssh_add(["-d".as_ref(), key.as_os_str()])?;
+    assert!(!output.status.success());
+    Ok(())
+}
+
+#[test]
+fn lifetime_removes_the_key() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ed25519", "short-lived")?;
+    check(
+        agent.ssh_add(["-t".as_ref(), "2".as_ref(), key.as_os_str()])?,
+        "ssh-add -t",
+    )?;
+    assert_eq!(agent.listed()?.len(), 1);
+    assert!(
+        wait_for(Duration::from_secs(10), || agent
+            .listed()
+            .is_ok_and(|l| l.is_empty())),
+        "the key outlived its lifetime"
+    );
+    assert!(agent.log_text().contains("key lifetime expired"));
+    Ok(())
+}
+
+#[test]
+fn the_agents_default_lifetime_applies() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions {
+        args: vec!["-t".into(), "2s".into()],
+        ..AgentOptions::default()
+    })?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ecdsa-256", "default lifetime")?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    assert_eq!(agent.listed()?.len(), 1);
+    assert!(wait_for(Duration::from_secs(10), || agent
+        .listed()
+        .is_ok_and(|l| l.is_empty())));
+    Ok(())
+}
+
+#[test]
+fn a_key_with_its_certificate_lists_both() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let ca = agent.dir().join("ca");
+    keygen(&ca, "ed25519", "ca")?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ecdsa-256", "user")?;
+    check(
+        std::process::Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(&ca)
+            .args(["-I", "user-id", "-n", "root,user", "-V", "+1h"])
+            .arg(key.with_extension("pub"))
+            .output()?,
+        "ssh-keygen -s",
+    )?;
+    // ssh-add picks up id-cert.pub beside id.
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    let listed = agent.listed()?;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed
+        .iter()
+        .any(|l| l.starts_with("ecdsa-sha2-nistp256-cert-v01@openssh.com ")));
+    Ok(())
+}
+
+#[test]
+fn certificates_in_the_config_pair_with_any_key() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("ca");
+    keygen(&ca, "ed25519", "ca")?;
+    let key = dir.path().join("id");
+    keygen(&key, "ed25519", "user")?;
+    check(
+        std::process::Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(&ca)
+            .args(["-I", "paired", "-n", "root", "-V", "+1h"])
+            .arg(key.with_extension("pub"))
+            .output()?,
+        "ssh-keygen -s",
+    )?;
+    let cert = dir.path().join("id-cert.pub");
+    let moved = dir.path().join("elsewhere-cert.pub");
+    std::fs::rename(&cert, &moved)?;
+    let agent = Agent::start(AgentOptions {
+        config: Some(format!(
+            "certificates = [{:?}]\n",
+            moved.display().to_string()
+        )),
+        ..AgentOptions::default()
+    })?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    let listed = agent.listed()?;
+    let cert_text = std::fs::read_to_string(&moved)?;
+    let cert_blob = cert_text.split_whitespace().nth(1).unwrap_or_default();
+    assert!(
+        listed.iter().any(|l| l.contains(cert_blob)),
+        "the configured certificate is not presented: {listed:?}"
+    );
+    assert_eq!(listed.len(), 2);
+    Ok(())
+}

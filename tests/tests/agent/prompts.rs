@@ -1,0 +1,199 @@
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
+use token_agent_e2e::{check, test_binary, wait_for, write_script};
+
+/// An askpass script that records its prompt and answers by exit status.
+fn askpass(dir: &Path, name: &str, exit: i32, sleep: u32) -> anyhow::Result<std::path::PathBuf> {
+    let script = dir.join(name);
+    let record = dir.join(format!("{name}.asked"));
+    write_script(
+        &script,
+        &format!(
+            "printf '%s|%s\\n' \"$SSH_ASKPASS_PROMPT\" \"$1\" >> '{}'\nsleep {sleep}\nexit {exit}",
+            record.display()
+        ),
+    )?;
+    Ok(script)
+}
+
+/// Signs with the agent's key `public`; true when a signature came back.
+fn try_sign(agent: &Agent, public: &Path) -> anyhow::Result<bool> {
+    let message = agent.dir().join("message");
+    std::fs::write(&message, "confirm me")?;
+    let _ = std::fs::remove_file(agent.dir().join("message.sig"));
+    let output = agent
+        .command("ssh-keygen")
+        .args(["-Y", "sign", "-n", "file", "-f"])
+        .arg(public)
+        .arg(&message)
+        .output()?;
+    Ok(output.status.success() && agent.dir().join("message.sig").exists())
+}
+
+fn add_confirmed_key(agent: &Agent) -> anyhow::Result<std::path::PathBuf> {
+    let key = agent.dir().join("id");
+    keygen(&key, "ed25519", "confirm-me")?;
+    check(
+        agent.ssh_add(["-c".as_ref(), key.as_os_str()])?,
+        "ssh-add -c",
+    )?;
+    std::fs::remove_file(&key)?;
+    Ok(key.with_extension("pub"))
+}
+
+#[test]
+fn confirm_through_ssh_askpass_yes_and_no() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let yes = askpass(dir.path(), "yes", 0, 0)?;
+    let no = askpass(dir.path(), "no", 1, 0)?;
+    // The agent runs the askpass of its environment; switch by a symlink.
+    let current = dir.path().join("askpass");
+    std::os::unix::fs::symlink(&yes, &current)?;
+    let agent = Agent::start(AgentOptions {
+        env: vec![("SSH_ASKPASS".into(), current.display().to_string())],
+        ..AgentOptions::default()
+    })?;
+    let public = add_confirmed_key(&agent)?;
+    assert!(try_sign(&agent, &public)?, "{}", agent.log_text());
+    let asked = std::fs::read_to_string(dir.path().join("yes.asked"))?;
+    assert!(
+        asked.starts_with("confirm|Allow use of key confirm-me?"),
+        "{asked}"
+    );
+    assert!(asked.contains("ssh-keygen (pid "), "{asked}");
+
+    std::fs::remove_file(&current)?;
+    std::os::unix::fs::symlink(&no, &current)?;
+    assert!(!try_sign(&agent, &public)?);
+    assert!(
+        agent.log_text().contains("declined"),
+        "{}",
+        agent.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn confirm_through_pinentry_without_askpass() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("script");
+    let log = dir.path().join("pinentry.log");
+    std::fs::write(&script, "confirm yes\nconfirm no\n")?;
+    let pinentry = test_binary("scripted-pinentry")?;
+    let agent = Agent::start(AgentOptions {
+        env: vec![
+            ("PINENTRY_PROGRAM".into(), pinentry.display().to_string()),
+            (
+                "SCRIPTED_PINENTRY_SCRIPT".into(),
+                script.display().to_string(),
+            ),
+            ("SCRIPTED_PINENTRY_LOG".into(), log.display().to_string()),
+            // pinentry needs a graphical session; the scripted one draws nothing.
+            ("DISPLAY".into(), ":0".into()),
+        ],
+        ..AgentOptions::default()
+    })?;
+    let public = add_confirmed_key(&agent)?;
+    assert!(try_sign(&agent, &public)?, "{}", agent.log_text());
+    assert!(!try_sign(&agent, &public)?);
+    let asked = std::fs::read_to_string(&log)?;
+    assert_eq!(asked.matches("CONFIRM").count(), 2, "{asked}");
+    assert!(
+        asked.contains("SETDESC Allow use of key confirm-me?"),
+        "{asked}"
+    );
+    Ok(())
+}
+
+#[test]
+fn confirm_without_any_prompt_refuses_clearly() -> anyhow::Result<()> {
+    // No SSH_ASKPASS and no display: the agent must refuse, not hang.
+    let agent = Agent::start(AgentOptions {
+        env: vec![("PINENTRY_PROGRAM".into(), "pinentry".into())],
+        ..AgentOptions::default()
+    })?;
+    let public = add_confirmed_key(&agent)?;
+    let started = Instant::now();
+    assert!(!try_sign(&agent, &public)?);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        agent.log_text().contains("needs a graphical session"),
+        "{}",
+        agent.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn listing_answers_while_a_confirmation_waits() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let slow = askpass(dir.path(), "slow", 0, 3)?;
+    let agent = Agent::start(AgentOptions {
+        env: vec![("SSH_ASKPASS".into(), slow.display().to_string())],
+        ..AgentOptions::default()
+    })?;
+    let public = add_confirmed_key(&agent)?;
+    let message = agent.dir().join("held");
+    std::fs::write(&message, "held")?;
+    let mut signer = agent
+        .command("ssh-keygen")
+        .args(["-Y", "sign", "-n", "file", "-f"])
+        .arg(&public)
+        .arg(&message)
+        .spawn()?;
+    // Wait until the confirmation is on screen, then list.
+    assert!(wait_for(Duration::from_secs(10), || dir
+        .path()
+        .join("slow.asked")
+        .exists()));
+    assert_eq!(agent.listed()?.len(), 1);
+    assert!(
+        signer.try_wait()?.is_none(),
+        "the listing should have answered while the signature still waited"
+    );
+    assert!(signer.wait()?.success());
+    Ok(())
+}
+
+#[test]
+fn lock_then_unlock_after_a_wrong_password() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ecdsa-256", "lockable")?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    let password = |text: &str| -> anyhow::Result<std::path::PathBuf> {
+        let script = agent.dir().join(format!("pw-{text}"));
+        write_script(&script, &format!("echo '{text}'"))?;
+        Ok(script)
+    };
+    let run = |flag: &str, script: &Path| -> anyhow::Result<std::process::Output> {
+        Ok(agent
+            .command("ssh-add")
+            .arg(flag)
+            .env("SSH_ASKPASS", script)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .output()?)
+    };
+    check(run("-x", &password("s3cret-lock")?)?, "ssh-add -x")?;
+    assert!(agent.listed()?.is_empty(), "a locked agent lists nothing");
+    let output = run("-X", &password("wrong")?)?;
+    assert!(!output.status.success());
+    assert!(agent.listed()?.is_empty());
+    check(run("-X", &password("s3cret-lock")?)?, "ssh-add -X")?;
+    assert_eq!(agent.listed()?.len(), 1);
+    let log = agent.log_text();
+    assert!(
+        log.contains("agent locked") && log.contains("unlock failed"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("s3cret-lock"),
+        "the lock password reached the log"
+    );
+    // Unlocking an agent that is not locked fails, as in OpenSSH.
+    assert!(!run("-X", &password("s3cret-lock")?)?.status.success());
+    Ok(())
+}

@@ -1,0 +1,179 @@
+use std::path::Path;
+use std::process::Command;
+
+use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
+use token_agent_e2e::openssh::Sshd;
+use token_agent_e2e::{check, stderr, stdout};
+
+/// Signs `message` with the agent's key for `public` and verifies it with ssh-keygen.
+fn sign_and_verify(agent: &Agent, public: &Path, message: &Path) -> anyhow::Result<()> {
+    check(
+        agent
+            .command("ssh-keygen")
+            .args(["-Y", "sign", "-n", "file", "-f"])
+            .arg(public)
+            .arg(message)
+            .output()?,
+        "ssh-keygen -Y sign",
+    )?;
+    let signers = agent.dir().join("allowed_signers");
+    let key = std::fs::read_to_string(public)?;
+    std::fs::write(&signers, format!("tester {}", key.trim()))?;
+    let verify = Command::new("ssh-keygen")
+        .args(["-Y", "verify", "-n", "file", "-I", "tester", "-f"])
+        .arg(&signers)
+        .arg("-s")
+        .arg(message.with_extension("txt.sig"))
+        .stdin(std::fs::File::open(message)?)
+        .output()?;
+    check(verify, "ssh-keygen -Y verify")?;
+    Ok(())
+}
+
+#[test]
+fn ssh_keygen_signatures_verify_for_every_key_type() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let message = agent.dir().join("message.txt");
+    std::fs::write(&message, "sign me\n")?;
+    for kind in ["ed25519", "ecdsa-256", "ecdsa-384", "ecdsa-521", "rsa-2048"] {
+        let key = agent.dir().join(format!("id_{kind}"));
+        keygen(&key, kind, kind)?;
+        check(agent.ssh_add([&key])?, "ssh-add")?;
+        // Only the public half stays on disk: ssh-keygen must use the agent.
+        std::fs::remove_file(&key)?;
+        sign_and_verify(&agent, &key.with_extension("pub"), &message)?;
+        std::fs::remove_file(message.with_extension("txt.sig"))?;
+    }
+    let log = agent.log_text();
+    assert_eq!(log.matches(" signed ").count(), 5, "{log}");
+    assert!(log.contains("exe=Some(\"/usr/bin/ssh-keygen\")"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn login_to_sshd_with_plain_keys() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let mut authorized = String::new();
+    for kind in ["ed25519", "rsa-3072"] {
+        let key = agent.dir().join(format!("id_{kind}"));
+        keygen(&key, kind, kind)?;
+        check(agent.ssh_add([&key])?, "ssh-add")?;
+        authorized.push_str(&std::fs::read_to_string(key.with_extension("pub"))?);
+    }
+    // Only the RSA key is authorized for the second server: the login signs
+    // with rsa-sha2-256 or rsa-sha2-512 through the agent.
+    let sshd = Sshd::start(&authorized, None)?;
+    let login = sshd.login(&agent)?;
+    assert!(
+        stdout(&login).contains("logged-in"),
+        "{}\n{}",
+        stderr(&login),
+        sshd.log_text()
+    );
+    let rsa_only = authorized.lines().nth(1).unwrap_or_default().to_owned();
+    let sshd_rsa = Sshd::start(&rsa_only, None)?;
+    let login = sshd_rsa.login(&agent)?;
+    assert!(stdout(&login).contains("logged-in"), "{}", stderr(&login));
+    assert!(agent.log_text().contains("algorithm=\"rsa-sha2-"));
+    Ok(())
+}
+
+#[test]
+fn login_to_sshd_with_a_certificate() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let ca = agent.dir().join("user_ca");
+    keygen(&ca, "ed25519", "user ca")?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ecdsa-384", "certified")?;
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
+        .map(|u| u.name)
+        .unwrap_or_else(|| "root".into());
+    check(
+        Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(&ca)
+            .args(["-I", "cert-login", "-n", &user, "-V", "+1h"])
+            .arg(key.with_extension("pub"))
+            .output()?,
+        "ssh-keygen -s",
+    )?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    // No authorized_keys entry: only the certificate can get in.
+    let sshd = Sshd::start("", Some(&ca.with_extension("pub")))?;
+    let login = sshd.login(&agent)?;
+    assert!(
+        stdout(&login).contains("logged-in"),
+        "{}\n{}",
+        stderr(&login),
+        sshd.log_text()
+    );
+    assert!(
+        sshd.log_text().contains("cert-login"),
+        "{}",
+        sshd.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_destination_restricted_key_signs_only_for_its_host() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ed25519", "restricted")?;
+    let authorized = std::fs::read_to_string(key.with_extension("pub"))?;
+    let allowed = Sshd::start(&authorized, None)?;
+    let other = Sshd::start(&authorized, None)?;
+    // ssh-add -h finds the host's key by name in a known_hosts file.
+    let hosts = agent.dir().join("restrict_hosts");
+    std::fs::write(
+        &hosts,
+        format!(
+            "allowed.test {}\nother.test {}\n",
+            allowed.host_public(),
+            other.host_public()
+        ),
+    )?;
+    check(
+        agent.ssh_add([
+            "-H".as_ref(),
+            hosts.as_os_str(),
+            "-h".as_ref(),
+            "allowed.test".as_ref(),
+            key.as_os_str(),
+        ])?,
+        "ssh-add -h",
+    )?;
+    // Only the agent can sign from here on.
+    std::fs::remove_file(&key)?;
+    // Local use still lists the key.
+    assert_eq!(agent.listed()?.len(), 1);
+
+    let login = allowed.login(&agent)?;
+    assert!(
+        stdout(&login).contains("logged-in"),
+        "allowed host refused: {}\n{}",
+        stderr(&login),
+        agent.log_text()
+    );
+    let login = other.login(&agent)?;
+    assert!(
+        !stdout(&login).contains("logged-in"),
+        "the restricted key logged in to another host"
+    );
+    // Signing arbitrary data locally (no session bind) is refused too.
+    let message = agent.dir().join("message.txt");
+    std::fs::write(&message, "data")?;
+    let signed = agent
+        .command("ssh-keygen")
+        .args(["-Y", "sign", "-n", "file", "-f"])
+        .arg(key.with_extension("pub"))
+        .arg(&message)
+        .output()?;
+    assert!(!signed.status.success() || !message.with_extension("txt.sig").exists());
+    assert!(
+        agent.log_text().contains("destination"),
+        "{}",
+        agent.log_text()
+    );
+    Ok(())
+}
