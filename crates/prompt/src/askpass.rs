@@ -107,3 +107,82 @@ impl Askpass {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use secrecy::ExposeSecret;
+    use token_agent_core::{DeviceInfo, PromptSubject};
+
+    use super::*;
+
+    fn script(dir: &std::path::Path, body: &str) -> PathBuf {
+        let path = dir.join("askpass");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn pin_request() -> PinRequest {
+        let mut request = PinRequest::new(PromptSubject {
+            device: Some(DeviceInfo::new("Token #1")),
+            ..PromptSubject::default()
+        });
+        request.tries_left = Some(2);
+        request
+    }
+
+    #[tokio::test]
+    async fn a_pin_is_read_from_standard_output_and_the_prompt_is_the_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        let program = script(
+            dir.path(),
+            &format!(
+                "printf '%s|%s' \"$SSH_ASKPASS_PROMPT\" \"$1\" > {}; echo 123456",
+                seen.display()
+            ),
+        );
+        let askpass = Askpass::new(program, Duration::from_secs(10));
+        let pin = askpass.pin(&pin_request()).await.unwrap();
+        assert_eq!(pin.expose_secret(), "123456");
+        let seen = std::fs::read_to_string(seen).unwrap();
+        assert!(seen.starts_with("|Enter the PIN of Token #1"), "{seen}");
+        assert!(seen.ends_with("2 tries left."), "{seen}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_askpass_is_a_cancel_and_confirm_reads_the_exit_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let no = Askpass::new(script(dir.path(), "exit 1"), Duration::from_secs(10));
+        assert!(matches!(
+            no.pin(&pin_request()).await,
+            Err(PromptError::Cancelled)
+        ));
+        let confirm = ConfirmRequest {
+            subject: PromptSubject::default(),
+        };
+        assert!(!no.confirm(&confirm).await.unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let yes = Askpass::new(
+            script(dir.path(), "[ \"$SSH_ASKPASS_PROMPT\" = confirm ]"),
+            Duration::from_secs(10),
+        );
+        assert!(yes.confirm(&confirm).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_askpass_that_never_answers_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let slow = Askpass::new(script(dir.path(), "sleep 30"), Duration::from_millis(300));
+        assert!(matches!(
+            slow.pin(&pin_request()).await,
+            Err(PromptError::TimedOut { .. })
+        ));
+        let confirm = ConfirmRequest {
+            subject: PromptSubject::default(),
+        };
+        assert!(!slow.confirm(&confirm).await.unwrap());
+    }
+}

@@ -118,6 +118,13 @@ pub struct Router {
     constraints: Mutex<HashMap<Vec<u8>, Arc<Constraints>>>,
     snapshot: ArcSwap<Snapshot>,
     lock: Lock,
+    /// One provider loads at a time, so the gate below names only its keys.
+    provider_loads: tokio::sync::Mutex<()>,
+    /// While a provider loads with constraints, the keys its backend publishes
+    /// are constrained from the moment they appear, before the load returns
+    /// the list of keys they are registered under: no request can use them
+    /// unconstrained in between.
+    provider_gate: Mutex<Option<(String, Arc<Constraints>)>>,
     this: Weak<Self>,
 }
 
@@ -149,6 +156,8 @@ impl Router {
             constraints: Mutex::new(HashMap::new()),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             lock: Lock::default(),
+            provider_loads: tokio::sync::Mutex::new(()),
+            provider_gate: Mutex::new(None),
         });
         for backend in &router.backends {
             let weak = router.this.clone();
@@ -393,20 +402,32 @@ impl Router {
             provider: canonical,
             ..request
         };
-        let identities = backend.add_provider(request).await?;
-        let mut added = Vec::new();
-        for identity in identities {
-            let blob = identity_blob(&identity).map_err(|e| Refusal::Invalid(e.to_string()))?;
-            let constraints = self.constrain(blob.clone(), constraints.clone());
-            if let Some(c) = &constraints {
-                self.schedule_expiry(blob.clone(), c);
-            }
-            added.push(Entry {
-                identity,
-                blob,
-                constraints,
-            });
+        let _one_at_a_time = self.provider_loads.lock().await;
+        let constraints = self.effective(constraints);
+        if let Some(c) = &constraints {
+            *self.gate() = Some((backend.name().to_owned(), c.clone()));
         }
+        let loaded = backend.add_provider(request).await;
+        let mut added = Vec::new();
+        if let Ok(identities) = &loaded {
+            for identity in identities {
+                let Ok(blob) = identity_blob(identity) else {
+                    continue;
+                };
+                if let Some(c) = &constraints {
+                    self.constraints_mut().insert(blob.clone(), c.clone());
+                    self.schedule_expiry(blob.clone(), c);
+                }
+                added.push(Entry {
+                    identity: identity.clone(),
+                    blob,
+                    constraints: constraints.clone(),
+                });
+            }
+        }
+        *self.gate() = None;
+        self.rebuild();
+        loaded?;
         Ok(added)
     }
 
@@ -462,25 +483,28 @@ impl Router {
     }
 
     /// Records `constraints` for `blob` when there are any; returns them.
-    fn constrain(&self, blob: Vec<u8>, mut constraints: Constraints) -> Option<Arc<Constraints>> {
+    fn constrain(&self, blob: Vec<u8>, constraints: Constraints) -> Option<Arc<Constraints>> {
+        let constraints = self.effective(constraints);
+        match &constraints {
+            Some(c) => self.constraints_mut().insert(blob, c.clone()),
+            None => self.constraints_mut().remove(&blob),
+        };
+        self.rebuild();
+        constraints
+    }
+
+    /// `constraints` with the agent's default lifetime applied; `None` when
+    /// nothing constrains the key.
+    fn effective(&self, mut constraints: Constraints) -> Option<Arc<Constraints>> {
         if constraints.expires_at.is_none() {
             if let Some(lifetime) = self.policy.default_lifetime {
                 constraints = constraints.with_lifetime(lifetime);
             }
         }
-        let mut map = self.constraints_mut();
-        if constraints.expires_at.is_none()
+        let unconstrained = constraints.expires_at.is_none()
             && !constraints.confirm
-            && constraints.destinations.is_empty()
-        {
-            map.remove(&blob);
-            return None;
-        }
-        let constraints = Arc::new(constraints);
-        map.insert(blob, constraints.clone());
-        drop(map);
-        self.rebuild();
-        Some(constraints)
+            && constraints.destinations.is_empty();
+        (!unconstrained).then(|| Arc::new(constraints))
     }
 
     /// Removes the key `blob` names when its lifetime ends.
@@ -527,6 +551,12 @@ impl Router {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn gate(&self) -> MutexGuard<'_, Option<(String, Arc<Constraints>)>> {
+        self.provider_gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn constraints_mut(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Arc<Constraints>>> {
         self.constraints
             .lock()
@@ -539,6 +569,7 @@ impl Router {
         // in an older list after a newer one.
         let published = self.published_mut();
         let constraints = self.constraints_mut().clone();
+        let gate = self.gate().clone();
         let mut entries = Vec::new();
         for backend in &self.backends {
             let Some(identities) = published.get(backend.name()) else {
@@ -553,10 +584,14 @@ impl Router {
                     continue;
                 };
                 let key_blob = encode_blob(identity.public_key()).unwrap_or_default();
-                let plain_constraints = constraints.get(&key_blob).cloned();
+                let gated = gate
+                    .as_ref()
+                    .filter(|(name, _)| name == backend.name())
+                    .map(|(_, c)| c.clone());
+                let plain_constraints = constraints.get(&key_blob).cloned().or(gated.clone());
                 entries.push(Entry {
                     identity: identity.clone(),
-                    constraints: constraints.get(&blob).cloned(),
+                    constraints: constraints.get(&blob).cloned().or(gated),
                     blob,
                 });
                 if identity.certificate().is_some() {
@@ -596,5 +631,165 @@ fn no_backend_for(algorithm: &Algorithm) -> Error {
         other => Error::NoBackend {
             what: format!("cannot add a {other} key: no backend holds keys of this type"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use async_trait::async_trait;
+    use ssh_key::private::Ed25519Keypair;
+    use token_agent_core::{
+        ConfirmRequest, KeyRef, Notice, NoticeGuard, PinRequest, PromptError, SecretString,
+    };
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct NoPrompt;
+
+    #[async_trait]
+    impl Prompter for NoPrompt {
+        async fn pin(&self, _: &PinRequest) -> Result<SecretString, PromptError> {
+            Err(PromptError::Cancelled)
+        }
+        async fn confirm(&self, _: &ConfirmRequest) -> Result<bool, PromptError> {
+            Ok(false)
+        }
+        fn notify(&self, _: &Notice) -> NoticeGuard {
+            NoticeGuard::none()
+        }
+    }
+
+    /// A provider backend that publishes its key and, before its load
+    /// returns, records what the router would serve at that moment.
+    #[derive(Debug, Default)]
+    struct Provider {
+        sink: OnceLock<IdentitySink>,
+        router: OnceLock<Weak<Router>>,
+        seen_during_load: Mutex<Option<Option<Arc<Constraints>>>>,
+    }
+
+    #[async_trait]
+    impl Backend for Provider {
+        fn name(&self) -> &str {
+            "provider"
+        }
+        fn start(&self, sink: IdentitySink) {
+            let _ = self.sink.set(sink);
+        }
+        async fn sign(
+            &self,
+            _: &KeyRef,
+            _: &SignRequest,
+            _: &SignContext,
+            _: Arc<dyn Prompter>,
+        ) -> Result<SshSignature, Error> {
+            Err(Error::KeyNotFound)
+        }
+        fn accepts_providers(&self) -> bool {
+            true
+        }
+        async fn add_provider(&self, _: ProviderRequest) -> Result<Vec<Identity>, Error> {
+            let key = Ed25519Keypair::from_seed(&[9; 32]);
+            let identity = Identity::new(
+                KeyData::Ed25519(key.public),
+                "token key".into(),
+                KeyRef::new("provider", b"k".to_vec()),
+            );
+            if let Some(sink) = self.sink.get() {
+                sink.publish(vec![identity.clone()]);
+            }
+            if let Some(router) = self.router.get().and_then(Weak::upgrade) {
+                let seen = router
+                    .snapshot()
+                    .entries()
+                    .first()
+                    .map(|e| e.constraints.clone());
+                *self.seen_during_load.lock().unwrap() = seen;
+            }
+            Ok(vec![identity])
+        }
+    }
+
+    #[tokio::test]
+    async fn provider_keys_are_constrained_from_the_moment_they_appear() {
+        let provider = Arc::new(Provider::default());
+        let policy = Policy {
+            providers: ProviderAllowlist::new("/*"),
+            ..Policy::default()
+        };
+        let router = Router::new(
+            vec![provider.clone() as Arc<dyn Backend>],
+            Arc::new(NoPrompt),
+            policy,
+            Vec::new(),
+        );
+        let _ = provider.router.set(Arc::downgrade(&router));
+        let request = ProviderRequest {
+            provider: "/bin/sh".into(),
+            pin: None,
+            context: SignContext::default(),
+        };
+        let constraints = Constraints {
+            confirm: true,
+            ..Constraints::default()
+        };
+        let added = router.add_provider(request, constraints).await.unwrap();
+        assert_eq!(added.len(), 1);
+        let seen = provider.seen_during_load.lock().unwrap().clone();
+        assert!(
+            seen.flatten().is_some_and(|c| c.confirm),
+            "the key was listed without its confirm constraint while the provider loaded"
+        );
+        let entry = router.snapshot().entries()[0].clone();
+        assert!(entry.constraints.is_some_and(|c| c.confirm));
+    }
+
+    #[tokio::test]
+    async fn forwarded_connections_cannot_load_providers() {
+        let router = Router::new(
+            vec![Arc::new(Provider::default()) as Arc<dyn Backend>],
+            Arc::new(NoPrompt),
+            Policy::default(),
+            Vec::new(),
+        );
+        let request = ProviderRequest {
+            provider: "/bin/sh".into(),
+            pin: None,
+            context: SignContext {
+                forwarded: true,
+                ..SignContext::default()
+            },
+        };
+        let refusal = router
+            .add_provider(request, Constraints::default())
+            .await
+            .unwrap_err();
+        assert!(refusal.to_string().contains("forwarded"), "{refusal}");
+    }
+
+    #[tokio::test]
+    async fn providers_outside_the_allowlist_are_refused() {
+        let router = Router::new(
+            vec![Arc::new(Provider::default()) as Arc<dyn Backend>],
+            Arc::new(NoPrompt),
+            Policy::default(),
+            Vec::new(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let module = dir.path().join("evil.so");
+        std::fs::write(&module, b"").unwrap();
+        let request = ProviderRequest {
+            provider: module.display().to_string(),
+            pin: None,
+            context: SignContext::default(),
+        };
+        let refusal = router
+            .add_provider(request, Constraints::default())
+            .await
+            .unwrap_err();
+        assert!(refusal.to_string().contains("allowlist"), "{refusal}");
     }
 }
