@@ -30,9 +30,11 @@
 use std::fs::{self, File};
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -49,6 +51,10 @@ pub const VPCD_DRIVER: &str = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so";
 pub const READER_NAME: &str = "Yubico YubiKey OTP+FIDO+CCID";
 /// Set in a child process started by [`PcscRig::run_child_test`].
 pub const CHILD_ENV: &str = "PIV_SIM_RIG_CHILD";
+/// Set in every command of a rig: the path of its piv-sim control socket
+/// (see `piv_sim::control`), so that a child process can touch, pull and
+/// insert the rig's cards.
+pub const CONTROL_ENV: &str = "PIV_SIM_CONTROL";
 
 /// What pcscd logs (at info level) when it notices that a card left a reader.
 const REMOVED: &str = "Card Removed From";
@@ -66,7 +72,9 @@ static START_LOCK: Mutex<()> = Mutex::new(());
 /// and stops pcscd (SIGTERM, then SIGKILL), by PID.
 #[derive(Debug)]
 pub struct PcscRig {
-    cards: Vec<Simulator>,
+    cards: Vec<Arc<Simulator>>,
+    control: PathBuf,
+    control_stop: Arc<AtomicBool>,
     pcscd: Option<Child>,
     socket: PathBuf,
     log: PathBuf,
@@ -108,8 +116,11 @@ impl PcscRig {
             let _guard = START_LOCK.lock().unwrap_or_else(|p| p.into_inner());
             start_pcscd(dir.path(), &run, &socket, &log)?
         };
+        let control = dir.path().join("control");
         let mut rig = Self {
             cards: Vec::new(),
+            control,
+            control_stop: Arc::new(AtomicBool::new(false)),
             pcscd: Some(pcscd),
             socket,
             log,
@@ -119,8 +130,13 @@ impl PcscRig {
         for (i, card) in cards.into_iter().enumerate() {
             let port = base_port + i as u16;
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            rig.cards.push(Simulator::spawn(card, addr));
+            rig.cards.push(Arc::new(Simulator::spawn(card, addr)));
         }
+        serve_control(
+            &rig.control,
+            rig.cards.iter().map(Arc::downgrade).collect(),
+            rig.control_stop.clone(),
+        )?;
         for (i, card) in rig.cards.iter().enumerate() {
             if !card.wait_detections(1, START_TIMEOUT) {
                 bail!(
@@ -150,6 +166,12 @@ impl PcscRig {
     /// Card `i`; panics if the rig has no such card (a bug in the test).
     pub fn card(&self, i: usize) -> &Simulator {
         &self.cards[i]
+    }
+
+    /// The piv-sim control socket of this rig's cards (also in [`CONTROL_ENV`]
+    /// of every command the rig makes).
+    pub fn control_socket(&self) -> &Path {
+        &self.control
     }
 
     /// The PC/SC reader name of card `i`, as pcscd names vpcd's slots.
@@ -200,6 +222,7 @@ impl PcscRig {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
         cmd.env("PCSCLITE_CSOCK_NAME", &self.socket);
+        cmd.env(CONTROL_ENV, &self.control);
         cmd
     }
 
@@ -248,11 +271,62 @@ impl PcscRig {
 
 impl Drop for PcscRig {
     fn drop(&mut self) {
-        // Cards first, so pcscd sees them leave rather than break.
+        // Cards first, so pcscd sees them leave rather than break. The control
+        // thread holds only weak references, so this drops them.
+        self.control_stop.store(true, Ordering::SeqCst);
         self.cards.clear();
         if let Some(child) = self.pcscd.take() {
             stop_child(child);
         }
+    }
+}
+
+/// Serves piv-sim's control commands for `cards` on `path` until `stop`.
+fn serve_control(path: &Path, cards: Vec<Weak<Simulator>>, stop: Arc<AtomicBool>) -> Result<()> {
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    thread::Builder::new()
+        .name("pcsc-rig control".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let Ok((stream, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let Ok(mut out) = stream.try_clone() else {
+                    continue;
+                };
+                for line in std::io::BufRead::lines(std::io::BufReader::new(stream)) {
+                    let Ok(line) = line else { break };
+                    let live: Vec<Arc<Simulator>> =
+                        cards.iter().filter_map(Weak::upgrade).collect();
+                    let answer = match piv_sim::control::apply(&live, &line) {
+                        Ok(text) => format!("ok {text}\n"),
+                        Err(text) => format!("error {text}\n"),
+                    };
+                    drop(live);
+                    if std::io::Write::write_all(&mut out, answer.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Sends one command to the control socket named by [`CONTROL_ENV`] (in a
+/// child process of a rig) and returns the text after `ok`.
+pub fn control(command: &str) -> Result<String> {
+    let path = std::env::var_os(CONTROL_ENV).context("not started by a PcscRig")?;
+    let mut stream = std::os::unix::net::UnixStream::connect(&path)?;
+    std::io::Write::write_all(&mut stream, format!("{command}\n").as_bytes())?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut line)?;
+    match line.trim_end().strip_prefix("ok") {
+        Some(rest) => Ok(rest.trim().to_owned()),
+        None => bail!("piv-sim control {command:?}: {}", line.trim_end()),
     }
 }
 
@@ -271,6 +345,12 @@ fn start_pcscd(dir: &Path, run: &Path, socket: &Path, log: &Path) -> Result<(Chi
     let mut last_error = None;
     for _ in 0..PORT_ATTEMPTS {
         let base = free_port_run(MAX_CARDS)?;
+        // vpcd listens on 0.0.0.0 here. Its reverse mode (`DEVICENAME
+        // 127.0.0.1:PORT`: the driver connects out to a card listening on
+        // loopback) was tried with Debian's vsmartcard-vpcd 3.3: the driver
+        // connected to PORT for the reader's first slot, but nothing came to
+        // PORT+1 for the second slot within 6 s, and this rig needs two cards
+        // per pcscd (see MAX_CARDS), so it keeps the listening mode.
         fs::write(
             &conf,
             format!(

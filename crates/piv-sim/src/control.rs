@@ -10,6 +10,8 @@
 //! touch-timeout SECONDS [CARD]      how long the card waits for a touch (15 by default)
 //! remove [CARD] | insert [CARD]     pull the card out of its reader, put it back
 //! status [CARD]                     serial, connection, touch and PIN state
+//!                                   (waits while the card works, e.g. for a touch)
+//! waiting [CARD]                    `true` while the card waits for a touch (never waits)
 //! ```
 //!
 //! CARD is the card's index in the order of `--vpcd` options, 0 by default.
@@ -93,6 +95,9 @@ pub fn apply(cards: &[Arc<Simulator>], line: &str) -> Result<String, String> {
         }
         ("remove", []) => sim.remove(),
         ("insert", []) => sim.insert(),
+        // Answers at once: unlike `status`, it does not need the card's lock,
+        // which the card holds while it waits for the touch.
+        ("waiting", []) => return Ok(touch.is_waiting().to_string()),
         ("status", []) => {
             let (serial, pin_tries) =
                 sim.with_card(|c| (c.state().serial(), c.state().pin().retries_left()));
@@ -147,6 +152,7 @@ mod tests {
         let status = apply(&cards, "status 1")?;
         assert!(status.contains("serial=101"), "{status}");
         assert!(status.contains("connected=false"), "{status}");
+        assert_eq!(apply(&cards, "waiting 1"), Ok("false".to_string()));
         assert!(apply(&cards, "touch 7").is_err());
         assert!(apply(&cards, "dance").is_err());
         assert!(apply(&cards, "").is_err());

@@ -214,12 +214,25 @@ fn serve(shared: &Shared, stream: TcpStream) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
+    // vpcd writes each message's 2-byte length and its body in two writes, with
+    // Nagle's algorithm on: the body waits until the length is acknowledged,
+    // and Linux delays that ACK by up to 40 ms. Acknowledging at once (asked
+    // again before every read, as the kernel falls back to delayed ACKs) takes
+    // an APDU round trip from ~44 ms to well under a millisecond.
+    let quick_ack = socket2::SockRef::from(&write_half).set_tcp_quickack(true);
+    if let Err(e) = &quick_ack {
+        tracing::debug!(error = %e, "TCP_QUICKACK is not available; APDUs will be slow");
+    }
+    let quick_ack = quick_ack.is_ok();
     let mut reader = BufReader::new(stream);
     let mut writer = BufWriter::new(write_half);
     // vpcd also reads the ATR to probe presence; what counts is the ATR read
     // that completes a power-up, after which pcscd lets clients connect.
     let mut fresh = false;
     loop {
+        if quick_ack {
+            let _ = socket2::SockRef::from(writer.get_ref()).set_tcp_quickack(true);
+        }
         let request = match transport::read_request(&mut reader) {
             Ok(Some(request)) => request,
             Ok(None) => return,
