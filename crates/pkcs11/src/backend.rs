@@ -1,0 +1,1117 @@
+//! [`Pkcs11Backend`]: the [`Backend`] over PKCS#11 modules, each in a helper process.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Digest;
+use ssh_encoding::Decode;
+use ssh_key::public::KeyData;
+use ssh_key::{Algorithm, EcdsaCurve};
+use token_agent_core::{
+    Backend, DeviceInfo, Error, Identity, IdentitySink, KeyRef, Notice, NoticeKind, PinRequest,
+    PromptSubject, Prompter, ProviderRequest, RsaHash, SignContext, SignRequest, SshSignature,
+};
+
+use crate::client::{lock, CallError, Helper, HelperCommand};
+use crate::proto::{Failure, Mechanism, Op, Pin, PinState, Reply, TokenState};
+
+/// The backend's name, in every [`KeyRef`] it issues.
+pub const NAME: &str = "pkcs11";
+
+/// How long cached PINs live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinCache {
+    /// Never keep a PIN: ask again whenever the token needs a login.
+    Never,
+    /// Keep a PIN until the agent is locked or told to forget (SIGHUP), or
+    /// until it has not been used for the given time.
+    Idle(Option<Duration>),
+}
+
+/// Where a configured module's PIN comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinSource {
+    /// Ask the person (pinentry or SSH_ASKPASS) when a signature needs a login.
+    Prompt,
+    /// Never log in: the module's keys are usable without a login.
+    None,
+}
+
+/// A module named in the configuration.
+#[derive(Debug, Clone)]
+pub struct ModuleConfig {
+    /// The module's path (the configuration is trusted: no allowlist check).
+    pub path: String,
+    /// Where its PIN comes from.
+    pub pin: PinSource,
+}
+
+/// How the backend runs.
+#[derive(Debug, Clone)]
+pub struct Pkcs11Options {
+    /// How to start a helper process.
+    pub helper: HelperCommand,
+    /// Modules loaded at start.
+    pub modules: Vec<ModuleConfig>,
+    /// The PIN cache policy.
+    pub pin_cache: PinCache,
+    /// The time limit of a helper call (load, list, login, sign).
+    pub call_timeout: Duration,
+    /// The time limit while the token waits for a person at a PIN pad.
+    pub pin_pad_timeout: Duration,
+    /// How often tokens are looked for when the module cannot report slot events.
+    pub poll_interval: Duration,
+}
+
+impl Pkcs11Options {
+    /// Defaults: no modules, PINs cached until lock, 30 s per call, 5 min
+    /// for a PIN pad, polling every 2 s.
+    pub fn new(helper: HelperCommand) -> Self {
+        Self {
+            helper,
+            modules: Vec::new(),
+            pin_cache: PinCache::Idle(None),
+            call_timeout: Duration::from_secs(30),
+            pin_pad_timeout: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The PKCS#11 backend.
+pub struct Pkcs11Backend {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Pkcs11Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Backend")
+            .field("modules", &lock(&self.inner.modules).len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    options: Pkcs11Options,
+    modules: Mutex<Vec<Arc<Module>>>,
+    sink: OnceLock<IdentitySink>,
+    pins: Mutex<HashMap<TokenId, CachedPin>>,
+    wake: (Mutex<bool>, Condvar),
+}
+
+/// A token, as the agent names it across slot renumbering: module, serial, label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TokenId {
+    module: String,
+    serial: String,
+    label: String,
+}
+
+struct CachedPin {
+    pin: SecretString,
+    used: Instant,
+}
+
+struct Module {
+    path: String,
+    runtime: bool,
+    pin: PinSource,
+    helper: Mutex<Option<Arc<Helper>>>,
+    /// A second helper that only re-initializes the module and lists, for
+    /// modules without slot events (see [`Inner::refresh`]).
+    scanner: Mutex<Option<Arc<Helper>>>,
+    /// Whether the module reports slot events itself.
+    slot_events: AtomicBool,
+    tokens: Mutex<Vec<TokenState>>,
+    unloaded: AtomicBool,
+}
+
+/// Where a key is.
+struct Located {
+    module: Arc<Module>,
+    token: TokenState,
+    public: KeyData,
+    id: Vec<u8>,
+    comment: String,
+}
+
+impl Pkcs11Backend {
+    /// A backend with `options`; nothing runs until [`Backend::start`].
+    pub fn new(options: Pkcs11Options) -> Self {
+        let modules = options
+            .modules
+            .iter()
+            .map(|m| Arc::new(Module::new(m.path.clone(), false, m.pin)))
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                options,
+                modules: Mutex::new(modules),
+                sink: OnceLock::new(),
+                pins: Mutex::new(HashMap::new()),
+                wake: (Mutex::new(false), Condvar::new()),
+            }),
+        }
+    }
+}
+
+impl Drop for Pkcs11Backend {
+    fn drop(&mut self) {
+        for module in lock(&self.inner.modules).drain(..) {
+            module.unload();
+        }
+        self.inner.wake();
+    }
+}
+
+#[async_trait]
+impl Backend for Pkcs11Backend {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn start(&self, sink: IdentitySink) {
+        sink.publish(Vec::new());
+        let _ = self.inner.sink.set(sink);
+        let weak = Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("pkcs11-watch".into())
+            .spawn(move || watch(&weak));
+        if let Err(err) = spawned {
+            tracing::error!(%err, "cannot start the PKCS#11 token watcher");
+        }
+    }
+
+    async fn sign(
+        &self,
+        key: &KeyRef,
+        request: &SignRequest,
+        context: &SignContext,
+        prompter: Arc<dyn Prompter>,
+    ) -> Result<SshSignature, Error> {
+        let located = self.inner.locate(key)?;
+        let device = device(&located.token);
+        let (mechanism, data, finish) = prepare(&located.public, request)?;
+        let subject = PromptSubject {
+            key: Some(located.comment.clone()),
+            fingerprint: Some(token_agent_core::fingerprint(
+                &located.public,
+                ssh_key::HashAlg::Sha256,
+            )),
+            device: Some(device.clone()),
+            ..PromptSubject::default()
+        }
+        .with_context(context);
+        let inner = &self.inner;
+        let mut logged_in = false;
+        let mut context_pin: Option<(Option<SecretString>, bool)> = None;
+        loop {
+            let (pin, pad) = match &context_pin {
+                Some((pin, pad)) => (
+                    pin.as_ref().map(|p| Pin::new(p.expose_secret().to_owned())),
+                    *pad,
+                ),
+                None => (None, false),
+            };
+            let limit = if pad {
+                inner.options.pin_pad_timeout
+            } else {
+                inner.options.call_timeout
+            };
+            let _notice = pad.then(|| {
+                prompter.notify(&Notice {
+                    kind: NoticeKind::PinPad,
+                    subject: subject.clone(),
+                })
+            });
+            let op = Op::Sign {
+                slot: located.token.slot,
+                key_id: located.id.clone(),
+                mechanism,
+                data: data.clone(),
+                context_pin: pin,
+                context_pin_pad: pad,
+            };
+            match inner.call(&located.module, op, limit).await {
+                Ok(Reply::Signature(raw)) => {
+                    inner.touch_pin(&located.module, &located.token);
+                    return finish(&raw).ok_or_else(|| Error::Device {
+                        device,
+                        message: "the module returned a malformed signature".into(),
+                    });
+                }
+                Ok(other) => {
+                    return Err(Error::Device {
+                        device,
+                        message: format!("unexpected answer from the helper: {other:?}"),
+                    })
+                }
+                Err(CallError::Failed(Failure::NotLoggedIn)) if !logged_in => {
+                    inner
+                        .login(&located.module, &located.token, &subject, &*prompter)
+                        .await?;
+                    logged_in = true;
+                }
+                Err(CallError::Failed(Failure::ContextLoginRequired)) if context_pin.is_none() => {
+                    context_pin = Some(if located.token.protected_auth_path {
+                        (None, true)
+                    } else {
+                        let (pin, _) = inner
+                            .pin_for(&located.module, &located.token, &subject, &*prompter)
+                            .await?;
+                        (Some(pin), false)
+                    });
+                }
+                Err(err) => {
+                    return Err(inner.error(&located.module, &located.token, "C_Sign", err));
+                }
+            }
+        }
+    }
+
+    fn accepts_providers(&self) -> bool {
+        true
+    }
+
+    async fn add_provider(&self, request: ProviderRequest) -> Result<Vec<Identity>, Error> {
+        let inner = self.inner.clone();
+        let path = request.provider.clone();
+        if inner.module(&path).is_some() {
+            return Err(Error::Refused {
+                reason: format!("the PKCS#11 provider {path} is already loaded"),
+            });
+        }
+        let module = Arc::new(Module::new(path.clone(), true, PinSource::Prompt));
+        let tokens = {
+            let (inner, module) = (inner.clone(), module.clone());
+            blocking(move || inner.refresh(&module)).await
+        };
+        let tokens = match tokens {
+            Ok(tokens) => tokens,
+            Err(message) => {
+                module.unload();
+                return Err(Error::Device {
+                    device: DeviceInfo::new(format!("PKCS#11 module {path}")),
+                    message,
+                });
+            }
+        };
+        if let Some(pin) = &request.pin {
+            for token in tokens.iter().filter(|t| t.login_required) {
+                if let Err(err) = inner.login_with(&module, token, Some(pin.clone())).await {
+                    module.unload();
+                    return Err(err);
+                }
+            }
+        }
+        lock(&inner.modules).push(module.clone());
+        inner.publish();
+        tracing::info!(
+            provider = path,
+            tokens = tokens.len(),
+            "loaded PKCS#11 provider"
+        );
+        Ok(inner.identities(&module))
+    }
+
+    async fn remove_provider(&self, provider: &str) -> Result<(), Error> {
+        let module = self.inner.module(provider).ok_or_else(|| Error::Refused {
+            reason: format!("the PKCS#11 provider {provider} is not loaded"),
+        })?;
+        if !module.runtime {
+            return Err(Error::Refused {
+                reason: format!(
+                    "the PKCS#11 provider {provider} comes from the configuration; remove it there"
+                ),
+            });
+        }
+        self.inner.unload(&module);
+        Ok(())
+    }
+
+    async fn remove_all(&self) {
+        let runtime: Vec<Arc<Module>> = lock(&self.inner.modules)
+            .iter()
+            .filter(|m| m.runtime)
+            .cloned()
+            .collect();
+        for module in runtime {
+            self.inner.unload(&module);
+        }
+    }
+
+    fn forget_secrets(&self) {
+        lock(&self.inner.pins).clear();
+        let modules: Vec<Arc<Module>> = lock(&self.inner.modules).clone();
+        for module in modules {
+            if let Some(helper) = module.live_helper() {
+                // Log out, so the next signature asks again.
+                let _ = helper.call(Op::Logout, self.inner.options.call_timeout);
+            }
+        }
+        tracing::info!("forgot cached PKCS#11 PINs and logged out of the tokens");
+    }
+}
+
+impl Module {
+    fn new(path: String, runtime: bool, pin: PinSource) -> Self {
+        Self {
+            path,
+            runtime,
+            pin,
+            helper: Mutex::new(None),
+            scanner: Mutex::new(None),
+            slot_events: AtomicBool::new(false),
+            tokens: Mutex::new(Vec::new()),
+            unloaded: AtomicBool::new(false),
+        }
+    }
+
+    fn live_helper(&self) -> Option<Arc<Helper>> {
+        lock(&self.helper).clone().filter(|h| !h.is_dead())
+    }
+
+    fn unload(&self) {
+        self.unloaded.store(true, Ordering::SeqCst);
+        for helper in [lock(&self.helper).take(), lock(&self.scanner).take()]
+            .into_iter()
+            .flatten()
+        {
+            helper.kill();
+        }
+        lock(&self.tokens).clear();
+    }
+}
+
+impl Inner {
+    fn wake(&self) {
+        let (flag, changed) = &self.wake;
+        *lock(flag) = true;
+        changed.notify_all();
+    }
+
+    fn module(&self, path: &str) -> Option<Arc<Module>> {
+        lock(&self.modules).iter().find(|m| m.path == path).cloned()
+    }
+
+    fn unload(&self, module: &Arc<Module>) {
+        lock(&self.modules).retain(|m| !Arc::ptr_eq(m, module));
+        module.unload();
+        lock(&self.pins).retain(|token, _| token.module != module.path);
+        self.publish();
+        tracing::info!(provider = module.path, "unloaded PKCS#11 provider");
+    }
+
+    /// The module's helper, started (and the module loaded) if it is not running.
+    fn helper(self: &Arc<Self>, module: &Arc<Module>) -> Result<Arc<Helper>, String> {
+        let mut slot = lock(&module.helper);
+        if let Some(helper) = slot.as_ref().filter(|h| !h.is_dead()) {
+            return Ok(helper.clone());
+        }
+        if module.unloaded.load(Ordering::SeqCst) {
+            return Err("the module was unloaded".into());
+        }
+        let weak = Arc::downgrade(self);
+        let helper = Helper::spawn(&self.options.helper, move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.wake();
+            }
+        })
+        .map_err(|e| {
+            format!(
+                "cannot start the PKCS#11 helper {}: {e}",
+                self.options.helper.program.display()
+            )
+        })?;
+        match helper.call(
+            Op::Load {
+                path: module.path.clone(),
+            },
+            self.options.call_timeout,
+        ) {
+            Ok(Reply::Loaded { slot_events }) => {
+                module.slot_events.store(slot_events, Ordering::SeqCst);
+            }
+            Ok(_) => {}
+            Err(err) => {
+                helper.kill();
+                return Err(describe_call(&module.path, "C_Initialize", &err, false));
+            }
+        }
+        *slot = Some(helper.clone());
+        Ok(helper)
+    }
+
+    /// Lists the module's tokens (blocking), stores them and publishes on change.
+    fn refresh(self: &Arc<Self>, module: &Arc<Module>) -> Result<Vec<TokenState>, String> {
+        let list = || {
+            let helper = self.helper(module)?;
+            match helper.call(Op::List, self.options.call_timeout) {
+                Ok(Reply::Tokens(tokens)) => Ok(tokens),
+                Ok(other) => Err((
+                    false,
+                    format!("unexpected answer from the helper: {other:?}"),
+                )),
+                Err(err) => Err((
+                    true,
+                    describe_call(&module.path, "C_GetSlotList", &err, false),
+                )),
+            }
+            .map_err(|(restart, message)| {
+                if restart {
+                    lock(&module.helper).take();
+                    helper.kill();
+                }
+                message
+            })
+        };
+        // SoftHSM answers CKR_GENERAL_ERROR to every C_GetSlotList once a
+        // token it had open was deleted; a module in such a state (or one
+        // that crashed or hung while listing) gets one fresh helper, which
+        // initializes it anew.
+        let mut result = list().or_else(|message| {
+            tracing::warn!(
+                module = module.path,
+                err = message,
+                "listing tokens failed; restarting the module's helper"
+            );
+            list()
+        });
+        // A module without slot events may not see tokens made or inserted
+        // after C_Initialize (SoftHSM sees none). A scanner helper that
+        // initializes the module anew on each poll sees them; when its list
+        // differs, the signing helper is restarted too (logins are redone
+        // with the cached PIN, or asked again).
+        if let Ok(tokens) = &result {
+            if !module.slot_events.load(Ordering::SeqCst) {
+                if let Some(scanned) = self.scan(module) {
+                    let differs = scanned.len() != tokens.len()
+                        || scanned.iter().any(|s| !tokens.iter().any(|t| same(s, t)));
+                    if differs {
+                        tracing::info!(
+                            module = module.path,
+                            "the module's tokens changed; initializing it anew"
+                        );
+                        if let Some(helper) = lock(&module.helper).take() {
+                            helper.kill();
+                        }
+                        result = list();
+                    }
+                }
+            }
+        }
+        let tokens = result.as_ref().cloned().unwrap_or_default();
+        let changed = {
+            let mut current = lock(&module.tokens);
+            let changed = *current != tokens;
+            if changed {
+                for gone in current
+                    .iter()
+                    .filter(|t| !tokens.iter().any(|n| same(t, n)))
+                {
+                    tracing::info!(
+                        token = gone.label,
+                        serial = gone.serial,
+                        module = module.path,
+                        "PKCS#11 token removed"
+                    );
+                    lock(&self.pins).remove(&token_id(module, gone));
+                }
+                for new in tokens
+                    .iter()
+                    .filter(|n| !current.iter().any(|t| same(t, n)))
+                {
+                    tracing::info!(
+                        token = new.label,
+                        serial = new.serial,
+                        module = module.path,
+                        keys = new.keys.len(),
+                        "PKCS#11 token present"
+                    );
+                }
+                current.clone_from(&tokens);
+            }
+            changed
+        };
+        if changed && !module.unloaded.load(Ordering::SeqCst) {
+            self.publish();
+        }
+        result
+    }
+
+    /// The tokens a freshly initialized module sees, or None if the scanner fails.
+    fn scan(&self, module: &Module) -> Option<Vec<TokenState>> {
+        let mut slot = lock(&module.scanner);
+        let scanner = match slot.as_ref().filter(|h| !h.is_dead()) {
+            Some(scanner) => scanner.clone(),
+            None => {
+                let scanner = Helper::spawn(&self.options.helper, || {}).ok()?;
+                let load = Op::Load {
+                    path: module.path.clone(),
+                };
+                scanner.call(load, self.options.call_timeout).ok()?;
+                *slot = Some(scanner.clone());
+                scanner
+            }
+        };
+        drop(slot);
+        match scanner.call(Op::Rescan, self.options.call_timeout) {
+            Ok(Reply::Tokens(tokens)) => Some(tokens),
+            other => {
+                tracing::debug!(module = module.path, ?other, "rescanning the module failed");
+                lock(&module.scanner).take();
+                scanner.kill();
+                None
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let Some(sink) = self.sink.get() else {
+            return;
+        };
+        let modules: Vec<Arc<Module>> = lock(&self.modules).clone();
+        let identities = modules.iter().flat_map(|m| self.identities(m)).collect();
+        sink.publish(identities);
+    }
+
+    fn identities(&self, module: &Arc<Module>) -> Vec<Identity> {
+        let tokens = lock(&module.tokens).clone();
+        let mut identities = Vec::new();
+        for token in &tokens {
+            for key in &token.keys {
+                let Ok(public) = KeyData::decode(&mut key.public_key.as_slice()) else {
+                    continue;
+                };
+                identities.push(
+                    Identity::new(
+                        public,
+                        comment(token, &key.label),
+                        key_ref(module, token, &key.id),
+                    )
+                    .with_device(device(token)),
+                );
+            }
+        }
+        identities
+    }
+
+    fn locate(&self, key: &KeyRef) -> Result<Located, Error> {
+        let (path, serial, label, id) = parse_key_ref(key.handle()).ok_or(Error::KeyNotFound)?;
+        let module = self.module(&path).ok_or(Error::KeyNotFound)?;
+        let tokens = lock(&module.tokens).clone();
+        let Some(token) = tokens
+            .into_iter()
+            .find(|t| t.serial == serial && t.label == label)
+        else {
+            return Err(Error::DeviceRemoved {
+                device: DeviceInfo::new(format!("{label} #{serial}")).with_serial(serial),
+            });
+        };
+        let info = token
+            .keys
+            .iter()
+            .find(|k| k.id == id)
+            .ok_or(Error::KeyNotFound)?;
+        let public =
+            KeyData::decode(&mut info.public_key.as_slice()).map_err(|_| Error::KeyNotFound)?;
+        let comment = comment(&token, &info.label);
+        Ok(Located {
+            module,
+            token,
+            public,
+            id,
+            comment,
+        })
+    }
+
+    /// One helper call off the async threads, restarting the helper after a crash or hang.
+    async fn call(
+        self: &Arc<Self>,
+        module: &Arc<Module>,
+        op: Op,
+        limit: Duration,
+    ) -> Result<Reply, CallError> {
+        let inner = self.clone();
+        let module = module.clone();
+        blocking(move || {
+            let helper = inner
+                .helper(&module)
+                .map_err(|message| CallError::Failed(Failure::Load(message)))?;
+            let result = helper.call(op, limit);
+            if matches!(result, Err(CallError::Died(_) | CallError::TimedOut(_))) {
+                // Restart now, so the module's other keys keep working and
+                // the error can say so.
+                lock(&module.helper).take();
+                helper.kill();
+                if let Err(err) = inner.helper(&module) {
+                    tracing::error!(
+                        module = module.path,
+                        err,
+                        "cannot restart the PKCS#11 helper"
+                    );
+                }
+                inner.wake();
+            }
+            result
+        })
+        .await
+    }
+
+    /// The error for a failed call on `token`, logged when the helper died.
+    fn error(&self, module: &Module, token: &TokenState, function: &str, err: CallError) -> Error {
+        let device = device(token);
+        match err {
+            CallError::Failed(Failure::PinIncorrect(state)) => {
+                lock(&self.pins).remove(&token_id(module, token));
+                wrong_pin(device, state)
+            }
+            CallError::Failed(Failure::PinLocked) => Error::PinBlocked {
+                device,
+                remedy: PIN_REMEDY.into(),
+            },
+            CallError::Failed(Failure::DeviceRemoved) => {
+                self.wake();
+                Error::DeviceRemoved { device }
+            }
+            CallError::Failed(Failure::KeyNotFound) => Error::KeyNotFound,
+            other => {
+                let message = describe_call(&module.path, function, &other, true);
+                if matches!(other, CallError::Died(_) | CallError::TimedOut(_)) {
+                    tracing::error!(token = token.label, "{message}");
+                }
+                Error::Device { device, message }
+            }
+        }
+    }
+
+    /// Logs in to `token`: on the PIN pad, or with a cached or asked PIN.
+    async fn login(
+        self: &Arc<Self>,
+        module: &Arc<Module>,
+        token: &TokenState,
+        subject: &PromptSubject,
+        prompter: &dyn Prompter,
+    ) -> Result<(), Error> {
+        if token.protected_auth_path {
+            let _notice = prompter.notify(&Notice {
+                kind: NoticeKind::PinPad,
+                subject: subject.clone(),
+            });
+            tracing::info!(token = token.label, "enter the PIN on the reader's pad");
+            return self.login_with(module, token, None).await;
+        }
+        let (pin, cached) = self.pin_for(module, token, subject, prompter).await?;
+        let result = self.login_with(module, token, Some(pin)).await;
+        if cached && result.is_err() {
+            lock(&self.pins).remove(&token_id(module, token));
+        }
+        result
+    }
+
+    /// A PIN for `token`: the cached one, or one asked of the person.
+    /// Returns whether it came from the cache.
+    async fn pin_for(
+        &self,
+        module: &Module,
+        token: &TokenState,
+        subject: &PromptSubject,
+        prompter: &dyn Prompter,
+    ) -> Result<(SecretString, bool), Error> {
+        if let Some(cached) = lock(&self.pins).get_mut(&token_id(module, token)) {
+            cached.used = Instant::now();
+            return Ok((cached.pin.clone(), true));
+        }
+        if token.pin.locked {
+            return Err(Error::PinBlocked {
+                device: device(token),
+                remedy: PIN_REMEDY.into(),
+            });
+        }
+        if module.pin == PinSource::None {
+            return Err(Error::Device {
+                device: device(token),
+                message: format!(
+                    "the token needs a login, but the configuration of {} says pin = \"none\"",
+                    module.path
+                ),
+            });
+        }
+        let mut request = PinRequest::new(subject.clone());
+        if token.pin.final_try {
+            request.tries_left = Some(1);
+        } else if token.pin.count_low {
+            request.warning =
+                Some("A wrong PIN was entered since the last good one; few tries remain.".into());
+        }
+        let pin = prompter.pin(&request).await?;
+        Ok((pin, false))
+    }
+
+    /// C_Login with `pin` (None: the PIN pad); caches a PIN that worked.
+    async fn login_with(
+        self: &Arc<Self>,
+        module: &Arc<Module>,
+        token: &TokenState,
+        pin: Option<SecretString>,
+    ) -> Result<(), Error> {
+        let limit = if pin.is_none() {
+            self.options.pin_pad_timeout
+        } else {
+            self.options.call_timeout
+        };
+        let op = Op::Login {
+            slot: token.slot,
+            pin: pin.as_ref().map(|p| Pin::new(p.expose_secret().to_owned())),
+        };
+        match self.call(module, op, limit).await {
+            Ok(_) => {
+                tracing::info!(
+                    token = token.label,
+                    serial = token.serial,
+                    "logged in to PKCS#11 token"
+                );
+                if let (Some(pin), PinCache::Idle(_)) = (pin, self.options.pin_cache) {
+                    lock(&self.pins).insert(
+                        token_id(module, token),
+                        CachedPin {
+                            pin,
+                            used: Instant::now(),
+                        },
+                    );
+                }
+                Ok(())
+            }
+            Err(err) => {
+                let err = self.error(module, token, "C_Login", err);
+                tracing::warn!(token = token.label, %err, "PKCS#11 login failed");
+                Err(err)
+            }
+        }
+    }
+
+    fn touch_pin(&self, module: &Module, token: &TokenState) {
+        if let Some(cached) = lock(&self.pins).get_mut(&token_id(module, token)) {
+            cached.used = Instant::now();
+        }
+    }
+
+    /// Drops PINs idle longer than the policy allows, and logs those tokens' modules out.
+    fn expire_pins(&self) {
+        let PinCache::Idle(Some(idle)) = self.options.pin_cache else {
+            return;
+        };
+        let mut expired = Vec::new();
+        lock(&self.pins).retain(|token, cached| {
+            let keep = cached.used.elapsed() < idle;
+            if !keep {
+                expired.push(token.module.clone());
+            }
+            keep
+        });
+        for path in expired {
+            if let Some(helper) = self.module(&path).and_then(|m| m.live_helper()) {
+                let _ = helper.call(Op::Logout, self.options.call_timeout);
+                tracing::info!(module = path, "cached PKCS#11 PIN expired; logged out");
+            }
+        }
+    }
+}
+
+const PIN_REMEDY: &str =
+    "unblock it with the token's SO PIN (for example pkcs11-tool --init-pin --login --login-type so)";
+
+/// Loads the configured modules, then follows tokens coming and going until the backend is dropped.
+fn watch(weak: &Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        let modules: Vec<Arc<Module>> = lock(&inner.modules).clone();
+        for module in &modules {
+            if let Err(err) = inner.refresh(module) {
+                tracing::warn!(module = module.path, err, "cannot list the PKCS#11 tokens");
+            }
+        }
+        inner.expire_pins();
+        let interval = inner.options.poll_interval;
+        drop(inner);
+        // Sleep until the next poll or a slot event, holding no strong reference.
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        let (flag, changed) = &inner.wake;
+        let guard = lock(flag);
+        let (mut guard, _) = changed
+            .wait_timeout_while(guard, interval, |woken| !*woken)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard = false;
+    }
+}
+
+/// Runs blocking helper work on a thread of its own, so async callers never
+/// block and the work needs no particular runtime.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let worker = std::thread::spawn(move || {
+        let _ = sender.send(work());
+    });
+    match receiver.await {
+        Ok(value) => value,
+        // The sender is dropped without a value only when `work` panicked:
+        // carry the panic on to this task, as spawn_blocking would.
+        Err(_) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the worker sends before it returns"),
+        },
+    }
+}
+
+type Finish = Box<dyn Fn(&[u8]) -> Option<SshSignature> + Send + Sync>;
+
+/// The mechanism, its input and how to turn its output into an SSH signature.
+fn prepare(public: &KeyData, request: &SignRequest) -> Result<(Mechanism, Vec<u8>, Finish), Error> {
+    match public.algorithm() {
+        Algorithm::Rsa { .. } => {
+            let hash = request.flags.rsa_hash();
+            let mut input = match hash {
+                RsaHash::Sha1 => SHA1_PREFIX.to_vec(),
+                RsaHash::Sha256 => SHA256_PREFIX.to_vec(),
+                RsaHash::Sha512 => SHA512_PREFIX.to_vec(),
+            };
+            match hash {
+                RsaHash::Sha1 => input.extend_from_slice(&sha1::Sha1::digest(&request.data)),
+                RsaHash::Sha256 => input.extend_from_slice(&sha2::Sha256::digest(&request.data)),
+                RsaHash::Sha512 => input.extend_from_slice(&sha2::Sha512::digest(&request.data)),
+            }
+            Ok((
+                Mechanism::RsaPkcs,
+                input,
+                Box::new(move |raw| Some(SshSignature::rsa(hash, raw))),
+            ))
+        }
+        Algorithm::Ecdsa { curve } => {
+            let digest = match curve {
+                EcdsaCurve::NistP256 => sha2::Sha256::digest(&request.data).to_vec(),
+                EcdsaCurve::NistP384 => sha2::Sha384::digest(&request.data).to_vec(),
+                EcdsaCurve::NistP521 => sha2::Sha512::digest(&request.data).to_vec(),
+            };
+            Ok((
+                Mechanism::Ecdsa,
+                digest,
+                Box::new(move |raw| SshSignature::ecdsa_fixed(curve, raw)),
+            ))
+        }
+        Algorithm::Ed25519 => Ok((
+            Mechanism::Eddsa,
+            request.data.clone(),
+            Box::new(|raw| {
+                ssh_key::Signature::new(Algorithm::Ed25519, raw.to_vec())
+                    .ok()
+                    .and_then(|s| SshSignature::try_from(&s).ok())
+            }),
+        )),
+        other => Err(Error::InvalidKey {
+            reason: format!("PKCS#11 keys of type {other} are not supported"),
+        }),
+    }
+}
+
+/// DigestInfo prefixes (RFC 8017 section 9.2, note 1).
+const SHA1_PREFIX: &[u8] = &[
+    0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14,
+];
+const SHA256_PREFIX: &[u8] = &[
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];
+const SHA512_PREFIX: &[u8] = &[
+    0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03, 0x05,
+    0x00, 0x04, 0x40,
+];
+
+fn wrong_pin(device: DeviceInfo, state: PinState) -> Error {
+    if state.locked {
+        Error::PinBlocked {
+            device,
+            remedy: PIN_REMEDY.into(),
+        }
+    } else {
+        Error::WrongPin {
+            device,
+            // PKCS#11 gives no count, only "low" and "final try".
+            tries_left: state.final_try.then_some(1),
+        }
+    }
+}
+
+/// "the PKCS#11 module X crashed in C_Sign (signal 6, SIGABRT); restarted it".
+fn describe_call(path: &str, function: &str, err: &CallError, restarted: bool) -> String {
+    let tail = if restarted { "; restarted it" } else { "" };
+    match err {
+        CallError::Failed(failure) => format!("the PKCS#11 module {path}: {failure}"),
+        CallError::Died(how) => {
+            format!("the PKCS#11 module {path} crashed in {function} ({how}){tail}")
+        }
+        CallError::TimedOut(limit) => format!(
+            "the PKCS#11 module {path} did not answer {function} within {} s; killed it{tail}",
+            limit.as_secs()
+        ),
+    }
+}
+
+fn same(a: &TokenState, b: &TokenState) -> bool {
+    a.serial == b.serial && a.label == b.label
+}
+
+fn token_id(module: &Module, token: &TokenState) -> TokenId {
+    TokenId {
+        module: module.path.clone(),
+        serial: token.serial.clone(),
+        label: token.label.clone(),
+    }
+}
+
+fn device(token: &TokenState) -> DeviceInfo {
+    DeviceInfo::new(format!("{} #{}", token.label, token.serial)).with_serial(token.serial.clone())
+}
+
+/// "tokenlabel: keylabel", as `ssh-add -l` shows it.
+fn comment(token: &TokenState, key_label: &str) -> String {
+    let key = if key_label.is_empty() {
+        "(unlabelled key)"
+    } else {
+        key_label
+    };
+    format!("{}: {key}", token.label)
+}
+
+/// module path, serial and label of the token, then the CKA_ID, NUL-separated.
+fn key_ref(module: &Module, token: &TokenState, id: &[u8]) -> KeyRef {
+    let mut handle = Vec::new();
+    for part in [&module.path, &token.serial, &token.label] {
+        handle.extend_from_slice(part.as_bytes());
+        handle.push(0);
+    }
+    handle.extend_from_slice(id);
+    KeyRef::new(NAME, handle)
+}
+
+fn parse_key_ref(handle: &[u8]) -> Option<(String, String, String, Vec<u8>)> {
+    let mut parts = handle.splitn(4, |b| *b == 0);
+    let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).ok();
+    let path = text(parts.next()?)?;
+    let serial = text(parts.next()?)?;
+    let label = text(parts.next()?)?;
+    let id = parts.next()?.to_vec();
+    Some((path, serial, label, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> TokenState {
+        TokenState {
+            slot: 1,
+            label: "alice".into(),
+            serial: "0123".into(),
+            model: "SoftHSM v2".into(),
+            protected_auth_path: false,
+            login_required: true,
+            pin: PinState::default(),
+            parallel: true,
+            keys: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn key_refs_round_trip_with_nul_in_the_id() {
+        let module = Module::new("/usr/lib/x.so".into(), true, PinSource::Prompt);
+        let key = key_ref(&module, &token(), &[0, 1, 0]);
+        let (path, serial, label, id) = parse_key_ref(key.handle()).unwrap();
+        assert_eq!(
+            (path.as_str(), serial.as_str(), label.as_str()),
+            ("/usr/lib/x.so", "0123", "alice")
+        );
+        assert_eq!(id, vec![0, 1, 0]);
+    }
+
+    #[test]
+    fn pin_state_maps_to_tries_and_blocked() {
+        let d = device(&token());
+        assert!(matches!(
+            wrong_pin(
+                d.clone(),
+                PinState {
+                    final_try: true,
+                    ..PinState::default()
+                }
+            ),
+            Error::WrongPin {
+                tries_left: Some(1),
+                ..
+            }
+        ));
+        assert!(matches!(
+            wrong_pin(
+                d.clone(),
+                PinState {
+                    count_low: true,
+                    ..PinState::default()
+                }
+            ),
+            Error::WrongPin {
+                tries_left: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            wrong_pin(
+                d,
+                PinState {
+                    locked: true,
+                    ..PinState::default()
+                }
+            ),
+            Error::PinBlocked { .. }
+        ));
+    }
+
+    #[test]
+    fn crash_messages_name_module_function_and_signal() {
+        let text = describe_call(
+            "/tmp/crash.so",
+            "C_Sign",
+            &CallError::Died("signal 6, SIGABRT".into()),
+            true,
+        );
+        assert_eq!(
+            text,
+            "the PKCS#11 module /tmp/crash.so crashed in C_Sign (signal 6, SIGABRT); restarted it"
+        );
+    }
+
+    #[test]
+    fn rsa_input_is_a_digest_info() {
+        let public = KeyData::Rsa(ssh_key::public::RsaPublicKey {
+            e: ssh_key::Mpint::from_positive_bytes(&[1, 0, 1]).unwrap(),
+            n: ssh_key::Mpint::from_positive_bytes(&[0xc1; 256]).unwrap(),
+        });
+        let request = SignRequest {
+            data: b"abc".to_vec(),
+            flags: token_agent_core::SignFlags::from_bits(
+                token_agent_core::SignFlags::RSA_SHA2_256,
+            ),
+        };
+        let (mechanism, input, _) = prepare(&public, &request).unwrap();
+        assert_eq!(mechanism, Mechanism::RsaPkcs);
+        assert_eq!(input.len(), 19 + 32);
+        assert_eq!(&input[..19], SHA256_PREFIX);
+    }
+}

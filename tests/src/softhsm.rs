@@ -1,0 +1,202 @@
+//! SoftHSM2 for tests: a private token directory per test, tokens made with
+//! `softhsm2-util`, keys with OpenSC's `pkcs11-tool`, and the misbehaving
+//! test modules of `tests/fixtures/pkcs11` compiled with gcc.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use tempfile::TempDir;
+
+use crate::check;
+
+/// SoftHSM's module.
+pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// The user PIN of every test token.
+pub const PIN: &str = "tok-pin-7359";
+
+/// The SO PIN of every test token.
+pub const SO_PIN: &str = "12345678";
+
+/// A key type pkcs11-tool can generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// RSA 2048.
+    Rsa2048,
+    /// ECDSA P-256.
+    P256,
+    /// ECDSA P-384.
+    P384,
+    /// Ed25519 (CKA_EC_PARAMS as the printable string "edwards25519").
+    Ed25519,
+}
+
+impl KeyKind {
+    /// Every kind.
+    pub const ALL: [KeyKind; 4] = [Self::Rsa2048, Self::P256, Self::P384, Self::Ed25519];
+
+    fn key_type(self) -> &'static str {
+        match self {
+            Self::Rsa2048 => "rsa:2048",
+            Self::P256 => "EC:prime256v1",
+            Self::P384 => "EC:secp384r1",
+            Self::Ed25519 => "EC:edwards25519",
+        }
+    }
+
+    /// The key's CKA_ID (hex) and CKA_LABEL on the token.
+    pub fn id_and_label(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Rsa2048 => ("01", "rsa-key"),
+            Self::P256 => ("02", "p256-key"),
+            Self::P384 => ("03", "p384-key"),
+            Self::Ed25519 => ("04", "ed25519-key"),
+        }
+    }
+
+    /// The SSH algorithm of the key.
+    pub fn algorithm(self) -> ssh_key::Algorithm {
+        use ssh_key::{Algorithm, EcdsaCurve};
+        match self {
+            Self::Rsa2048 => Algorithm::Rsa { hash: None },
+            Self::P256 => Algorithm::Ecdsa {
+                curve: EcdsaCurve::NistP256,
+            },
+            Self::P384 => Algorithm::Ecdsa {
+                curve: EcdsaCurve::NistP384,
+            },
+            Self::Ed25519 => Algorithm::Ed25519,
+        }
+    }
+}
+
+/// A SoftHSM configuration with its own token directory.
+#[derive(Debug)]
+pub struct SoftHsm {
+    dir: TempDir,
+    conf: PathBuf,
+}
+
+impl SoftHsm {
+    /// A fresh, empty SoftHSM.
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("softhsm-test").tempdir()?;
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens)?;
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )?;
+        Ok(Self { dir, conf })
+    }
+
+    /// The configuration file (SOFTHSM2_CONF).
+    pub fn conf(&self) -> &Path {
+        &self.conf
+    }
+
+    /// A directory for the test's own files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The environment that points SoftHSM at this configuration.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![("SOFTHSM2_CONF".to_owned(), self.conf.display().to_string())]
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command.env("SOFTHSM2_CONF", &self.conf);
+        command
+    }
+
+    /// Makes a token `label` with [`PIN`] and [`SO_PIN`] and keys of `kinds`.
+    pub fn token(&self, label: &str, kinds: &[KeyKind]) -> anyhow::Result<()> {
+        check(
+            self.command("softhsm2-util")
+                .args(["--init-token", "--free", "--label", label, "--pin", PIN])
+                .args(["--so-pin", SO_PIN])
+                .output()
+                .context("cannot run softhsm2-util (install softhsm2)")?,
+            "softhsm2-util --init-token",
+        )?;
+        for kind in kinds {
+            self.keygen(label, *kind)?;
+        }
+        Ok(())
+    }
+
+    /// Generates a key pair of `kind` on token `label`.
+    pub fn keygen(&self, label: &str, kind: KeyKind) -> anyhow::Result<()> {
+        let (id, key_label) = kind.id_and_label();
+        check(
+            self.command("pkcs11-tool")
+                .args(["--module", MODULE, "--token-label", label, "--keypairgen"])
+                .args([
+                    "--key-type",
+                    kind.key_type(),
+                    "--id",
+                    id,
+                    "--label",
+                    key_label,
+                ])
+                .args(["--login", "--pin", PIN])
+                .output()
+                .context("cannot run pkcs11-tool (install opensc)")?,
+            "pkcs11-tool --keypairgen",
+        )?;
+        Ok(())
+    }
+
+    /// Deletes token `label`, as if it were pulled out.
+    pub fn delete_token(&self, label: &str) -> anyhow::Result<()> {
+        check(
+            self.command("softhsm2-util")
+                .args(["--delete-token", "--token", label])
+                .output()?,
+            "softhsm2-util --delete-token",
+        )?;
+        Ok(())
+    }
+}
+
+/// How a test module misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shim {
+    /// C_Sign aborts (SIGABRT).
+    Crash,
+    /// C_Sign never returns.
+    Hang,
+    /// The user PIN is locked.
+    Locked,
+}
+
+/// Compiles `tests/fixtures/pkcs11/shim.c` in `mode` into `dir`, forwarding to
+/// SoftHSM with the tokens of `softhsm`.
+pub fn build_shim(dir: &Path, mode: Shim, softhsm: &SoftHsm) -> anyhow::Result<PathBuf> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pkcs11/shim.c");
+    let (define, name) = match mode {
+        Shim::Crash => ("-DSHIM_CRASH", "libcrash-pkcs11.so"),
+        Shim::Hang => ("-DSHIM_HANG", "libhang-pkcs11.so"),
+        Shim::Locked => ("-DSHIM_LOCKED", "liblocked-pkcs11.so"),
+    };
+    let output = dir.join(name);
+    check(
+        Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O1", define])
+            .arg(format!("-DSHIM_CONF=\"{}\"", softhsm.conf().display()))
+            .arg("-o")
+            .arg(&output)
+            .arg(&source)
+            .output()
+            .context("cannot run gcc")?,
+        "gcc shim.c",
+    )?;
+    Ok(output)
+}

@@ -1,0 +1,111 @@
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use token_agent_e2e::check;
+use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
+
+use crate::{add_provider, sign_and_verify, start_agent, try_sign, wait_listed};
+
+/// An agent serving a configured SoftHSM token "good" and the token "bad"
+/// of a second SoftHSM behind a shim that misbehaves as `mode` says.
+fn agent_with_shim(
+    mode: Shim,
+) -> anyhow::Result<(
+    token_agent_e2e::agent::Agent,
+    SoftHsm,
+    SoftHsm,
+    tempfile::TempDir,
+)> {
+    let good = SoftHsm::new()?;
+    good.token("good", &[KeyKind::P256])?;
+    let bad = SoftHsm::new()?;
+    bad.token("bad", &[KeyKind::P256])?;
+    let modules = tempfile::Builder::new()
+        .prefix("pkcs11-modules")
+        .tempdir()?;
+    let shim = build_shim(modules.path(), mode, &bad)?;
+    let allow = format!("/usr/lib*/*,{}/*", modules.path().display());
+    let config = format!(
+        "[pkcs11]\ntimeout_seconds = 3\npoll_interval_ms = 300\n\
+         [[pkcs11.modules]]\npath = \"{MODULE}\"\n"
+    );
+    let agent = start_agent(&good, &["-P", &allow], &config, PIN)?;
+    wait_listed(&agent, 1, Duration::from_secs(20))?;
+    check(add_provider(&agent, &shim, PIN)?, "ssh-add -s shim")?;
+    wait_listed(&agent, 2, Duration::from_secs(5))?;
+    Ok((agent, good, bad, modules))
+}
+
+fn line(listed: &[String], suffix: &str) -> String {
+    listed
+        .iter()
+        .find(|l| l.ends_with(suffix))
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_module_that_crashes_in_c_sign_costs_only_its_helper() -> anyhow::Result<()> {
+    let (mut agent, _good, _bad, _modules) = agent_with_shim(Shim::Crash)?;
+    let listed = agent.listed()?;
+    let bad = line(&listed, "bad: p256-key");
+    for round in 0..2 {
+        let output = try_sign(&agent, &bad, &format!("crash{round}"))?;
+        assert!(!output.status.success());
+        assert!(agent.alive(), "the agent died");
+    }
+    let log = agent.log_text();
+    assert!(
+        log.contains("crashed in C_Sign (signal 6, SIGABRT); restarted it"),
+        "{log}"
+    );
+    // The crashing module's key is still listed, and the other token signs.
+    assert_eq!(agent.listed()?.len(), 2);
+    sign_and_verify(&agent, &line(&listed, "good: p256-key"), "good")?;
+    Ok(())
+}
+
+#[test]
+fn a_module_that_hangs_in_c_sign_is_killed_after_the_time_limit() -> anyhow::Result<()> {
+    let (mut agent, _good, _bad, _modules) = agent_with_shim(Shim::Hang)?;
+    let listed = agent.listed()?;
+    let bad = line(&listed, "bad: p256-key");
+    let public = agent.dir().join("hang.pub");
+    std::fs::write(&public, format!("{bad}\n"))?;
+    let message = agent.dir().join("hang.txt");
+    std::fs::write(&message, "message\n")?;
+    let started = Instant::now();
+    let mut held = agent
+        .command("ssh-keygen")
+        .args(["-Y", "sign", "-n", "file", "-f"])
+        .arg(&public)
+        .arg(&message)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    // While the signature hangs, listing answers at once and the other token signs.
+    std::thread::sleep(Duration::from_millis(500));
+    let list_started = Instant::now();
+    assert_eq!(agent.listed()?.len(), 2);
+    assert!(
+        list_started.elapsed() < Duration::from_secs(1),
+        "listing took {:?}",
+        list_started.elapsed()
+    );
+    sign_and_verify(&agent, &line(&listed, "good: p256-key"), "good")?;
+    let status = held.wait()?;
+    assert!(!status.success());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    assert!(agent.alive());
+    let log = agent.log_text();
+    assert!(
+        log.contains("did not answer C_Sign within 3 s; killed it; restarted it"),
+        "{log}"
+    );
+    assert_eq!(agent.listed()?.len(), 2);
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! End-to-end tests of the PKCS#11 backend against SoftHSM2, a real PKCS#11
+//! module, and small misbehaving modules built from tests/fixtures/pkcs11.
+
+// The shared backend conformance suite, with the backend in this process.
+mod conformance;
+// ssh-add -s / -e / -D through the real ssh-add, signatures, sshd logins, PINs.
+mod providers;
+// Who may load a provider: the -P allowlist and forwarded connections.
+mod policy;
+// Tokens deleted and made again while the agent runs.
+mod hotplug;
+// Modules that crash or hang in C_Sign: the agent survives and says so.
+mod isolation;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use token_agent_e2e::agent::{Agent, AgentOptions};
+use token_agent_e2e::softhsm::SoftHsm;
+use token_agent_e2e::{check, wait_for, write_script};
+
+/// An askpass program that prints `pin`.
+fn askpass(dir: &Path, pin: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("askpass-{}", pin.len()));
+    write_script(&path, &format!("echo '{pin}'"))?;
+    Ok(path)
+}
+
+/// `ssh-add -s module`, answering ssh-add's PIN question with `pin` through SSH_ASKPASS.
+fn add_provider(agent: &Agent, module: &Path, pin: &str) -> anyhow::Result<Output> {
+    let program = askpass(agent.dir(), pin)?;
+    Ok(agent
+        .command("ssh-add")
+        .arg("-s")
+        .arg(module)
+        .env("SSH_ASKPASS", program)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .output()?)
+}
+
+/// Starts token-agent with SoftHSM's configuration, PINs asked through an
+/// askpass program that answers `pin`, trace logging, `args` and `config`.
+fn start_agent(hsm: &SoftHsm, args: &[&str], config: &str, pin: &str) -> anyhow::Result<Agent> {
+    let program = askpass(hsm.dir(), pin)?;
+    let mut env = hsm.env();
+    env.push(("SSH_ASKPASS".into(), program.display().to_string()));
+    env.push(("SSH_ASKPASS_REQUIRE".into(), "force".into()));
+    env.push(("TOKEN_AGENT_LOG".into(), "trace".into()));
+    Agent::start(AgentOptions {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        env,
+        config: Some(format!("[prompt]\npin_prompt = \"askpass\"\n{config}")),
+    })
+}
+
+/// Waits until `ssh-add -L` lists exactly `count` keys, returning them.
+fn wait_listed(agent: &Agent, count: usize, limit: Duration) -> anyhow::Result<Vec<String>> {
+    let mut last = Vec::new();
+    let listed = wait_for(limit, || {
+        last = agent.listed().unwrap_or_default();
+        last.len() == count
+    });
+    anyhow::ensure!(
+        listed,
+        "expected {count} keys, the agent lists {last:?}\n{}",
+        agent.log_text()
+    );
+    Ok(last)
+}
+
+/// Signs a message with the listed key `line` through the agent
+/// (`ssh-keygen -Y sign`) and verifies it (`ssh-keygen -Y verify`).
+fn sign_and_verify(agent: &Agent, line: &str, name: &str) -> anyhow::Result<()> {
+    let public = agent.dir().join(format!("{name}.pub"));
+    std::fs::write(&public, format!("{line}\n"))?;
+    let message = agent.dir().join(format!("{name}.txt"));
+    std::fs::write(&message, format!("message for {name}\n"))?;
+    let _ = std::fs::remove_file(message.with_extension("txt.sig"));
+    check(
+        agent
+            .command("ssh-keygen")
+            .args(["-Y", "sign", "-n", "file", "-f"])
+            .arg(&public)
+            .arg(&message)
+            .output()?,
+        &format!("ssh-keygen -Y sign with {name}"),
+    )?;
+    let signers = agent.dir().join(format!("{name}.signers"));
+    std::fs::write(&signers, format!("tester {line}\n"))?;
+    check(
+        std::process::Command::new("ssh-keygen")
+            .args(["-Y", "verify", "-n", "file", "-I", "tester", "-f"])
+            .arg(&signers)
+            .arg("-s")
+            .arg(message.with_extension("txt.sig"))
+            .stdin(std::fs::File::open(&message)?)
+            .output()?,
+        &format!("ssh-keygen -Y verify for {name}"),
+    )?;
+    Ok(())
+}
+
+/// Runs `ssh-keygen -Y sign` with the listed key `line`; returns its output, success or not.
+fn try_sign(agent: &Agent, line: &str, name: &str) -> anyhow::Result<Output> {
+    let public = agent.dir().join(format!("{name}.pub"));
+    std::fs::write(&public, format!("{line}\n"))?;
+    let message = agent.dir().join(format!("{name}.txt"));
+    std::fs::write(&message, "message\n")?;
+    let _ = std::fs::remove_file(message.with_extension("txt.sig"));
+    Ok(agent
+        .command("ssh-keygen")
+        .args(["-Y", "sign", "-n", "file", "-f"])
+        .arg(&public)
+        .arg(&message)
+        .output()?)
+}

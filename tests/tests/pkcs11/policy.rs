@@ -1,0 +1,107 @@
+use std::path::Path;
+
+use signature::Signer;
+use ssh_encoding::Encode;
+use token_agent_e2e::agent::keygen;
+use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
+use token_agent_e2e::wire::{RawClient, FAILURE, SUCCESS};
+
+use crate::{add_provider, start_agent};
+
+/// SSH_AGENTC_ADD_SMARTCARD_KEY.
+const ADD_SMARTCARD_KEY: u8 = 20;
+/// SSH_AGENTC_EXTENSION.
+const EXTENSION: u8 = 27;
+
+fn string(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// A session-bind@openssh.com request signed by a fresh ed25519 host key.
+fn session_bind(dir: &Path, forwarded: bool) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join("host_key");
+    keygen(&path, "ed25519", "host")?;
+    let host = ssh_key::PrivateKey::read_openssh_file(&path)?;
+    let session_id = [0x5au8; 32];
+    let signature: ssh_key::Signature = host.try_sign(&session_id)?;
+    let mut key_blob = Vec::new();
+    host.public_key().key_data().encode(&mut key_blob)?;
+    let mut signature_blob = Vec::new();
+    signature.encode(&mut signature_blob)?;
+    let mut body = vec![EXTENSION];
+    string(&mut body, b"session-bind@openssh.com");
+    string(&mut body, &key_blob);
+    string(&mut body, &session_id);
+    string(&mut body, &signature_blob);
+    body.push(u8::from(forwarded));
+    Ok(body)
+}
+
+fn add_smartcard(provider: &str, pin: &str) -> Vec<u8> {
+    let mut body = vec![ADD_SMARTCARD_KEY];
+    string(&mut body, provider.as_bytes());
+    string(&mut body, pin.as_bytes());
+    body
+}
+
+#[test]
+fn a_module_outside_the_allowlist_is_refused() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("erin", &[KeyKind::P256])?;
+    let modules = tempfile::Builder::new()
+        .prefix("pkcs11-modules")
+        .tempdir()?;
+    let shim = build_shim(modules.path(), Shim::Crash, &hsm)?;
+    // OpenSSH's default list: /usr/lib*/*,/usr/local/lib*/*.
+    let agent = start_agent(&hsm, &[], "", PIN)?;
+    let output = add_provider(&agent, &shim, PIN)?;
+    assert!(!output.status.success());
+    let log = agent.log_text();
+    assert!(log.contains("is not in the allowlist"), "{log}");
+    // A symbolic link inside an allowed directory is judged by its target.
+    let link = modules.path().join("link.so");
+    std::os::unix::fs::symlink(&shim, &link)?;
+    let agent = start_agent(&hsm, &["-P", "/usr/lib*/*,/nowhere/*"], "", PIN)?;
+    assert!(!add_provider(&agent, &link, PIN)?.status.success());
+    assert!(agent.listed()?.is_empty());
+    // Named by -P, it loads.
+    let allow = format!("{}/*", modules.path().display());
+    let agent = start_agent(&hsm, &["-P", &allow], "", PIN)?;
+    assert!(add_provider(&agent, &shim, PIN)?.status.success());
+    assert_eq!(agent.listed()?.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_provider_request_over_a_forwarded_connection_is_refused() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("frank", &[KeyKind::P256])?;
+    let agent = start_agent(&hsm, &[], "", PIN)?;
+    let mut client = RawClient::connect(agent.socket())?;
+    let reply = client.request(&session_bind(agent.dir(), true)?)?;
+    assert_eq!(reply.as_deref(), Some(&[SUCCESS][..]));
+    let reply = client.request(&add_smartcard(MODULE, PIN))?;
+    assert_eq!(reply.as_deref(), Some(&[FAILURE][..]));
+    let log = agent.log_text();
+    assert!(
+        log.contains("requested over a forwarded connection"),
+        "{log}"
+    );
+    assert!(agent.listed()?.is_empty());
+    // A local connection may load it.
+    let mut local = RawClient::connect(agent.socket())?;
+    let reply = local.request(&add_smartcard(MODULE, PIN))?;
+    assert_eq!(reply.as_deref(), Some(&[SUCCESS][..]));
+    assert_eq!(agent.listed()?.len(), 1);
+
+    // -O allow-remote-pkcs11 allows it, as in OpenSSH.
+    let agent = start_agent(&hsm, &["-O", "allow-remote-pkcs11"], "", PIN)?;
+    let mut client = RawClient::connect(agent.socket())?;
+    let reply = client.request(&session_bind(agent.dir(), true)?)?;
+    assert_eq!(reply.as_deref(), Some(&[SUCCESS][..]));
+    let reply = client.request(&add_smartcard(MODULE, PIN))?;
+    assert_eq!(reply.as_deref(), Some(&[SUCCESS][..]));
+    assert_eq!(agent.listed()?.len(), 1);
+    Ok(())
+}

@@ -1,0 +1,118 @@
+use std::path::Path;
+use std::time::Duration;
+
+use token_agent_e2e::openssh::Sshd;
+use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
+use token_agent_e2e::{check, stderr, stdout};
+
+use crate::{add_provider, sign_and_verify, start_agent, wait_listed};
+
+#[test]
+fn ssh_add_s_loads_two_tokens_signs_and_logs_in_to_sshd() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("alice", &KeyKind::ALL)?;
+    hsm.token("bob", &[KeyKind::P256, KeyKind::Rsa2048])?;
+    let agent = start_agent(&hsm, &[], "", "unused")?;
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    let listed = wait_listed(&agent, 6, Duration::from_secs(5))?;
+    for comment in [
+        "alice: rsa-key",
+        "alice: p256-key",
+        "alice: p384-key",
+        "alice: ed25519-key",
+        "bob: p256-key",
+        "bob: rsa-key",
+    ] {
+        assert!(
+            listed.iter().any(|l| l.ends_with(comment)),
+            "{comment} not in {listed:?}"
+        );
+    }
+    assert!(listed.iter().any(|l| l.starts_with("ssh-ed25519 ")));
+    for (index, line) in listed.iter().enumerate() {
+        sign_and_verify(&agent, line, &format!("key{index}"))?;
+    }
+
+    // A login to sshd through the RSA and the Ed25519 key of alice.
+    for wanted in ["alice: rsa-key", "alice: ed25519-key"] {
+        let line = listed
+            .iter()
+            .find(|l| l.ends_with(wanted))
+            .cloned()
+            .unwrap_or_default();
+        let sshd = Sshd::start(&format!("{line}\n"), None)?;
+        let login = sshd.login(&agent)?;
+        assert!(
+            stdout(&login).contains("logged-in"),
+            "{wanted}: {}\n{}",
+            stderr(&login),
+            sshd.log_text()
+        );
+    }
+
+    // The PIN never reaches the log, not even at trace level.
+    let log = agent.log_text();
+    assert!(log.contains("loaded PKCS#11 provider"), "{log}");
+    assert!(!log.contains(PIN), "the PIN is in the log:\n{log}");
+
+    // ssh-add -e unloads it; ssh-add -D unloads runtime providers too.
+    check(agent.ssh_add(["-e", MODULE])?, "ssh-add -e")?;
+    wait_listed(&agent, 0, Duration::from_secs(5))?;
+    check(
+        add_provider(&agent, Path::new(MODULE), PIN)?,
+        "ssh-add -s again",
+    )?;
+    wait_listed(&agent, 6, Duration::from_secs(5))?;
+    check(agent.ssh_add(["-D"])?, "ssh-add -D")?;
+    wait_listed(&agent, 0, Duration::from_secs(5))?;
+    Ok(())
+}
+
+#[test]
+fn a_wrong_pin_from_ssh_add_is_refused_and_not_retried() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("carol", &[KeyKind::P256])?;
+    let agent = start_agent(&hsm, &[], "", "unused")?;
+    let output = add_provider(&agent, Path::new(MODULE), "not-the-pin")?;
+    assert!(!output.status.success());
+    let log = agent.log_text();
+    assert!(log.contains("PIN incorrect for carol #"), "{log}");
+    assert_eq!(log.matches("PKCS#11 login failed").count(), 1, "{log}");
+    assert!(agent.listed()?.is_empty());
+    // Nothing stayed loaded: the right PIN works next.
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    let listed = wait_listed(&agent, 1, Duration::from_secs(5))?;
+    sign_and_verify(&agent, &listed[0], "carol")?;
+    Ok(())
+}
+
+#[test]
+fn a_locked_pin_is_reported_as_blocked() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("dave", &[KeyKind::P256])?;
+    let modules = tempfile::Builder::new()
+        .prefix("pkcs11-modules")
+        .tempdir()?;
+    let locked = build_shim(modules.path(), Shim::Locked, &hsm)?;
+    let allow = format!("/usr/lib*/*,{}/*", modules.path().display());
+    let agent = start_agent(&hsm, &["-P", &allow], "", PIN)?;
+    let output = add_provider(&agent, &locked, PIN)?;
+    assert!(!output.status.success());
+    let log = agent.log_text();
+    assert!(log.contains("the PIN of dave #"), "{log}");
+    assert!(
+        log.contains("is blocked; unblock it with the token's SO PIN"),
+        "{log}"
+    );
+    // Loaded without a PIN, its keys list, and signing says blocked without asking.
+    check(
+        add_provider(&agent, &locked, "")?,
+        "ssh-add -s without a PIN",
+    )?;
+    let listed = wait_listed(&agent, 1, Duration::from_secs(5))?;
+    let output = crate::try_sign(&agent, &listed[0], "dave")?;
+    assert!(!output.status.success());
+    let log = agent.log_text();
+    assert!(log.matches("is blocked").count() >= 2, "{log}");
+    Ok(())
+}
