@@ -1,0 +1,503 @@
+//! One worker thread per card: it owns the card's `YubiKey` handle and its
+//! cached PIN, and runs one job at a time from its queue, so a card never sees
+//! two operations at once while different cards sign in parallel.
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use token_agent_core::{DeviceInfo, Notice, Prompter};
+use tokio::sync::oneshot;
+use yubikey::certificate::Certificate;
+use yubikey::piv::{self, ManagementAlgorithmId, ManagementSlotId, SlotId};
+use yubikey::YubiKey;
+
+use crate::pin::{pin_bytes, BadPin, PinCache};
+use crate::slot::{ssh_public_key, KeyAlgorithm, PinUse, Slot, SlotKey, TouchUse};
+
+/// A YubiKey refuses an operation that waited 15 seconds for a touch with
+/// 6985, which the `yubikey` crate reports as a generic error, as it does a
+/// transmit cut by the card's removal. So a generic error is first checked by
+/// reconnecting: a card still there that failed after at least this long on a
+/// slot with a touch policy timed out waiting for the touch (nothing else makes
+/// the card wait).
+const TOUCH_WAIT: Duration = Duration::from_millis(900);
+
+/// How long a freshly inserted card may take to accept a connection: pcscd
+/// reports it present before it has powered it up.
+const OPEN_PATIENCE: Duration = Duration::from_secs(3);
+
+/// A card the backend has opened and scanned.
+#[derive(Debug)]
+pub(crate) struct Card {
+    pub(crate) serial: u32,
+    pub(crate) device: DeviceInfo,
+    pub(crate) keys: Vec<SlotKey>,
+    jobs: Sender<Job>,
+    /// Held by a sign request from its first job to its last, so that the PIN
+    /// asked in between is used for that request and two requests do not both ask.
+    pub(crate) session: tokio::sync::Mutex<()>,
+}
+
+impl Card {
+    /// Runs `job` on the card's worker and waits for its answer.
+    pub(crate) async fn sign(&self, job: SignJob) -> Result<Vec<u8>, CardError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Sign(Box::new(job), reply))
+            .map_err(|_| CardError::Removed)?;
+        // The worker is gone (the card was pulled) when the reply is dropped.
+        answer.await.unwrap_or(Err(CardError::Removed))
+    }
+
+    /// Tells the worker to forget the cached PIN and the card's PIN state.
+    pub(crate) fn forget(&self) {
+        let _ = self.jobs.send(Job::Forget);
+    }
+}
+
+/// One signature for the worker to make.
+pub(crate) struct SignJob {
+    pub(crate) slot: Slot,
+    pub(crate) algorithm: KeyAlgorithm,
+    pub(crate) pin_use: PinUse,
+    pub(crate) touch: TouchUse,
+    /// The digest or padded block the card signs.
+    pub(crate) input: Vec<u8>,
+    /// A PIN the person just typed, to verify before signing.
+    pub(crate) pin: Option<SecretString>,
+    /// Raised while the card waits for a touch.
+    pub(crate) notice: Option<(Arc<dyn Prompter>, Notice)>,
+}
+
+/// Why a job failed, in the card's terms; the backend turns it into a core error.
+#[derive(Debug)]
+pub(crate) enum CardError {
+    /// The key needs the PIN and none is cached (or it must not be used).
+    NeedPin {
+        tries: Option<u8>,
+        /// A cached PIN was not used because one try is left.
+        cache_skipped: bool,
+    },
+    WrongPin {
+        tries: u8,
+    },
+    Blocked,
+    BadPin(BadPin),
+    Removed,
+    TouchTimeout,
+    /// The card was reset by another program (internal: the worker reconnects).
+    Reset,
+    /// A failure that may mean the card left (a PC/SC error, or the generic
+    /// error the `yubikey` crate reports for a transmit cut half-way, and for
+    /// a touch that never came). Internal: the worker checks whether the card
+    /// is still there.
+    Unclear {
+        message: String,
+        /// The card waited long enough for this to be a touch timeout.
+        touch_waited: bool,
+    },
+    Card(String),
+}
+
+enum Job {
+    Sign(Box<SignJob>, oneshot::Sender<Result<Vec<u8>, CardError>>),
+    Forget,
+}
+
+/// Opens the card in `reader`, scans its slots and starts its worker. Blocks
+/// for the scan; call it on a thread of its own.
+pub(crate) fn open(reader: &str, pin_idle: Duration) -> Result<Card, String> {
+    let deadline = Instant::now() + OPEN_PATIENCE;
+    let mut yubikey = loop {
+        match open_reader(reader) {
+            Ok(yubikey) => break yubikey,
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let serial = yubikey.serial().0;
+    let device = device_info(&yubikey);
+    let keys = scan(&mut yubikey);
+    let (jobs, queue) = mpsc::channel();
+    let worker = Worker {
+        reader: reader.to_owned(),
+        serial,
+        device: device.clone(),
+        yubikey: Some(yubikey),
+        cache: PinCache::new(pin_idle),
+        verified: false,
+    };
+    thread::Builder::new()
+        .name(format!("piv {serial}"))
+        .spawn(move || worker.run(&queue))
+        .map_err(|e| format!("cannot start a worker thread: {e}"))?;
+    Ok(Card {
+        serial,
+        device,
+        keys,
+        jobs,
+        session: tokio::sync::Mutex::new(()),
+    })
+}
+
+/// "YubiKey 5 #12345678".
+pub(crate) fn device_info(yubikey: &YubiKey) -> DeviceInfo {
+    let serial = yubikey.serial().0;
+    let label = match yubikey.version().major {
+        0 => format!("YubiKey #{serial}"),
+        major => format!("YubiKey {major} #{serial}"),
+    };
+    DeviceInfo::new(label).with_serial(serial.to_string())
+}
+
+/// Connects to the card in the reader named `reader` (shared mode: other
+/// programs keep using the card, and each operation runs in a PC/SC transaction).
+pub(crate) fn open_reader(reader: &str) -> Result<YubiKey, String> {
+    let mut context = yubikey::reader::Context::open().map_err(|e| e.to_string())?;
+    let readers = context.iter().map_err(|e| e.to_string())?;
+    for candidate in readers {
+        if candidate.name() == reader {
+            return candidate
+                .open()
+                .map_err(|e| format!("{reader}: not a YubiKey PIV card, or not ready ({e})"));
+        }
+    }
+    Err(format!("no reader named {reader}"))
+}
+
+/// Lets go of the card without resetting it (dropping a `YubiKey` resets the
+/// card, which would log every other program out of it).
+pub(crate) fn release(yubikey: YubiKey) {
+    if let Err((yubikey, e)) = yubikey.disconnect(pcsc::Disposition::LeaveCard) {
+        tracing::debug!(error = %e, "could not leave the card politely");
+        drop(yubikey);
+    }
+}
+
+/// Reads every key slot: metadata for the algorithm, policies and (without a
+/// certificate) the public key; the certificate for the public key when present.
+pub(crate) fn scan(yubikey: &mut YubiKey) -> Vec<SlotKey> {
+    let mut keys = Vec::new();
+    let mut has_metadata = true;
+    for slot in Slot::all() {
+        let metadata = if has_metadata {
+            match piv::metadata(yubikey, slot.id()) {
+                Ok(metadata) => Some(metadata),
+                // Firmware before 5.3 has no GET METADATA: certificates only.
+                Err(yubikey::Error::NotSupported) => {
+                    has_metadata = false;
+                    None
+                }
+                // 6A82: the slot is empty.
+                Err(_) => continue,
+            }
+        } else {
+            None
+        };
+        let certificate = Certificate::read(yubikey, slot.id()).ok();
+        let from_cert = certificate
+            .as_ref()
+            .and_then(|c| ssh_public_key(&c.cert.tbs_certificate.subject_public_key_info));
+        let from_metadata = metadata
+            .as_ref()
+            .and_then(|m| m.public.as_ref())
+            .and_then(ssh_public_key);
+        let has_certificate = from_cert.is_some();
+        let Some((algorithm, public_key)) = from_cert.or(from_metadata) else {
+            continue;
+        };
+        if let Some(ManagementAlgorithmId::Asymmetric(id)) = metadata.as_ref().map(|m| m.algorithm)
+        {
+            if KeyAlgorithm::from_id(id) != algorithm {
+                tracing::warn!(%slot, "the certificate in slot {slot} is not for the slot's key; skipped");
+                continue;
+            }
+        }
+        let (pin, touch) = match metadata.as_ref().and_then(|m| m.policy) {
+            Some((pin, touch)) => (PinUse::from_policy(pin, slot), TouchUse::from_policy(touch)),
+            None => (PinUse::default_for(slot), TouchUse::Never),
+        };
+        keys.push(SlotKey {
+            slot,
+            algorithm,
+            public_key,
+            pin,
+            touch,
+            has_certificate,
+        });
+    }
+    keys
+}
+
+/// PIN tries left, without touching the PIN's verified state (GET METADATA on
+/// the PIN; older cards fall back to an empty VERIFY after a re-select).
+pub(crate) fn pin_tries(yubikey: &mut YubiKey) -> Result<u8, yubikey::Error> {
+    match piv::metadata(yubikey, SlotId::Management(ManagementSlotId::Pin)) {
+        Ok(metadata) => metadata
+            .retries
+            .map(|r| r.remaining_count)
+            .ok_or(yubikey::Error::ParseError),
+        Err(yubikey::Error::NotSupported) => yubikey.get_pin_retries(),
+        Err(e) => Err(e),
+    }
+}
+
+/// PUK tries left, when the card says (GET METADATA on the PUK).
+pub(crate) fn puk_tries(yubikey: &mut YubiKey) -> Option<u8> {
+    piv::metadata(yubikey, SlotId::Management(ManagementSlotId::Puk))
+        .ok()
+        .and_then(|m| m.retries)
+        .map(|r| r.remaining_count)
+}
+
+struct Worker {
+    reader: String,
+    serial: u32,
+    device: DeviceInfo,
+    yubikey: Option<YubiKey>,
+    cache: PinCache,
+    /// Whether the PIN was verified on this connection since it was opened.
+    verified: bool,
+}
+
+impl Worker {
+    fn run(mut self, queue: &Receiver<Job>) {
+        loop {
+            let job = match self.cache.deadline() {
+                Some(deadline) => {
+                    match queue.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout) => {
+                            if self.cache.expire() {
+                                tracing::info!(device = %self.device, "the cached PIN expired");
+                                self.unverify();
+                            }
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match queue.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            match job {
+                Job::Sign(job, reply) => {
+                    let result = self.sign(&job);
+                    let _ = reply.send(result);
+                }
+                Job::Forget => {
+                    self.cache.clear();
+                    if self.verified {
+                        self.unverify();
+                    }
+                }
+            }
+        }
+        self.cache.clear();
+        if let Some(yubikey) = self.yubikey.take() {
+            release(yubikey);
+        }
+        tracing::debug!(device = %self.device, "card worker stopped");
+    }
+
+    fn sign(&mut self, job: &SignJob) -> Result<Vec<u8>, CardError> {
+        match self.try_sign(job) {
+            // Another program reset the card: reconnect by serial and go again once.
+            Err(CardError::Reset) => {
+                tracing::info!(device = %self.device, "the card was reset by another program; reconnecting");
+                // The reset logged the PIN out.
+                self.verified = false;
+                self.reconnect()?;
+                match self.try_sign(job) {
+                    Err(CardError::Reset) => Err(CardError::Card(
+                        "the card keeps being reset by another program".into(),
+                    )),
+                    other => other,
+                }
+            }
+            // A transmit that failed half-way (the card pulled while it
+            // worked, before pcscd's next presence probe) comes back as one
+            // of several PC/SC errors: whether the card is still there says
+            // which it was.
+            Err(CardError::Unclear {
+                message,
+                touch_waited,
+            }) => match self.reconnect() {
+                Err(_) => Err(CardError::Removed),
+                Ok(()) if touch_waited => Err(CardError::TouchTimeout),
+                Ok(()) => Err(CardError::Card(message)),
+            },
+            other => other,
+        }
+    }
+
+    fn try_sign(&mut self, job: &SignJob) -> Result<Vec<u8>, CardError> {
+        let mut verified_now = false;
+        if let Some(pin) = &job.pin {
+            self.verify(pin)?;
+            verified_now = true;
+        } else if job.pin_use == PinUse::Always {
+            // "Always" asks the person for every signature: that is what the
+            // policy is for, so the cached PIN is not used for it.
+            let tries = pin_tries(self.handle()?).map_err(card_error)?;
+            if tries == 0 {
+                return Err(CardError::Blocked);
+            }
+            return Err(CardError::NeedPin {
+                tries: Some(tries),
+                cache_skipped: false,
+            });
+        }
+        match self.raw_sign(job) {
+            Err(CardError::NeedPin { .. }) if job.pin_use != PinUse::Never && !verified_now => {
+                // PIN "once" and the card is not (or no longer) verified.
+                self.verify_cached()?;
+                self.raw_sign(job)
+            }
+            other => other,
+        }
+    }
+
+    fn handle(&mut self) -> Result<&mut YubiKey, CardError> {
+        if self.yubikey.is_none() {
+            self.reconnect()?;
+        }
+        self.yubikey.as_mut().ok_or(CardError::Removed)
+    }
+
+    /// Reconnects to this card by serial: on its reader first, else on any reader.
+    fn reconnect(&mut self) -> Result<(), CardError> {
+        if let Some(old) = self.yubikey.take() {
+            release(old);
+        }
+        let yubikey = match open_reader(&self.reader) {
+            Ok(yubikey) if yubikey.serial().0 == self.serial => yubikey,
+            Ok(other) => {
+                release(other);
+                return Err(CardError::Removed);
+            }
+            Err(_) => YubiKey::open_by_serial(yubikey::Serial(self.serial))
+                .map_err(|_| CardError::Removed)?,
+        };
+        self.yubikey = Some(yubikey);
+        Ok(())
+    }
+
+    /// Makes the card forget a verified PIN. A reset is the only way that
+    /// works on every firmware (a re-SELECT keeps it on some), and dropping the
+    /// handle also drops the copy of the PIN the `yubikey` crate keeps for its
+    /// own reconnects.
+    fn unverify(&mut self) {
+        if let Some(yubikey) = self.yubikey.take() {
+            if let Err((yubikey, e)) = yubikey.disconnect(pcsc::Disposition::ResetCard) {
+                tracing::debug!(error = %e, "could not reset the card");
+                drop(yubikey);
+            }
+        }
+        self.verified = false;
+    }
+
+    /// Verifies with the cached PIN, unless none is cached or only one try is left.
+    fn verify_cached(&mut self) -> Result<(), CardError> {
+        let tries = pin_tries(self.handle()?).map_err(card_error)?;
+        if tries == 0 {
+            self.cache.clear();
+            return Err(CardError::Blocked);
+        }
+        let cached = self.cache.is_set();
+        if cached && tries > 1 {
+            if let Some(pin) = self.cache.take_fresh() {
+                return self.verify(&pin);
+            }
+        }
+        Err(CardError::NeedPin {
+            tries: Some(tries),
+            cache_skipped: cached,
+        })
+    }
+
+    fn verify(&mut self, pin: &SecretString) -> Result<(), CardError> {
+        let bytes = pin_bytes(pin).map_err(CardError::BadPin)?;
+        let result = self.handle()?.verify_pin(&bytes);
+        match result {
+            Ok(()) => {
+                self.verified = true;
+                self.cache.store(pin.clone());
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    yubikey::Error::WrongPin { .. } | yubikey::Error::PinLocked
+                ) {
+                    // A rejected PIN is never tried again, cached or not.
+                    self.cache.clear();
+                }
+                match e {
+                    yubikey::Error::WrongPin { tries: 0 } | yubikey::Error::PinLocked => {
+                        Err(CardError::Blocked)
+                    }
+                    yubikey::Error::WrongPin { tries } => Err(CardError::WrongPin { tries }),
+                    other => Err(card_error(other)),
+                }
+            }
+        }
+    }
+
+    fn raw_sign(&mut self, job: &SignJob) -> Result<Vec<u8>, CardError> {
+        let yubikey = self.handle()?;
+        // Raised before the card starts waiting, withdrawn as soon as it answers.
+        let notice = job
+            .notice
+            .as_ref()
+            .filter(|_| job.touch.may_wait())
+            .map(|(prompter, notice)| prompter.notify(notice));
+        let started = Instant::now();
+        let result = piv::sign_data(yubikey, &job.input, job.algorithm.id(), job.slot.id());
+        drop(notice);
+        match result {
+            Ok(signature) => Ok(signature.to_vec()),
+            // 6982: security status not satisfied, the PIN is needed.
+            Err(yubikey::Error::AuthenticationError) => Err(CardError::NeedPin {
+                tries: None,
+                cache_skipped: false,
+            }),
+            Err(yubikey::Error::GenericError) => Err(CardError::Unclear {
+                message: "the card refused to sign".into(),
+                touch_waited: job.touch.may_wait() && started.elapsed() >= TOUCH_WAIT,
+            }),
+            Err(e) => Err(card_error(e)),
+        }
+    }
+}
+
+/// Sorts a `yubikey` error into removal, reset or a plain card failure.
+fn card_error(e: yubikey::Error) -> CardError {
+    match e {
+        yubikey::Error::PcscError { inner: Some(inner) } => match inner {
+            pcsc::Error::ResetCard => CardError::Reset,
+            pcsc::Error::RemovedCard
+            | pcsc::Error::NoSmartcard
+            | pcsc::Error::ReaderUnavailable
+            | pcsc::Error::UnknownReader
+            | pcsc::Error::UnpoweredCard
+            | pcsc::Error::UnresponsiveCard
+            | pcsc::Error::CommError
+            | pcsc::Error::NoService
+            | pcsc::Error::ServiceStopped
+            | pcsc::Error::InvalidHandle => CardError::Removed,
+            other => CardError::Unclear {
+                message: format!("PC/SC error: {other}"),
+                touch_waited: false,
+            },
+        },
+        yubikey::Error::WrongPin { tries } => CardError::WrongPin { tries },
+        yubikey::Error::PinLocked => CardError::Blocked,
+        other => CardError::Card(other.to_string()),
+    }
+}

@@ -1,0 +1,605 @@
+//! The PIV backend in this process, against piv-sim cards behind a private
+//! pcscd. Each test starts its rig in the parent and does its PC/SC work in a
+//! child process (libpcsclite reads PCSCLITE_CSOCK_NAME once per process).
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use secrecy::SecretString;
+use ssh_key::{Algorithm, EcdsaCurve};
+use token_agent_core::{
+    Backend, Error, NoticeKind, PinRequest, SignContext, SignFlags, SignRequest,
+};
+use token_agent_e2e::conformance;
+use token_agent_e2e::pcsc::{control, READER_NAME};
+use token_agent_prompt::{Asked, Scripted, ScriptedAnswer};
+use yubikey::piv::AlgorithmId::{EccP256, EccP384, Rsa2048};
+use yubikey::PinPolicy;
+use yubikey::TouchPolicy;
+
+use crate::common::*;
+
+fn request(flags: u32) -> SignRequest {
+    SignRequest {
+        data: b"token-agent piv test".to_vec(),
+        flags: SignFlags::from_bits(flags),
+    }
+}
+
+fn pins(n: usize, pin: &str) -> Arc<Scripted> {
+    Arc::new(Scripted::new(std::iter::repeat_n(
+        ScriptedAnswer::Pin(pin.to_owned()),
+        n,
+    )))
+}
+
+fn pin_requests(prompter: &Scripted) -> Vec<PinRequest> {
+    prompter
+        .asked()
+        .into_iter()
+        .filter_map(|a| match a {
+            Asked::Pin(request) => Some(request),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn sign_ok(
+    started: &Started,
+    identity: &token_agent_core::Identity,
+    prompter: Arc<Scripted>,
+) -> Result<()> {
+    let request = request(SignFlags::RSA_SHA2_256);
+    let signature = started
+        .backend
+        .sign(identity.key(), &request, &SignContext::default(), prompter)
+        .await
+        .with_context(|| format!("signing with {}", identity.comment()))?;
+    conformance::verify(identity.public_key(), &request.data, &signature)
+}
+
+const TWO_A: u32 = 21_000_001;
+const TWO_B: u32 = 21_000_002;
+
+#[test]
+fn two_cards_are_listed_and_pass_the_conformance_suite() -> Result<()> {
+    if rig_or_child(
+        &[TWO_A, TWO_B],
+        "backend::two_cards_are_listed_and_pass_the_conformance_suite",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    provision(
+        TWO_A,
+        &[
+            (0x9a, EccP256, PinPolicy::Once, TouchPolicy::Never),
+            (0x9c, EccP384, PinPolicy::Always, TouchPolicy::Never),
+            (0x9d, Rsa2048, PinPolicy::Once, TouchPolicy::Never),
+        ],
+    )?;
+    provision(
+        TWO_B,
+        &[
+            (0x9a, EccP256, PinPolicy::Once, TouchPolicy::Never),
+            (0x9e, EccP256, PinPolicy::Never, TouchPolicy::Never),
+        ],
+    )?;
+    let started = start_backend(Duration::from_secs(600));
+    block_on(async {
+        wait_keys(&started.published, TWO_A, 3)?;
+        let all = wait_keys(&started.published, TWO_B, 2)?;
+        ensure!(all.len() == 5, "{:?}", comments(&all));
+        let a9a = identity(&all, TWO_A, "9a")?;
+        ensure!(
+            a9a.comment() == format!("YubiKey 5 #{TWO_A} slot 9a (PIV Authentication)"),
+            "{}",
+            a9a.comment()
+        );
+        ensure!(a9a.device().and_then(|d| d.serial()) == Some(&*TWO_A.to_string()));
+        conformance::lists_every_key_type(
+            &all,
+            &[
+                Algorithm::Ecdsa {
+                    curve: EcdsaCurve::NistP256,
+                },
+                Algorithm::Ecdsa {
+                    curve: EcdsaCurve::NistP384,
+                },
+                Algorithm::Rsa { hash: None },
+            ],
+        )?;
+
+        // A's 9a (once) and 9c (always) ask, A's 9d shares 9a's PIN, B's 9a
+        // asks once, B's 9e never does.
+        let prompter = pins(10, PIN);
+        conformance::signs_with_every_key(&*started.backend, &all, prompter.clone()).await?;
+        let asked = pin_requests(&prompter);
+        ensure!(asked.len() == 3, "the PIN was asked {} times", asked.len());
+        ensure!(asked.iter().all(|r| r.tries_left == Some(3)));
+        ensure!(
+            asked[0].description().contains(&format!(
+                "Enter the PIN of YubiKey 5 #{TWO_A} to use key YubiKey 5 #{TWO_A} slot 9a"
+            )),
+            "{}",
+            asked[0].description()
+        );
+
+        // SHA-1 only when asked for.
+        let a9d = identity(&all, TWO_A, "9d")?;
+        let legacy = started
+            .backend
+            .sign(
+                a9d.key(),
+                &request(0),
+                &SignContext::default(),
+                pins(1, PIN),
+            )
+            .await?;
+        ensure!(legacy.algorithm() == "ssh-rsa", "{}", legacy.algorithm());
+
+        // A wrong PIN: asked once, never retried; then the right one, asked
+        // with the tries left.
+        let tries =
+            conformance::wrong_pin_is_not_retried(&*started.backend, &a9a, "654321").await?;
+        ensure!(tries == Some(2), "tries left {tries:?}");
+        conformance::cancelled_pin_is_the_persons_choice(&*started.backend, &a9a).await?;
+        let right = pins(1, PIN);
+        sign_ok(&started, &a9a, right.clone()).await?;
+        ensure!(pin_requests(&right)[0].tries_left == Some(2));
+
+        // Card B goes; A stays; B comes back within the hot-plug limit.
+        let b9e = identity(&all, TWO_B, "9e")?;
+        conformance::device_gone(
+            &*started.backend,
+            &started.published,
+            &b9e,
+            || control("remove 1").map(drop),
+            HOTPLUG,
+        )
+        .await?;
+        ensure!(started.published.current().len() == 3);
+        let inserted = Instant::now();
+        control("insert 1")?;
+        wait_keys(&started.published, TWO_B, 2)?;
+        eprintln!("card B listed {:?} after insertion", inserted.elapsed());
+        sign_ok(&started, &b9e, pins(0, PIN)).await
+    })
+}
+
+const POLICIES: u32 = 21_000_011;
+
+#[test]
+fn pin_once_is_cached_until_idle_expiry_or_lock_and_always_asks_each_time() -> Result<()> {
+    if rig_or_child(
+        &[POLICIES],
+        "backend::pin_once_is_cached_until_idle_expiry_or_lock_and_always_asks_each_time",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    provision(
+        POLICIES,
+        &[
+            (0x9a, EccP256, PinPolicy::Once, TouchPolicy::Never),
+            (0x9c, EccP256, PinPolicy::Always, TouchPolicy::Never),
+        ],
+    )?;
+    let started = start_backend(Duration::from_secs(2));
+    block_on(async {
+        let all = wait_keys(&started.published, POLICIES, 2)?;
+        let once = identity(&all, POLICIES, "9a")?;
+        let always = identity(&all, POLICIES, "9c")?;
+        let prompter = pins(10, PIN);
+        let asked = |n: usize| -> Result<()> {
+            let got = pin_requests(&prompter).len();
+            ensure!(got == n, "the PIN was asked {got} times, expected {n}");
+            Ok(())
+        };
+        sign_ok(&started, &once, prompter.clone()).await?;
+        sign_ok(&started, &once, prompter.clone()).await?;
+        asked(1)?;
+        sign_ok(&started, &always, prompter.clone()).await?;
+        sign_ok(&started, &always, prompter.clone()).await?;
+        asked(3)?;
+        // The cached PIN expires after 2 s without use, and the card forgets it.
+        tokio::time::sleep(Duration::from_millis(2600)).await;
+        sign_ok(&started, &once, prompter.clone()).await?;
+        asked(4)?;
+        sign_ok(&started, &once, prompter.clone()).await?;
+        asked(4)?;
+        // Locking the agent forgets it too.
+        started.backend.forget_secrets();
+        sign_ok(&started, &once, prompter.clone()).await?;
+        asked(5)
+    })
+}
+
+const COUNTER: u32 = 21_000_021;
+
+/// Runs yubico-piv-tool with a wrong PIN; it resets the card when it leaves.
+fn wrong_pin_from_another_program() -> Result<()> {
+    let out = std::process::Command::new("yubico-piv-tool")
+        .args(["--reader", &format!("{READER_NAME} 00 00")])
+        .args(["-a", "verify-pin", "-P", "000000"])
+        .output()?;
+    ensure!(!out.status.success(), "a wrong PIN was accepted");
+    Ok(())
+}
+
+#[test]
+fn cached_pin_is_not_used_on_the_last_try_and_a_blocked_pin_says_how_to_unblock() -> Result<()> {
+    if rig_or_child(
+        &[COUNTER],
+        "backend::cached_pin_is_not_used_on_the_last_try_and_a_blocked_pin_says_how_to_unblock",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    provision(
+        COUNTER,
+        &[(0x9a, EccP256, PinPolicy::Once, TouchPolicy::Never)],
+    )?;
+    let started = start_backend(Duration::from_secs(600));
+    block_on(async {
+        let all = wait_keys(&started.published, COUNTER, 1)?;
+        let key = identity(&all, COUNTER, "9a")?;
+        let prompter = pins(1, PIN);
+        sign_ok(&started, &key, prompter.clone()).await?;
+
+        // Another program spends a try and resets the card: the agent
+        // reconnects by serial and uses its cached PIN (2 tries left).
+        wrong_pin_from_another_program()?;
+        sign_ok(&started, &key, prompter.clone()).await?;
+        ensure!(pin_requests(&prompter).len() == 1);
+
+        // Two wrong PINs elsewhere leave one try: the cached PIN is not used,
+        // the person is asked, with a warning.
+        wrong_pin_from_another_program()?;
+        wrong_pin_from_another_program()?;
+        let last = Arc::new(Scripted::new([ScriptedAnswer::Pin("000000".into())]));
+        let result = started
+            .backend
+            .sign(
+                key.key(),
+                &request(0),
+                &SignContext::default(),
+                last.clone(),
+            )
+            .await;
+        let asked = pin_requests(&last);
+        ensure!(asked.len() == 1, "asked {} times", asked.len());
+        ensure!(asked[0].tries_left == Some(1));
+        let warning = asked[0].warning.clone().unwrap_or_default();
+        ensure!(
+            warning.contains("Only one PIN try is left")
+                && warning.contains("saved PIN was not used"),
+            "{warning}"
+        );
+        let remedy = format!("token-agent piv unblock --serial {COUNTER}");
+        match result {
+            Err(Error::PinBlocked { remedy: r, .. }) if r.contains(&remedy) => {}
+            other => bail!("expected a blocked PIN, got {other:?}"),
+        }
+
+        // Blocked: fails at once, nobody is asked.
+        let nobody = Arc::new(Scripted::new([]));
+        let result = started
+            .backend
+            .sign(
+                key.key(),
+                &request(0),
+                &SignContext::default(),
+                nobody.clone(),
+            )
+            .await;
+        ensure!(
+            matches!(result, Err(Error::PinBlocked { .. })),
+            "{result:?}"
+        );
+        ensure!(nobody.asked().is_empty());
+
+        // The PUK sets a new PIN, which then works.
+        token_agent_piv::manage::unblock(
+            Some(COUNTER),
+            &SecretString::from(PUK),
+            &SecretString::from("234567"),
+        )?;
+        sign_ok(&started, &key, pins(1, "234567")).await
+    })
+}
+
+const TOUCH: u32 = 21_000_031;
+
+/// Polls the card's control status until it waits for a touch.
+async fn wait_for_blinking() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while control("waiting 0")? != "true" {
+        ensure!(
+            Instant::now() < deadline,
+            "the card never waited for a touch"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[test]
+fn touch_notice_is_raised_while_the_card_waits_and_a_missing_touch_times_out() -> Result<()> {
+    if rig_or_child(
+        &[TOUCH],
+        "backend::touch_notice_is_raised_while_the_card_waits_and_a_missing_touch_times_out",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    provision(
+        TOUCH,
+        &[
+            (0x9e, EccP256, PinPolicy::Never, TouchPolicy::Always),
+            (0x9a, EccP256, PinPolicy::Never, TouchPolicy::Never),
+        ],
+    )?;
+    let started = Arc::new(start_backend(Duration::from_secs(600)));
+    block_on(async {
+        let all = wait_keys(&started.published, TOUCH, 2)?;
+        let key = identity(&all, TOUCH, "9e")?;
+        let plain = identity(&all, TOUCH, "9a")?;
+        control("touch-mode manual 0")?;
+        let prompter = Arc::new(Scripted::new([]));
+        let signing = {
+            let (started, key, prompter) = (started.clone(), key.clone(), prompter.clone());
+            tokio::spawn(async move { sign_ok(&started, &key, prompter).await })
+        };
+        wait_for_blinking().await?;
+        ensure!(
+            prompter.active_notices() == 1,
+            "no notice while the card blinks"
+        );
+        let notice = prompter.asked().into_iter().find_map(|a| match a {
+            Asked::Notice(n) => Some(n),
+            _ => None,
+        });
+        ensure!(notice.is_some_and(|n| n.kind == NoticeKind::Touch
+            && n.description()
+                .starts_with(&format!("Touch YubiKey 5 #{TOUCH}"))));
+        control("touch 0")?;
+        signing.await??;
+        ensure!(prompter.active_notices() == 0, "the notice stayed up");
+        // A key without a touch policy raises no notice.
+        let quiet = Arc::new(Scripted::new([]));
+        sign_ok(&started, &plain, quiet.clone()).await?;
+        ensure!(quiet.asked().is_empty());
+
+        control("touch-timeout 1 0")?;
+        control("touch-mode never 0")?;
+        let result = started
+            .backend
+            .sign(
+                key.key(),
+                &request(0),
+                &SignContext::default(),
+                prompter.clone(),
+            )
+            .await;
+        ensure!(
+            matches!(result, Err(Error::TouchTimeout { .. })),
+            "{result:?}"
+        );
+        ensure!(prompter.active_notices() == 0);
+        Ok(())
+    })
+}
+
+const REMOVAL: u32 = 21_000_041;
+
+#[test]
+fn card_removed_in_the_middle_of_a_signature_fails_fast_and_comes_back() -> Result<()> {
+    if rig_or_child(
+        &[REMOVAL],
+        "backend::card_removed_in_the_middle_of_a_signature_fails_fast_and_comes_back",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    provision(
+        REMOVAL,
+        &[(0x9e, EccP256, PinPolicy::Never, TouchPolicy::Always)],
+    )?;
+    let started = Arc::new(start_backend(Duration::from_secs(600)));
+    block_on(async {
+        let all = wait_keys(&started.published, REMOVAL, 1)?;
+        let key = identity(&all, REMOVAL, "9e")?;
+        // The simulated card gives up waiting soon, so it can be inserted again.
+        control("touch-timeout 2 0")?;
+        control("touch-mode manual 0")?;
+        let signing = {
+            let (started, key) = (started.clone(), key.clone());
+            tokio::spawn(async move {
+                started
+                    .backend
+                    .sign(
+                        key.key(),
+                        &request(0),
+                        &SignContext::default(),
+                        Arc::new(Scripted::new([])),
+                    )
+                    .await
+            })
+        };
+        wait_for_blinking().await?;
+        let pulled = Instant::now();
+        control("remove 0")?;
+        let result = signing.await?;
+        let took = pulled.elapsed();
+        ensure!(
+            matches!(result, Err(Error::DeviceRemoved { .. })),
+            "{result:?}"
+        );
+        ensure!(took < Duration::from_secs(1), "the failure took {took:?}");
+        started
+            .published
+            .wait_until(HOTPLUG, |ids| ids.is_empty())?;
+        let result = started
+            .backend
+            .sign(
+                key.key(),
+                &request(0),
+                &SignContext::default(),
+                Arc::new(Scripted::new([])),
+            )
+            .await;
+        ensure!(
+            matches!(result, Err(Error::DeviceRemoved { .. })),
+            "{result:?}"
+        );
+
+        control("touch-mode auto 0 0")?;
+        // Let the card's wait for the touch run out before it goes back.
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        control("insert 0")?;
+        wait_keys(&started.published, REMOVAL, 1)?;
+        sign_ok(&started, &key, Arc::new(Scripted::new([]))).await
+    })
+}
+
+const SHARED: u32 = 21_000_051;
+
+#[test]
+fn another_pcsc_client_in_a_transaction_delays_signing_without_breaking_it() -> Result<()> {
+    if rig_or_child(
+        &[SHARED],
+        "backend::another_pcsc_client_in_a_transaction_delays_signing_without_breaking_it",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    provision(
+        SHARED,
+        &[(0x9e, EccP256, PinPolicy::Never, TouchPolicy::Never)],
+    )?;
+    let started = start_backend(Duration::from_secs(600));
+    block_on(async {
+        let all = wait_keys(&started.published, SHARED, 1)?;
+        let key = identity(&all, SHARED, "9e")?;
+        // The agent holds no exclusive access: another client connects and
+        // opens a transaction while the agent is connected.
+        let (held, holding) = std::sync::mpsc::channel();
+        let other = std::thread::spawn(move || -> Result<()> {
+            let context = ::pcsc::Context::establish(::pcsc::Scope::User)?;
+            let reader = std::ffi::CString::new(format!("{READER_NAME} 00 00"))?;
+            let mut card =
+                context.connect(&reader, ::pcsc::ShareMode::Shared, ::pcsc::Protocols::ANY)?;
+            let transaction = card.transaction()?;
+            held.send(())?;
+            std::thread::sleep(Duration::from_millis(800));
+            drop(transaction);
+            Ok(())
+        });
+        holding.recv_timeout(Duration::from_secs(10))?;
+        let asked = Instant::now();
+        sign_ok(&started, &key, Arc::new(Scripted::new([]))).await?;
+        let took = asked.elapsed();
+        other
+            .join()
+            .map_err(|_| anyhow::anyhow!("the other client panicked"))??;
+        ensure!(
+            took >= Duration::from_millis(500),
+            "the agent signed during another client's transaction ({took:?})"
+        );
+        Ok(())
+    })
+}
+
+const SECRET: u32 = 21_000_061;
+
+/// Collects everything a tracing subscriber writes.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_pin_never_reaches_the_logs_even_at_trace_level() -> Result<()> {
+    if rig_or_child(
+        &[SECRET],
+        "backend::a_pin_never_reaches_the_logs_even_at_trace_level",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    // Everything at trace, and `log` records (the yubikey crate's) bridged in.
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    provision(
+        SECRET,
+        &[(0x9a, EccP256, PinPolicy::Once, TouchPolicy::Never)],
+    )?;
+    let started = start_backend(Duration::from_secs(600));
+    let wrong = "97531864";
+    block_on(async {
+        let all = wait_keys(&started.published, SECRET, 1)?;
+        let key = identity(&all, SECRET, "9a")?;
+        let result = started
+            .backend
+            .sign(
+                key.key(),
+                &request(0),
+                &SignContext::default(),
+                pins(1, wrong),
+            )
+            .await;
+        ensure!(matches!(result, Err(Error::WrongPin { .. })), "{result:?}");
+        sign_ok(&started, &key, pins(1, PIN)).await
+    })?;
+    let text = String::from_utf8_lossy(&capture.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?)
+        .into_owned();
+    ensure!(
+        text.contains("YubiKey connected"),
+        "the capture saw nothing:\n{text}"
+    );
+    let decimal = wrong
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let hex: String = wrong.bytes().map(|b| format!("{b:02x}")).collect();
+    let right_decimal = PIN
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    for secret in [wrong, &decimal, &hex, &hex.to_uppercase(), &right_decimal] {
+        ensure!(
+            !text.contains(secret),
+            "the log shows a PIN ({secret}):\n{text}"
+        );
+    }
+    Ok(())
+}
