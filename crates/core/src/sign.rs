@@ -209,11 +209,39 @@ impl SshSignature {
     /// An ECDSA signature from the fixed-width `r || s` form that PKCS#11
     /// (CKM_ECDSA) and PIV cards return. `None` when the length is odd.
     pub fn ecdsa_fixed(curve: EcdsaCurve, r_and_s: &[u8]) -> Option<Self> {
-        if r_and_s.is_empty() || r_and_s.len() % 2 != 0 {
+        if r_and_s.is_empty() || !r_and_s.len().is_multiple_of(2) {
             return None;
         }
         let (r, s) = r_and_s.split_at(r_and_s.len() / 2);
         Some(Self::ecdsa(curve, r, s))
+    }
+
+    /// A security-key Ed25519 signature (PROTOCOL.u2f, "SSH U2F signatures"):
+    /// the authenticator's 64-byte `signature`, then its `flags` and `counter`.
+    pub fn sk_ed25519(signature: &[u8], flags: u8, counter: u32) -> Self {
+        let name = Algorithm::SkEd25519.to_string();
+        let mut blob = Vec::with_capacity(17 + name.len() + signature.len());
+        push_string(&mut blob, name.as_bytes());
+        push_string(&mut blob, signature);
+        blob.push(flags);
+        blob.extend_from_slice(&counter.to_be_bytes());
+        Self { blob }
+    }
+
+    /// A security-key ECDSA P-256 signature (PROTOCOL.u2f): the integers `r`
+    /// and `s` as two mpints in a string, then `flags` and `counter` outside it.
+    /// (`ssh_key::Signature` encodes this one with the trailer inside the string.)
+    pub fn sk_ecdsa(r: &[u8], s: &[u8], flags: u8, counter: u32) -> Self {
+        let mut inner = Vec::with_capacity(r.len() + s.len() + 10);
+        push_mpint(&mut inner, r);
+        push_mpint(&mut inner, s);
+        let name = Algorithm::SkEcdsaSha2NistP256.to_string();
+        let mut blob = Vec::with_capacity(17 + name.len() + inner.len());
+        push_string(&mut blob, name.as_bytes());
+        push_string(&mut blob, &inner);
+        blob.push(flags);
+        blob.extend_from_slice(&counter.to_be_bytes());
+        Self { blob }
     }
 
     /// The encoded blob.

@@ -1,0 +1,518 @@
+//! The FIDO backend: sk keys held by handle, signed by whichever connected
+//! authenticator accepts the handle.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use ssh_key::{Algorithm, HashAlg, Signature};
+use token_agent_core::{
+    AddKey, Backend, DeviceInfo, Error, Identity, IdentitySink, KeyRef, Notice, NoticeKind,
+    PinRequest, PromptSubject, Prompter, SignContext, SignRequest, SshSignature,
+};
+
+use crate::ctap::{Assertion, Authenticator, CtapError, GetAssertion};
+use crate::resident;
+use crate::sk::{self, SkKey};
+use crate::worker::Workers;
+
+/// The backend's name, carried by every [`KeyRef`] it issues.
+pub const NAME: &str = "fido";
+
+/// Finds the authenticators connected now.
+pub trait Discovery: Send + Sync + fmt::Debug {
+    /// Every authenticator connected at this moment. May block briefly (a HID
+    /// enumeration); the backend calls it off the async runtime.
+    fn connected(&self) -> Vec<Arc<dyn Authenticator>>;
+}
+
+/// A fixed list of authenticators, for tests and for simulators attached at start.
+#[derive(Debug, Default, Clone)]
+pub struct Fixed(pub Vec<Arc<dyn Authenticator>>);
+
+impl Discovery for Fixed {
+    fn connected(&self) -> Vec<Arc<dyn Authenticator>> {
+        self.0.clone()
+    }
+}
+
+/// The FIDO2 sk-key backend.
+///
+/// Keys arrive from `ssh-add` ([`Backend::add_key`]), from key files named in
+/// the configuration ([`FidoBackend::add_configured`]) and from the resident
+/// credentials of connected authenticators ([`FidoBackend::load_resident`]).
+/// The backend holds only what the key file holds (application, flags, key
+/// handle); each signature is a CTAP getAssertion on the authenticator that
+/// accepts the handle.
+#[derive(Clone)]
+pub struct FidoBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    discovery: Arc<dyn Discovery>,
+    workers: Workers,
+    keys: Mutex<Keys>,
+    sink: OnceLock<IdentitySink>,
+}
+
+#[derive(Default)]
+struct Keys {
+    next_id: u64,
+    held: Vec<Held>,
+}
+
+struct Held {
+    id: u64,
+    key: SkKey,
+    comment: String,
+    origin: Origin,
+    identity: Identity,
+}
+
+/// Where a held key came from: it decides what `ssh-add -d` and `-D` may remove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Client,
+    Config,
+    Resident,
+}
+
+impl FidoBackend {
+    /// A backend over the authenticators `discovery` finds.
+    pub fn new(discovery: Arc<dyn Discovery>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                discovery,
+                workers: Workers::default(),
+                keys: Mutex::new(Keys::default()),
+                sink: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Holds a key from a key file named in the configuration; `ssh-add -D`
+    /// does not remove it.
+    pub fn add_configured(&self, key: SkKey, comment: String) -> Identity {
+        self.hold(key, comment, Origin::Config, None)
+    }
+
+    /// Loads the resident credentials ("ssh:" applications) of every connected
+    /// authenticator, asking for each device's PIN through `prompter`, and
+    /// returns the identities added.
+    pub async fn load_resident(&self, prompter: Arc<dyn Prompter>) -> Result<Vec<Identity>, Error> {
+        let mut added = Vec::new();
+        for device in self.connected().await {
+            let device_info = DeviceInfo::new(device.label());
+            let subject = PromptSubject {
+                device: Some(device_info.clone()),
+                ..PromptSubject::default()
+            };
+            let info = self
+                .inner
+                .workers
+                .run(&device, |d| d.info())
+                .await?
+                .map_err(|e| device_error(&device_info, e))?;
+            let pin = if info.client_pin_set {
+                Some(ask_pin(self, &device, subject, prompter.as_ref()).await?)
+            } else {
+                None
+            };
+            let label = device.label();
+            let found = self
+                .inner
+                .workers
+                .run(&device, move |d| resident::ssh_keys(d, pin.as_ref()))
+                .await?
+                .map_err(|e| device_error(&device_info, e))?;
+            for (key, application) in found {
+                let comment = format!("{application} on {label}");
+                added.push(self.hold(key, comment, Origin::Resident, Some(device_info.clone())));
+            }
+        }
+        Ok(added)
+    }
+
+    fn hold(
+        &self,
+        key: SkKey,
+        comment: String,
+        origin: Origin,
+        device: Option<DeviceInfo>,
+    ) -> Identity {
+        self.hold_with(key, comment, origin, device, None)
+    }
+
+    fn hold_with(
+        &self,
+        key: SkKey,
+        comment: String,
+        origin: Origin,
+        device: Option<DeviceInfo>,
+        certificate: Option<Arc<ssh_key::Certificate>>,
+    ) -> Identity {
+        let identity = {
+            let mut keys = self.keys();
+            // Adding a key again replaces it, as in OpenSSH.
+            keys.held
+                .retain(|h| h.key.public_key() != key.public_key() || h.origin == Origin::Config);
+            keys.next_id += 1;
+            let id = keys.next_id;
+            let mut identity = Identity::new(
+                key.public_key().clone(),
+                comment.clone(),
+                KeyRef::new(NAME, id.to_be_bytes().to_vec()),
+            )
+            .with_device(device.unwrap_or_else(|| DeviceInfo::new("security key")));
+            if let Some(certificate) = certificate {
+                identity = identity.with_certificate(certificate);
+            }
+            keys.held.push(Held {
+                id,
+                key,
+                comment,
+                origin,
+                identity: identity.clone(),
+            });
+            identity
+        };
+        self.publish();
+        identity
+    }
+
+    fn keys(&self) -> MutexGuard<'_, Keys> {
+        // The lock guards plain data that no code path leaves half-updated.
+        self.inner
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn publish(&self) {
+        // Published under the lock, so two changes never publish out of order.
+        let keys = self.keys();
+        if let Some(sink) = self.inner.sink.get() {
+            sink.publish(keys.held.iter().map(|h| h.identity.clone()).collect());
+        }
+    }
+
+    fn lookup(&self, key: &KeyRef) -> Option<(SkKey, String)> {
+        let id = u64::from_be_bytes(key.handle().try_into().ok()?);
+        self.keys()
+            .held
+            .iter()
+            .find(|h| h.id == id)
+            .map(|h| (h.key.clone(), h.comment.clone()))
+    }
+
+    async fn connected(&self) -> Vec<Arc<dyn Authenticator>> {
+        let discovery = self.inner.discovery.clone();
+        let devices = tokio::task::spawn_blocking(move || discovery.connected())
+            .await
+            .unwrap_or_default();
+        let ids: Vec<String> = devices.iter().map(|d| d.id()).collect();
+        self.inner.workers.retain(&ids);
+        devices
+    }
+
+    /// The connected authenticator that holds `key`: the only one, or the
+    /// first that accepts the handle in a silent probe (up = false), as
+    /// OpenSSH's sk helper does when several keys are plugged in.
+    async fn holder(&self, key: &SkKey) -> Result<Arc<dyn Authenticator>, Error> {
+        let devices = self.connected().await;
+        if devices.len() == 1 {
+            return devices.into_iter().next().ok_or_else(no_holder);
+        }
+        self.probe(key, devices).await
+    }
+
+    /// The first of `devices` that accepts the handle of `key` in a silent probe.
+    async fn probe(
+        &self,
+        key: &SkKey,
+        devices: Vec<Arc<dyn Authenticator>>,
+    ) -> Result<Arc<dyn Authenticator>, Error> {
+        let mut maybe = None;
+        for device in devices {
+            let probe = GetAssertion {
+                rp_id: key.application().to_owned(),
+                message: b"token-agent probe".to_vec(),
+                credential_id: key.key_handle().to_vec(),
+                user_presence: false,
+                pin: None,
+            };
+            match self
+                .inner
+                .workers
+                .run(&device, move |d| d.get_assertion(&probe))
+                .await
+            {
+                Ok(Ok(_)) => return Ok(device),
+                Ok(Err(CtapError::NoCredentials | CtapError::Removed)) | Err(_) => {}
+                // Some devices refuse silent assertions (a PIN-protected
+                // credential): it may still be theirs.
+                Ok(Err(err)) => {
+                    tracing::debug!(device = device.label(), %err, "silent probe refused");
+                    maybe.get_or_insert(device);
+                }
+            }
+        }
+        maybe.ok_or_else(no_holder)
+    }
+}
+
+#[async_trait]
+impl Backend for FidoBackend {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn start(&self, sink: IdentitySink) {
+        let _ = self.inner.sink.set(sink);
+        self.publish();
+    }
+
+    async fn sign(
+        &self,
+        key: &KeyRef,
+        request: &SignRequest,
+        context: &SignContext,
+        prompter: Arc<dyn Prompter>,
+    ) -> Result<SshSignature, Error> {
+        let (sk_key, comment) = self.lookup(key).ok_or(Error::KeyNotFound)?;
+        let device = self.holder(&sk_key).await?;
+        let device_info = DeviceInfo::new(device.label());
+        let subject = PromptSubject {
+            key: Some(comment),
+            fingerprint: Some(sk_key.public_key().fingerprint(HashAlg::Sha256).to_string()),
+            device: Some(device_info.clone()),
+            ..PromptSubject::default()
+        }
+        .with_context(context);
+        let pin = if sk_key.needs_pin() {
+            Some(ask_pin(self, &device, subject.clone(), prompter.as_ref()).await?)
+        } else {
+            None
+        };
+        let assertion = GetAssertion {
+            rp_id: sk_key.application().to_owned(),
+            message: request.data.clone(),
+            credential_id: sk_key.key_handle().to_vec(),
+            user_presence: sk_key.needs_touch(),
+            pin,
+        };
+        tracing::debug!(
+            device = device.label(),
+            application = sk_key.application(),
+            user_presence = assertion.user_presence,
+            user_verification = assertion.pin.is_some(),
+            "getAssertion"
+        );
+        // The notice goes up now; the prompter shows it only if the device has
+        // not answered after its delay, and it is withdrawn when the guard drops.
+        let notice = sk_key.needs_touch().then(|| {
+            prompter.notify(&Notice {
+                kind: NoticeKind::Touch,
+                subject,
+            })
+        });
+        let result = self
+            .inner
+            .workers
+            .run(&device, move |d| d.get_assertion(&assertion))
+            .await;
+        drop(notice);
+        let assertion = result?.map_err(|e| device_error(&device_info, e))?;
+        tracing::debug!(
+            device = device.label(),
+            flags = assertion.flags.0,
+            counter = assertion.counter,
+            "assertion made"
+        );
+        check_flags(&sk_key, &assertion, &device_info)?;
+        let signature = sk_key.signature(&assertion)?;
+        // A device that signed with another credential would give the server a
+        // signature it rejects; say so here instead.
+        let parsed = Signature::try_from(signature.as_bytes()).map_err(|e| Error::Device {
+            device: device_info.clone(),
+            message: format!("returned a malformed signature: {e}"),
+        })?;
+        signature::Verifier::verify(sk_key.public_key(), &request.data, &parsed).map_err(|_| {
+            Error::Device {
+                device: device_info.clone(),
+                message: "returned a signature that does not verify with this key".into(),
+            }
+        })?;
+        Ok(signature)
+    }
+
+    fn accepts_key(&self, algorithm: &Algorithm) -> bool {
+        sk::is_sk(algorithm)
+    }
+
+    async fn add_key(&self, key: AddKey) -> Result<Identity, Error> {
+        let sk_key = SkKey::from_keypair(&key.keypair).ok_or_else(|| Error::InvalidKey {
+            reason: "the FIDO backend takes only sk-ssh-ed25519 and sk-ecdsa-sha2-nistp256 keys"
+                .into(),
+        })?;
+        if let Some(certificate) = &key.certificate {
+            if certificate.public_key() != sk_key.public_key() {
+                return Err(Error::InvalidKey {
+                    reason: "the certificate does not certify this key".into(),
+                });
+            }
+        }
+        // Which plugged-in key holds it, so that listings and messages name
+        // the device; a key added while its device is away is listed as
+        // "security key".
+        let devices = self.connected().await;
+        let device = match self.probe(&sk_key, devices).await {
+            Ok(device) => Some(DeviceInfo::new(device.label())),
+            Err(_) => None,
+        };
+        Ok(self.hold_with(
+            sk_key,
+            key.comment.clone(),
+            Origin::Client,
+            device,
+            key.certificate.clone(),
+        ))
+    }
+
+    async fn remove_key(&self, key: &KeyRef) -> Result<(), Error> {
+        let id = key
+            .handle()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| Error::KeyNotFound)?;
+        {
+            let mut keys = self.keys();
+            let Some(position) = keys.held.iter().position(|h| h.id == id) else {
+                return Err(Error::KeyNotFound);
+            };
+            if keys.held[position].origin == Origin::Config {
+                return Err(Error::Refused {
+                    reason: "this key comes from the configuration; remove it there".into(),
+                });
+            }
+            keys.held.remove(position);
+        }
+        self.publish();
+        Ok(())
+    }
+
+    async fn remove_all(&self) {
+        self.keys().held.retain(|h| h.origin == Origin::Config);
+        self.publish();
+    }
+}
+
+impl fmt::Debug for FidoBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FidoBackend")
+            .field("discovery", &self.inner.discovery)
+            .field("keys", &self.keys().held.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Asks for the PIN of `device`, with the tries left; refuses at once when the
+/// PIN is blocked and checks the PIN's length before it can cost a try.
+async fn ask_pin(
+    backend: &FidoBackend,
+    device: &Arc<dyn Authenticator>,
+    subject: PromptSubject,
+    prompter: &dyn Prompter,
+) -> Result<SecretString, Error> {
+    let device_info = DeviceInfo::new(device.label());
+    let retries = backend
+        .inner
+        .workers
+        .run(device, |d| d.pin_retries())
+        .await?
+        .map_err(|e| device_error(&device_info, e))?;
+    if retries == 0 {
+        return Err(pin_blocked(&device_info));
+    }
+    let mut request = PinRequest::new(subject);
+    request.tries_left = Some(retries);
+    let pin = prompter.pin(&request).await?;
+    // CTAP 2.1 section 6.5.1: a PIN has at least 4 code points and at most
+    // 63 bytes. Anything else would be refused and might count as a try.
+    let exposed = pin.expose_secret();
+    if exposed.chars().count() < 4 || exposed.len() > 63 {
+        return Err(Error::Device {
+            device: device_info,
+            message: "a FIDO PIN has 4 to 63 characters; nothing was sent to the device".into(),
+        });
+    }
+    Ok(pin)
+}
+
+/// Checks that the authenticator did what the key demands: UP for keys that
+/// need a touch, UV for keys that need the PIN (the server checks both too).
+fn check_flags(key: &SkKey, assertion: &Assertion, device: &DeviceInfo) -> Result<(), Error> {
+    if key.needs_touch() && !assertion.flags.user_present() {
+        return Err(Error::Device {
+            device: device.clone(),
+            message: "signed without user presence although the key requires a touch".into(),
+        });
+    }
+    if key.needs_pin() && !assertion.flags.user_verified() {
+        return Err(Error::Device {
+            device: device.clone(),
+            message: "signed without user verification although the key requires the PIN".into(),
+        });
+    }
+    Ok(())
+}
+
+fn no_holder() -> Error {
+    Error::Device {
+        device: DeviceInfo::new("FIDO"),
+        message: "no connected security key holds this key; plug in the key it was made on".into(),
+    }
+}
+
+fn pin_blocked(device: &DeviceInfo) -> Error {
+    Error::PinBlocked {
+        device: device.clone(),
+        remedy: "only a reset of the security key unblocks it, and a reset deletes all its keys"
+            .into(),
+    }
+}
+
+/// Turns what the authenticator answered into the words a person needs.
+pub(crate) fn device_error(device: &DeviceInfo, error: CtapError) -> Error {
+    match error {
+        CtapError::NoCredentials => no_holder(),
+        CtapError::PinInvalid { retries } => Error::WrongPin {
+            device: device.clone(),
+            tries_left: Some(retries),
+        },
+        CtapError::PinBlocked => pin_blocked(device),
+        CtapError::UserActionTimeout { seconds } => {
+            tracing::info!(
+                device = device.label(),
+                seconds,
+                "no touch within {seconds} s"
+            );
+            Error::TouchTimeout {
+                device: device.clone(),
+            }
+        }
+        CtapError::OperationDenied => Error::Device {
+            device: device.clone(),
+            message: "the touch was denied on the device".into(),
+        },
+        CtapError::Removed => Error::DeviceRemoved {
+            device: device.clone(),
+        },
+        other => Error::Device {
+            device: device.clone(),
+            message: other.to_string(),
+        },
+    }
+}

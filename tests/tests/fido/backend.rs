@@ -1,0 +1,484 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+use fido_sim::{Presence, Simulator};
+use ssh_key::Algorithm;
+use token_agent_core::{
+    AddKey, Backend, Error, Identity, NoticeKind, SignContext, SignFlags, SignRequest,
+};
+use token_agent_e2e::conformance::{self, Published};
+use token_agent_fido::ctap::{CoseAlgorithm, MakeCredential, User};
+use token_agent_fido::{sk, Authenticator, Enrolment, FidoBackend, Fixed, SkKey};
+use token_agent_prompt::{Asked, Scripted, ScriptedAnswer};
+
+const PIN: &str = "4321";
+
+fn enrolment(algorithm: CoseAlgorithm) -> Enrolment {
+    Enrolment {
+        algorithm,
+        application: "ssh:".into(),
+        resident: false,
+        verify_required: false,
+        no_touch_required: false,
+        user: "openssh".into(),
+        pin: None,
+    }
+}
+
+fn make_key(sim: &Simulator, enrolment: &Enrolment) -> anyhow::Result<SkKey> {
+    Ok(token_agent_fido::enroll(sim, enrolment)?)
+}
+
+/// A backend over `sims`, started, with `keys` added as ssh-add adds them.
+async fn backend_with(
+    sims: Vec<Arc<Simulator>>,
+    keys: &[(&SkKey, &str)],
+) -> anyhow::Result<(FidoBackend, Published, Vec<Identity>)> {
+    let devices = sims
+        .into_iter()
+        .map(|s| s as Arc<dyn Authenticator>)
+        .collect();
+    let backend = FidoBackend::new(Arc::new(Fixed(devices)));
+    let published = Published::default();
+    backend.start(published.sink());
+    let mut identities = Vec::new();
+    for (key, comment) in keys {
+        identities.push(
+            backend
+                .add_key(AddKey {
+                    keypair: key.to_keypair()?,
+                    comment: (*comment).to_owned(),
+                    certificate: None,
+                })
+                .await?,
+        );
+    }
+    Ok((backend, published, identities))
+}
+
+async fn sign(
+    backend: &FidoBackend,
+    identity: &Identity,
+    data: &[u8],
+    prompter: Arc<Scripted>,
+) -> Result<token_agent_core::SshSignature, Error> {
+    let request = SignRequest {
+        data: data.to_vec(),
+        flags: SignFlags::default(),
+    };
+    backend
+        .sign(identity.key(), &request, &SignContext::default(), prompter)
+        .await
+}
+
+#[tokio::test]
+async fn conformance_lists_and_signs_both_sk_types() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("conformance"));
+    let ed = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    let ec = make_key(&sim, &enrolment(CoseAlgorithm::Es256))?;
+    let (backend, published, identities) =
+        backend_with(vec![sim.clone()], &[(&ed, "ed25519-sk"), (&ec, "ecdsa-sk")]).await?;
+    let listed = published.wait_until(Duration::from_secs(5), |ids| ids.len() == 2)?;
+    conformance::lists_every_key_type(
+        &listed,
+        &[Algorithm::SkEd25519, Algorithm::SkEcdsaSha2NistP256],
+    )?;
+    conformance::signs_with_every_key(&backend, &identities, Arc::new(Scripted::new([]))).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn signatures_carry_flags_and_counter_and_verify_with_ssh_key() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("counter"));
+    let key = make_key(&sim, &enrolment(CoseAlgorithm::Es256))?;
+    let (backend, _, ids) = backend_with(vec![sim.clone()], &[(&key, "k")]).await?;
+    let prompter = Arc::new(Scripted::new([]));
+    let first = sign(&backend, &ids[0], b"one", prompter.clone()).await?;
+    let second = sign(&backend, &ids[0], b"two", prompter.clone()).await?;
+    for (signature, data) in [(&first, b"one"), (&second, b"two")] {
+        conformance::verify(ids[0].public_key(), data, signature)?;
+        // The wire form: flags and counter follow the signature string.
+        let parsed = ssh_key::Signature::try_from(signature.as_bytes())?;
+        let trailer = &parsed.as_bytes()[parsed.as_bytes().len() - 5..];
+        ensure!(trailer[0] == 0x01, "flags {:#x} lack UP", trailer[0]);
+    }
+    let counter = |s: &token_agent_core::SshSignature| {
+        let b = s.as_bytes();
+        u32::from_be_bytes([
+            b[b.len() - 4],
+            b[b.len() - 3],
+            b[b.len() - 2],
+            b[b.len() - 1],
+        ])
+    };
+    ensure!(counter(&second) == counter(&first) + 1);
+    ensure!(counter(&second) == sim.counter());
+    // A signature over other data does not verify.
+    ensure!(conformance::verify(ids[0].public_key(), b"other", &first).is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn touch_notice_only_for_keys_that_need_a_touch() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("notice"));
+    let touch = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    let no_touch = make_key(
+        &sim,
+        &Enrolment {
+            no_touch_required: true,
+            ..enrolment(CoseAlgorithm::EdDsa)
+        },
+    )?;
+    let (backend, _, ids) = backend_with(
+        vec![sim.clone()],
+        &[(&touch, "touch"), (&no_touch, "no-touch")],
+    )
+    .await?;
+    let prompter = Arc::new(Scripted::new([]));
+    let with_touch = sign(&backend, &ids[0], b"t", prompter.clone()).await?;
+    let notices = |p: &Scripted| {
+        p.asked()
+            .iter()
+            .filter(|a| matches!(a, Asked::Notice(n) if n.kind == NoticeKind::Touch))
+            .count()
+    };
+    ensure!(notices(&prompter) == 1, "{:?}", prompter.asked());
+    let without = sign(&backend, &ids[1], b"n", prompter.clone()).await?;
+    ensure!(
+        notices(&prompter) == 1,
+        "a no-touch key raised a touch notice"
+    );
+    conformance::verify(ids[1].public_key(), b"n", &without)?;
+    // The no-touch signature says so: UP clear.
+    let b = without.as_bytes();
+    ensure!(b[b.len() - 5] & 0x01 == 0, "UP set on a no-touch signature");
+    let b = with_touch.as_bytes();
+    ensure!(b[b.len() - 5] & 0x01 == 0x01);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_touch_given_while_waiting_completes_the_signature() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("wait"));
+    let key = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    let (backend, _, ids) = backend_with(vec![sim.clone()], &[(&key, "k")]).await?;
+    let control = sim.control();
+    control.set_presence(Presence::Wait);
+    let toucher = std::thread::spawn(move || {
+        control.wait_until_waiting(Duration::from_secs(10)) && control.touch()
+    });
+    let signature = sign(&backend, &ids[0], b"waited", Arc::new(Scripted::new([]))).await?;
+    ensure!(
+        toucher.join().unwrap_or(false),
+        "nothing waited for a touch"
+    );
+    conformance::verify(ids[0].public_key(), b"waited", &signature)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_denied_touch_fails_and_says_so() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("deny"));
+    let key = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    let (backend, _, ids) = backend_with(vec![sim.clone()], &[(&key, "k")]).await?;
+    sim.control().set_presence(Presence::Deny);
+    match sign(&backend, &ids[0], b"x", Arc::new(Scripted::new([]))).await {
+        Err(err @ Error::Device { .. }) => {
+            ensure!(err.to_string().contains("denied"), "{err}");
+            Ok(())
+        }
+        other => bail!("expected a denial, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_touch_that_never_comes_times_out() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("timeout"));
+    let key = make_key(&sim, &enrolment(CoseAlgorithm::Es256))?;
+    let (backend, _, ids) = backend_with(vec![sim.clone()], &[(&key, "k")]).await?;
+    sim.control().set_presence(Presence::Wait);
+    sim.set_touch_timeout(Duration::from_millis(200));
+    let prompter = Arc::new(Scripted::new([]));
+    match sign(&backend, &ids[0], b"x", prompter.clone()).await {
+        Err(Error::TouchTimeout { device }) => {
+            ensure!(device.label() == "fido-sim timeout", "{device}");
+        }
+        other => bail!("expected a touch timeout, got {other:?}"),
+    }
+    // The notice was raised, and withdrawn when the device gave up.
+    ensure!(prompter
+        .asked()
+        .iter()
+        .any(|a| matches!(a, Asked::Notice(_))));
+    ensure!(
+        prompter.active_notices() == 0,
+        "the notice was not withdrawn"
+    );
+    Ok(())
+}
+
+async fn verify_required_key() -> anyhow::Result<(Arc<Simulator>, FidoBackend, Identity)> {
+    let sim = Arc::new(Simulator::new("pin"));
+    sim.set_pin(PIN)?;
+    let key = make_key(
+        &sim,
+        &Enrolment {
+            verify_required: true,
+            pin: Some(PIN.to_owned().into()),
+            ..enrolment(CoseAlgorithm::EdDsa)
+        },
+    )?;
+    ensure!(key.flags() == sk::USER_PRESENCE_REQUIRED | sk::USER_VERIFICATION_REQUIRED);
+    let (backend, _, mut ids) = backend_with(vec![sim.clone()], &[(&key, "verify")]).await?;
+    Ok((sim, backend, ids.remove(0)))
+}
+
+#[tokio::test]
+async fn verify_required_keys_ask_the_pin_with_tries_left() -> anyhow::Result<()> {
+    let (_sim, backend, identity) = verify_required_key().await?;
+    let prompter = Arc::new(Scripted::new([ScriptedAnswer::Pin(PIN.into())]));
+    let signature = sign(&backend, &identity, b"uv", prompter.clone()).await?;
+    conformance::verify(identity.public_key(), b"uv", &signature)?;
+    let b = signature.as_bytes();
+    ensure!(
+        b[b.len() - 5] == 0x05,
+        "flags {:#x}: UP and UV expected",
+        b[b.len() - 5]
+    );
+    let asked = prompter.asked();
+    let Some(Asked::Pin(request)) = asked.iter().find(|a| matches!(a, Asked::Pin(_))) else {
+        bail!("no PIN asked: {asked:?}");
+    };
+    ensure!(request.tries_left == Some(8), "{request:?}");
+    ensure!(
+        request.description().contains("fido-sim pin"),
+        "{}",
+        request.description()
+    );
+    conformance::cancelled_pin_is_the_persons_choice(&backend, &identity).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wrong_pin_is_not_retried_and_says_tries_left() -> anyhow::Result<()> {
+    let (_sim, backend, identity) = verify_required_key().await?;
+    let tries = conformance::wrong_pin_is_not_retried(&backend, &identity, "9999").await?;
+    ensure!(tries == Some(7), "tries left {tries:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_blocked_pin_is_reported_without_asking() -> anyhow::Result<()> {
+    let (sim, backend, identity) = verify_required_key().await?;
+    for _ in 0..7 {
+        let prompter = Arc::new(Scripted::new([ScriptedAnswer::Pin("0000".into())]));
+        match sign(&backend, &identity, b"x", prompter).await {
+            Err(Error::WrongPin { .. }) => {}
+            other => bail!("expected a wrong PIN, got {other:?}"),
+        }
+    }
+    // The eighth wrong PIN blocks it.
+    let prompter = Arc::new(Scripted::new([ScriptedAnswer::Pin("0000".into())]));
+    match sign(&backend, &identity, b"x", prompter).await {
+        Err(Error::PinBlocked { .. }) => {}
+        other => bail!("expected a blocked PIN, got {other:?}"),
+    }
+    ensure!(sim.pin_retries()? == 0);
+    // From now on the person is not even asked.
+    let prompter = Arc::new(Scripted::new([ScriptedAnswer::Pin(PIN.into())]));
+    match sign(&backend, &identity, b"x", prompter.clone()).await {
+        Err(err @ Error::PinBlocked { .. }) => {
+            ensure!(err.to_string().contains("blocked"), "{err}");
+        }
+        other => bail!("expected a blocked PIN, got {other:?}"),
+    }
+    ensure!(prompter.asked().iter().all(|a| !matches!(a, Asked::Pin(_))));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_short_pin_is_refused_before_it_costs_a_try() -> anyhow::Result<()> {
+    let (sim, backend, identity) = verify_required_key().await?;
+    let prompter = Arc::new(Scripted::new([ScriptedAnswer::Pin("12".into())]));
+    ensure!(sign(&backend, &identity, b"x", prompter).await.is_err());
+    ensure!(sim.pin_retries()? == 8);
+    Ok(())
+}
+
+#[tokio::test]
+async fn each_authenticator_is_tried_until_one_holds_the_key() -> anyhow::Result<()> {
+    let first = Arc::new(Simulator::new("first"));
+    let second = Arc::new(Simulator::new("second"));
+    let elsewhere = Simulator::new("elsewhere");
+    let on_second = make_key(&second, &enrolment(CoseAlgorithm::EdDsa))?;
+    let lost = make_key(&elsewhere, &enrolment(CoseAlgorithm::EdDsa))?;
+    let (backend, _, ids) = backend_with(
+        vec![first.clone(), second.clone()],
+        &[(&on_second, "second"), (&lost, "lost")],
+    )
+    .await?;
+    let prompter = Arc::new(Scripted::new([]));
+    let signature = sign(&backend, &ids[0], b"found", prompter.clone()).await?;
+    conformance::verify(ids[0].public_key(), b"found", &signature)?;
+    let notice_device = prompter.asked().iter().find_map(|a| match a {
+        Asked::Notice(n) => n.subject.device.clone(),
+        _ => None,
+    });
+    ensure!(notice_device.is_some_and(|d| d.label() == "fido-sim second"));
+    match sign(&backend, &ids[1], b"lost", prompter).await {
+        Err(err) => ensure!(
+            err.to_string()
+                .contains("no connected security key holds this key"),
+            "{err}"
+        ),
+        Ok(_) => bail!("a key from an absent authenticator signed"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_handle_is_bound_to_its_application() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("app"));
+    let key = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    // The same handle presented for another application opens nothing.
+    let other = SkKey::from_credential(
+        &token_agent_fido::ctap::CredentialPublicKey::Ed25519([9; 32]),
+        "ssh:other",
+        sk::USER_PRESENCE_REQUIRED,
+        key.key_handle().to_vec(),
+    )?;
+    let (backend, _, ids) = backend_with(vec![sim.clone()], &[(&other, "other")]).await?;
+    ensure!(sign(&backend, &ids[0], b"x", Arc::new(Scripted::new([])))
+        .await
+        .is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_removed_key_cannot_sign_and_a_replugged_one_can() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("plug"));
+    let key = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    let (backend, _, ids) = backend_with(vec![sim.clone()], &[(&key, "k")]).await?;
+    sim.control().set_connected(false);
+    match sign(&backend, &ids[0], b"x", Arc::new(Scripted::new([]))).await {
+        Err(Error::DeviceRemoved { .. }) => {}
+        other => bail!("expected removal, got {other:?}"),
+    }
+    sim.control().set_connected(true);
+    sign(&backend, &ids[0], b"x", Arc::new(Scripted::new([]))).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn resident_keys_load_with_the_pin_and_sign() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("resident"));
+    sim.set_pin(PIN)?;
+    let made = make_key(
+        &sim,
+        &Enrolment {
+            resident: true,
+            application: "ssh:work".into(),
+            pin: Some(PIN.to_owned().into()),
+            ..enrolment(CoseAlgorithm::Es256)
+        },
+    )?;
+    // A web site's resident credential is not an SSH key.
+    sim.make_credential(&MakeCredential {
+        rp_id: "example.org".into(),
+        challenge: b"challenge".to_vec(),
+        user: User::default(),
+        algorithm: CoseAlgorithm::EdDsa,
+        resident: true,
+        pin: Some(PIN.to_owned().into()),
+    })?;
+    ensure!(sim.resident_count() == 2);
+    let (backend, published, _) = backend_with(vec![sim.clone()], &[]).await?;
+    let prompter = Arc::new(Scripted::new([ScriptedAnswer::Pin(PIN.into())]));
+    let loaded = backend.load_resident(prompter).await?;
+    ensure!(loaded.len() == 1, "{loaded:?}");
+    let listed = published.wait_until(Duration::from_secs(5), |ids| ids.len() == 1)?;
+    let work = listed
+        .iter()
+        .find(|id| id.public_key() == made.public_key())
+        .ok_or_else(|| anyhow::anyhow!("ssh:work not listed"))?;
+    ensure!(
+        work.comment() == "ssh:work on fido-sim resident",
+        "{}",
+        work.comment()
+    );
+    let signature = sign(&backend, work, b"resident", Arc::new(Scripted::new([]))).await?;
+    conformance::verify(work.public_key(), b"resident", &signature)?;
+    // Without the right PIN nothing loads.
+    let wrong = Arc::new(Scripted::new([ScriptedAnswer::Pin("0000".into())]));
+    match backend.load_resident(wrong).await {
+        Err(Error::WrongPin { tries_left, .. }) => ensure!(tries_left == Some(7)),
+        other => bail!("expected a wrong PIN, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn ssh_add_d_and_d_capital_remove_client_keys() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("remove"));
+    let a = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    let b = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    let (backend, published, ids) = backend_with(vec![sim], &[(&a, "a"), (&b, "b")]).await?;
+    backend.remove_key(ids[0].key()).await?;
+    published.wait_until(Duration::from_secs(5), |ids| ids.len() == 1)?;
+    ensure!(matches!(
+        sign(&backend, &ids[0], b"x", Arc::new(Scripted::new([]))).await,
+        Err(Error::KeyNotFound)
+    ));
+    backend.remove_all().await;
+    published.wait_until(Duration::from_secs(5), <[Identity]>::is_empty)?;
+    Ok(())
+}
+
+/// Collects everything logged, from every thread, at trace level.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut all) = self.0.lock() {
+            all.extend_from_slice(bytes);
+        }
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn the_pin_never_appears_in_the_logs() -> anyhow::Result<()> {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (_sim, backend, identity) = verify_required_key().await?;
+        // A right PIN, then a wrong one: both pass through the backend.
+        let right = Arc::new(Scripted::new([ScriptedAnswer::Pin(PIN.into())]));
+        sign(&backend, &identity, b"logged", right).await?;
+        let wrong = Arc::new(Scripted::new([ScriptedAnswer::Pin("97531".into())]));
+        ensure!(sign(&backend, &identity, b"logged", wrong).await.is_err());
+        anyhow::Ok(())
+    })?;
+    let text =
+        String::from_utf8_lossy(&captured.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?)
+            .into_owned();
+    ensure!(
+        !text.is_empty(),
+        "nothing was logged, so nothing was checked"
+    );
+    ensure!(!text.contains(PIN) && !text.contains("97531"), "{text}");
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! The FIDO backend (issue 7): sk keys against fido-sim and OpenSSH's tools.
+
+// The backend against fido-sim directly: signatures, PINs, touches, devices.
+mod backend;
+// The real agent with a simulated key attached: ssh-add, logins, ssh-keygen -Y.
+mod e2e;
+// A physical security key over USB HID, only with TOKEN_AGENT_FIDO_HARDWARE=1.
+mod hardware;
+// Starting the fido-sim build of the agent and logging in through it.
+mod support;
