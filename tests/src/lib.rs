@@ -8,6 +8,7 @@ pub mod agent;
 pub mod conformance;
 pub mod openssh;
 pub mod pcsc;
+pub mod softhsm;
 pub mod wire;
 
 use std::path::{Path, PathBuf};

@@ -27,6 +27,157 @@ pub(crate) struct Config {
     pub(crate) log_file: Option<PathBuf>,
     /// Log filter, e.g. "info" or "token_agent_server=debug".
     pub(crate) log_level: Option<String>,
+    /// The PIV YubiKey backend.
+    #[serde(default)]
+    pub(crate) piv: PivSection,
+    /// The PKCS#11 backend.
+    #[serde(default)]
+    pub(crate) pkcs11: Pkcs11Section,
+    /// The FIDO security-key backend.
+    #[serde(default)]
+    pub(crate) fido: FidoSection,
+}
+
+/// `[pkcs11]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Pkcs11Section {
+    /// Modules loaded at start: `[[pkcs11.modules]]`.
+    #[serde(default)]
+    pub(crate) modules: Vec<Pkcs11Module>,
+    /// Seconds a cached PIN lives without use; 0 never caches it.
+    #[serde(default = "default_pin_cache_idle")]
+    pub(crate) pin_cache_idle_seconds: u64,
+    /// Seconds a module may take to answer a call before its helper is killed and restarted.
+    #[serde(default = "default_pkcs11_timeout")]
+    pub(crate) timeout_seconds: u64,
+    /// Seconds a person may take at a reader's PIN pad.
+    #[serde(default = "default_pin_pad_timeout")]
+    pub(crate) pin_pad_timeout_seconds: u64,
+    /// Milliseconds between looks for tokens coming and going.
+    #[serde(default = "default_poll_interval")]
+    pub(crate) poll_interval_ms: u64,
+}
+
+/// `[[pkcs11.modules]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Pkcs11Module {
+    /// The module's path, e.g. "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so".
+    pub(crate) path: PathBuf,
+    /// Where its PIN comes from: "prompt" (pinentry or askpass, as `[prompt]` says) or "none".
+    #[serde(default)]
+    pub(crate) pin: Pkcs11Pin,
+}
+
+/// `pin` of a `[[pkcs11.modules]]`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Pkcs11Pin {
+    /// Ask the person when a signature needs a login.
+    #[default]
+    Prompt,
+    /// Never log in.
+    None,
+}
+
+impl Default for Pkcs11Section {
+    fn default() -> Self {
+        Self {
+            modules: Vec::new(),
+            pin_cache_idle_seconds: default_pin_cache_idle(),
+            timeout_seconds: default_pkcs11_timeout(),
+            pin_pad_timeout_seconds: default_pin_pad_timeout(),
+            poll_interval_ms: default_poll_interval(),
+        }
+    }
+}
+
+impl Pkcs11Section {
+    /// The backend's options; helpers are this executable in `--pkcs11-helper` mode.
+    pub(crate) fn options(&self) -> token_agent_pkcs11::Pkcs11Options {
+        let helper = token_agent_pkcs11::HelperCommand::current_exe().unwrap_or_else(|_| {
+            token_agent_pkcs11::HelperCommand {
+                program: PathBuf::from("token-agent"),
+                args: vec!["--pkcs11-helper".into()],
+                env: Vec::new(),
+            }
+        });
+        let mut options = token_agent_pkcs11::Pkcs11Options::new(helper);
+        options.modules = self
+            .modules
+            .iter()
+            .map(|m| token_agent_pkcs11::ModuleConfig {
+                path: expand_home(&m.path).to_string_lossy().into_owned(),
+                pin: match m.pin {
+                    Pkcs11Pin::Prompt => token_agent_pkcs11::PinSource::Prompt,
+                    Pkcs11Pin::None => token_agent_pkcs11::PinSource::None,
+                },
+            })
+            .collect();
+        options.pin_cache = match self.pin_cache_idle_seconds {
+            0 => token_agent_pkcs11::PinCache::Never,
+            idle => token_agent_pkcs11::PinCache::Idle(Some(Duration::from_secs(idle))),
+        };
+        options.call_timeout = Duration::from_secs(self.timeout_seconds.max(1));
+        options.pin_pad_timeout = Duration::from_secs(self.pin_pad_timeout_seconds.max(1));
+        options.poll_interval = Duration::from_millis(self.poll_interval_ms.max(100));
+        options
+    }
+}
+
+fn default_pkcs11_timeout() -> u64 {
+    30
+}
+
+fn default_pin_pad_timeout() -> u64 {
+    300
+}
+
+fn default_poll_interval() -> u64 {
+    2000
+}
+
+/// `[fido]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FidoSection {
+    /// sk key files (`id_ed25519_sk`) offered from the start, as if added with ssh-add.
+    #[serde(default)]
+    pub(crate) keys: Vec<PathBuf>,
+    /// Whether to load the resident credentials of connected security keys at
+    /// start (the PIN is asked then).
+    #[serde(default)]
+    pub(crate) load_resident: bool,
+}
+
+/// `[piv]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PivSection {
+    /// Whether the agent offers the keys of plugged-in YubiKeys.
+    #[serde(default = "default_piv_enabled")]
+    pub(crate) enabled: bool,
+    /// Seconds a cached PIN lives without use; 0 never caches it.
+    #[serde(default = "default_pin_cache_idle")]
+    pub(crate) pin_cache_idle_seconds: u64,
+}
+
+impl Default for PivSection {
+    fn default() -> Self {
+        Self {
+            enabled: default_piv_enabled(),
+            pin_cache_idle_seconds: default_pin_cache_idle(),
+        }
+    }
+}
+
+fn default_piv_enabled() -> bool {
+    true
+}
+
+fn default_pin_cache_idle() -> u64 {
+    15 * 60
 }
 
 /// `[prompt]`.
@@ -179,6 +330,35 @@ command = "notify-send token-agent \"$TOKEN_AGENT_NOTICE\""
         assert_eq!(config.prompt.timeout_seconds, 30);
         assert_eq!(config.notice.delay(), Duration::from_millis(250));
         assert_eq!(config.certificates.len(), 1);
+    }
+
+    #[test]
+    fn pkcs11_modules_parse() {
+        let config = Config::parse(
+            r#"
+[pkcs11]
+pin_cache_idle_seconds = 0
+timeout_seconds = 5
+
+[[pkcs11.modules]]
+path = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
+
+[[pkcs11.modules]]
+path = "/usr/lib/softhsm/libsofthsm2.so"
+pin = "none"
+"#,
+        )
+        .unwrap();
+        let options = config.pkcs11.options();
+        assert_eq!(options.modules.len(), 2);
+        assert_eq!(
+            options.modules[0].pin,
+            token_agent_pkcs11::PinSource::Prompt
+        );
+        assert_eq!(options.modules[1].pin, token_agent_pkcs11::PinSource::None);
+        assert_eq!(options.pin_cache, token_agent_pkcs11::PinCache::Never);
+        assert_eq!(options.call_timeout, Duration::from_secs(5));
+        assert!(Config::parse("[[pkcs11.modules]]\npath = \"/x.so\"\npin = \"maybe\"\n").is_err());
     }
 
     #[test]

@@ -13,7 +13,9 @@
 mod args;
 mod config;
 mod daemon;
+mod fido;
 mod logging;
+mod piv;
 mod serve;
 mod shell;
 
@@ -24,6 +26,17 @@ use clap::Parser;
 use crate::args::{Args, Mode, Options};
 
 fn main() -> ExitCode {
+    // The first word picks the mode before ssh-agent-style parsing, where any
+    // trailing words are a COMMAND to run with the agent's environment.
+    let first = std::env::args_os().nth(1);
+    match first.as_deref().and_then(std::ffi::OsStr::to_str) {
+        // Hidden helper mode: the agent runs each PKCS#11 module in a child
+        // `token-agent --pkcs11-helper`, speaking token_agent_pkcs11::proto on stdio.
+        Some("--pkcs11-helper") => token_agent_pkcs11::helper::run(),
+        Some("piv") => return piv::main(std::env::args_os().skip(1)),
+        Some("fido") => return fido::main(std::env::args_os().skip(1)),
+        _ => {}
+    }
     let args = Args::parse();
     match run(args) {
         Ok(code) => code,

@@ -64,7 +64,12 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         let _guard = listener::SocketGuard::new(socket_path.clone(), made_dir);
         let socket = listener::bind(&socket_path)
             .with_context(|| format!("cannot listen on {}", socket_path.display()))?;
-        let router = Router::new(backends(), prompter(&config), policy(options), certificates);
+        let router = Router::new(
+            backends(&config),
+            prompter(&config),
+            policy(options),
+            certificates,
+        );
         tracing::info!(
             socket = %socket_path.display(),
             pid = std::process::id(),
@@ -80,8 +85,27 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn backends() -> Vec<Arc<dyn Backend>> {
-    vec![Arc::new(SoftwareKeys::new())]
+fn backends(config: &Config) -> Vec<Arc<dyn Backend>> {
+    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(SoftwareKeys::new())];
+    if config.piv.enabled {
+        backends.push(Arc::new(token_agent_piv::PivBackend::new(
+            token_agent_piv::PivConfig {
+                pin_cache_idle: Duration::from_secs(config.piv.pin_cache_idle_seconds),
+            },
+        )));
+    }
+    backends.push(Arc::new(token_agent_pkcs11::Pkcs11Backend::new(
+        config.pkcs11.options(),
+    )));
+    // sk keys: a bad key file in [fido] keys turns the FIDO backend off, not the agent.
+    match crate::fido::backend(&config.fido) {
+        Ok(fido) => {
+            crate::fido::load_resident_at_start(&config.fido, &fido, prompter(config));
+            backends.push(Arc::new(fido));
+        }
+        Err(err) => tracing::error!("the FIDO backend is off: {err:#}"),
+    }
+    backends
 }
 
 fn policy(options: &Options) -> Policy {

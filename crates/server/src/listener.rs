@@ -92,7 +92,7 @@ pub async fn serve(
                     }
                     _ => Duration::from_millis(5),
                 };
-                if consecutive_errors == 1 || consecutive_errors % 1000 == 0 {
+                if consecutive_errors == 1 || consecutive_errors.is_multiple_of(1000) {
                     tracing::warn!(%err, consecutive_errors, "accept failed; the agent keeps listening");
                 }
                 tokio::time::sleep(pause).await;

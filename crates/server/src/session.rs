@@ -280,10 +280,17 @@ impl Session {
         };
         let SmartcardKey { id, pin } = key;
         let pin = (!secrecy::ExposeSecret::expose_secret(&pin).is_empty()).then_some(pin);
+        // As OpenSSH 9.4+ does, a connection that has seen any session bind
+        // comes through ssh, so it is remote: it may not load providers
+        // unless -O allow-remote-pkcs11 (CVE-2023-38408).
+        let context = SignContext {
+            forwarded: !self.bindings.hops().is_empty(),
+            ..self.context()
+        };
         let request = ProviderRequest {
             provider: id.clone(),
             pin,
-            context: self.context(),
+            context,
         };
         match self.router.add_provider(request, constraints).await {
             Ok(entries) => {

@@ -51,7 +51,10 @@ struct Entry {
 /// A private key ready to sign, in the form its signer wants.
 enum KeySigner {
     Rsa(PKey<Private>),
-    Ecdsa { key: EcKey<Private>, curve: EcdsaCurve },
+    Ecdsa {
+        key: EcKey<Private>,
+        curve: EcdsaCurve,
+    },
     Ed25519(KeypairData),
 }
 
@@ -188,7 +191,9 @@ impl KeySigner {
             other => Err(Error::InvalidKey {
                 reason: format!(
                     "{} keys cannot be held in software",
-                    other.algorithm().map_or("unknown".into(), |a| a.to_string())
+                    other
+                        .algorithm()
+                        .map_or("unknown".into(), |a| a.to_string())
                 ),
             }),
         }
@@ -398,7 +403,12 @@ mod tests {
                     flags: SignFlags::default(),
                 };
                 let sig = keys
-                    .sign(id.key(), &request, &SignContext::default(), Arc::new(NoPrompt))
+                    .sign(
+                        id.key(),
+                        &request,
+                        &SignContext::default(),
+                        Arc::new(NoPrompt),
+                    )
                     .await
                     .unwrap();
                 let parsed = Signature::try_from(sig.as_bytes()).unwrap();

@@ -6,7 +6,8 @@
 //!   trips per second with 1 and 8 concurrent clients, with p50 and p99 latency;
 //! - list latency while another client's signature is held by a confirmation
 //!   that takes `--hold-seconds` to answer;
-//! - resident memory of the agent process, idle with the keys loaded and after the run.
+//! - memory of the agent process (RSS, and PSS, which splits shared library
+//!   pages among the processes that map them), idle with the keys loaded and after the run.
 //!
 //! `--socket PATH` drives one already running agent instead (list and sign with
 //! whatever keys it holds).
@@ -72,10 +73,15 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("## Memory (VmRSS)");
     println!();
-    println!("| agent | idle, keys loaded |");
-    println!("| --- | --- |");
+    println!("| agent | RSS, idle with keys loaded | PSS (shared libraries split) |");
+    println!("| --- | --- | --- |");
     for (name, agent) in &agents {
-        println!("| {name} | {} |", rss(agent.pid())?);
+        let pid = agent.pid();
+        println!(
+            "| {name} | {} | {} |",
+            memory(pid, "status", "VmRSS:")?,
+            memory(pid, "smaps_rollup", "Pss:")?
+        );
     }
 
     println!();
@@ -117,7 +123,12 @@ fn main() -> anyhow::Result<()> {
     println!("## Memory after the run (VmRSS)");
     println!();
     for (name, agent) in &agents {
-        println!("- {name}: {}", rss(agent.pid())?);
+        let pid = agent.pid();
+        println!(
+            "- {name}: RSS {}, PSS {}",
+            memory(pid, "status", "VmRSS:")?,
+            memory(pid, "smaps_rollup", "Pss:")?
+        );
     }
     Ok(())
 }
@@ -292,13 +303,14 @@ fn percentile(sorted: &[Duration], pct: usize) -> Duration {
     sorted[index]
 }
 
-fn rss(pid: Option<u32>) -> anyhow::Result<String> {
+/// A memory figure (`field`, e.g. "VmRSS:") from `/proc/PID/FILE`.
+fn memory(pid: Option<u32>, file: &str, field: &str) -> anyhow::Result<String> {
     let pid = pid.context("agent not running")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    Ok(status
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
+    Ok(text
         .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .map(|line| line.trim_start_matches("VmRSS:").trim().to_owned())
+        .find(|line| line.starts_with(field))
+        .map(|line| line.trim_start_matches(field).trim().to_owned())
         .unwrap_or_else(|| "unknown".into()))
 }
 
