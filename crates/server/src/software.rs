@@ -270,7 +270,25 @@ fn rsa_key(keypair: &RsaKeypair) -> Result<PKey<Private>, openssl::error::ErrorS
         dmq1,
         int(&keypair.private.iqmp)?,
     )?;
-    if !rsa.check_key()? {
+    // Consistency, not primality: n = p·q and e·d ≡ 1 modulo p-1 and q-1 mean
+    // the key signs correctly. (RSA_check_key would also test p and q for
+    // primality, which costs milliseconds and pages of libcrypto for nothing
+    // the agent needs: OpenSSH's agent does not test them either.)
+    let consistent = {
+        let (Some(p), Some(q), d) = (rsa.p(), rsa.q(), rsa.d()) else {
+            return Err(openssl::error::ErrorStack::get());
+        };
+        let mut product = BigNum::new()?;
+        product.checked_mul(p, q, &mut ctx)?;
+        let mut ed = BigNum::new_secure()?;
+        ed.checked_mul(rsa.e(), d, &mut ctx)?;
+        let mut residue_p = BigNum::new_secure()?;
+        residue_p.nnmod(&ed, &p1, &mut ctx)?;
+        let mut residue_q = BigNum::new_secure()?;
+        residue_q.nnmod(&ed, &q1, &mut ctx)?;
+        product == *rsa.n() && residue_p == one && residue_q == one
+    };
+    if !consistent {
         return Err(openssl::error::ErrorStack::get());
     }
     PKey::from_rsa(rsa)
@@ -415,6 +433,23 @@ mod tests {
                 public.verify(&data, &parsed).unwrap();
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_inconsistent_rsa_key_is_refused() {
+        let mut rsa = RsaKeypair::random(&mut rand_core::OsRng, 2048).unwrap();
+        rsa.private.d = ssh_key::Mpint::from_positive_bytes(&[0x42; 255]).unwrap();
+        let result = SoftwareKeys::new()
+            .add_key(AddKey {
+                keypair: KeypairData::Rsa(rsa),
+                comment: "broken".into(),
+                certificate: None,
+            })
+            .await;
+        assert!(
+            matches!(result, Err(Error::InvalidKey { .. })),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
