@@ -5,6 +5,7 @@
 //! only, and stops them by PID when dropped, so tests run in parallel.
 
 pub mod agent;
+pub mod bench;
 pub mod conformance;
 pub mod openssh;
 pub mod pcsc;

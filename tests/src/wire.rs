@@ -11,6 +11,8 @@ pub const FAILURE: u8 = 5;
 pub const SUCCESS: u8 = 6;
 /// SSH_AGENT_IDENTITIES_ANSWER.
 pub const IDENTITIES_ANSWER: u8 = 12;
+/// SSH_AGENT_SIGN_RESPONSE.
+pub const SIGN_RESPONSE: u8 = 14;
 
 /// A connection speaking raw frames.
 #[derive(Debug)]

@@ -158,7 +158,7 @@ fn load_certificates(paths: &[PathBuf]) -> anyhow::Result<Vec<Certificate>> {
         .collect()
 }
 
-/// The socket path: `-a`, or `$TMPDIR/ssh-XXXXXXXXXX/agent.PPID` as ssh-agent makes it.
+/// The socket path: `-a`, or `$TMPDIR/ssh-<10 random characters>/agent.<parent pid>` as ssh-agent makes it.
 /// Returns the directory too when the agent made it (and so removes it at exit).
 fn socket_path(options: &Options) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     if let Some(path) = &options.bind_address {

@@ -21,7 +21,7 @@ use crate::router::Router;
 use crate::session;
 
 /// Creates `dir` with mode 0700 (for an agent that makes its own directory,
-/// like OpenSSH's `/tmp/ssh-XXXXXXXX`).
+/// like OpenSSH's `/tmp/ssh-<random>` directory).
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().mode(0o700).create(dir)?;
     // The umask may have narrowed it further; never let it be wider.

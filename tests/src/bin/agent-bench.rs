@@ -15,12 +15,11 @@
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
+use token_agent_e2e::bench::{self, held_run, run};
 use token_agent_e2e::wire::{RawClient, IDENTITIES_ANSWER};
 use token_agent_e2e::{check, write_script};
 
@@ -40,9 +39,6 @@ struct Args {
     #[arg(long)]
     socket: Option<PathBuf>,
 }
-
-/// SSH_AGENT_SIGN_RESPONSE.
-const SIGN_RESPONSE: u8 = 14;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -113,9 +109,13 @@ fn main() -> anyhow::Result<()> {
     let held = sign_request(&keys.confirm_blob, 0);
     for (name, agent) in &agents {
         let result = held_run(agent.socket(), &held)?;
+        let outcome = if result.signed { "signed" } else { "refused" };
         println!(
-            "| {name} | {} | {} | {} | {} |",
-            result.count, result.p50_us, result.p99_us, result.held
+            "| {name} | {} | {} | {} | {outcome} after {:.1} s |",
+            result.count,
+            result.p50_us,
+            result.p99_us,
+            result.held_for.as_secs_f64()
         );
     }
 
@@ -181,126 +181,19 @@ fn load(agent: &Agent, keys: &Keys) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A user authentication request's worth of data: 32-byte session id and fields.
+const DATA: [u8; 180] = [0x5a; 180];
+
+fn sign_request(blob: &[u8], flags: u32) -> Vec<u8> {
+    bench::sign_request(blob, &DATA, flags)
+}
+
 fn scenarios(keys: &Keys) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut out = vec![("list".to_owned(), vec![11u8])];
     for (label, blob, flags) in &keys.blobs {
         out.push(((*label).to_owned(), sign_request(blob, *flags)));
     }
     Ok(out)
-}
-
-fn sign_request(blob: &[u8], flags: u32) -> Vec<u8> {
-    // 32-byte session id plus a user authentication request's worth of data.
-    let data = vec![0x5a; 180];
-    let mut out = vec![13u8];
-    out.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(0).to_be_bytes());
-    out.extend_from_slice(blob);
-    out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(0).to_be_bytes());
-    out.extend_from_slice(&data);
-    out.extend_from_slice(&flags.to_be_bytes());
-    out
-}
-
-struct Throughput {
-    per_second: f64,
-    p50_us: u128,
-    p99_us: u128,
-}
-
-/// `clients` connections each send `request` back to back for `seconds`.
-fn run(socket: &Path, request: &[u8], clients: usize, seconds: u64) -> anyhow::Result<Throughput> {
-    let barrier = Arc::new(Barrier::new(clients));
-    let request = Arc::new(request.to_vec());
-    let handles: Vec<_> = (0..clients)
-        .map(|_| {
-            let (barrier, request, socket) = (barrier.clone(), request.clone(), socket.to_owned());
-            std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
-                let mut client = RawClient::connect(&socket)?;
-                let mut latencies = Vec::new();
-                barrier.wait();
-                let end = Instant::now() + Duration::from_secs(seconds);
-                while Instant::now() < end {
-                    let start = Instant::now();
-                    let reply = client.request(&request)?.context("agent closed")?;
-                    latencies.push(start.elapsed());
-                    expect_ok(&reply)?;
-                }
-                Ok(latencies)
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for handle in handles {
-        let latencies = handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-        all.extend(latencies);
-    }
-    all.sort();
-    let count = all.len();
-    Ok(Throughput {
-        per_second: count as f64 / seconds as f64,
-        p50_us: percentile(&all, 50).as_micros(),
-        p99_us: percentile(&all, 99).as_micros(),
-    })
-}
-
-struct Held {
-    count: usize,
-    p50_us: u128,
-    p99_us: u128,
-    held: String,
-}
-
-/// One client's signature waits for a slow confirmation while another lists.
-fn held_run(socket: &Path, held_request: &[u8]) -> anyhow::Result<Held> {
-    let socket_owned = socket.to_owned();
-    let request = held_request.to_vec();
-    let holder = std::thread::spawn(move || -> anyhow::Result<(Duration, bool)> {
-        let mut client = RawClient::connect(&socket_owned)?;
-        let start = Instant::now();
-        let reply = client.request(&request)?.context("agent closed")?;
-        Ok((start.elapsed(), reply.first() == Some(&SIGN_RESPONSE)))
-    });
-    // Let the signature reach the confirmation first.
-    std::thread::sleep(Duration::from_millis(300));
-    let mut lister = RawClient::connect(socket)?;
-    let mut latencies = Vec::new();
-    while !holder.is_finished() {
-        let start = Instant::now();
-        let reply = lister.request(&[11])?.context("agent closed")?;
-        latencies.push(start.elapsed());
-        expect_ok(&reply)?;
-    }
-    let (held_for, signed) = holder
-        .join()
-        .map_err(|_| anyhow::anyhow!("holder panicked"))??;
-    latencies.sort();
-    Ok(Held {
-        count: latencies.len(),
-        p50_us: percentile(&latencies, 50).as_micros(),
-        p99_us: percentile(&latencies, 99).as_micros(),
-        held: format!(
-            "{} after {:.1} s",
-            if signed { "signed" } else { "refused" },
-            held_for.as_secs_f64()
-        ),
-    })
-}
-
-fn expect_ok(reply: &[u8]) -> anyhow::Result<()> {
-    match reply.first() {
-        Some(&IDENTITIES_ANSWER) | Some(&SIGN_RESPONSE) => Ok(()),
-        other => bail!("unexpected reply {other:?}"),
-    }
-}
-
-fn percentile(sorted: &[Duration], pct: usize) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = (sorted.len() * pct / 100).min(sorted.len() - 1);
-    sorted[index]
 }
 
 /// A memory figure (`field`, e.g. "VmRSS:") from `/proc/PID/FILE`.

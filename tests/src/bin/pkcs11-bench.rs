@@ -23,6 +23,7 @@ use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::UserType;
 use sha2::Digest;
 use token_agent_e2e::agent::{Agent, AgentOptions};
+use token_agent_e2e::bench::{self, expect_ok, held_run, run, summarize, Throughput};
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
 use token_agent_e2e::wire::{RawClient, IDENTITIES_ANSWER};
 use token_agent_e2e::{check, write_script};
@@ -35,8 +36,6 @@ struct Args {
     seconds: u64,
 }
 
-/// SSH_AGENT_SIGN_RESPONSE.
-const SIGN_RESPONSE: u8 = 14;
 /// The data of each signature: a session id and a user-auth request's worth.
 const DATA: [u8; 180] = [0x5a; 180];
 
@@ -134,9 +133,17 @@ fn main() -> anyhow::Result<()> {
     let held = held_run(token.socket(), &sign_request(&blob, 0))?;
     println!("| lists | p50 µs | p99 µs | held signature |");
     println!("| --- | --- | --- | --- |");
+    let outcome = if held.signed {
+        "signed"
+    } else {
+        "failed (module killed)"
+    };
     println!(
-        "| {} | {} | {} | {} |",
-        held.count, held.p50_us, held.p99_us, held.held
+        "| {} | {} | {} | {outcome} after {:.1} s |",
+        held.count,
+        held.p50_us,
+        held.p99_us,
+        held.held_for.as_secs_f64()
     );
     Ok(())
 }
@@ -192,61 +199,7 @@ fn key_blob(agent: &Agent, prefix: &str, token: &str) -> anyhow::Result<Vec<u8>>
 }
 
 fn sign_request(blob: &[u8], flags: u32) -> Vec<u8> {
-    let mut out = vec![13u8];
-    out.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(0).to_be_bytes());
-    out.extend_from_slice(blob);
-    out.extend_from_slice(&u32::try_from(DATA.len()).unwrap_or(0).to_be_bytes());
-    out.extend_from_slice(&DATA);
-    out.extend_from_slice(&flags.to_be_bytes());
-    out
-}
-
-struct Throughput {
-    per_second: f64,
-    p50_us: u128,
-    p99_us: u128,
-}
-
-fn summarize(mut all: Vec<Duration>, seconds: u64) -> Throughput {
-    all.sort();
-    Throughput {
-        per_second: all.len() as f64 / seconds as f64,
-        p50_us: percentile(&all, 50).as_micros(),
-        p99_us: percentile(&all, 99).as_micros(),
-    }
-}
-
-/// `clients` connections each send `request` back to back for `seconds`.
-fn run(socket: &Path, request: &[u8], clients: usize, seconds: u64) -> anyhow::Result<Throughput> {
-    let barrier = Arc::new(Barrier::new(clients));
-    let request = Arc::new(request.to_vec());
-    let handles: Vec<_> = (0..clients)
-        .map(|_| {
-            let (barrier, request, socket) = (barrier.clone(), request.clone(), socket.to_owned());
-            std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
-                let mut client = RawClient::connect(&socket)?;
-                let mut latencies = Vec::new();
-                barrier.wait();
-                let end = Instant::now() + Duration::from_secs(seconds);
-                while Instant::now() < end {
-                    let start = Instant::now();
-                    let reply = client.request(&request)?.context("agent closed")?;
-                    latencies.push(start.elapsed());
-                    expect_ok(&reply)?;
-                }
-                Ok(latencies)
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for handle in handles {
-        all.extend(
-            handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
-        );
-    }
-    Ok(summarize(all, seconds))
+    bench::sign_request(blob, &DATA, flags)
 }
 
 /// List latency while another client signs back to back.
@@ -269,52 +222,6 @@ fn list_while_signing(socket: &Path, sign: &[u8], seconds: u64) -> anyhow::Resul
         .join()
         .map_err(|_| anyhow::anyhow!("signer panicked"))??;
     result
-}
-
-struct Held {
-    count: usize,
-    p50_us: u128,
-    p99_us: u128,
-    held: String,
-}
-
-/// One client's signature hangs in the module while another lists.
-fn held_run(socket: &Path, held_request: &[u8]) -> anyhow::Result<Held> {
-    let socket_owned = socket.to_owned();
-    let request = held_request.to_vec();
-    let holder = std::thread::spawn(move || -> anyhow::Result<(Duration, bool)> {
-        let mut client = RawClient::connect(&socket_owned)?;
-        let start = Instant::now();
-        let reply = client.request(&request)?.context("agent closed")?;
-        Ok((start.elapsed(), reply.first() == Some(&SIGN_RESPONSE)))
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let mut lister = RawClient::connect(socket)?;
-    let mut latencies = Vec::new();
-    while !holder.is_finished() {
-        let start = Instant::now();
-        let reply = lister.request(&[11])?.context("agent closed")?;
-        latencies.push(start.elapsed());
-        expect_ok(&reply)?;
-    }
-    let (held_for, signed) = holder
-        .join()
-        .map_err(|_| anyhow::anyhow!("holder panicked"))??;
-    latencies.sort();
-    Ok(Held {
-        count: latencies.len(),
-        p50_us: percentile(&latencies, 50).as_micros(),
-        p99_us: percentile(&latencies, 99).as_micros(),
-        held: format!(
-            "{} after {:.1} s",
-            if signed {
-                "signed"
-            } else {
-                "failed (module killed)"
-            },
-            held_for.as_secs_f64()
-        ),
-    })
 }
 
 /// C_Sign in a loop through cryptoki, one session per thread: the ceiling.
@@ -390,19 +297,4 @@ fn ceiling(
     drop(login);
     context.finalize()?;
     Ok(summarize(all, seconds))
-}
-
-fn expect_ok(reply: &[u8]) -> anyhow::Result<()> {
-    match reply.first() {
-        Some(&IDENTITIES_ANSWER) | Some(&SIGN_RESPONSE) => Ok(()),
-        other => bail!("unexpected reply {other:?}"),
-    }
-}
-
-fn percentile(sorted: &[Duration], pct: usize) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = (sorted.len() * pct / 100).min(sorted.len() - 1);
-    sorted[index]
 }

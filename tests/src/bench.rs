@@ -1,0 +1,146 @@
+//! What the benchmarks share: agent requests, concurrent clients driving a
+//! socket for a fixed time, and latency percentiles.
+
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::wire::{RawClient, IDENTITIES_ANSWER, SIGN_RESPONSE};
+
+/// SSH_AGENTC_SIGN_REQUEST for the key `blob` over `data` with `flags`.
+pub fn sign_request(blob: &[u8], data: &[u8], flags: u32) -> Vec<u8> {
+    let mut out = vec![13u8];
+    out.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(0).to_be_bytes());
+    out.extend_from_slice(blob);
+    out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(0).to_be_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(&flags.to_be_bytes());
+    out
+}
+
+/// Requests per second and latency of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    /// Completed requests per second.
+    pub per_second: f64,
+    /// Median latency.
+    pub p50_us: u128,
+    /// 99th-percentile latency.
+    pub p99_us: u128,
+}
+
+/// Summarizes the latencies of a run of `seconds`.
+pub fn summarize(mut all: Vec<Duration>, seconds: u64) -> Throughput {
+    all.sort();
+    Throughput {
+        per_second: all.len() as f64 / seconds.max(1) as f64,
+        p50_us: percentile(&all, 50).as_micros(),
+        p99_us: percentile(&all, 99).as_micros(),
+    }
+}
+
+/// `clients` connections each send `request` back to back for `seconds`.
+pub fn run(
+    socket: &Path,
+    request: &[u8],
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<Throughput> {
+    let barrier = Arc::new(Barrier::new(clients));
+    let request = Arc::new(request.to_vec());
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let (barrier, request, socket) = (barrier.clone(), request.clone(), socket.to_owned());
+            std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+                let mut client = RawClient::connect(&socket)?;
+                let mut latencies = Vec::new();
+                barrier.wait();
+                let end = Instant::now() + Duration::from_secs(seconds);
+                while Instant::now() < end {
+                    let start = Instant::now();
+                    let reply = client.request(&request)?.context("agent closed")?;
+                    latencies.push(start.elapsed());
+                    expect_ok(&reply)?;
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for handle in handles {
+        all.extend(
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
+        );
+    }
+    Ok(summarize(all, seconds))
+}
+
+/// Listing while another client's signature is held.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    /// Lists answered while the signature waited.
+    pub count: usize,
+    /// Median list latency.
+    pub p50_us: u128,
+    /// 99th-percentile list latency.
+    pub p99_us: u128,
+    /// How long the held signature took.
+    pub held_for: Duration,
+    /// Whether it ended with a signature.
+    pub signed: bool,
+}
+
+/// One client sends `held_request`, which the agent holds (a confirmation, a
+/// hung module, a touch); another lists until it returns.
+pub fn held_run(socket: &Path, held_request: &[u8]) -> anyhow::Result<Held> {
+    let socket_owned = socket.to_owned();
+    let request = held_request.to_vec();
+    let holder = std::thread::spawn(move || -> anyhow::Result<(Duration, bool)> {
+        let mut client = RawClient::connect(&socket_owned)?;
+        let start = Instant::now();
+        let reply = client.request(&request)?.context("agent closed")?;
+        Ok((start.elapsed(), reply.first() == Some(&SIGN_RESPONSE)))
+    });
+    // Let the signature reach its wait first.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut lister = RawClient::connect(socket)?;
+    let mut latencies = Vec::new();
+    while !holder.is_finished() {
+        let start = Instant::now();
+        let reply = lister.request(&[11])?.context("agent closed")?;
+        latencies.push(start.elapsed());
+        expect_ok(&reply)?;
+    }
+    let (held_for, signed) = holder
+        .join()
+        .map_err(|_| anyhow::anyhow!("holder panicked"))??;
+    latencies.sort();
+    Ok(Held {
+        count: latencies.len(),
+        p50_us: percentile(&latencies, 50).as_micros(),
+        p99_us: percentile(&latencies, 99).as_micros(),
+        held_for,
+        signed,
+    })
+}
+
+/// Fails unless `reply` is an identities answer or a signature.
+pub fn expect_ok(reply: &[u8]) -> anyhow::Result<()> {
+    match reply.first() {
+        Some(&IDENTITIES_ANSWER) | Some(&SIGN_RESPONSE) => Ok(()),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// The `pct`th percentile of sorted latencies.
+pub fn percentile(sorted: &[Duration], pct: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = (sorted.len() * pct / 100).min(sorted.len() - 1);
+    sorted[index]
+}
