@@ -128,6 +128,35 @@ pub fn held_run(socket: &Path, held_request: &[u8]) -> anyhow::Result<Held> {
     })
 }
 
+/// The (key blob, comment) pairs of an SSH_AGENT_IDENTITIES_ANSWER.
+pub fn parse_identities(reply: &[u8]) -> anyhow::Result<Vec<(Vec<u8>, String)>> {
+    let mut rest = reply
+        .strip_prefix(&[IDENTITIES_ANSWER])
+        .context("not an identities answer")?;
+    let mut take = |len: usize| -> anyhow::Result<Vec<u8>> {
+        if rest.len() < len {
+            bail!("truncated identities answer");
+        }
+        let (head, tail) = rest.split_at(len);
+        rest = tail;
+        Ok(head.to_vec())
+    };
+    let take_u32 = |take: &mut dyn FnMut(usize) -> anyhow::Result<Vec<u8>>| {
+        let bytes: [u8; 4] = take(4)?.try_into().unwrap_or_default();
+        Ok::<_, anyhow::Error>(u32::from_be_bytes(bytes) as usize)
+    };
+    let count = take_u32(&mut take)?;
+    let mut identities = Vec::new();
+    for _ in 0..count {
+        let len = take_u32(&mut take)?;
+        let blob = take(len)?;
+        let len = take_u32(&mut take)?;
+        let comment = String::from_utf8_lossy(&take(len)?).into_owned();
+        identities.push((blob, comment));
+    }
+    Ok(identities)
+}
+
 /// Fails unless `reply` is an identities answer or a signature.
 pub fn expect_ok(reply: &[u8]) -> anyhow::Result<()> {
     match reply.first() {

@@ -16,11 +16,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
 use token_agent_e2e::bench::{self, held_run, run};
-use token_agent_e2e::wire::{RawClient, IDENTITIES_ANSWER};
+use token_agent_e2e::wire::RawClient;
 use token_agent_e2e::{check, write_script};
 
 /// Compare agents: throughput, latency, and memory.
@@ -211,7 +211,10 @@ fn memory(pid: Option<u32>, file: &str, field: &str) -> anyhow::Result<String> {
 fn drive_one(args: &Args, socket: &Path) -> anyhow::Result<()> {
     let mut client = RawClient::connect(socket)?;
     let reply = client.request(&[11])?.context("agent closed")?;
-    let blobs = parse_identities(&reply)?;
+    let blobs: Vec<Vec<u8>> = bench::parse_identities(&reply)?
+        .into_iter()
+        .map(|(blob, _)| blob)
+        .collect();
     println!("| scenario | clients | req/s | p50 µs | p99 µs |");
     println!("| --- | --- | --- | --- | --- |");
     let mut requests = vec![("list".to_owned(), vec![11u8])];
@@ -228,27 +231,4 @@ fn drive_one(args: &Args, socket: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn parse_identities(reply: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
-    let mut rest = reply
-        .strip_prefix(&[IDENTITIES_ANSWER])
-        .context("not an identities answer")?;
-    let mut take = |len: usize| -> anyhow::Result<Vec<u8>> {
-        if rest.len() < len {
-            bail!("truncated identities answer");
-        }
-        let (head, tail) = rest.split_at(len);
-        rest = tail;
-        Ok(head.to_vec())
-    };
-    let count = u32::from_be_bytes(take(4)?.try_into().unwrap_or_default());
-    let mut blobs = Vec::new();
-    for _ in 0..count {
-        let len = u32::from_be_bytes(take(4)?.try_into().unwrap_or_default()) as usize;
-        blobs.push(take(len)?);
-        let comment_len = u32::from_be_bytes(take(4)?.try_into().unwrap_or_default()) as usize;
-        take(comment_len)?;
-    }
-    Ok(blobs)
 }

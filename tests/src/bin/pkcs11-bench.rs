@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
@@ -25,7 +25,7 @@ use sha2::Digest;
 use token_agent_e2e::agent::{Agent, AgentOptions};
 use token_agent_e2e::bench::{self, expect_ok, held_run, run, summarize, Throughput};
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
-use token_agent_e2e::wire::{RawClient, IDENTITIES_ANSWER};
+use token_agent_e2e::wire::RawClient;
 use token_agent_e2e::{check, write_script};
 
 /// Compare PKCS#11 signing through token-agent, OpenSSH's agent and cryptoki.
@@ -166,24 +166,8 @@ fn add_provider(agent: &Agent, module: &Path, askpass: &Path) -> anyhow::Result<
 fn key_blob(agent: &Agent, prefix: &str, token: &str) -> anyhow::Result<Vec<u8>> {
     let mut client = RawClient::connect(agent.socket())?;
     let reply = client.request(&[11])?.context("agent closed")?;
-    let mut rest = reply
-        .strip_prefix(&[IDENTITIES_ANSWER])
-        .context("not an identities answer")?;
-    let mut take = |len: usize| -> anyhow::Result<Vec<u8>> {
-        if rest.len() < len {
-            bail!("truncated identities answer");
-        }
-        let (head, tail) = rest.split_at(len);
-        rest = tail;
-        Ok(head.to_vec())
-    };
-    let count = u32::from_be_bytes(take(4)?.try_into().unwrap_or_default());
     let mut found = None;
-    for _ in 0..count {
-        let len = u32::from_be_bytes(take(4)?.try_into().unwrap_or_default()) as usize;
-        let blob = take(len)?;
-        let len = u32::from_be_bytes(take(4)?.try_into().unwrap_or_default()) as usize;
-        let comment = String::from_utf8_lossy(&take(len)?).into_owned();
+    for (blob, comment) in bench::parse_identities(&reply)? {
         let algorithm = blob
             .get(4..4 + prefix.len())
             .map(|a| a == prefix.as_bytes())
