@@ -134,10 +134,21 @@ impl SoftHsm {
 
     /// Generates a key pair of `kind` on token `label`.
     pub fn keygen(&self, label: &str, kind: KeyKind) -> anyhow::Result<()> {
+        self.keygen_with(label, kind, &[])
+    }
+
+    /// Generates a key pair of `kind` on token `label` whose private key has
+    /// CKA_ALWAYS_AUTHENTICATE: each signature needs a context-specific login.
+    pub fn keygen_always_authenticate(&self, label: &str, kind: KeyKind) -> anyhow::Result<()> {
+        self.keygen_with(label, kind, &["--always-auth"])
+    }
+
+    fn keygen_with(&self, label: &str, kind: KeyKind, extra: &[&str]) -> anyhow::Result<()> {
         let (id, key_label) = kind.id_and_label();
         check(
             self.command("pkcs11-tool")
                 .args(["--module", MODULE, "--token-label", label, "--keypairgen"])
+                .args(extra)
                 .args([
                     "--key-type",
                     kind.key_type(),
@@ -167,7 +178,7 @@ impl SoftHsm {
 }
 
 /// How a test module misbehaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Shim {
     /// C_Sign aborts (SIGABRT).
     Crash,
@@ -175,6 +186,9 @@ pub enum Shim {
     Hang,
     /// The user PIN is locked.
     Locked,
+    /// The token sits in a reader with a PIN pad: logins take no PIN from
+    /// the agent and wait until the PIN is "typed" into the file named.
+    PinPad(PathBuf),
 }
 
 /// Compiles `tests/fixtures/pkcs11/shim.c` in `mode` into `dir`, forwarding to
@@ -182,14 +196,18 @@ pub enum Shim {
 pub fn build_shim(dir: &Path, mode: Shim, softhsm: &SoftHsm) -> anyhow::Result<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/pkcs11/shim.c");
     let (define, name) = match mode {
-        Shim::Crash => ("-DSHIM_CRASH", "libcrash-pkcs11.so"),
-        Shim::Hang => ("-DSHIM_HANG", "libhang-pkcs11.so"),
-        Shim::Locked => ("-DSHIM_LOCKED", "liblocked-pkcs11.so"),
+        Shim::Crash => ("-DSHIM_CRASH".to_owned(), "libcrash-pkcs11.so"),
+        Shim::Hang => ("-DSHIM_HANG".to_owned(), "libhang-pkcs11.so"),
+        Shim::Locked => ("-DSHIM_LOCKED".to_owned(), "liblocked-pkcs11.so"),
+        Shim::PinPad(file) => (
+            format!("-DSHIM_PIN_PAD=\"{}\"", file.display()),
+            "libpinpad-pkcs11.so",
+        ),
     };
     let output = dir.join(name);
     check(
         Command::new("gcc")
-            .args(["-shared", "-fPIC", "-O1", define])
+            .args(["-shared", "-fPIC", "-O1", &define])
             .arg(format!("-DSHIM_CONF=\"{}\"", softhsm.conf().display()))
             .arg("-o")
             .arg(&output)

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
-use sha2::Digest;
 use ssh_encoding::Decode;
 use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, EcdsaCurve};
@@ -18,7 +17,7 @@ use token_agent_core::{
 };
 
 use crate::client::{lock, CallError, Helper, HelperCommand};
-use crate::proto::{Failure, Mechanism, Op, Pin, PinState, Reply, TokenState};
+use crate::proto::{Failure, Op, Pin, PinState, Reply, Scheme, TokenState};
 
 /// The backend's name, in every [`KeyRef`] it issues.
 pub const NAME: &str = "pkcs11";
@@ -100,6 +99,8 @@ struct Inner {
     options: Pkcs11Options,
     modules: Mutex<Vec<Arc<Module>>>,
     sink: OnceLock<IdentitySink>,
+    /// The runtime that reads helpers' answers (the one `start` ran on).
+    runtime: OnceLock<tokio::runtime::Handle>,
     pins: Mutex<HashMap<TokenId, CachedPin>>,
     wake: (Mutex<bool>, Condvar),
 }
@@ -153,6 +154,7 @@ impl Pkcs11Backend {
                 options,
                 modules: Mutex::new(modules),
                 sink: OnceLock::new(),
+                runtime: OnceLock::new(),
                 pins: Mutex::new(HashMap::new()),
                 wake: (Mutex::new(false), Condvar::new()),
             }),
@@ -178,6 +180,9 @@ impl Backend for Pkcs11Backend {
     fn start(&self, sink: IdentitySink) {
         sink.publish(Vec::new());
         let _ = self.inner.sink.set(sink);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let _ = self.inner.runtime.set(runtime);
+        }
         let weak = Arc::downgrade(&self.inner);
         let spawned = std::thread::Builder::new()
             .name("pkcs11-watch".into())
@@ -196,7 +201,7 @@ impl Backend for Pkcs11Backend {
     ) -> Result<SshSignature, Error> {
         let located = self.inner.locate(key)?;
         let device = device(&located.token);
-        let (mechanism, data, finish) = prepare(&located.public, request)?;
+        let (scheme, finish) = prepare(&located.public, request)?;
         let subject = PromptSubject {
             key: Some(located.comment.clone()),
             fingerprint: Some(token_agent_core::fingerprint(
@@ -232,8 +237,8 @@ impl Backend for Pkcs11Backend {
             let op = Op::Sign {
                 slot: located.token.slot,
                 key_id: located.id.clone(),
-                mechanism,
-                data: data.clone(),
+                scheme,
+                message: request.data.clone(),
                 context_pin: pin,
                 context_pin_pad: pad,
             };
@@ -261,8 +266,11 @@ impl Backend for Pkcs11Backend {
                     context_pin = Some(if located.token.protected_auth_path {
                         (None, true)
                     } else {
+                        // CKA_ALWAYS_AUTHENTICATE asks for the person
+                        // at every signature: that is what the attribute
+                        // is for, so the cached PIN is not used for it.
                         let (pin, _) = inner
-                            .pin_for(&located.module, &located.token, &subject, &*prompter)
+                            .pin_for(&located.module, &located.token, &subject, &*prompter, false)
                             .await?;
                         (Some(pin), false)
                     });
@@ -417,7 +425,7 @@ impl Inner {
             return Err("the module was unloaded".into());
         }
         let weak = Arc::downgrade(self);
-        let helper = Helper::spawn(&self.options.helper, move || {
+        let helper = Helper::spawn(&self.options.helper, self.runtime.get(), move || {
             if let Some(inner) = weak.upgrade() {
                 inner.wake();
             }
@@ -550,7 +558,8 @@ impl Inner {
         let scanner = match slot.as_ref().filter(|h| !h.is_dead()) {
             Some(scanner) => scanner.clone(),
             None => {
-                let scanner = Helper::spawn(&self.options.helper, || {}).ok()?;
+                let scanner =
+                    Helper::spawn(&self.options.helper, self.runtime.get(), || {}).ok()?;
                 let load = Op::Load {
                     path: module.path.clone(),
                 };
@@ -630,24 +639,35 @@ impl Inner {
         })
     }
 
-    /// One helper call off the async threads, restarting the helper after a crash or hang.
+    /// One helper call, restarting the helper after a crash or hang. A live
+    /// helper is called straight from the task; starting or restarting one
+    /// (a process spawn and C_Initialize) runs on a thread of its own.
     async fn call(
         self: &Arc<Self>,
         module: &Arc<Module>,
         op: Op,
         limit: Duration,
     ) -> Result<Reply, CallError> {
-        let inner = self.clone();
-        let module = module.clone();
-        blocking(move || {
-            let helper = inner
-                .helper(&module)
-                .map_err(|message| CallError::Failed(Failure::Load(message)))?;
-            let result = helper.call(op, limit);
-            if matches!(result, Err(CallError::Died(_) | CallError::TimedOut(_))) {
-                // Restart now, so the module's other keys keep working and
-                // the error can say so.
-                lock(&module.helper).take();
+        let helper = match module.live_helper() {
+            Some(helper) => helper,
+            None => {
+                let (inner, module) = (self.clone(), module.clone());
+                blocking(move || inner.helper(&module))
+                    .await
+                    .map_err(|message| CallError::Failed(Failure::Load(message)))?
+            }
+        };
+        let result = helper.call_async(op, limit).await;
+        if matches!(result, Err(CallError::Died(_) | CallError::TimedOut(_))) {
+            // Restart now, so the module's other keys keep working and
+            // the error can say so.
+            let (inner, module) = (self.clone(), module.clone());
+            blocking(move || {
+                let mut slot = lock(&module.helper);
+                if slot.as_ref().is_some_and(|h| Arc::ptr_eq(h, &helper)) {
+                    slot.take();
+                }
+                drop(slot);
                 helper.kill();
                 if let Err(err) = inner.helper(&module) {
                     tracing::error!(
@@ -657,10 +677,10 @@ impl Inner {
                     );
                 }
                 inner.wake();
-            }
-            result
-        })
-        .await
+            })
+            .await;
+        }
+        result
     }
 
     /// The error for a failed call on `token`, logged when the helper died.
@@ -706,7 +726,7 @@ impl Inner {
             tracing::info!(token = token.label, "enter the PIN on the reader's pad");
             return self.login_with(module, token, None).await;
         }
-        let (pin, cached) = self.pin_for(module, token, subject, prompter).await?;
+        let (pin, cached) = self.pin_for(module, token, subject, prompter, true).await?;
         let result = self.login_with(module, token, Some(pin)).await;
         if cached && result.is_err() {
             lock(&self.pins).remove(&token_id(module, token));
@@ -714,18 +734,21 @@ impl Inner {
         result
     }
 
-    /// A PIN for `token`: the cached one, or one asked of the person.
-    /// Returns whether it came from the cache.
+    /// A PIN for `token`: the cached one (when `use_cache` allows), or one
+    /// asked of the person. Returns whether it came from the cache.
     async fn pin_for(
         &self,
         module: &Module,
         token: &TokenState,
         subject: &PromptSubject,
         prompter: &dyn Prompter,
+        use_cache: bool,
     ) -> Result<(SecretString, bool), Error> {
-        if let Some(cached) = lock(&self.pins).get_mut(&token_id(module, token)) {
-            cached.used = Instant::now();
-            return Ok((cached.pin.clone(), true));
+        if use_cache {
+            if let Some(cached) = lock(&self.pins).get_mut(&token_id(module, token)) {
+                cached.used = Instant::now();
+                return Ok((cached.pin.clone(), true));
+            }
         }
         if token.pin.locked {
             return Err(Error::PinBlocked {
@@ -874,42 +897,34 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 
 type Finish = Box<dyn Fn(&[u8]) -> Option<SshSignature> + Send + Sync>;
 
-/// The mechanism, its input and how to turn its output into an SSH signature.
-fn prepare(public: &KeyData, request: &SignRequest) -> Result<(Mechanism, Vec<u8>, Finish), Error> {
+/// The signature scheme and how to turn the module's output into an SSH signature.
+fn prepare(public: &KeyData, request: &SignRequest) -> Result<(Scheme, Finish), Error> {
     match public.algorithm() {
         Algorithm::Rsa { .. } => {
             let hash = request.flags.rsa_hash();
-            let mut input = match hash {
-                RsaHash::Sha1 => SHA1_PREFIX.to_vec(),
-                RsaHash::Sha256 => SHA256_PREFIX.to_vec(),
-                RsaHash::Sha512 => SHA512_PREFIX.to_vec(),
+            let scheme = match hash {
+                RsaHash::Sha1 => Scheme::RsaSha1,
+                RsaHash::Sha256 => Scheme::RsaSha256,
+                RsaHash::Sha512 => Scheme::RsaSha512,
             };
-            match hash {
-                RsaHash::Sha1 => input.extend_from_slice(&sha1::Sha1::digest(&request.data)),
-                RsaHash::Sha256 => input.extend_from_slice(&sha2::Sha256::digest(&request.data)),
-                RsaHash::Sha512 => input.extend_from_slice(&sha2::Sha512::digest(&request.data)),
-            }
             Ok((
-                Mechanism::RsaPkcs,
-                input,
+                scheme,
                 Box::new(move |raw| Some(SshSignature::rsa(hash, raw))),
             ))
         }
         Algorithm::Ecdsa { curve } => {
-            let digest = match curve {
-                EcdsaCurve::NistP256 => sha2::Sha256::digest(&request.data).to_vec(),
-                EcdsaCurve::NistP384 => sha2::Sha384::digest(&request.data).to_vec(),
-                EcdsaCurve::NistP521 => sha2::Sha512::digest(&request.data).to_vec(),
+            let scheme = match curve {
+                EcdsaCurve::NistP256 => Scheme::EcdsaSha256,
+                EcdsaCurve::NistP384 => Scheme::EcdsaSha384,
+                EcdsaCurve::NistP521 => Scheme::EcdsaSha512,
             };
             Ok((
-                Mechanism::Ecdsa,
-                digest,
+                scheme,
                 Box::new(move |raw| SshSignature::ecdsa_fixed(curve, raw)),
             ))
         }
         Algorithm::Ed25519 => Ok((
-            Mechanism::Eddsa,
-            request.data.clone(),
+            Scheme::Ed25519,
             Box::new(|raw| {
                 ssh_key::Signature::new(Algorithm::Ed25519, raw.to_vec())
                     .ok()
@@ -921,19 +936,6 @@ fn prepare(public: &KeyData, request: &SignRequest) -> Result<(Mechanism, Vec<u8
         }),
     }
 }
-
-/// DigestInfo prefixes (RFC 8017 section 9.2, note 1).
-const SHA1_PREFIX: &[u8] = &[
-    0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14,
-];
-const SHA256_PREFIX: &[u8] = &[
-    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
-    0x00, 0x04, 0x20,
-];
-const SHA512_PREFIX: &[u8] = &[
-    0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03, 0x05,
-    0x00, 0x04, 0x40,
-];
 
 fn wrong_pin(device: DeviceInfo, state: PinState) -> Error {
     if state.locked {
@@ -1098,20 +1100,21 @@ mod tests {
     }
 
     #[test]
-    fn rsa_input_is_a_digest_info() {
+    fn rsa_schemes_follow_the_request_flags() {
         let public = KeyData::Rsa(ssh_key::public::RsaPublicKey {
             e: ssh_key::Mpint::from_positive_bytes(&[1, 0, 1]).unwrap(),
             n: ssh_key::Mpint::from_positive_bytes(&[0xc1; 256]).unwrap(),
         });
-        let request = SignRequest {
-            data: b"abc".to_vec(),
-            flags: token_agent_core::SignFlags::from_bits(
-                token_agent_core::SignFlags::RSA_SHA2_256,
-            ),
-        };
-        let (mechanism, input, _) = prepare(&public, &request).unwrap();
-        assert_eq!(mechanism, Mechanism::RsaPkcs);
-        assert_eq!(input.len(), 19 + 32);
-        assert_eq!(&input[..19], SHA256_PREFIX);
+        for (flags, scheme) in [
+            (0, Scheme::RsaSha1),
+            (token_agent_core::SignFlags::RSA_SHA2_256, Scheme::RsaSha256),
+            (token_agent_core::SignFlags::RSA_SHA2_512, Scheme::RsaSha512),
+        ] {
+            let request = SignRequest {
+                data: b"abc".to_vec(),
+                flags: token_agent_core::SignFlags::from_bits(flags),
+            };
+            assert_eq!(prepare(&public, &request).unwrap().0, scheme);
+        }
     }
 }

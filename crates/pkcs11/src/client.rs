@@ -3,10 +3,13 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::{BufReader, BufWriter};
+use std::fmt;
+use std::io::BufReader;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,8 +17,14 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
 
-use crate::proto::{read_frame, write_frame, Failure, Op, Reply, Request, Response, EVENT_ID};
+use crate::proto::{
+    decode_body, frame_len, read_frame, write_frame, Failure, Op, Reply, Request, Response,
+    EVENT_ID,
+};
 
 /// How to start a helper: the program (the token-agent binary) and its arguments.
 #[derive(Debug, Clone)]
@@ -50,67 +59,112 @@ pub(crate) enum CallError {
     TimedOut(Duration),
 }
 
+/// How long writing one request may block: the helper reads requests as
+/// soon as they come, so a full socket buffer means it stopped working.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who waits for an answer: an async task or a blocked thread.
+enum Waiter {
+    Task(oneshot::Sender<Response>),
+    Thread(SyncSender<Response>),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
+
 /// One running helper process.
-#[derive(Debug)]
+///
+/// The agent talks to it over a socketpair. Requests are written straight
+/// from the calling task or thread (one write per frame, under a lock);
+/// a reader thread takes each answer off the socket and wakes whoever waits
+/// for it. Calls are pipelined: many can be outstanding at once, and the
+/// helper answers them in any order.
 pub(crate) struct Helper {
     pid: Pid,
-    stdin: Mutex<BufWriter<ChildStdin>>,
-    pending: Arc<Mutex<HashMap<u64, SyncSender<Response>>>>,
+    output: Mutex<UnixStream>,
+    pending: Pending,
     exit: Arc<Mutex<Option<String>>>,
     next_id: AtomicU64,
 }
 
+impl fmt::Debug for Helper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Helper")
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Helper {
-    /// Starts a helper; `on_event` runs (on the reader thread) whenever the
-    /// module reports a slot event.
+    /// Starts a helper; `on_event` runs whenever the module reports a slot
+    /// event. With a `runtime`, answers are read by a task on it, which
+    /// wakes the waiting task directly; without one, by a thread.
     pub(crate) fn spawn(
         command: &HelperCommand,
-        on_event: impl Fn() + Send + 'static,
+        runtime: Option<&Handle>,
+        on_event: impl Fn() + Send + Sync + 'static,
     ) -> std::io::Result<Arc<Self>> {
-        let mut child = Command::new(&command.program)
+        // One socketpair per direction: requests are written with blocking
+        // writes (bounded by a timeout) while answers may be read by the
+        // runtime, which needs its socket non-blocking.
+        let (requests, helper_input) = UnixStream::pair()?;
+        let (answers, helper_output) = UnixStream::pair()?;
+        let mut builder = Command::new(&command.program);
+        builder
             .args(&command.args)
             .envs(command.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| std::io::Error::other("no stdin"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| std::io::Error::other("no stdout"))?;
+            .stdin(Stdio::from(OwnedFd::from(helper_input)))
+            .stdout(Stdio::from(OwnedFd::from(helper_output)))
+            .stderr(Stdio::inherit());
+        let mut child = builder.spawn()?;
+        // The builder holds the helper's ends of the sockets: close them
+        // here, or the agent would never see the helper's end of output.
+        drop(builder);
         let pid = Pid::from_raw(i32::try_from(child.id()).map_err(std::io::Error::other)?);
-        let pending: Arc<Mutex<HashMap<u64, SyncSender<Response>>>> = Arc::default();
-        let exit: Arc<Mutex<Option<String>>> = Arc::default();
-        let (reader_pending, reader_exit) = (pending.clone(), exit.clone());
-        std::thread::Builder::new()
-            .name("pkcs11-helper-reader".into())
-            .spawn(move || {
-                let mut input = BufReader::new(stdout);
-                while let Ok(Some(response)) = read_frame::<Response>(&mut input) {
-                    if response.id == EVENT_ID {
-                        on_event();
-                        continue;
-                    }
-                    if let Some(sender) = lock(&reader_pending).remove(&response.id) {
-                        let _ = sender.send(response);
-                    }
-                }
-                // End of output: the helper exited or died. Record how before
-                // waking the callers, so each can say what happened.
-                let how = match child.wait() {
-                    Ok(status) => describe(status),
-                    Err(err) => format!("could not be waited for: {err}"),
+        requests.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let answers_to = Answers {
+            pending: Arc::default(),
+            exit: Arc::default(),
+            on_event: Box::new(on_event),
+        };
+        let (pending, exit) = (answers_to.pending.clone(), answers_to.exit.clone());
+        match runtime {
+            Some(runtime) => {
+                answers.set_nonblocking(true)?;
+                let answers = {
+                    let _entered = runtime.enter();
+                    tokio::net::UnixStream::from_std(answers)?
                 };
-                *lock(&reader_exit) = Some(how);
-                lock(&reader_pending).clear();
-            })?;
+                runtime.spawn(async move {
+                    let mut input = tokio::io::BufReader::new(answers);
+                    while let Ok(response) = read_answer(&mut input).await {
+                        answers_to.deliver(response);
+                    }
+                    let how = tokio::task::spawn_blocking(move || child.wait()).await;
+                    answers_to.finish(match how {
+                        Ok(Ok(status)) => describe(status),
+                        Ok(Err(err)) => format!("could not be waited for: {err}"),
+                        Err(err) => format!("could not be waited for: {err}"),
+                    });
+                });
+            }
+            None => {
+                std::thread::Builder::new()
+                    .name("pkcs11-helper-reader".into())
+                    .spawn(move || {
+                        let mut input = BufReader::new(answers);
+                        while let Ok(Some(response)) = read_frame::<Response>(&mut input) {
+                            answers_to.deliver(response);
+                        }
+                        answers_to.finish(match child.wait() {
+                            Ok(status) => describe(status),
+                            Err(err) => format!("could not be waited for: {err}"),
+                        });
+                    })?;
+            }
+        }
         Ok(Arc::new(Self {
             pid,
-            stdin: Mutex::new(BufWriter::new(stdin)),
+            output: Mutex::new(requests),
             pending,
             exit,
             next_id: AtomicU64::new(EVENT_ID + 1),
@@ -122,21 +176,31 @@ impl Helper {
         lock(&self.exit).is_some()
     }
 
-    /// Sends `op` and waits up to `limit` for the answer. Blocks the calling
-    /// thread; on a timeout the helper is killed.
+    /// Sends `op` and waits up to `limit` for the answer, without blocking
+    /// the runtime; on a timeout the helper is killed.
+    pub(crate) async fn call_async(&self, op: Op, limit: Duration) -> Result<Reply, CallError> {
+        let (sender, receiver) = oneshot::channel();
+        let id = self.send(op, Waiter::Task(sender))?;
+        let forget = Forget {
+            pending: &self.pending,
+            id,
+        };
+        match tokio::time::timeout(limit, receiver).await {
+            Ok(Ok(response)) => response.result.map_err(CallError::Failed),
+            Ok(Err(_)) => Err(CallError::Died(self.exit_async().await)),
+            Err(_) => {
+                drop(forget);
+                self.kill();
+                Err(CallError::TimedOut(limit))
+            }
+        }
+    }
+
+    /// Sends `op` and waits up to `limit` for the answer, blocking the
+    /// calling thread; on a timeout the helper is killed.
     pub(crate) fn call(&self, op: Op, limit: Duration) -> Result<Reply, CallError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::sync_channel(1);
-        lock(&self.pending).insert(id, sender);
-        if let Some(how) = lock(&self.exit).clone() {
-            lock(&self.pending).remove(&id);
-            return Err(CallError::Died(how));
-        }
-        let written = write_frame(&mut *lock(&self.stdin), &Request { id, op });
-        if written.is_err() {
-            lock(&self.pending).remove(&id);
-            return Err(CallError::Died(self.wait_exit()));
-        }
+        let id = self.send(op, Waiter::Thread(sender))?;
         match receiver.recv_timeout(limit) {
             Ok(response) => response.result.map_err(CallError::Failed),
             Err(RecvTimeoutError::Disconnected) => Err(CallError::Died(self.wait_exit())),
@@ -146,6 +210,32 @@ impl Helper {
                 Err(CallError::TimedOut(limit))
             }
         }
+    }
+
+    /// Registers `waiter` and writes the request; the request's id.
+    fn send(&self, op: Op, waiter: Waiter) -> Result<u64, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.pending).insert(id, waiter);
+        if let Some(how) = lock(&self.exit).clone() {
+            lock(&self.pending).remove(&id);
+            return Err(CallError::Died(how));
+        }
+        let written = write_frame(&mut *lock(&self.output), &Request { id, op });
+        if let Err(err) = written {
+            lock(&self.pending).remove(&id);
+            // A helper that stopped reading is as good as hung.
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                self.kill();
+                return Err(CallError::TimedOut(WRITE_TIMEOUT));
+            }
+            self.kill();
+            return Err(CallError::Died(
+                lock(&self.exit)
+                    .clone()
+                    .unwrap_or_else(|| format!("stopped reading requests ({err})")),
+            ));
+        }
+        Ok(id)
     }
 
     /// Kills the helper (SIGKILL): it hung, or it is no longer wanted.
@@ -165,11 +255,79 @@ impl Helper {
         }
         "stopped answering".to_owned()
     }
+
+    /// [`Self::wait_exit`] for async callers.
+    async fn exit_async(&self) -> String {
+        for _ in 0..100 {
+            if let Some(how) = lock(&self.exit).clone() {
+                return how;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        "stopped answering".to_owned()
+    }
 }
 
 impl Drop for Helper {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Where the helper's answers go.
+struct Answers {
+    pending: Pending,
+    exit: Arc<Mutex<Option<String>>>,
+    on_event: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Answers {
+    /// Hands `response` to whoever waits for it.
+    fn deliver(&self, response: Response) {
+        if response.id == EVENT_ID {
+            (self.on_event)();
+            return;
+        }
+        let waiter = lock(&self.pending).remove(&response.id);
+        match waiter {
+            Some(Waiter::Task(sender)) => {
+                let _ = sender.send(response);
+            }
+            Some(Waiter::Thread(sender)) => {
+                let _ = sender.send(response);
+            }
+            // The caller gave up (timed out, or its client left).
+            None => {}
+        }
+    }
+
+    /// The helper ended: record how before waking the callers (by dropping
+    /// their senders), so each can say what happened.
+    fn finish(&self, how: String) {
+        *lock(&self.exit) = Some(how);
+        lock(&self.pending).clear();
+    }
+}
+
+/// Reads one answer on the runtime.
+async fn read_answer(input: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Response> {
+    let mut prefix = [0u8; 4];
+    input.read_exact(&mut prefix).await?;
+    let mut body = vec![0u8; frame_len(prefix)?];
+    input.read_exact(&mut body).await?;
+    decode_body(&body)
+}
+
+/// Removes an abandoned call's waiter, so answers that never come (or come
+/// after the caller left) leave nothing behind.
+struct Forget<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).remove(&self.id);
     }
 }
 

@@ -3,9 +3,9 @@
 //!
 //! The module's code runs only here, so when it crashes, hangs or scribbles
 //! over memory, the agent loses a child it can restart, not itself or its
-//! secrets. Each request is served on a thread of its own, so one signature
-//! that waits for a PIN pad (or a module that hangs in `C_Sign`) does not hold
-//! up listing or signing with another key.
+//! secrets. Requests are served on a pool of worker threads (see [`run`]), so
+//! one signature that waits for a PIN pad (or a module that hangs in
+//! `C_Sign`) does not hold up listing or signing with another key.
 //!
 //! Sessions come from a small pool per slot: tokens that take several
 //! sessions (SoftHSM does) sign in parallel, one session per concurrent
@@ -14,7 +14,10 @@
 //! dropped and the operation tried once more on a fresh one.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, BufWriter};
+use std::fs::File;
+use std::io::{self, BufReader};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -25,49 +28,135 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::{Limit, Slot};
 use secrecy::SecretString;
+use sha1::Sha1;
+use sha2::{Digest, Sha256, Sha384, Sha512};
 use ssh_encoding::Encode;
 
 use crate::keys;
 use crate::proto::{
-    read_frame, write_frame, Failure, KeyInfo, Mechanism, Op, Pin, PinState, Reply, Request,
-    Response, TokenState, EVENT_ID,
+    read_frame, write_frame, Failure, KeyInfo, Op, Pin, PinState, Reply, Request, Response, Scheme,
+    TokenState, EVENT_ID,
 };
 
 /// Idle sessions kept per slot.
 const POOL_SIZE: usize = 16;
 
-/// Serves requests on standard input until it closes, then exits the process
-/// (threads stuck in a hung module are not waited for).
+/// The most threads serving requests. Requests beyond it wait for a thread
+/// to finish; only a module hanging in that many calls at once gets there.
+const MAX_WORKERS: usize = 64;
+
+/// Serves requests on standard input (one end of a socketpair) until it
+/// closes, then exits the process (threads stuck in a hung module are not
+/// waited for).
+///
+/// Requests are served leader/follower style: of the idle worker threads,
+/// one reads the next request and serves it itself while the next idle
+/// worker takes over reading. A request therefore costs no thread handoff
+/// and no thread creation; a new worker is started only when the last idle
+/// one takes a request, so a module that hangs in one call (or a PIN pad
+/// that waits for a person) never holds up the next request.
 pub fn run() -> ! {
-    let helper = Arc::new(Helper::default());
-    let mut input = BufReader::new(io::stdin().lock());
-    loop {
-        match read_frame::<Request>(&mut input) {
-            Ok(Some(request)) => {
-                let helper = helper.clone();
-                std::thread::spawn(move || {
-                    let result = helper.handle(request.op);
-                    helper.send(&Response {
-                        id: request.id,
-                        result,
-                    });
-                });
+    let (input, output) = match standard_streams() {
+        Ok(streams) => streams,
+        Err(err) => {
+            eprintln!("token-agent pkcs11 helper: cannot use standard input and output: {err}");
+            std::process::exit(2);
+        }
+    };
+    let workers = Arc::new(Workers {
+        input: Mutex::new(BufReader::new(input)),
+        idle: AtomicUsize::new(1),
+        started: AtomicUsize::new(1),
+        helper: Arc::new(Helper::new(output)),
+    });
+    workers.serve()
+}
+
+/// The agent's end of the helper: stdin for requests, stdout for answers,
+/// both the same socket. They are used as plain files rather than through
+/// `io::stdout()`, whose line buffering would split binary frames.
+fn standard_streams() -> io::Result<(File, File)> {
+    let input = io::stdin().as_fd().try_clone_to_owned()?;
+    let output = io::stdout().as_fd().try_clone_to_owned()?;
+    Ok((File::from(input), File::from(output)))
+}
+
+/// The threads that serve requests.
+struct Workers {
+    input: Mutex<BufReader<File>>,
+    /// Workers waiting for a request (reading, or waiting to read).
+    idle: AtomicUsize,
+    /// Workers started, never more than [`MAX_WORKERS`].
+    started: AtomicUsize,
+    helper: Arc<Helper>,
+}
+
+impl Workers {
+    fn serve(self: &Arc<Self>) -> ! {
+        loop {
+            let request = read_frame::<Request>(&mut *lock(&self.input));
+            let still_idle = self.idle.fetch_sub(1, Ordering::SeqCst) - 1;
+            let request = match request {
+                Ok(Some(request)) => request,
+                Ok(None) => std::process::exit(0),
+                Err(err) => {
+                    eprintln!("token-agent pkcs11 helper: bad request from the agent: {err}");
+                    std::process::exit(2);
+                }
+            };
+            if still_idle == 0 {
+                self.start_another();
             }
-            Ok(None) => std::process::exit(0),
-            Err(err) => {
-                eprintln!("token-agent pkcs11 helper: bad request from the agent: {err}");
-                std::process::exit(2);
-            }
+            let result = self.helper.handle(request.op);
+            self.helper.send(&Response {
+                id: request.id,
+                result,
+            });
+            self.idle.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Starts one more worker, unless there are [`MAX_WORKERS`] already.
+    fn start_another(self: &Arc<Self>) {
+        let started = self
+            .started
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_WORKERS).then_some(n + 1)
+            });
+        if started.is_err() {
+            return;
+        }
+        self.idle.fetch_add(1, Ordering::SeqCst);
+        let workers = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pkcs11-worker".into())
+            .spawn(move || workers.serve());
+        if let Err(err) = spawned {
+            // Serving goes on with the workers there are.
+            self.idle.fetch_sub(1, Ordering::SeqCst);
+            self.started.fetch_sub(1, Ordering::SeqCst);
+            eprintln!("token-agent pkcs11 helper: cannot start a worker thread: {err}");
         }
     }
 }
 
-#[derive(Default)]
 struct Helper {
     context: Mutex<Option<Pkcs11>>,
     path: Mutex<Option<String>>,
     pools: Mutex<HashMap<u64, Arc<Pool>>>,
-    output: Mutex<Option<BufWriter<io::Stdout>>>,
+    /// Private key handles found before, by slot and CKA_ID, so a signature
+    /// costs C_SignInit and C_Sign alone (OpenSSH's helper searches the
+    /// token for the key before every signature). Forgotten with the slot's
+    /// sessions, on logout, and whenever the module calls a handle invalid.
+    keys: Mutex<HashMap<(u64, Vec<u8>), PrivateKey>>,
+    output: Mutex<File>,
+}
+
+/// A private key object and whether it needs a login for each signature.
+#[derive(Clone, Copy)]
+struct PrivateKey {
+    handle: ObjectHandle,
+    always_authenticate: bool,
 }
 
 struct Pool {
@@ -81,6 +170,8 @@ struct Pool {
 enum OpError {
     Ck(CkError),
     Failure(Failure),
+    /// A failure that left the session mid-operation: close it.
+    Spoiled(Failure),
 }
 
 impl From<CkError> for OpError {
@@ -96,10 +187,18 @@ impl From<Failure> for OpError {
 }
 
 impl Helper {
+    fn new(output: File) -> Self {
+        Self {
+            context: Mutex::default(),
+            path: Mutex::default(),
+            pools: Mutex::default(),
+            keys: Mutex::default(),
+            output: Mutex::new(output),
+        }
+    }
+
     fn send(&self, response: &Response) {
-        let mut output = lock(&self.output);
-        let out = output.get_or_insert_with(|| BufWriter::new(io::stdout()));
-        if write_frame(out, response).is_err() {
+        if write_frame(&mut *lock(&self.output), response).is_err() {
             // The agent is gone: nothing left to serve.
             std::process::exit(0);
         }
@@ -118,16 +217,16 @@ impl Helper {
             Op::Sign {
                 slot,
                 key_id,
-                mechanism,
-                data,
+                scheme,
+                message,
                 context_pin,
                 context_pin_pad,
             } => self
                 .sign(
                     slot,
                     &key_id,
-                    mechanism,
-                    &data,
+                    scheme,
+                    &message,
                     context_pin.as_ref(),
                     context_pin_pad,
                 )
@@ -157,6 +256,7 @@ impl Helper {
             .clone()
             .ok_or_else(|| Failure::Protocol("no module loaded".into()))?;
         lock(&self.pools).clear();
+        lock(&self.keys).clear();
         if let Some(old) = lock(&self.context).take() {
             let _ = old.finalize();
         }
@@ -199,6 +299,7 @@ impl Helper {
             .map_err(|e| failure("C_GetSlotList", e))?;
         let live: Vec<u64> = slots.iter().map(|s| s.id()).collect();
         lock(&self.pools).retain(|slot, _| live.contains(slot));
+        lock(&self.keys).retain(|(slot, _), _| live.contains(slot));
         let mut tokens = Vec::new();
         for slot in slots {
             match self.token(slot) {
@@ -252,6 +353,10 @@ impl Helper {
     }
 
     fn login(&self, slot: u64, pin: Option<&Pin>) -> Result<(), Failure> {
+        // Modules renumber private objects across a logout and login
+        // (SoftHSM drops their handles when the user logs out, which a
+        // wrong context PIN does too).
+        self.forget_keys(slot);
         let secret = pin.map(|p| SecretString::from(p.expose().to_owned()));
         let result = self.with_session(slot_of(slot)?, |session| {
             match session.login(UserType::User, secret.as_ref()) {
@@ -267,6 +372,7 @@ impl Helper {
 
     fn logout(&self) {
         let pools: Vec<Arc<Pool>> = lock(&self.pools).drain().map(|(_, p)| p).collect();
+        lock(&self.keys).clear();
         for pool in pools {
             let sessions: Vec<Session> = lock(&pool.idle).drain(..).collect();
             if let Some(session) = sessions.first() {
@@ -279,46 +385,60 @@ impl Helper {
         &self,
         slot: u64,
         key_id: &[u8],
-        mechanism: Mechanism,
-        data: &[u8],
+        scheme: Scheme,
+        message: &[u8],
         context_pin: Option<&Pin>,
         context_pin_pad: bool,
     ) -> Result<Vec<u8>, Failure> {
-        let mechanism = match mechanism {
-            Mechanism::RsaPkcs => CkMechanism::RsaPkcs,
-            Mechanism::Ecdsa => CkMechanism::Ecdsa,
-            Mechanism::Eddsa => CkMechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
-        };
+        let (mechanism, input) = single_part(scheme, message);
         let context_secret = context_pin.map(|p| SecretString::from(p.expose().to_owned()));
+        let signing = Signing {
+            scheme,
+            mechanism,
+            input,
+            message,
+            context_secret,
+            context_pin_pad,
+        };
         let result = self.with_session(slot_of(slot)?, |session| {
-            let key = private_key(session, key_id)?;
-            if !always_authenticate(session, key) {
-                return Ok(session.sign(&mechanism, key, data)?);
-            }
-            if context_secret.is_none() && !context_pin_pad {
-                return Err(Failure::ContextLoginRequired.into());
-            }
-            // CKA_ALWAYS_AUTHENTICATE: a context-specific login for this one
-            // signature. The spec places it between C_SignInit and C_Sign;
-            // cryptoki's single-part sign makes both calls, so log in first
-            // (as OpenSC's modules accept, verifying the PIN right away) and
-            // fall back to init, login and a multi-part sign for modules that
-            // insist on the order.
-            match session.login(UserType::ContextSpecific, context_secret.as_ref()) {
-                Ok(()) => Ok(session.sign(&mechanism, key, data)?),
-                Err(CkError::Pkcs11(RvError::OperationNotInitialized, _)) => {
-                    session.sign_init(&mechanism, key)?;
-                    session.login(UserType::ContextSpecific, context_secret.as_ref())?;
-                    session.sign_update(data)?;
-                    Ok(session.sign_final()?)
+            let cached = lock(&self.keys).get(&(slot, key_id.to_vec())).copied();
+            let Some(key) = cached else {
+                let key = self.find_key(session, slot, key_id)?;
+                return signing.sign(session, key);
+            };
+            match signing.sign(session, key) {
+                Err(OpError::Ck(CkError::Pkcs11(
+                    RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
+                    _,
+                ))) => {
+                    // The module renumbered its objects (a token made anew,
+                    // a logout): find the key again.
+                    let key = self.find_key(session, slot, key_id)?;
+                    signing.sign(session, key)
                 }
-                Err(err) => Err(err.into()),
+                other => other,
             }
         });
         match result {
             Err(Failure::PinIncorrect(_)) => Err(Failure::PinIncorrect(self.pin_state(slot))),
             other => other,
         }
+    }
+
+    /// Looks up the private key with `key_id` and remembers its handle.
+    fn find_key(&self, session: &Session, slot: u64, key_id: &[u8]) -> Result<PrivateKey, OpError> {
+        let handle = private_key(session, key_id)?;
+        let key = PrivateKey {
+            handle,
+            always_authenticate: always_authenticate(session, handle),
+        };
+        lock(&self.keys).insert((slot, key_id.to_vec()), key);
+        Ok(key)
+    }
+
+    /// Forgets the key handles of `slot`, whose sessions the module dropped.
+    fn forget_keys(&self, slot: u64) {
+        lock(&self.keys).retain(|(key_slot, _), _| *key_slot != slot);
     }
 
     fn pool(&self, slot: Slot) -> Result<Arc<Pool>, Failure> {
@@ -368,6 +488,7 @@ impl Helper {
                     // reader reset): start over with fresh ones.
                     drop(session);
                     lock(&pool.idle).clear();
+                    self.forget_keys(slot.id());
                 }
                 Err(OpError::Ck(err)) => {
                     let failure = failure("", err);
@@ -375,6 +496,7 @@ impl Helper {
                         drop(session);
                         lock(&pool.idle).clear();
                         lock(&self.pools).remove(&slot.id());
+                        self.forget_keys(slot.id());
                     } else {
                         give_back(&pool, session);
                     }
@@ -384,12 +506,73 @@ impl Helper {
                     give_back(&pool, session);
                     return Err(failure);
                 }
+                Err(OpError::Spoiled(failure)) => return Err(failure),
             }
         }
         Err(Failure::Module {
             function: "C_OpenSession".into(),
             message: "the module invalidated a fresh session".into(),
         })
+    }
+}
+
+/// One signature's inputs, for [`Signing::sign`].
+struct Signing<'a> {
+    scheme: Scheme,
+    mechanism: CkMechanism<'static>,
+    /// The raw mechanism's input.
+    input: Vec<u8>,
+    message: &'a [u8],
+    context_secret: Option<SecretString>,
+    context_pin_pad: bool,
+}
+
+impl Signing<'_> {
+    fn sign(&self, session: &Session, key: PrivateKey) -> Result<Vec<u8>, OpError> {
+        if !key.always_authenticate {
+            return Ok(session.sign(&self.mechanism, key.handle, &self.input)?);
+        }
+        if self.context_secret.is_none() && !self.context_pin_pad {
+            return Err(Failure::ContextLoginRequired.into());
+        }
+        let secret = self.context_secret.as_ref();
+        // CKA_ALWAYS_AUTHENTICATE: a context-specific login for this one
+        // signature. The spec places it between C_SignInit and C_Sign, but
+        // cryptoki's single-part sign makes both calls at once. So log in
+        // first, as OpenSC's modules accept (verifying the PIN right before
+        // the signature); modules that insist on the order (SoftHSM) answer
+        // CKR_OPERATION_NOT_INITIALIZED without spending a try, and sign in
+        // several parts after C_SignInit and the login, with the mechanism
+        // that hashes for itself.
+        match session.login(UserType::ContextSpecific, secret) {
+            Ok(()) => return Ok(session.sign(&self.mechanism, key.handle, &self.input)?),
+            Err(CkError::Pkcs11(RvError::OperationNotInitialized, _)) => {}
+            Err(err) => return Err(err.into()),
+        }
+        let mechanism = multi_part(self.scheme);
+        match session.sign_init(&mechanism, key.handle) {
+            Ok(()) => {}
+            Err(CkError::Pkcs11(RvError::MechanismInvalid, _)) => {
+                return Err(Failure::Module {
+                    function: "C_SignInit".into(),
+                    message: format!(
+                        "this key has CKA_ALWAYS_AUTHENTICATE, the module takes the context \
+                         login only after C_SignInit, and it has no {} mechanism to sign in \
+                         parts, so token-agent cannot sign with it (no PIN try was spent)",
+                        mechanism.mechanism_type()
+                    ),
+                }
+                .into())
+            }
+            Err(err) => return Err(err.into()),
+        }
+        // A failure from here on leaves a signing operation active in the
+        // session: it is closed, not reused.
+        session
+            .login(UserType::ContextSpecific, secret)
+            .and_then(|()| session.sign_update(self.message))
+            .and_then(|()| session.sign_final())
+            .map_err(|err| OpError::Spoiled(failure("", err)))
     }
 }
 
@@ -400,6 +583,65 @@ fn initialize(path: &str) -> Result<Pkcs11, Failure> {
         Err(err) => Err(Failure::Load(err.to_string())),
     }
 }
+
+/// The raw mechanism for `scheme` and its input: a DigestInfo, a hash, or
+/// the message itself for EdDSA.
+fn single_part(scheme: Scheme, message: &[u8]) -> (CkMechanism<'static>, Vec<u8>) {
+    fn digest_info<D: Digest>(prefix: &[u8], message: &[u8]) -> Vec<u8> {
+        let mut input = prefix.to_vec();
+        input.extend_from_slice(&D::digest(message));
+        input
+    }
+    match scheme {
+        Scheme::RsaSha1 => (
+            CkMechanism::RsaPkcs,
+            digest_info::<Sha1>(SHA1_PREFIX, message),
+        ),
+        Scheme::RsaSha256 => (
+            CkMechanism::RsaPkcs,
+            digest_info::<Sha256>(SHA256_PREFIX, message),
+        ),
+        Scheme::RsaSha512 => (
+            CkMechanism::RsaPkcs,
+            digest_info::<Sha512>(SHA512_PREFIX, message),
+        ),
+        Scheme::EcdsaSha256 => (CkMechanism::Ecdsa, Sha256::digest(message).to_vec()),
+        Scheme::EcdsaSha384 => (CkMechanism::Ecdsa, Sha384::digest(message).to_vec()),
+        Scheme::EcdsaSha512 => (CkMechanism::Ecdsa, Sha512::digest(message).to_vec()),
+        Scheme::Ed25519 => (eddsa(), message.to_vec()),
+    }
+}
+
+/// The mechanism for `scheme` that hashes the message itself, for signing
+/// in several parts.
+fn multi_part(scheme: Scheme) -> CkMechanism<'static> {
+    match scheme {
+        Scheme::RsaSha1 => CkMechanism::Sha1RsaPkcs,
+        Scheme::RsaSha256 => CkMechanism::Sha256RsaPkcs,
+        Scheme::RsaSha512 => CkMechanism::Sha512RsaPkcs,
+        Scheme::EcdsaSha256 => CkMechanism::EcdsaSha256,
+        Scheme::EcdsaSha384 => CkMechanism::EcdsaSha384,
+        Scheme::EcdsaSha512 => CkMechanism::EcdsaSha512,
+        Scheme::Ed25519 => eddsa(),
+    }
+}
+
+fn eddsa() -> CkMechanism<'static> {
+    CkMechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure))
+}
+
+/// DigestInfo prefixes (RFC 8017 section 9.2, note 1).
+const SHA1_PREFIX: &[u8] = &[
+    0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14,
+];
+const SHA256_PREFIX: &[u8] = &[
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];
+const SHA512_PREFIX: &[u8] = &[
+    0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03, 0x05,
+    0x00, 0x04, 0x40,
+];
 
 fn give_back(pool: &Pool, session: Session) {
     let mut idle = lock(&pool.idle);
@@ -553,7 +795,7 @@ fn failure(function: &str, err: CkError) -> Failure {
             | RvError::SlotIdInvalid => Failure::DeviceRemoved,
             rv => Failure::Module {
                 function: if function.is_empty() {
-                    format!("C_{called}")
+                    format!("C_{called:?}")
                 } else {
                     function.to_owned()
                 },
@@ -578,5 +820,41 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl From<CkError> for Failure {
     fn from(err: CkError) -> Self {
         failure("", err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rsa_input_is_a_digest_info() {
+        for (scheme, prefix, len) in [
+            (Scheme::RsaSha1, SHA1_PREFIX, 20),
+            (Scheme::RsaSha256, SHA256_PREFIX, 32),
+            (Scheme::RsaSha512, SHA512_PREFIX, 64),
+        ] {
+            let (mechanism, input) = single_part(scheme, b"abc");
+            assert!(matches!(mechanism, CkMechanism::RsaPkcs));
+            assert_eq!(input.len(), prefix.len() + len);
+            assert_eq!(&input[..prefix.len()], prefix);
+            // The prefix's last byte is the digest's length.
+            assert_eq!(usize::from(prefix[prefix.len() - 1]), len);
+        }
+    }
+
+    #[test]
+    fn ecdsa_input_is_the_curve_hash() {
+        for (scheme, len) in [
+            (Scheme::EcdsaSha256, 32),
+            (Scheme::EcdsaSha384, 48),
+            (Scheme::EcdsaSha512, 64),
+        ] {
+            let (mechanism, input) = single_part(scheme, b"abc");
+            assert!(matches!(mechanism, CkMechanism::Ecdsa));
+            assert_eq!(input.len(), len);
+        }
+        let (_, input) = single_part(Scheme::Ed25519, b"abc");
+        assert_eq!(input, b"abc");
     }
 }

@@ -12,8 +12,12 @@
 //!
 //! Each module runs in a helper child process: the token-agent binary started
 //! with a hidden `--pkcs11-helper` flag calls [`helper::run`], loads the module
-//! with `cryptoki` and speaks the small length-prefixed protocol of [`proto`]
-//! on its standard input and output. A module that crashes or hangs costs a
+//! with `cryptoki` and speaks the small binary protocol of [`proto`] over a
+//! socketpair on its standard input and output. Requests are pipelined: the
+//! agent writes each straight from the signing task, the helper serves them
+//! on a pool of threads and keeps sessions and key handles between them, and
+//! the answers are read on the agent's runtime, so a signature costs little
+//! more than the module's own `C_Sign`. A module that crashes or hangs costs a
 //! helper, not the agent: every call has a time limit (a long one while a PIN
 //! pad waits for a person), and the backend kills and restarts a helper that
 //! died or did not answer, reporting for example "the PKCS#11 module

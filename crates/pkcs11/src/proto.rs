@@ -1,8 +1,9 @@
 //! The protocol between the agent and its PKCS#11 helper processes.
 //!
-//! The agent starts `token-agent --pkcs11-helper` with pipes on its standard
-//! input and output. Each message is a frame: a 4-byte big-endian length, then
-//! that many bytes of JSON. The agent sends [`Request`]s, each with an id; the
+//! The agent starts `token-agent --pkcs11-helper` with one end of a
+//! socketpair as its standard input and output. Each message is a frame: a
+//! 4-byte big-endian length, then that many bytes of a [`Message`] in a plain
+//! binary encoding. The agent sends [`Request`]s, each with an id; the
 //! helper answers each with a [`Response`] carrying the same id, in any order
 //! (it works on several requests at once), and may send a [`Response`] with id
 //! [`EVENT_ID`] unasked when `C_WaitForSlotEvent` reports a token inserted or
@@ -15,7 +16,6 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 
-use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 /// The largest frame either side accepts: far above any key list or signature.
@@ -25,8 +25,7 @@ pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 pub const EVENT_ID: u64 = 0;
 
 /// A PIN on its way to the token.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone)]
 pub struct Pin(String);
 
 impl Pin {
@@ -54,7 +53,7 @@ impl fmt::Debug for Pin {
 }
 
 /// One request from the agent.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug)]
 pub struct Request {
     /// Chosen by the agent, never [`EVENT_ID`]; echoed in the response.
     pub id: u64,
@@ -63,7 +62,7 @@ pub struct Request {
 }
 
 /// The operations a helper performs, grouped as PKCS#11 groups its functions.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug)]
 pub enum Op {
     /// C_Initialize the module at `path` (once, first).
     Load {
@@ -86,16 +85,17 @@ pub enum Op {
     },
     /// C_Logout on every slot and close the sessions (the agent was locked).
     Logout,
-    /// C_SignInit and C_Sign with the private key whose CKA_ID is `key_id`.
+    /// Sign `message` with the private key whose CKA_ID is `key_id`.
     Sign {
         /// The slot.
         slot: u64,
         /// The key's CKA_ID.
         key_id: Vec<u8>,
-        /// Which mechanism.
-        mechanism: Mechanism,
-        /// The mechanism's input (a DigestInfo, a hash, or the message for EdDSA).
-        data: Vec<u8>,
+        /// The hash and key type of the signature.
+        scheme: Scheme,
+        /// The data to sign, unhashed: the helper hashes it for the
+        /// mechanisms that take a hash (see [`Scheme`]).
+        message: Vec<u8>,
         /// The PIN for the context-specific login of a key with
         /// CKA_ALWAYS_AUTHENTICATE (None otherwise; `Some(None)`-like PIN pad
         /// logins are asked with `context_pin_pad`).
@@ -119,19 +119,32 @@ impl Op {
     }
 }
 
-/// The signing mechanisms token-agent uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Mechanism {
-    /// CKM_RSA_PKCS over a DigestInfo.
-    RsaPkcs,
-    /// CKM_ECDSA over a hash; the result is r || s.
-    Ecdsa,
-    /// CKM_EDDSA over the message (Ed25519).
-    Eddsa,
+/// The signature schemes of SSH keys on tokens. The helper signs ordinary
+/// keys with the raw mechanism over a hash it computes (CKM_RSA_PKCS over a
+/// DigestInfo, CKM_ECDSA over the curve's hash, CKM_EDDSA over the message),
+/// and keys with CKA_ALWAYS_AUTHENTICATE, whose context login must come
+/// between C_SignInit and C_Sign, with the hashing mechanism in several parts
+/// (CKM_SHA256_RSA_PKCS, CKM_ECDSA_SHA256, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// ssh-rsa: PKCS#1 v1.5 over SHA-1.
+    RsaSha1,
+    /// rsa-sha2-256: PKCS#1 v1.5 over SHA-256.
+    RsaSha256,
+    /// rsa-sha2-512: PKCS#1 v1.5 over SHA-512.
+    RsaSha512,
+    /// ecdsa-sha2-nistp256.
+    EcdsaSha256,
+    /// ecdsa-sha2-nistp384.
+    EcdsaSha384,
+    /// ecdsa-sha2-nistp521.
+    EcdsaSha512,
+    /// ssh-ed25519: pure EdDSA over the message.
+    Ed25519,
 }
 
 /// One answer from the helper.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug)]
 pub struct Response {
     /// The request's id, or [`EVENT_ID`].
     pub id: u64,
@@ -140,7 +153,7 @@ pub struct Response {
 }
 
 /// A successful answer.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug)]
 pub enum Reply {
     /// The operation succeeded and returns nothing.
     Done,
@@ -158,7 +171,7 @@ pub enum Reply {
 }
 
 /// A token in a slot and the keys it holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenState {
     /// The slot id (it may change when a token is removed and comes back).
     pub slot: u64,
@@ -181,7 +194,7 @@ pub struct TokenState {
 }
 
 /// CKF_USER_PIN_COUNT_LOW, CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PinState {
     /// A wrong PIN was entered since the last good one.
     pub count_low: bool,
@@ -192,7 +205,7 @@ pub struct PinState {
 }
 
 /// One key on a token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
     /// CKA_ID, shared by the private key and its public key or certificate.
     pub id: Vec<u8>,
@@ -203,7 +216,7 @@ pub struct KeyInfo {
 }
 
 /// Why an operation failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
     /// CKR_USER_NOT_LOGGED_IN, or private objects are hidden before login.
     #[error("the token needs a login")]
@@ -239,43 +252,489 @@ pub enum Failure {
     Protocol(String),
 }
 
-/// Writes `message` as one frame. The serialised form is zeroized after
-/// writing because it may hold a PIN.
-pub fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> io::Result<()> {
-    let body = Zeroizing::new(serde_json::to_vec(message).map_err(io::Error::other)?);
-    let len = u32::try_from(body.len())
+/// Writes `message` as one frame, in a single write so that threads sharing
+/// `out` never interleave. The frame buffer is zeroized after writing
+/// because it may hold a PIN.
+pub fn write_frame(out: &mut impl Write, message: &impl Message) -> io::Result<()> {
+    let mut frame = Zeroizing::new(Vec::with_capacity(128));
+    frame.extend_from_slice(&[0; 4]);
+    message.encode(&mut Encoder(&mut frame));
+    let len = u32::try_from(frame.len() - 4)
         .ok()
         .filter(|len| (*len as usize) <= MAX_FRAME)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
-    let mut frame = Zeroizing::new(Vec::with_capacity(body.len() + 4));
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(&body);
+    frame[..4].copy_from_slice(&len.to_be_bytes());
     out.write_all(&frame)?;
     out.flush()
 }
 
-/// Reads one frame; `Ok(None)` at a clean end of stream.
-pub fn read_frame<T: for<'de> Deserialize<'de>>(input: &mut impl Read) -> io::Result<Option<T>> {
+/// Reads one frame; `Ok(None)` at a clean end of stream. A frame must hold
+/// exactly one message: trailing bytes are an error, as are unknown tags.
+pub fn read_frame<T: Message>(input: &mut impl Read) -> io::Result<Option<T>> {
     let mut prefix = [0u8; 4];
     match input.read_exact(&mut prefix) {
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(err) => return Err(err),
     }
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes is too large"),
-        ));
-    }
+    let len = frame_len(prefix)?;
     let mut body = Zeroizing::new(vec![0u8; len]);
     input.read_exact(&mut body)?;
-    let message =
-        serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    Ok(Some(message))
+    decode_body(&body).map(Some)
 }
 
+/// The length of a frame from its 4-byte prefix, refused above [`MAX_FRAME`].
+pub fn frame_len(prefix: [u8; 4]) -> io::Result<usize> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(invalid(format!("frame of {len} bytes is too large")));
+    }
+    Ok(len)
+}
+
+/// Decodes a frame's body, which must hold exactly one message.
+pub fn decode_body<T: Message>(body: &[u8]) -> io::Result<T> {
+    let mut decoder = Decoder(body);
+    let message = T::decode(&mut decoder)?;
+    if !decoder.0.is_empty() {
+        return Err(invalid(format!(
+            "{} bytes after the message",
+            decoder.0.len()
+        )));
+    }
+    Ok(message)
+}
+
+/// A message of this protocol. The encoding is a plain binary one, in the
+/// spirit of OpenSSH's own helper protocol: integers big-endian, byte
+/// strings and text as a u32 length and the bytes, booleans as one byte,
+/// enums as a one-byte tag and their fields in order.
+pub trait Message: Sized {
+    /// Appends the message to `out`.
+    fn encode(&self, out: &mut Encoder<'_>);
+    /// Reads one message from `input`.
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self>;
+}
+
+/// Where messages are encoded.
+#[derive(Debug)]
+pub struct Encoder<'a>(&'a mut Vec<u8>);
+
+impl Encoder<'_> {
+    fn u8(&mut self, value: u8) {
+        self.0.push(value);
+    }
+
+    fn bool(&mut self, value: bool) {
+        self.u8(u8::from(value));
+    }
+
+    fn u64(&mut self, value: u64) {
+        self.0.extend_from_slice(&value.to_be_bytes());
+    }
+
+    fn count(&mut self, count: usize) {
+        // Frames are bounded by MAX_FRAME, far below 4 GiB, and write_frame
+        // refuses a larger one, so a saturated length never goes out.
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        self.0.extend_from_slice(&count.to_be_bytes());
+    }
+
+    fn bytes(&mut self, value: &[u8]) {
+        self.count(value.len());
+        self.0.extend_from_slice(value);
+    }
+
+    fn str(&mut self, value: &str) {
+        self.bytes(value.as_bytes());
+    }
+}
+
+/// What messages are decoded from.
+#[derive(Debug)]
+pub struct Decoder<'a>(&'a [u8]);
+
+impl<'a> Decoder<'a> {
+    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(invalid("truncated message".into()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> io::Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn bool(&mut self) -> io::Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(invalid(format!("{other} is not a boolean"))),
+        }
+    }
+
+    fn u32(&mut self) -> io::Result<u32> {
+        let mut raw = [0; 4];
+        raw.copy_from_slice(self.take(4)?);
+        Ok(u32::from_be_bytes(raw))
+    }
+
+    fn u64(&mut self) -> io::Result<u64> {
+        let mut raw = [0; 8];
+        raw.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(raw))
+    }
+
+    fn bytes(&mut self) -> io::Result<Vec<u8>> {
+        let len = self.u32()? as usize;
+        Ok(self.take(len)?.to_vec())
+    }
+
+    fn string(&mut self) -> io::Result<String> {
+        String::from_utf8(self.bytes()?).map_err(|_| invalid("text is not UTF-8".into()))
+    }
+
+    /// A count of items, each at least `min_size` bytes: a count the rest
+    /// of the message cannot hold is refused before anything is allocated.
+    fn count(&mut self, min_size: usize) -> io::Result<usize> {
+        let count = self.u32()? as usize;
+        if count.saturating_mul(min_size.max(1)) > self.0.len() {
+            return Err(invalid(format!(
+                "a count of {count} items overruns the message"
+            )));
+        }
+        Ok(count)
+    }
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+fn unknown_tag(what: &str, tag: u8) -> io::Error {
+    invalid(format!("unknown {what} tag {tag}"))
+}
+
+impl Message for Pin {
+    fn encode(&self, out: &mut Encoder<'_>) {
+        out.str(&self.0);
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
+        Ok(Self(input.string()?))
+    }
+}
+
+impl<T: Message> Message for Option<T> {
+    fn encode(&self, out: &mut Encoder<'_>) {
+        out.bool(self.is_some());
+        if let Some(value) = self {
+            value.encode(out);
+        }
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
+        if input.bool()? {
+            Ok(Some(T::decode(input)?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl Message for Request {
+    fn encode(&self, out: &mut Encoder<'_>) {
+        out.u64(self.id);
+        match &self.op {
+            Op::Load { path } => {
+                out.u8(1);
+                out.str(path);
+            }
+            Op::List => out.u8(2),
+            Op::Rescan => out.u8(3),
+            Op::Login { slot, pin } => {
+                out.u8(4);
+                out.u64(*slot);
+                pin.encode(out);
+            }
+            Op::Logout => out.u8(5),
+            Op::Sign {
+                slot,
+                key_id,
+                scheme,
+                message,
+                context_pin,
+                context_pin_pad,
+            } => {
+                out.u8(6);
+                out.u64(*slot);
+                out.bytes(key_id);
+                scheme.encode(out);
+                out.bytes(message);
+                context_pin.encode(out);
+                out.bool(*context_pin_pad);
+            }
+        }
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
+        let id = input.u64()?;
+        let op = match input.u8()? {
+            1 => Op::Load {
+                path: input.string()?,
+            },
+            2 => Op::List,
+            3 => Op::Rescan,
+            4 => Op::Login {
+                slot: input.u64()?,
+                pin: Option::decode(input)?,
+            },
+            5 => Op::Logout,
+            6 => Op::Sign {
+                slot: input.u64()?,
+                key_id: input.bytes()?,
+                scheme: Scheme::decode(input)?,
+                message: input.bytes()?,
+                context_pin: Option::decode(input)?,
+                context_pin_pad: input.bool()?,
+            },
+            tag => return Err(unknown_tag("operation", tag)),
+        };
+        Ok(Self { id, op })
+    }
+}
+
+impl Message for Scheme {
+    fn encode(&self, out: &mut Encoder<'_>) {
+        out.u8(match self {
+            Self::RsaSha1 => 1,
+            Self::RsaSha256 => 2,
+            Self::RsaSha512 => 3,
+            Self::EcdsaSha256 => 4,
+            Self::EcdsaSha384 => 5,
+            Self::EcdsaSha512 => 6,
+            Self::Ed25519 => 7,
+        });
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
+        match input.u8()? {
+            1 => Ok(Self::RsaSha1),
+            2 => Ok(Self::RsaSha256),
+            3 => Ok(Self::RsaSha512),
+            4 => Ok(Self::EcdsaSha256),
+            5 => Ok(Self::EcdsaSha384),
+            6 => Ok(Self::EcdsaSha512),
+            7 => Ok(Self::Ed25519),
+            tag => Err(unknown_tag("scheme", tag)),
+        }
+    }
+}
+
+impl Message for Response {
+    fn encode(&self, out: &mut Encoder<'_>) {
+        out.u64(self.id);
+        match &self.result {
+            Ok(reply) => {
+                out.u8(0);
+                reply.encode(out);
+            }
+            Err(failure) => {
+                out.u8(1);
+                failure.encode(out);
+            }
+        }
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
+        let id = input.u64()?;
+        let result = match input.u8()? {
+            0 => Ok(Reply::decode(input)?),
+            1 => Err(Failure::decode(input)?),
+            tag => return Err(unknown_tag("result", tag)),
+        };
+        Ok(Self { id, result })
+    }
+}
+
+impl Message for Reply {
+    fn encode(&self, out: &mut Encoder<'_>) {
+        match self {
+            Self::Done => out.u8(1),
+            Self::Loaded { slot_events } => {
+                out.u8(2);
+                out.bool(*slot_events);
+            }
+            Self::Tokens(tokens) => {
+                out.u8(3);
+                out.count(tokens.len());
+                for token in tokens {
+                    token.encode(out);
+                }
+            }
+            Self::Signature(signature) => {
+                out.u8(4);
+                out.bytes(signature);
+            }
+            Self::SlotEvent => out.u8(5),
+        }
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
+        match input.u8()? {
+            1 => Ok(Self::Done),
+            2 => Ok(Self::Loaded {
+                slot_events: input.bool()?,
+            }),
+            3 => {
+                let count = input.count(TokenState::MIN_SIZE)?;
+                let tokens = (0..count)
+                    .map(|_| TokenState::decode(input))
+                    .collect::<io::Result<_>>()?;
+                Ok(Self::Tokens(tokens))
+            }
+            4 => Ok(Self::Signature(input.bytes()?)),
+            5 => Ok(Self::SlotEvent),
+            tag => Err(unknown_tag("reply", tag)),
+        }
+    }
+}
+
+impl TokenState {
+    /// The fewest bytes a token takes: slot, three empty strings, four
+    /// flags, the PIN state and an empty key list.
+    const MIN_SIZE: usize = 8 + 3 * 4 + 3 + 3 + 4;
+}
+
+impl Message for TokenState {
+    fn encode(&self, out: &mut Encoder<'_>) {
+        out.u64(self.slot);
+        out.str(&self.label);
+        out.str(&self.serial);
+        out.str(&self.model);
+        out.bool(self.protected_auth_path);
+        out.bool(self.login_required);
+        self.pin.encode(out);
+        out.bool(self.parallel);
+        out.count(self.keys.len());
+        for key in &self.keys {
+            key.encode(out);
+        }
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
+        let slot = input.u64()?;
+        let label = input.string()?;
+        let serial = input.string()?;
+        let model = input.string()?;
+        let protected_auth_path = input.bool()?;
+        let login_required = input.bool()?;
+        let pin = PinState::decode(input)?;
+        let parallel = input.bool()?;
+        let count = input.count(KeyInfo::MIN_SIZE)?;
+        let keys = (0..count)
+            .map(|_| KeyInfo::decode(input))
+            .collect::<io::Result<_>>()?;
+        Ok(Self {
+            slot,
+            label,
+            serial,
+            model,
+            protected_auth_path,
+            login_required,
+            pin,
+            parallel,
+            keys,
+        })
+    }
+}
+
+impl Message for PinState {
+    fn encode(&self, out: &mut Encoder<'_>) {
+        out.bool(self.count_low);
+        out.bool(self.final_try);
+        out.bool(self.locked);
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
+        Ok(Self {
+            count_low: input.bool()?,
+            final_try: input.bool()?,
+            locked: input.bool()?,
+        })
+    }
+}
+
+impl KeyInfo {
+    /// Three empty byte strings.
+    const MIN_SIZE: usize = 3 * 4;
+}
+
+impl Message for KeyInfo {
+    fn encode(&self, out: &mut Encoder<'_>) {
+        out.bytes(&self.id);
+        out.str(&self.label);
+        out.bytes(&self.public_key);
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
+        Ok(Self {
+            id: input.bytes()?,
+            label: input.string()?,
+            public_key: input.bytes()?,
+        })
+    }
+}
+
+impl Message for Failure {
+    fn encode(&self, out: &mut Encoder<'_>) {
+        match self {
+            Self::NotLoggedIn => out.u8(1),
+            Self::ContextLoginRequired => out.u8(2),
+            Self::PinIncorrect(state) => {
+                out.u8(3);
+                state.encode(out);
+            }
+            Self::PinLocked => out.u8(4),
+            Self::DeviceRemoved => out.u8(5),
+            Self::KeyNotFound => out.u8(6),
+            Self::Module { function, message } => {
+                out.u8(7);
+                out.str(function);
+                out.str(message);
+            }
+            Self::Load(message) => {
+                out.u8(8);
+                out.str(message);
+            }
+            Self::Protocol(message) => {
+                out.u8(9);
+                out.str(message);
+            }
+        }
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
+        match input.u8()? {
+            1 => Ok(Self::NotLoggedIn),
+            2 => Ok(Self::ContextLoginRequired),
+            3 => Ok(Self::PinIncorrect(PinState::decode(input)?)),
+            4 => Ok(Self::PinLocked),
+            5 => Ok(Self::DeviceRemoved),
+            6 => Ok(Self::KeyNotFound),
+            7 => Ok(Self::Module {
+                function: input.string()?,
+                message: input.string()?,
+            }),
+            8 => Ok(Self::Load(input.string()?)),
+            9 => Ok(Self::Protocol(input.string()?)),
+            tag => Err(unknown_tag("failure", tag)),
+        }
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,8 +770,8 @@ mod tests {
             op: Op::Sign {
                 slot: 0,
                 key_id: vec![1],
-                mechanism: Mechanism::Ecdsa,
-                data: vec![0; 32],
+                scheme: Scheme::EcdsaSha256,
+                message: vec![0; 32],
                 context_pin: Some(Pin::new("987654".into())),
                 context_pin_pad: false,
             },
@@ -328,5 +787,149 @@ mod tests {
         frame.extend_from_slice(b"{}");
         let result: io::Result<Option<Request>> = read_frame(&mut frame.as_slice());
         assert!(result.is_err());
+    }
+
+    fn frame(message: &impl Message) -> Vec<u8> {
+        let mut buffer = Vec::new();
+        write_frame(&mut buffer, message).unwrap();
+        buffer
+    }
+
+    fn requests() -> Vec<Request> {
+        let ops = vec![
+            Op::Load {
+                path: "/usr/lib/x.so".into(),
+            },
+            Op::List,
+            Op::Rescan,
+            Op::Login { slot: 9, pin: None },
+            Op::Logout,
+            Op::Sign {
+                slot: u64::MAX,
+                key_id: vec![0, 1, 2],
+                scheme: Scheme::Ed25519,
+                message: vec![7; 300],
+                context_pin: None,
+                context_pin_pad: true,
+            },
+        ];
+        ops.into_iter()
+            .enumerate()
+            .map(|(id, op)| Request { id: id as u64, op })
+            .collect()
+    }
+
+    fn responses() -> Vec<Response> {
+        let token = TokenState {
+            slot: 4,
+            label: "token".into(),
+            serial: "0123".into(),
+            model: "SoftHSM v2".into(),
+            protected_auth_path: true,
+            login_required: true,
+            pin: PinState {
+                count_low: true,
+                final_try: false,
+                locked: true,
+            },
+            parallel: true,
+            keys: vec![KeyInfo {
+                id: vec![1],
+                label: "ключ".into(),
+                public_key: vec![0, 0, 0, 7],
+            }],
+        };
+        let results = vec![
+            Ok(Reply::Done),
+            Ok(Reply::Loaded { slot_events: true }),
+            Ok(Reply::Tokens(vec![token.clone(), token])),
+            Ok(Reply::Signature(vec![1; 64])),
+            Ok(Reply::SlotEvent),
+            Err(Failure::NotLoggedIn),
+            Err(Failure::ContextLoginRequired),
+            Err(Failure::PinIncorrect(PinState {
+                count_low: true,
+                final_try: true,
+                locked: false,
+            })),
+            Err(Failure::PinLocked),
+            Err(Failure::DeviceRemoved),
+            Err(Failure::KeyNotFound),
+            Err(Failure::Module {
+                function: "C_Sign".into(),
+                message: "GeneralError".into(),
+            }),
+            Err(Failure::Load("no such file".into())),
+            Err(Failure::Protocol("what".into())),
+        ];
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(id, result)| Response {
+                id: id as u64,
+                result,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for request in requests() {
+            let back: Request = read_frame(&mut frame(&request).as_slice())
+                .unwrap()
+                .unwrap();
+            assert_eq!(format!("{back:?}"), format!("{request:?}"));
+        }
+        for response in responses() {
+            let back: Response = read_frame(&mut frame(&response).as_slice())
+                .unwrap()
+                .unwrap();
+            assert_eq!(format!("{back:?}"), format!("{response:?}"));
+        }
+    }
+
+    #[test]
+    fn truncated_and_padded_frames_are_errors() {
+        for response in responses() {
+            let whole = frame(&response);
+            for cut in 4..whole.len() {
+                // The length prefix still claims the whole body.
+                let mut short = whole[..cut].to_vec();
+                assert!(read_frame::<Response>(&mut short.as_slice()).is_err());
+                // A prefix that matches a cut body: the message itself is short.
+                let len = u32::try_from(cut - 4).unwrap();
+                short[..4].copy_from_slice(&len.to_be_bytes());
+                assert!(
+                    read_frame::<Response>(&mut short.as_slice()).is_err(),
+                    "{response:?} cut at {cut}"
+                );
+            }
+            let mut long = whole.clone();
+            long.push(0);
+            let len = u32::try_from(long.len() - 4).unwrap();
+            long[..4].copy_from_slice(&len.to_be_bytes());
+            assert!(read_frame::<Response>(&mut long.as_slice()).is_err());
+        }
+    }
+
+    #[test]
+    fn huge_counts_are_refused_before_allocating() {
+        // Tokens: a claimed count of 4 billion in a 6-byte body.
+        let mut body = vec![0; 8];
+        body.extend_from_slice(&[0, 3]);
+        body.extend_from_slice(&u32::MAX.to_be_bytes());
+        let err = decode_body::<Response>(&body).unwrap_err();
+        assert!(err.to_string().contains("overruns"), "{err}");
+    }
+
+    #[test]
+    fn unknown_tags_are_errors() {
+        let mut body = 1u64.to_be_bytes().to_vec();
+        body.push(42);
+        let err = decode_body::<Request>(&body).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown operation tag 42"),
+            "{err}"
+        );
     }
 }

@@ -43,6 +43,16 @@ fn add_provider(agent: &Agent, module: &Path, pin: &str) -> anyhow::Result<Outpu
 /// askpass program that answers `pin`, trace logging, `args` and `config`.
 fn start_agent(hsm: &SoftHsm, args: &[&str], config: &str, pin: &str) -> anyhow::Result<Agent> {
     let program = askpass(hsm.dir(), pin)?;
+    start_agent_asking(hsm, args, config, &program)
+}
+
+/// [`start_agent`] with the askpass program `program`.
+fn start_agent_asking(
+    hsm: &SoftHsm,
+    args: &[&str],
+    config: &str,
+    program: &Path,
+) -> anyhow::Result<Agent> {
     let mut env = hsm.env();
     env.push(("SSH_ASKPASS".into(), program.display().to_string()));
     env.push(("SSH_ASKPASS_REQUIRE".into(), "force".into()));

@@ -5,7 +5,9 @@ use token_agent_e2e::openssh::Sshd;
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
 use token_agent_e2e::{check, stderr, stdout};
 
-use crate::{add_provider, sign_and_verify, start_agent, wait_listed};
+use crate::{
+    add_provider, sign_and_verify, start_agent, start_agent_asking, try_sign, wait_listed,
+};
 
 #[test]
 fn ssh_add_s_loads_two_tokens_signs_and_logs_in_to_sshd() -> anyhow::Result<()> {
@@ -114,5 +116,119 @@ fn a_locked_pin_is_reported_as_blocked() -> anyhow::Result<()> {
     assert!(!output.status.success());
     let log = agent.log_text();
     assert!(log.matches("is blocked").count() >= 2, "{log}");
+    Ok(())
+}
+
+#[test]
+fn keys_that_always_authenticate_ask_the_pin_for_each_signature() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("erin", &[])?;
+    hsm.keygen_always_authenticate("erin", KeyKind::Rsa2048)?;
+    hsm.keygen_always_authenticate("erin", KeyKind::P256)?;
+    // The agent's askpass answers what `answer` holds and counts its questions.
+    let answer = hsm.dir().join("answer");
+    let asked = hsm.dir().join("asked");
+    std::fs::write(&answer, format!("{PIN}\n"))?;
+    let program = hsm.dir().join("counting-askpass");
+    token_agent_e2e::write_script(
+        &program,
+        &format!(
+            "echo asked >> '{}'\ncat '{}'",
+            asked.display(),
+            answer.display()
+        ),
+    )?;
+    let questions = || {
+        std::fs::read_to_string(&asked)
+            .map(|text| text.lines().count())
+            .unwrap_or(0)
+    };
+    let agent = start_agent_asking(&hsm, &[], "", &program)?;
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    let listed = wait_listed(&agent, 2, Duration::from_secs(5))?;
+    let rsa = listed
+        .iter()
+        .find(|l| l.ends_with("erin: rsa-key"))
+        .cloned()
+        .unwrap_or_default();
+
+    // ssh-add's PIN logged the token in, yet each signature asks again:
+    // the cached PIN is not used for a context-specific login.
+    sign_and_verify(&agent, &rsa, "first")?;
+    assert_eq!(questions(), 1);
+    sign_and_verify(&agent, &rsa, "second")?;
+    assert_eq!(questions(), 2);
+
+    // A wrong PIN fails that signature, asked once and never retried.
+    std::fs::write(&answer, "not-the-pin\n")?;
+    let output = try_sign(&agent, &rsa, "wrong")?;
+    assert!(!output.status.success());
+    assert_eq!(questions(), 3);
+    let log = agent.log_text();
+    assert!(log.contains("PIN incorrect for erin #"), "{log}");
+
+    // SoftHSM takes the context login only after C_SignInit and has no
+    // CKM_ECDSA_SHA256 to sign in parts: the P-256 key fails, saying why,
+    // without spending a PIN try.
+    std::fs::write(&answer, format!("{PIN}\n"))?;
+    let p256 = listed
+        .iter()
+        .find(|l| l.ends_with("erin: p256-key"))
+        .cloned()
+        .unwrap_or_default();
+    let output = try_sign(&agent, &p256, "p256")?;
+    assert!(!output.status.success());
+    let log = agent.log_text();
+    assert!(log.contains("CKA_ALWAYS_AUTHENTICATE"), "{log}");
+
+    // The right PIN signs again.
+    sign_and_verify(&agent, &rsa, "third")?;
+    Ok(())
+}
+
+#[test]
+fn a_reader_with_a_pin_pad_logs_in_there_and_says_so() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("frank", &[KeyKind::P256])?;
+    let modules = tempfile::Builder::new()
+        .prefix("pkcs11-modules")
+        .tempdir()?;
+    let pad = modules.path().join("typed-on-the-pad");
+    let shim = build_shim(modules.path(), Shim::PinPad(pad.clone()), &hsm)?;
+    let notices = modules.path().join("notices");
+    let config = format!(
+        "[notice]\ndelay_ms = 0\ncommand = \"echo \\\"$TOKEN_AGENT_NOTICE_KIND: $TOKEN_AGENT_NOTICE\\\" >> '{}'\"\n\
+         [[pkcs11.modules]]\npath = \"{}\"\n",
+        notices.display(),
+        shim.display()
+    );
+    // No PIN may be asked of the person through askpass: it answers wrongly.
+    let agent = start_agent(&hsm, &[], &config, "not-the-pin")?;
+    let listed = wait_listed(&agent, 1, Duration::from_secs(20))?;
+
+    // The person types the PIN once the notice tells them to.
+    let typist = {
+        let (notices, pad) = (notices.clone(), pad.clone());
+        std::thread::spawn(move || -> anyhow::Result<String> {
+            let shown = token_agent_e2e::wait_for(Duration::from_secs(20), || {
+                std::fs::read_to_string(&notices).is_ok_and(|text| text.contains("pinpad"))
+            });
+            anyhow::ensure!(shown, "no PIN pad notice appeared");
+            std::fs::write(&pad, format!("{PIN}\n"))?;
+            Ok(std::fs::read_to_string(&notices)?)
+        })
+    };
+    sign_and_verify(&agent, &listed[0], "pad")?;
+    let shown = typist
+        .join()
+        .map_err(|_| anyhow::anyhow!("typist panicked"))??;
+    assert!(shown.contains("pinpad: "), "{shown}");
+    assert!(shown.contains("PIN"), "{shown}");
+    let log = agent.log_text();
+    assert!(log.contains("enter the PIN on the reader's pad"), "{log}");
+    assert!(log.contains("logged in to PKCS#11 token"), "{log}");
+    // Logged in: the next signature needs no pad.
+    std::fs::remove_file(&pad)?;
+    sign_and_verify(&agent, &listed[0], "again")?;
     Ok(())
 }
