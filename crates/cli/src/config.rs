@@ -57,6 +57,9 @@ pub(crate) struct Pkcs11Section {
     /// Milliseconds between looks for tokens coming and going.
     #[serde(default = "default_poll_interval")]
     pub(crate) poll_interval_ms: u64,
+    /// The most signatures one module makes at once; 0 means one per CPU.
+    #[serde(default)]
+    pub(crate) parallel_signatures: u32,
 }
 
 /// `[[pkcs11.modules]]`.
@@ -89,6 +92,7 @@ impl Default for Pkcs11Section {
             timeout_seconds: default_pkcs11_timeout(),
             pin_pad_timeout_seconds: default_pin_pad_timeout(),
             poll_interval_ms: default_poll_interval(),
+            parallel_signatures: 0,
         }
     }
 }
@@ -122,6 +126,7 @@ impl Pkcs11Section {
         options.call_timeout = Duration::from_secs(self.timeout_seconds.max(1));
         options.pin_pad_timeout = Duration::from_secs(self.pin_pad_timeout_seconds.max(1));
         options.poll_interval = Duration::from_millis(self.poll_interval_ms.max(100));
+        options.parallel_signatures = self.parallel_signatures;
         options
     }
 }

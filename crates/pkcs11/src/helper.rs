@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io::{self, BufReader};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -149,7 +149,40 @@ struct Helper {
     /// token for the key before every signature). Forgotten with the slot's
     /// sessions, on logout, and whenever the module calls a handle invalid.
     keys: Mutex<HashMap<(u64, Vec<u8>), PrivateKey>>,
+    /// Limits the signatures made at once (set at load).
+    signing: Permits,
     output: Mutex<File>,
+}
+
+/// A counting semaphore: the signatures that may run at once.
+#[derive(Default)]
+struct Permits {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Permits {
+    fn acquire(&self) -> Permit<'_> {
+        let mut free = lock(&self.free);
+        while *free == 0 {
+            free = self
+                .freed
+                .wait(free)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+/// One running signature's permit, given back on drop.
+struct Permit<'a>(&'a Permits);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.free) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// A private key object and whether it needs a login for each signature.
@@ -193,6 +226,7 @@ impl Helper {
             path: Mutex::default(),
             pools: Mutex::default(),
             keys: Mutex::default(),
+            signing: Permits::default(),
             output: Mutex::new(output),
         }
     }
@@ -206,7 +240,7 @@ impl Helper {
 
     fn handle(self: &Arc<Self>, op: Op) -> Result<Reply, Failure> {
         match op {
-            Op::Load { path } => self.load(&path),
+            Op::Load { path, parallel } => self.load(&path, parallel),
             Op::List => self.list().map(Reply::Tokens),
             Op::Rescan => self.rescan().map(Reply::Tokens),
             Op::Login { slot, pin } => self.login(slot, pin.as_ref()).map(|()| Reply::Done),
@@ -240,10 +274,15 @@ impl Helper {
             .ok_or_else(|| Failure::Protocol("no module loaded".into()))
     }
 
-    fn load(self: &Arc<Self>, path: &str) -> Result<Reply, Failure> {
+    fn load(self: &Arc<Self>, path: &str, parallel: u32) -> Result<Reply, Failure> {
         if lock(&self.context).is_some() {
             return Err(Failure::Protocol("a module is already loaded".into()));
         }
+        let permits = match parallel {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n as usize,
+        };
+        *lock(&self.signing.free) = permits;
         let context = initialize(path)?;
         *lock(&self.context) = Some(context);
         *lock(&self.path) = Some(path.to_owned());
@@ -390,6 +429,9 @@ impl Helper {
         context_pin: Option<&Pin>,
         context_pin_pad: bool,
     ) -> Result<Vec<u8>, Failure> {
+        // A signature that waits for a person at a PIN pad takes no permit:
+        // it uses no CPU, and must not hold up the others.
+        let _permit = (!context_pin_pad).then(|| self.signing.acquire());
         let (mechanism, input) = single_part(scheme, message);
         let context_secret = context_pin.map(|p| SecretString::from(p.expose().to_owned()));
         let signing = Signing {
@@ -841,6 +883,27 @@ mod tests {
             // The prefix's last byte is the digest's length.
             assert_eq!(usize::from(prefix[prefix.len() - 1]), len);
         }
+    }
+
+    #[test]
+    fn permits_hold_signatures_beyond_the_limit_until_one_ends() {
+        let permits = Arc::new(Permits::default());
+        *lock(&permits.free) = 1;
+        let first = permits.acquire();
+        let (done, finished) = std::sync::mpsc::channel();
+        let waiter = {
+            let permits = permits.clone();
+            std::thread::spawn(move || {
+                let _second = permits.acquire();
+                done.send(()).unwrap();
+            })
+        };
+        let wait = std::time::Duration::from_millis(100);
+        assert!(finished.recv_timeout(wait).is_err(), "no permit was free");
+        drop(first);
+        finished.recv_timeout(wait * 50).unwrap();
+        waiter.join().unwrap();
+        assert_eq!(*lock(&permits.free), 1);
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub enum Op {
     Load {
         /// The module's path, already checked against the allowlist.
         path: String,
+        /// The most signatures the module makes at once (see
+        /// [`Pkcs11Options::parallel_signatures`](crate::Pkcs11Options::parallel_signatures)).
+        parallel: u32,
     },
     /// Every slot with a token, and the keys on it (C_GetSlotList, C_GetTokenInfo, C_FindObjects).
     List,
@@ -329,6 +332,10 @@ impl Encoder<'_> {
         self.u8(u8::from(value));
     }
 
+    fn u32(&mut self, value: u32) {
+        self.0.extend_from_slice(&value.to_be_bytes());
+    }
+
     fn u64(&mut self, value: u64) {
         self.0.extend_from_slice(&value.to_be_bytes());
     }
@@ -449,9 +456,10 @@ impl Message for Request {
     fn encode(&self, out: &mut Encoder<'_>) {
         out.u64(self.id);
         match &self.op {
-            Op::Load { path } => {
+            Op::Load { path, parallel } => {
                 out.u8(1);
                 out.str(path);
+                out.u32(*parallel);
             }
             Op::List => out.u8(2),
             Op::Rescan => out.u8(3),
@@ -485,6 +493,7 @@ impl Message for Request {
         let op = match input.u8()? {
             1 => Op::Load {
                 path: input.string()?,
+                parallel: input.u32()?,
             },
             2 => Op::List,
             3 => Op::Rescan,
@@ -799,6 +808,7 @@ mod tests {
         let ops = vec![
             Op::Load {
                 path: "/usr/lib/x.so".into(),
+                parallel: 3,
             },
             Op::List,
             Op::Rescan,

@@ -34,6 +34,24 @@ struct Args {
     /// Seconds each scenario runs.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
+    /// The keys to sign with.
+    #[arg(long, value_delimiter = ',', default_values = ["p256", "rsa"])]
+    keys: Vec<BenchKey>,
+    /// The numbers of concurrent clients to sign with.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
+    clients: Vec<usize>,
+    /// Measure signatures only, not listing (for profiling one scenario).
+    #[arg(long)]
+    signatures_only: bool,
+}
+
+/// A key of the bench token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchKey {
+    /// ECDSA P-256.
+    P256,
+    /// RSA 2048.
+    Rsa,
 }
 
 /// The data of each signature: a session id and a user-auth request's worth.
@@ -79,6 +97,13 @@ fn main() -> anyhow::Result<()> {
         (KeyKind::P256, "ecdsa-sha2-nistp256", 0u32),
         (KeyKind::Rsa2048, "ssh-rsa", 2u32),
     ] {
+        let wanted = match kind {
+            KeyKind::P256 => BenchKey::P256,
+            _ => BenchKey::Rsa,
+        };
+        if !args.keys.contains(&wanted) {
+            continue;
+        }
         let ceiling_1 = ceiling(&hsm, kind, 1, args.seconds)?;
         let ceiling_2 = ceiling(&hsm, kind, 2, args.seconds)?;
         let name = kind.id_and_label().1;
@@ -93,7 +118,7 @@ fn main() -> anyhow::Result<()> {
         for (agent_name, agent) in [("token-agent", &token), ("OpenSSH ssh-agent", &openssh)] {
             let blob = key_blob(agent, prefix, "bench")?;
             let request = sign_request(&blob, flags);
-            for clients in [1usize, 8] {
+            for &clients in &args.clients {
                 let result = run(agent.socket(), &request, clients, args.seconds)?;
                 let base = if clients == 1 { &ceiling_1 } else { &ceiling_2 };
                 println!(
@@ -107,6 +132,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    if args.signatures_only {
+        return Ok(());
+    }
     println!();
     println!("## Listing");
     println!();
