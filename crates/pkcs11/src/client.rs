@@ -4,8 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::io::BufReader;
-use std::os::fd::OwnedFd;
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -16,14 +15,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{setsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use crate::proto::{
-    decode_body, frame_len, read_frame, write_frame, Failure, Op, Reply, Request, Response,
-    EVENT_ID,
+    decode_body, encode_frame, frame_len, read_frame, Failure, Op, Reply, Request, Response,
+    EVENT_ID, MAX_REQUEST,
 };
 
 /// How to start a helper: the program (the token-agent binary) and its arguments.
@@ -73,14 +73,15 @@ type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
 
 /// One running helper process.
 ///
-/// The agent talks to it over a socketpair. Requests are written straight
-/// from the calling task or thread (one write per frame, under a lock);
-/// a reader thread takes each answer off the socket and wakes whoever waits
-/// for it. Calls are pipelined: many can be outstanding at once, and the
-/// helper answers them in any order.
+/// The agent talks to it over two socketpairs. Requests are written
+/// straight from the calling task or thread (one SOCK_SEQPACKET record each,
+/// no lock); a task on the runtime (or a thread) takes each answer off the
+/// other socket and wakes whoever waits for it. Calls are pipelined: many can
+/// be outstanding at once, and the helper answers them in any order.
 pub(crate) struct Helper {
     pid: Pid,
-    output: Mutex<UnixStream>,
+    /// Where requests go: a SOCK_SEQPACKET socket, one record per request.
+    requests: UnixStream,
     pending: Pending,
     exit: Arc<Mutex<Option<String>>>,
     next_id: AtomicU64,
@@ -103,17 +104,28 @@ impl Helper {
         runtime: Option<&Handle>,
         on_event: impl Fn() + Send + Sync + 'static,
     ) -> std::io::Result<Arc<Self>> {
-        // One socketpair per direction: requests are written with blocking
-        // writes (bounded by a timeout) while answers may be read by the
+        // One socketpair per direction. Requests go as SOCK_SEQPACKET
+        // records, which several helper threads can read at once and which
+        // several callers can write at once without a lock, with blocking
+        // writes bounded by a timeout; answers are a stream, read by the
         // runtime, which needs its socket non-blocking.
-        let (requests, helper_input) = UnixStream::pair()?;
+        let (requests, helper_input) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        // A record must fit the send buffer; the kernel caps this at what
+        // it allows (net.core.wmem_max, 2 x 208 KiB by default).
+        let _ = setsockopt(&requests, sockopt::SndBuf, &(2 * MAX_REQUEST));
+        let requests = UnixStream::from(requests);
         let (answers, helper_output) = UnixStream::pair()?;
         let mut builder = Command::new(&command.program);
         builder
             .args(&command.args)
             .envs(command.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::from(OwnedFd::from(helper_input)))
-            .stdout(Stdio::from(OwnedFd::from(helper_output)))
+            .stdin(Stdio::from(helper_input))
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(helper_output)))
             .stderr(Stdio::inherit());
         let mut child = builder.spawn()?;
         // The builder holds the helper's ends of the sockets: close them
@@ -164,7 +176,7 @@ impl Helper {
         }
         Ok(Arc::new(Self {
             pid,
-            output: Mutex::new(requests),
+            requests,
             pending,
             exit,
             next_id: AtomicU64::new(EVENT_ID + 1),
@@ -220,8 +232,25 @@ impl Helper {
             lock(&self.pending).remove(&id);
             return Err(CallError::Died(how));
         }
-        let written = write_frame(&mut *lock(&self.output), &Request { id, op });
+        let written = encode_frame(&Request { id, op }).and_then(|frame| {
+            if frame.len() > MAX_REQUEST {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("a request of {} bytes is too large", frame.len()),
+                ));
+            }
+            // One write is one whole record, or an error.
+            (&self.requests).write(&frame).map(|_| ())
+        });
         if let Err(err) = written {
+            if err.kind() == std::io::ErrorKind::InvalidInput
+                || err.raw_os_error() == Some(nix::libc::EMSGSIZE)
+            {
+                lock(&self.pending).remove(&id);
+                return Err(CallError::Failed(Failure::Protocol(format!(
+                    "cannot send the request to the helper: {err}"
+                ))));
+            }
             lock(&self.pending).remove(&id);
             // A helper that stopped reading is as good as hung.
             if err.kind() == std::io::ErrorKind::WouldBlock {

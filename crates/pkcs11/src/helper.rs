@@ -15,10 +15,11 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufReader};
+use std::io::{self, Read};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -31,30 +32,39 @@ use secrecy::SecretString;
 use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 use ssh_encoding::Encode;
+use zeroize::Zeroize;
 
 use crate::keys;
 use crate::proto::{
-    read_frame, write_frame, Failure, KeyInfo, Op, Pin, PinState, Reply, Request, Response, Scheme,
-    TokenState, EVENT_ID,
+    decode_frame, write_frame, Failure, KeyInfo, Op, Pin, PinState, Reply, Request, Response,
+    Scheme, TokenState, EVENT_ID, MAX_REQUEST,
 };
 
 /// Idle sessions kept per slot.
 const POOL_SIZE: usize = 16;
 
-/// The most threads serving requests. Requests beyond it wait for a thread
-/// to finish; only a module hanging in that many calls at once gets there.
+/// The most threads serving requests. Requests beyond them wait for a
+/// thread to finish; only a module hanging in that many calls at once gets
+/// there.
 const MAX_WORKERS: usize = 64;
 
-/// Serves requests on standard input (one end of a socketpair) until it
-/// closes, then exits the process (threads stuck in a hung module are not
-/// waited for).
+/// How long every worker may be busy without any request finishing before
+/// another worker is started: the module is hanging, or people are typing
+/// PINs on PIN pads, and the other requests must not wait for them.
+const STUCK_AFTER: Duration = Duration::from_millis(100);
+
+/// Serves requests on standard input until it closes, then exits the process
+/// (threads stuck in a hung module are not waited for).
 ///
-/// Requests are served leader/follower style: of the idle worker threads,
-/// one reads the next request and serves it itself while the next idle
-/// worker takes over reading. A request therefore costs no thread handoff
-/// and no thread creation; a new worker is started only when the last idle
-/// one takes a request, so a module that hangs in one call (or a PIN pad
-/// that waits for a person) never holds up the next request.
+/// Standard input is a SOCK_SEQPACKET socket, so each read takes exactly
+/// one request and any number of worker threads can wait on it at once: the
+/// kernel hands each request to one waiting worker, with no lock between
+/// them and no thread handoff. There are as many workers as signatures may
+/// run at once (see `Op::Load`'s `parallel`), so a busy helper signs
+/// without its threads sleeping between requests. A watchdog starts another
+/// worker when all of them have been busy for [`STUCK_AFTER`] without any
+/// request finishing, so a module that hangs (or a PIN pad that waits for a
+/// person) never holds up the next request for long.
 pub fn run() -> ! {
     let (input, output) = match standard_streams() {
         Ok(streams) => streams,
@@ -64,17 +74,25 @@ pub fn run() -> ! {
         }
     };
     let workers = Arc::new(Workers {
-        input: Mutex::new(BufReader::new(input)),
-        idle: AtomicUsize::new(1),
+        input,
+        idle: AtomicUsize::new(0),
         started: AtomicUsize::new(1),
+        finished: AtomicU64::new(0),
         helper: Arc::new(Helper::new(output)),
     });
+    let watched = workers.clone();
+    let watchdog = std::thread::Builder::new()
+        .name("pkcs11-watchdog".into())
+        .spawn(move || watched.watch());
+    if let Err(err) = watchdog {
+        eprintln!("token-agent pkcs11 helper: cannot start the watchdog: {err}");
+    }
     workers.serve()
 }
 
-/// The agent's end of the helper: stdin for requests, stdout for answers,
-/// both the same socket. They are used as plain files rather than through
-/// `io::stdout()`, whose line buffering would split binary frames.
+/// The agent's end of the helper: stdin for requests, stdout for answers.
+/// They are used as plain files rather than through `io::stdin()` and
+/// `io::stdout()`, whose buffering would split records and frames.
 fn standard_streams() -> io::Result<(File, File)> {
     let input = io::stdin().as_fd().try_clone_to_owned()?;
     let output = io::stdout().as_fd().try_clone_to_owned()?;
@@ -83,60 +101,109 @@ fn standard_streams() -> io::Result<(File, File)> {
 
 /// The threads that serve requests.
 struct Workers {
-    input: Mutex<BufReader<File>>,
-    /// Workers waiting for a request (reading, or waiting to read).
+    /// The requests: one record per read.
+    input: File,
+    /// Workers waiting for a request.
     idle: AtomicUsize,
     /// Workers started, never more than [`MAX_WORKERS`].
     started: AtomicUsize,
+    /// Requests answered so far.
+    finished: AtomicU64,
     helper: Arc<Helper>,
 }
 
 impl Workers {
     fn serve(self: &Arc<Self>) -> ! {
+        // Only what a read filled is touched (and zeroized: it may hold a
+        // PIN), so the rest of the buffer never becomes resident.
+        let mut buffer = vec![0u8; MAX_REQUEST];
         loop {
-            let request = read_frame::<Request>(&mut *lock(&self.input));
-            let still_idle = self.idle.fetch_sub(1, Ordering::SeqCst) - 1;
+            self.idle.fetch_add(1, Ordering::SeqCst);
+            let read = (&self.input).read(&mut buffer);
+            self.idle.fetch_sub(1, Ordering::SeqCst);
+            let len = match read {
+                Ok(0) => std::process::exit(0),
+                Ok(len) => len,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    eprintln!("token-agent pkcs11 helper: cannot read a request: {err}");
+                    std::process::exit(2);
+                }
+            };
+            let request = decode_frame::<Request>(&buffer[..len]);
+            buffer[..len].zeroize();
             let request = match request {
-                Ok(Some(request)) => request,
-                Ok(None) => std::process::exit(0),
+                Ok(request) => request,
                 Err(err) => {
                     eprintln!("token-agent pkcs11 helper: bad request from the agent: {err}");
                     std::process::exit(2);
                 }
             };
-            if still_idle == 0 {
-                self.start_another();
+            let workers = self.clone();
+            if let Op::Load { parallel, .. } = &request.op {
+                workers.grow_to(permits(*parallel));
             }
             let result = self.helper.handle(request.op);
             self.helper.send(&Response {
                 id: request.id,
                 result,
             });
-            self.idle.fetch_add(1, Ordering::SeqCst);
+            self.finished.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Starts workers until there are `count`.
+    fn grow_to(self: &Arc<Self>, count: usize) {
+        while self.started.load(Ordering::SeqCst) < count.min(MAX_WORKERS) {
+            if !self.start_another() {
+                return;
+            }
         }
     }
 
     /// Starts one more worker, unless there are [`MAX_WORKERS`] already.
-    fn start_another(self: &Arc<Self>) {
+    fn start_another(self: &Arc<Self>) -> bool {
         let started = self
             .started
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < MAX_WORKERS).then_some(n + 1)
             });
         if started.is_err() {
-            return;
+            return false;
         }
-        self.idle.fetch_add(1, Ordering::SeqCst);
         let workers = self.clone();
         let spawned = std::thread::Builder::new()
             .name("pkcs11-worker".into())
             .spawn(move || workers.serve());
         if let Err(err) = spawned {
             // Serving goes on with the workers there are.
-            self.idle.fetch_sub(1, Ordering::SeqCst);
             self.started.fetch_sub(1, Ordering::SeqCst);
             eprintln!("token-agent pkcs11 helper: cannot start a worker thread: {err}");
+            return false;
         }
+        true
+    }
+
+    /// Starts another worker whenever all of them have been busy for
+    /// [`STUCK_AFTER`] while no request finished.
+    fn watch(self: &Arc<Self>) {
+        let mut last = self.finished.load(Ordering::SeqCst);
+        loop {
+            std::thread::sleep(STUCK_AFTER);
+            let finished = self.finished.load(Ordering::SeqCst);
+            if finished == last && self.idle.load(Ordering::SeqCst) == 0 {
+                self.start_another();
+            }
+            last = finished;
+        }
+    }
+}
+
+/// The number of workers for `parallel` signatures at once (0: one per CPU).
+fn permits(parallel: u32) -> usize {
+    match parallel {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n as usize,
     }
 }
 
@@ -149,40 +216,7 @@ struct Helper {
     /// token for the key before every signature). Forgotten with the slot's
     /// sessions, on logout, and whenever the module calls a handle invalid.
     keys: Mutex<HashMap<(u64, Vec<u8>), PrivateKey>>,
-    /// Limits the signatures made at once (set at load).
-    signing: Permits,
     output: Mutex<File>,
-}
-
-/// A counting semaphore: the signatures that may run at once.
-#[derive(Default)]
-struct Permits {
-    free: Mutex<usize>,
-    freed: Condvar,
-}
-
-impl Permits {
-    fn acquire(&self) -> Permit<'_> {
-        let mut free = lock(&self.free);
-        while *free == 0 {
-            free = self
-                .freed
-                .wait(free)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        *free -= 1;
-        Permit(self)
-    }
-}
-
-/// One running signature's permit, given back on drop.
-struct Permit<'a>(&'a Permits);
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        *lock(&self.0.free) += 1;
-        self.0.freed.notify_one();
-    }
 }
 
 /// A private key object and whether it needs a login for each signature.
@@ -226,7 +260,6 @@ impl Helper {
             path: Mutex::default(),
             pools: Mutex::default(),
             keys: Mutex::default(),
-            signing: Permits::default(),
             output: Mutex::new(output),
         }
     }
@@ -240,7 +273,7 @@ impl Helper {
 
     fn handle(self: &Arc<Self>, op: Op) -> Result<Reply, Failure> {
         match op {
-            Op::Load { path, parallel } => self.load(&path, parallel),
+            Op::Load { path, .. } => self.load(&path),
             Op::List => self.list().map(Reply::Tokens),
             Op::Rescan => self.rescan().map(Reply::Tokens),
             Op::Login { slot, pin } => self.login(slot, pin.as_ref()).map(|()| Reply::Done),
@@ -274,15 +307,10 @@ impl Helper {
             .ok_or_else(|| Failure::Protocol("no module loaded".into()))
     }
 
-    fn load(self: &Arc<Self>, path: &str, parallel: u32) -> Result<Reply, Failure> {
+    fn load(self: &Arc<Self>, path: &str) -> Result<Reply, Failure> {
         if lock(&self.context).is_some() {
             return Err(Failure::Protocol("a module is already loaded".into()));
         }
-        let permits = match parallel {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
-            n => n as usize,
-        };
-        *lock(&self.signing.free) = permits;
         let context = initialize(path)?;
         *lock(&self.context) = Some(context);
         *lock(&self.path) = Some(path.to_owned());
@@ -429,9 +457,6 @@ impl Helper {
         context_pin: Option<&Pin>,
         context_pin_pad: bool,
     ) -> Result<Vec<u8>, Failure> {
-        // A signature that waits for a person at a PIN pad takes no permit:
-        // it uses no CPU, and must not hold up the others.
-        let _permit = (!context_pin_pad).then(|| self.signing.acquire());
         let (mechanism, input) = single_part(scheme, message);
         let context_secret = context_pin.map(|p| SecretString::from(p.expose().to_owned()));
         let signing = Signing {
@@ -883,27 +908,6 @@ mod tests {
             // The prefix's last byte is the digest's length.
             assert_eq!(usize::from(prefix[prefix.len() - 1]), len);
         }
-    }
-
-    #[test]
-    fn permits_hold_signatures_beyond_the_limit_until_one_ends() {
-        let permits = Arc::new(Permits::default());
-        *lock(&permits.free) = 1;
-        let first = permits.acquire();
-        let (done, finished) = std::sync::mpsc::channel();
-        let waiter = {
-            let permits = permits.clone();
-            std::thread::spawn(move || {
-                let _second = permits.acquire();
-                done.send(()).unwrap();
-            })
-        };
-        let wait = std::time::Duration::from_millis(100);
-        assert!(finished.recv_timeout(wait).is_err(), "no permit was free");
-        drop(first);
-        finished.recv_timeout(wait * 50).unwrap();
-        waiter.join().unwrap();
-        assert_eq!(*lock(&permits.free), 1);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The protocol between the agent and its PKCS#11 helper processes.
 //!
-//! The agent starts `token-agent --pkcs11-helper` with one end of a
-//! socketpair as its standard input and output. Each message is a frame: a
-//! 4-byte big-endian length, then that many bytes of a [`Message`] in a plain
-//! binary encoding. The agent sends [`Request`]s, each with an id; the
+//! The agent starts `token-agent --pkcs11-helper` with two socketpairs: a
+//! SOCK_SEQPACKET one on its standard input for requests (one record each,
+//! at most [`MAX_REQUEST`] bytes, so that several helper threads can read
+//! it at once) and a stream one on its standard output for answers. Each
+//! message is a frame: a 4-byte big-endian length, then that many bytes of a
+//! [`Message`] in a plain binary encoding. The agent sends [`Request`]s, each with an id; the
 //! helper answers each with a [`Response`] carrying the same id, in any order
 //! (it works on several requests at once), and may send a [`Response`] with id
 //! [`EVENT_ID`] unasked when `C_WaitForSlotEvent` reports a token inserted or
@@ -20,6 +22,11 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// The largest frame either side accepts: far above any key list or signature.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+
+/// The largest request the agent sends (one record of the request socket):
+/// a signature over the most data an ssh-agent message holds (256 KiB),
+/// with room to spare.
+pub const MAX_REQUEST: usize = 320 * 1024;
 
 /// The id of unsolicited slot-event messages from the helper.
 pub const EVENT_ID: u64 = 0;
@@ -256,9 +263,16 @@ pub enum Failure {
 }
 
 /// Writes `message` as one frame, in a single write so that threads sharing
-/// `out` never interleave. The frame buffer is zeroized after writing
-/// because it may hold a PIN.
+/// `out` never interleave.
 pub fn write_frame(out: &mut impl Write, message: &impl Message) -> io::Result<()> {
+    let frame = encode_frame(message)?;
+    out.write_all(&frame)?;
+    out.flush()
+}
+
+/// `message` as one frame, length prefix included. The buffer is zeroized
+/// when dropped because it may hold a PIN.
+pub fn encode_frame(message: &impl Message) -> io::Result<Zeroizing<Vec<u8>>> {
     let mut frame = Zeroizing::new(Vec::with_capacity(128));
     frame.extend_from_slice(&[0; 4]);
     message.encode(&mut Encoder(&mut frame));
@@ -267,8 +281,7 @@ pub fn write_frame(out: &mut impl Write, message: &impl Message) -> io::Result<(
         .filter(|len| (*len as usize) <= MAX_FRAME)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
     frame[..4].copy_from_slice(&len.to_be_bytes());
-    out.write_all(&frame)?;
-    out.flush()
+    Ok(frame)
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream. A frame must hold
@@ -284,6 +297,22 @@ pub fn read_frame<T: Message>(input: &mut impl Read) -> io::Result<Option<T>> {
     let mut body = Zeroizing::new(vec![0u8; len]);
     input.read_exact(&mut body)?;
     decode_body(&body).map(Some)
+}
+
+/// Decodes one whole frame (a record of the request socket): the length
+/// prefix must match the rest exactly.
+pub fn decode_frame<T: Message>(frame: &[u8]) -> io::Result<T> {
+    let (prefix, body) = frame
+        .split_first_chunk::<4>()
+        .ok_or_else(|| invalid("truncated frame".into()))?;
+    if frame_len(*prefix)? != body.len() {
+        return Err(invalid(format!(
+            "the frame says {} bytes but holds {}",
+            u32::from_be_bytes(*prefix),
+            body.len()
+        )));
+    }
+    decode_body(body)
 }
 
 /// The length of a frame from its 4-byte prefix, refused above [`MAX_FRAME`].
