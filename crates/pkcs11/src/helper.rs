@@ -62,7 +62,7 @@ const STUCK_AFTER: Duration = Duration::from_millis(100);
 /// them and no thread handoff. There are as many workers as signatures may
 /// run at once (see `Op::Load`'s `parallel`), so a busy helper signs
 /// without its threads sleeping between requests. A watchdog starts another
-/// worker when all of them have been busy for [`STUCK_AFTER`] without any
+/// worker when all of them have been busy for 100 ms without any
 /// request finishing, so a module that hangs (or a PIN pad that waits for a
 /// person) never holds up the next request for long.
 pub fn run() -> ! {
