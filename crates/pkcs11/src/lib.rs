@@ -17,7 +17,9 @@
 //! agent writes each straight from the signing task, the helper serves them
 //! on a pool of threads and keeps sessions and key handles between them, and
 //! the answers are read on the agent's runtime, so a signature costs little
-//! more than the module's own `C_Sign`. A module that crashes or hangs costs a
+//! more than the module's own `C_Sign`. Helpers run at a lower scheduling
+//! priority than the agent, so a module computing signatures never delays
+//! the agent's answers to other requests. A module that crashes or hangs costs a
 //! helper, not the agent: every call has a time limit (a long one while a PIN
 //! pad waits for a person), and the backend kills and restarts a helper that
 //! died or did not answer, reporting for example "the PKCS#11 module
