@@ -43,8 +43,7 @@ fn find_or_build(package: &str, name: &str) -> anyhow::Result<PathBuf> {
     }
     let path = dir.join(name);
     let profile_release = dir.ends_with("release");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = std::process::Command::new(cargo);
+    let mut build = cargo();
     build.args(["build", "--quiet", "-p", package, "--bin", name]);
     if profile_release {
         build.arg("--release");
@@ -61,6 +60,32 @@ fn find_or_build(package: &str, name: &str) -> anyhow::Result<PathBuf> {
         bail!("{} was not built", path.display());
     }
     Ok(path)
+}
+
+/// The cargo running these tests, as a command for a nested build, without
+/// the variables cargo sets for a test process (CARGO_MANIFEST_DIR,
+/// CARGO_PKG_*, ...): build scripts that watch them (ring's declares
+/// rerun-if-env-changed for each) would otherwise rebuild their crate and
+/// everything above it whenever builds from a test and from the shell alternate.
+pub fn cargo() -> std::process::Command {
+    let program = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let set_for_tests = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+            || matches!(name, "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR");
+        if set_for_tests {
+            command.env_remove(name);
+        }
+    }
+    command
 }
 
 /// Polls `condition` every 20 ms until it holds or `limit` passes.

@@ -1,9 +1,15 @@
-//! A raw agent-protocol client, for sending what real clients never send.
+//! A raw agent-protocol client, for sending what real clients never send,
+//! and the few messages tests build by hand.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+
+use signature::Signer;
+use ssh_encoding::Encode;
+
+use crate::agent::keygen;
 
 /// SSH_AGENT_FAILURE.
 pub const FAILURE: u8 = 5;
@@ -13,6 +19,38 @@ pub const SUCCESS: u8 = 6;
 pub const IDENTITIES_ANSWER: u8 = 12;
 /// SSH_AGENT_SIGN_RESPONSE.
 pub const SIGN_RESPONSE: u8 = 14;
+/// SSH_AGENTC_EXTENSION.
+pub const EXTENSION: u8 = 27;
+
+/// Appends an SSH string (uint32 length, bytes) to `out`.
+pub fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// A session-bind@openssh.com request, signed by a fresh ed25519 host key
+/// made in `dir`, as ssh sends it on a connection it forwards (`forwarded`)
+/// or uses itself. After one, the agent treats the connection as remote.
+pub fn session_bind(dir: &Path, forwarded: bool) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join("host_key");
+    if !path.exists() {
+        keygen(&path, "ed25519", "host")?;
+    }
+    let host = ssh_key::PrivateKey::read_openssh_file(&path)?;
+    let session_id = [0x5au8; 32];
+    let signature: ssh_key::Signature = host.try_sign(&session_id)?;
+    let mut key_blob = Vec::new();
+    host.public_key().key_data().encode(&mut key_blob)?;
+    let mut signature_blob = Vec::new();
+    signature.encode(&mut signature_blob)?;
+    let mut body = vec![EXTENSION];
+    put_string(&mut body, b"session-bind@openssh.com");
+    put_string(&mut body, &key_blob);
+    put_string(&mut body, &session_id);
+    put_string(&mut body, &signature_blob);
+    body.push(u8::from(forwarded));
+    Ok(body)
+}
 
 /// A connection speaking raw frames.
 #[derive(Debug)]

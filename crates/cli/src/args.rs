@@ -46,7 +46,7 @@ pub(crate) struct Args {
     #[arg(short = 't', value_name = "LIFE")]
     pub(crate) lifetime: Option<String>,
 
-    /// Pattern-list of PKCS#11 providers `ssh-add -s` may load.
+    /// Pattern-list of PKCS#11 providers (`ssh-add -s`) and sk middlewares (`ssh-add -S`) the agent may load.
     #[arg(short = 'P', value_name = "ALLOWED_PROVIDERS")]
     pub(crate) allowed_providers: Option<String>,
 

@@ -144,7 +144,7 @@ fn default_poll_interval() -> u64 {
 }
 
 /// `[fido]`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FidoSection {
     /// sk key files (`id_ed25519_sk`) offered from the start, as if added with ssh-add.
@@ -154,6 +154,35 @@ pub(crate) struct FidoSection {
     /// start (the PIN is asked then).
     #[serde(default)]
     pub(crate) load_resident: bool,
+    /// Seconds an sk middleware (`ssh-add -S`) may take to sign, a touch
+    /// included, before its helper is killed and restarted.
+    #[serde(default = "default_middleware_timeout")]
+    pub(crate) middleware_timeout_seconds: u64,
+}
+
+impl Default for FidoSection {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            load_resident: false,
+            middleware_timeout_seconds: default_middleware_timeout(),
+        }
+    }
+}
+
+impl FidoSection {
+    /// How the backend runs middlewares: this executable in `--sk-helper` mode.
+    pub(crate) fn middleware(&self) -> token_agent_fido::MiddlewareOptions {
+        token_agent_fido::MiddlewareOptions {
+            call_timeout: Duration::from_secs(self.middleware_timeout_seconds.max(1)),
+            ..token_agent_fido::MiddlewareOptions::default()
+        }
+    }
+}
+
+/// A touch (security keys wait 30 s for one) and a little more.
+fn default_middleware_timeout() -> u64 {
+    (token_agent_fido::middleware::TOUCH_TIMEOUT + Duration::from_secs(5)).as_secs()
 }
 
 /// `[piv]`.

@@ -98,7 +98,7 @@ pub(crate) fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
 /// The backend the agent serves: the key files of `[fido] keys`, over the
 /// security keys this build reaches.
 pub(crate) fn backend(section: &FidoSection) -> anyhow::Result<FidoBackend> {
-    let backend = FidoBackend::new(discovery()?);
+    let backend = FidoBackend::with_middleware(discovery()?, section.middleware());
     for path in &section.keys {
         let key = PrivateKey::read_openssh_file(path)
             .with_context(|| format!("cannot read the sk key file {}", path.display()))?;
@@ -171,7 +171,7 @@ mod sim {
     }
 
     fn open() -> anyhow::Result<Option<Arc<fido_sim::Simulator>>> {
-        let Some(state) = std::env::var_os("TOKEN_AGENT_FIDO_SIM")
+        let Some(state) = std::env::var_os(fido_sim::middleware::STATE_ENV)
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
         else {
@@ -181,7 +181,7 @@ mod sim {
             fido_sim::Simulator::open("token", &state)
                 .with_context(|| format!("cannot open the fido-sim state {}", state.display()))?,
         );
-        if let Some(millis) = std::env::var("TOKEN_AGENT_FIDO_SIM_TOUCH_TIMEOUT_MS")
+        if let Some(millis) = std::env::var(fido_sim::middleware::TOUCH_TIMEOUT_ENV)
             .ok()
             .and_then(|v| v.parse().ok())
         {

@@ -33,6 +33,9 @@ fn main() -> ExitCode {
         // Hidden helper mode: the agent runs each PKCS#11 module in a child
         // `token-agent --pkcs11-helper`, speaking token_agent_pkcs11::proto on stdio.
         Some("--pkcs11-helper") => token_agent_pkcs11::helper::run(),
+        // Hidden helper mode: each sk middleware (`ssh-add -S`) runs in a child
+        // `token-agent --sk-helper`, loaded there and never in the agent.
+        Some("--sk-helper") => token_agent_fido::middleware::run_helper(),
         Some("piv") => return piv::main(std::env::args_os().skip(1)),
         Some("fido") => return fido::main(std::env::args_os().skip(1)),
         _ => {}

@@ -114,6 +114,11 @@ pub struct AddKey {
     pub comment: String,
     /// A certificate to present for it, when the client sent one.
     pub certificate: Option<Arc<Certificate>>,
+    /// For security-key (sk) keys: the middleware library that signs with it
+    /// (`ssh-add -S`, the sk-provider@openssh.com constraint). `None` means
+    /// the backend's own FIDO code, OpenSSH's "internal". Backends receive the
+    /// canonical path, already checked against the `-P` allowlist.
+    pub sk_provider: Option<String>,
 }
 
 impl fmt::Debug for AddKey {
@@ -122,6 +127,7 @@ impl fmt::Debug for AddKey {
             .field("algorithm", &self.keypair.algorithm().ok())
             .field("comment", &self.comment)
             .field("certificate", &self.certificate.is_some())
+            .field("sk_provider", &self.sk_provider)
             .finish_non_exhaustive()
     }
 }

@@ -23,6 +23,11 @@
 //! control handle on a Unix socket so a test can touch the simulated key of
 //! an agent running in another process.
 //!
+//! The crate also builds an OpenSSH security-key middleware over the same
+//! state file, `libfido_sim_middleware.so` (the `fido_sim_middleware` example,
+//! a cdylib; see [`middleware`]), so that OpenSSH's own `ssh-keygen -w` and
+//! `ssh-add -S` make and use keys on the simulator.
+//!
 //! # Example
 //!
 //! ```
@@ -57,6 +62,7 @@
 
 mod control;
 mod crypto;
+pub mod middleware;
 mod state;
 
 use std::fmt;

@@ -12,7 +12,10 @@ use token_agent_core::{
     PinRequest, PromptSubject, Prompter, SignContext, SignRequest, SshSignature,
 };
 
-use crate::ctap::{Assertion, Authenticator, CtapError, GetAssertion};
+use token_agent_sk_api::{Algorithm as SkAlgorithm, SkError};
+
+use crate::ctap::{AuthFlags, Authenticator, CoseAlgorithm, CtapError, GetAssertion};
+use crate::middleware::{self, MiddlewareError, MiddlewareOptions, Middlewares};
 use crate::resident;
 use crate::sk::{self, SkKey};
 use crate::worker::Workers;
@@ -44,7 +47,8 @@ impl Discovery for Fixed {
 /// credentials of connected authenticators ([`FidoBackend::load_resident`]).
 /// The backend holds only what the key file holds (application, flags, key
 /// handle); each signature is a CTAP getAssertion on the authenticator that
-/// accepts the handle.
+/// accepts the handle, or, for a key added with a middleware (`ssh-add -S`),
+/// that middleware's `sk_sign` in a helper process ([`crate::middleware`]).
 #[derive(Clone)]
 pub struct FidoBackend {
     inner: Arc<Inner>,
@@ -53,6 +57,7 @@ pub struct FidoBackend {
 struct Inner {
     discovery: Arc<dyn Discovery>,
     workers: Workers,
+    middlewares: Middlewares,
     keys: Mutex<Keys>,
     sink: OnceLock<IdentitySink>,
 }
@@ -68,7 +73,16 @@ struct Held {
     key: SkKey,
     comment: String,
     origin: Origin,
+    /// The middleware that signs with it (canonical path), or `None` for our own CTAP code.
+    provider: Option<String>,
     identity: Identity,
+}
+
+/// What a signature needs to know of a held key.
+struct Found {
+    key: SkKey,
+    comment: String,
+    provider: Option<String>,
 }
 
 /// Where a held key came from: it decides what `ssh-add -d` and `-D` may remove.
@@ -80,12 +94,21 @@ enum Origin {
 }
 
 impl FidoBackend {
-    /// A backend over the authenticators `discovery` finds.
+    /// A backend over the authenticators `discovery` finds, running
+    /// middlewares with the default options (this executable with
+    /// `--sk-helper`, a time limit of a touch and a little more).
     pub fn new(discovery: Arc<dyn Discovery>) -> Self {
+        Self::with_middleware(discovery, MiddlewareOptions::default())
+    }
+
+    /// A backend over the authenticators `discovery` finds, running the
+    /// middlewares of `ssh-add -S` keys as `middleware` says.
+    pub fn with_middleware(discovery: Arc<dyn Discovery>, middleware: MiddlewareOptions) -> Self {
         Self {
             inner: Arc::new(Inner {
                 discovery,
                 workers: Workers::default(),
+                middlewares: Middlewares::new(middleware),
                 keys: Mutex::new(Keys::default()),
                 sink: OnceLock::new(),
             }),
@@ -142,7 +165,7 @@ impl FidoBackend {
         origin: Origin,
         device: Option<DeviceInfo>,
     ) -> Identity {
-        self.hold_with(key, comment, origin, device, None)
+        self.hold_with(key, comment, origin, device, None, None)
     }
 
     fn hold_with(
@@ -152,6 +175,7 @@ impl FidoBackend {
         origin: Origin,
         device: Option<DeviceInfo>,
         certificate: Option<Arc<ssh_key::Certificate>>,
+        provider: Option<String>,
     ) -> Identity {
         let identity = {
             let mut keys = self.keys();
@@ -174,6 +198,7 @@ impl FidoBackend {
                 key,
                 comment,
                 origin,
+                provider,
                 identity: identity.clone(),
             });
             identity
@@ -198,13 +223,113 @@ impl FidoBackend {
         }
     }
 
-    fn lookup(&self, key: &KeyRef) -> Option<(SkKey, String)> {
+    fn lookup(&self, key: &KeyRef) -> Option<Found> {
         let id = u64::from_be_bytes(key.handle().try_into().ok()?);
-        self.keys()
+        self.keys().held.iter().find(|h| h.id == id).map(|h| Found {
+            key: h.key.clone(),
+            comment: h.comment.clone(),
+            provider: h.provider.clone(),
+        })
+    }
+
+    /// Lets the helpers of middlewares no held key names any more stop.
+    fn release_unused_middlewares(&self) {
+        let in_use: Vec<String> = self
+            .keys()
             .held
             .iter()
-            .find(|h| h.id == id)
-            .map(|h| (h.key.clone(), h.comment.clone()))
+            .filter_map(|h| h.provider.clone())
+            .collect();
+        self.inner.middlewares.retain(&in_use);
+    }
+
+    /// Signs through the middleware at `provider`, as OpenSSH's ssh-agent
+    /// does: the PIN first when the key requires verification, the touch
+    /// notice while the middleware waits, and when the middleware asks for a
+    /// PIN the key's flags did not announce, the PIN once and a second try.
+    async fn sign_through_middleware(
+        &self,
+        sk_key: &SkKey,
+        provider: &str,
+        subject: PromptSubject,
+        request: &SignRequest,
+        prompter: &dyn Prompter,
+    ) -> Result<SshSignature, Error> {
+        let device = middleware_device(provider);
+        let mut pin = if sk_key.needs_pin() {
+            Some(ask_middleware_pin(subject.clone(), prompter, &device).await?)
+        } else {
+            None
+        };
+        let algorithm = match sk_key.algorithm() {
+            CoseAlgorithm::EdDsa => SkAlgorithm::Ed25519,
+            CoseAlgorithm::Es256 => SkAlgorithm::Ecdsa,
+        };
+        let signed = loop {
+            let sign = middleware::Sign {
+                alg: algorithm.code(),
+                data: request.data.clone(),
+                application: sk_key.application().to_owned(),
+                key_handle: sk_key.key_handle().to_vec(),
+                flags: sk_key.flags(),
+                pin: pin
+                    .as_ref()
+                    .map(|p| middleware::Pin::new(p.expose_secret().to_owned())),
+            };
+            tracing::debug!(
+                middleware = provider,
+                application = sk_key.application(),
+                user_presence = sk_key.needs_touch(),
+                user_verification = pin.is_some(),
+                "sk_sign"
+            );
+            let notice = sk_key.needs_touch().then(|| {
+                prompter.notify(&Notice {
+                    kind: NoticeKind::Touch,
+                    subject: subject.clone(),
+                })
+            });
+            let result = self.inner.middlewares.sign(provider, sign).await;
+            drop(notice);
+            match result {
+                Ok(signed) => break signed,
+                Err(MiddlewareError::Sk {
+                    error: SkError::PinRequired,
+                    ..
+                }) if pin.is_none() => {
+                    // A device that demands verification for every use (alwaysUv).
+                    tracing::debug!(middleware = provider, "the sk middleware asks for a PIN");
+                    pin = Some(ask_middleware_pin(subject.clone(), prompter, &device).await?);
+                }
+                Err(MiddlewareError::Sk {
+                    error: SkError::PinRequired,
+                    ..
+                }) => {
+                    // sk-api.h has no code for a wrong PIN: PIN_REQUIRED in
+                    // answer to a PIN means it was refused. Never retried:
+                    // each try costs one of the device's.
+                    return Err(Error::WrongPin {
+                        device,
+                        tries_left: None,
+                    });
+                }
+                Err(err) => return Err(middleware_error(&device, err)),
+            }
+        };
+        tracing::debug!(
+            middleware = provider,
+            flags = signed.flags,
+            counter = signed.counter,
+            "sk_sign answered"
+        );
+        check_flags(sk_key, AuthFlags(signed.flags), &device)?;
+        let signature = sk_key.signature_from_parts(
+            signed.flags,
+            signed.counter,
+            &signed.sig_r,
+            &signed.sig_s,
+        )?;
+        verified(sk_key, &request.data, signature, &device)
     }
 
     async fn connected(&self) -> Vec<Arc<dyn Authenticator>> {
@@ -281,7 +406,23 @@ impl Backend for FidoBackend {
         context: &SignContext,
         prompter: Arc<dyn Prompter>,
     ) -> Result<SshSignature, Error> {
-        let (sk_key, comment) = self.lookup(key).ok_or(Error::KeyNotFound)?;
+        let Found {
+            key: sk_key,
+            comment,
+            provider,
+        } = self.lookup(key).ok_or(Error::KeyNotFound)?;
+        if let Some(provider) = provider {
+            let subject = PromptSubject {
+                key: Some(comment),
+                fingerprint: Some(sk_key.public_key().fingerprint(HashAlg::Sha256).to_string()),
+                device: Some(middleware_device(&provider)),
+                ..PromptSubject::default()
+            }
+            .with_context(context);
+            return self
+                .sign_through_middleware(&sk_key, &provider, subject, request, prompter.as_ref())
+                .await;
+        }
         let device = self.holder(&sk_key).await?;
         let device_info = DeviceInfo::new(device.label());
         let subject = PromptSubject {
@@ -331,21 +472,9 @@ impl Backend for FidoBackend {
             counter = assertion.counter,
             "assertion made"
         );
-        check_flags(&sk_key, &assertion, &device_info)?;
+        check_flags(&sk_key, assertion.flags, &device_info)?;
         let signature = sk_key.signature(&assertion)?;
-        // A device that signed with another credential would give the server a
-        // signature it rejects; say so here instead.
-        let parsed = Signature::try_from(signature.as_bytes()).map_err(|e| Error::Device {
-            device: device_info.clone(),
-            message: format!("returned a malformed signature: {e}"),
-        })?;
-        signature::Verifier::verify(sk_key.public_key(), &request.data, &parsed).map_err(|_| {
-            Error::Device {
-                device: device_info.clone(),
-                message: "returned a signature that does not verify with this key".into(),
-            }
-        })?;
-        Ok(signature)
+        verified(&sk_key, &request.data, signature, &device_info)
     }
 
     fn accepts_key(&self, algorithm: &Algorithm) -> bool {
@@ -364,13 +493,27 @@ impl Backend for FidoBackend {
                 });
             }
         }
-        // Which plugged-in key holds it, so that listings and messages name
-        // the device; a key added while its device is away is listed as
-        // "security key".
-        let devices = self.connected().await;
-        let device = match self.probe(&sk_key, devices).await {
-            Ok(device) => Some(DeviceInfo::new(device.label())),
-            Err(_) => None,
+        let device = match &key.sk_provider {
+            // A middleware is loaded (in its helper) now, so that a library
+            // that is not one is refused here rather than at the first use.
+            Some(provider) => {
+                let device = middleware_device(provider);
+                if let Err(err) = self.inner.middlewares.load(provider).await {
+                    self.release_unused_middlewares();
+                    return Err(middleware_error(&device, err));
+                }
+                Some(device)
+            }
+            // Which plugged-in key holds it, so that listings and messages
+            // name the device; a key added while its device is away is
+            // listed as "security key".
+            None => {
+                let devices = self.connected().await;
+                match self.probe(&sk_key, devices).await {
+                    Ok(device) => Some(DeviceInfo::new(device.label())),
+                    Err(_) => None,
+                }
+            }
         };
         Ok(self.hold_with(
             sk_key,
@@ -378,6 +521,7 @@ impl Backend for FidoBackend {
             Origin::Client,
             device,
             key.certificate.clone(),
+            key.sk_provider.clone(),
         ))
     }
 
@@ -400,12 +544,14 @@ impl Backend for FidoBackend {
             keys.held.remove(position);
         }
         self.publish();
+        self.release_unused_middlewares();
         Ok(())
     }
 
     async fn remove_all(&self) {
         self.keys().held.retain(|h| h.origin == Origin::Config);
         self.publish();
+        self.release_unused_middlewares();
     }
 }
 
@@ -416,6 +562,18 @@ impl fmt::Debug for FidoBackend {
             .field("keys", &self.keys().held.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Asks for the PIN of the security key behind a middleware (which cannot say
+/// how many tries are left) and checks its length before it can cost a try.
+async fn ask_middleware_pin(
+    subject: PromptSubject,
+    prompter: &dyn Prompter,
+    device: &DeviceInfo,
+) -> Result<SecretString, Error> {
+    let pin = prompter.pin(&PinRequest::new(subject)).await?;
+    check_pin_length(&pin, device)?;
+    Ok(pin)
 }
 
 /// Asks for the PIN of `device`, with the tries left; refuses at once when the
@@ -439,28 +597,90 @@ async fn ask_pin(
     let mut request = PinRequest::new(subject);
     request.tries_left = Some(retries);
     let pin = prompter.pin(&request).await?;
-    // CTAP 2.1 section 6.5.1: a PIN has at least 4 code points and at most
-    // 63 bytes. Anything else would be refused and might count as a try.
+    check_pin_length(&pin, &device_info)?;
+    Ok(pin)
+}
+
+/// CTAP 2.1 section 6.5.1: a PIN has at least 4 code points and at most 63
+/// bytes. Anything else would be refused and might count as a try.
+fn check_pin_length(pin: &SecretString, device: &DeviceInfo) -> Result<(), Error> {
     let exposed = pin.expose_secret();
     if exposed.chars().count() < 4 || exposed.len() > 63 {
         return Err(Error::Device {
-            device: device_info,
+            device: device.clone(),
             message: "a FIDO PIN has 4 to 63 characters; nothing was sent to the device".into(),
         });
     }
-    Ok(pin)
+    Ok(())
+}
+
+/// `signature` if it verifies over `data` with the key. A device that signed
+/// with another credential (or a middleware that built the answer wrong)
+/// would give the server a signature it rejects; say so here instead.
+fn verified(
+    key: &SkKey,
+    data: &[u8],
+    signature: SshSignature,
+    device: &DeviceInfo,
+) -> Result<SshSignature, Error> {
+    let parsed = Signature::try_from(signature.as_bytes()).map_err(|e| Error::Device {
+        device: device.clone(),
+        message: format!("returned a malformed signature: {e}"),
+    })?;
+    signature::Verifier::verify(key.public_key(), data, &parsed).map_err(|_| Error::Device {
+        device: device.clone(),
+        message: "returned a signature that does not verify with this key".into(),
+    })?;
+    Ok(signature)
+}
+
+/// How prompts and errors name the security key behind a middleware.
+fn middleware_device(provider: &str) -> DeviceInfo {
+    DeviceInfo::new(format!("security key via {provider}"))
+}
+
+/// Turns a middleware failure into the words a person needs; a crash or a
+/// hang is logged as an error at once, since the agent survived it.
+fn middleware_error(device: &DeviceInfo, error: MiddlewareError) -> Error {
+    let message = match &error {
+        MiddlewareError::Sk {
+            path,
+            error: SkError::General,
+        } => format!(
+            "sk_sign failed in the sk middleware {path}, which gives no reason \
+             (SSH_SK_ERR_GENERAL): usually a touch that was denied or not given in time, \
+             or a security key that does not hold this key"
+        ),
+        MiddlewareError::Sk {
+            path,
+            error: SkError::DeviceNotFound,
+        } => format!(
+            "the sk middleware {path} found no security key (SSH_SK_ERR_DEVICE_NOT_FOUND); \
+             plug in the key this key was made on"
+        ),
+        MiddlewareError::Crashed { .. } | MiddlewareError::TimedOut { .. } => {
+            let message = error.to_string();
+            tracing::error!("{message}");
+            message
+        }
+        other => other.to_string(),
+    };
+    Error::Device {
+        device: device.clone(),
+        message,
+    }
 }
 
 /// Checks that the authenticator did what the key demands: UP for keys that
 /// need a touch, UV for keys that need the PIN (the server checks both too).
-fn check_flags(key: &SkKey, assertion: &Assertion, device: &DeviceInfo) -> Result<(), Error> {
-    if key.needs_touch() && !assertion.flags.user_present() {
+fn check_flags(key: &SkKey, flags: AuthFlags, device: &DeviceInfo) -> Result<(), Error> {
+    if key.needs_touch() && !flags.user_present() {
         return Err(Error::Device {
             device: device.clone(),
             message: "signed without user presence although the key requires a touch".into(),
         });
     }
-    if key.needs_pin() && !assertion.flags.user_verified() {
+    if key.needs_pin() && !flags.user_verified() {
         return Err(Error::Device {
             device: device.clone(),
             message: "signed without user verification although the key requires the PIN".into(),

@@ -10,10 +10,17 @@
 //! the key says no-touch-required and the PIN when it says verify-required.
 //! The SSH signature carries the authenticator's signature, flags and counter.
 //!
+//! A key added with a middleware (`ssh-add -S libmiddleware.so`) is signed
+//! through that library instead, as OpenSSH's ssh-agent does: its `sk_sign`,
+//! loaded with the sk-api loader in a helper process (`token-agent
+//! --sk-helper`), never in the agent ([`middleware`]).
+//!
 //! What this crate owns: the [`Authenticator`] trait (CTAP 2.1 operations as
-//! types), the [`FidoBackend`], enrolment and resident-key loading. It must not
-//! talk to the person (it asks its [`Prompter`](token_agent_core::Prompter)) and
-//! never holds a PIN beyond the one request that needs it.
+//! types), the [`FidoBackend`], enrolment, resident-key loading and the
+//! middleware helpers. It must not talk to the person (it asks its
+//! [`Prompter`](token_agent_core::Prompter)), never loads a middleware into the
+//! agent's own process, and never holds a PIN beyond the one request that
+//! needs it.
 //!
 //! # Example
 //!
@@ -37,6 +44,7 @@ mod backend;
 pub mod ctap;
 #[cfg(feature = "hid")]
 mod hid;
+pub mod middleware;
 mod resident;
 pub mod sk;
 mod worker;
@@ -45,5 +53,6 @@ pub use backend::{Discovery, FidoBackend, Fixed, NAME};
 pub use ctap::{Authenticator, CtapError};
 #[cfg(feature = "hid")]
 pub use hid::HidDiscovery;
+pub use middleware::{HelperCommand, MiddlewareOptions};
 pub use resident::{enroll, ssh_keys, EnrolError, Enrolment};
 pub use sk::SkKey;

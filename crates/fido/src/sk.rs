@@ -142,30 +142,59 @@ impl SkKey {
     /// signatures"): the authenticator's signature, its flags and its counter.
     pub fn signature(&self, assertion: &Assertion) -> Result<SshSignature, Error> {
         match &self.public {
-            KeyData::SkEd25519(_) => {
-                if assertion.signature.len() != 64 {
-                    return Err(invalid(format!(
-                        "the authenticator returned a {}-byte Ed25519 signature",
-                        assertion.signature.len()
-                    )));
-                }
-                Ok(SshSignature::sk_ed25519(
-                    &assertion.signature,
-                    assertion.flags.0,
-                    assertion.counter,
-                ))
-            }
             KeyData::SkEcdsaSha2NistP256(_) => {
                 // CTAP returns ES256 signatures in ASN.1 DER; SSH wants r and s.
                 let sig = P256Signature::from_der(&assertion.signature)
                     .map_err(|e| invalid(format!("bad ES256 signature: {e}")))?;
                 let (r, s) = sig.split_bytes();
-                Ok(SshSignature::sk_ecdsa(
-                    &r,
-                    &s,
-                    assertion.flags.0,
-                    assertion.counter,
-                ))
+                self.signature_from_parts(assertion.flags.0, assertion.counter, &r, &s)
+            }
+            _ => self.signature_from_parts(
+                assertion.flags.0,
+                assertion.counter,
+                &assertion.signature,
+                &[],
+            ),
+        }
+    }
+
+    /// The SSH signature for what a middleware's `sk_sign` returned
+    /// (`struct sk_sign_response`), encoded as OpenSSH's `ssh-sk.c` does
+    /// (PROTOCOL.u2f "SSH U2F signatures"): for Ed25519, `sig_r` is the
+    /// 64-byte signature and `sig_s` is empty; for ECDSA they are the
+    /// big-endian integers r and s.
+    pub fn signature_from_parts(
+        &self,
+        flags: u8,
+        counter: u32,
+        sig_r: &[u8],
+        sig_s: &[u8],
+    ) -> Result<SshSignature, Error> {
+        match &self.public {
+            KeyData::SkEd25519(_) => {
+                if sig_r.len() != 64 || !sig_s.is_empty() {
+                    return Err(invalid(format!(
+                        "the authenticator returned a {}-byte Ed25519 signature",
+                        sig_r.len() + sig_s.len()
+                    )));
+                }
+                Ok(SshSignature::sk_ed25519(sig_r, flags, counter))
+            }
+            KeyData::SkEcdsaSha2NistP256(_) => {
+                // A P-256 scalar has 32 bytes; leading zeros may be dropped.
+                let fits = |n: &[u8]| {
+                    let significant = n.iter().skip_while(|&&b| b == 0).count();
+                    significant > 0 && significant <= 32
+                };
+                if !fits(sig_r) || !fits(sig_s) {
+                    return Err(invalid(format!(
+                        "the authenticator returned an ECDSA signature with a {}-byte r and a \
+                         {}-byte s",
+                        sig_r.len(),
+                        sig_s.len()
+                    )));
+                }
+                Ok(SshSignature::sk_ecdsa(sig_r, sig_s, flags, counter))
             }
             _ => Err(invalid("not a security-key key".into())),
         }
@@ -305,6 +334,43 @@ mod tests {
         let text = file.to_openssh(ssh_key::LineEnding::LF).unwrap();
         let read = ssh_key::PrivateKey::from_openssh(text.as_bytes()).unwrap();
         assert_eq!(SkKey::from_keypair(read.key_data()).unwrap(), key);
+    }
+
+    #[test]
+    fn middleware_answers_make_the_same_signatures_as_assertions() {
+        let signing = p256::ecdsa::SigningKey::from_slice(&[11; 32]).unwrap();
+        let point = signing.verifying_key().to_encoded_point(false);
+        let key = SkKey::from_credential(
+            &CredentialPublicKey::P256(point.as_bytes().to_vec()),
+            "ssh:",
+            USER_PRESENCE_REQUIRED,
+            vec![1; 32],
+        )
+        .unwrap();
+        let der: p256::ecdsa::DerSignature = signing.sign(&signed_data("ssh:", 1, 3, b"m"));
+        let from_assertion = key
+            .signature(&Assertion {
+                flags: AuthFlags(1),
+                counter: 3,
+                signature: der.as_bytes().to_vec(),
+            })
+            .unwrap();
+        let plain = p256::ecdsa::Signature::from_der(der.as_bytes()).unwrap();
+        let (r, s) = plain.split_bytes();
+        // sk_sign returns r and s without leading zeros (BN_bn2bin).
+        let strip = |n: &[u8]| {
+            n.iter()
+                .skip_while(|&&b| b == 0)
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        let from_parts = key
+            .signature_from_parts(1, 3, &strip(&r), &strip(&s))
+            .unwrap();
+        assert_eq!(from_parts.as_bytes(), from_assertion.as_bytes());
+        assert!(verify(&key, b"m", &from_parts));
+        assert!(key.signature_from_parts(1, 3, &[1; 33], &s).is_err());
+        assert!(key.signature_from_parts(1, 3, &[], &s).is_err());
     }
 
     #[test]

@@ -274,8 +274,16 @@ impl Router {
         Ok((entry, signature, context))
     }
 
-    /// Adds a client's key with `constraints` (lifetime already defaulted by the caller).
-    pub async fn add_key(&self, key: AddKey, constraints: Constraints) -> Result<Entry, Refusal> {
+    /// Adds a client's key with `constraints` (lifetime already defaulted by
+    /// the caller). An sk key with a middleware (`ssh-add -S`) passes the same
+    /// gate as a PKCS#11 provider: the `-P` allowlist on its canonical path,
+    /// and no loading on request of a forwarded `context`.
+    pub async fn add_key(
+        &self,
+        key: AddKey,
+        constraints: Constraints,
+        context: SignContext,
+    ) -> Result<Entry, Refusal> {
         if self.lock.is_locked() {
             return Err(Refusal::Locked);
         }
@@ -283,6 +291,21 @@ impl Router {
             .keypair
             .algorithm()
             .map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let mut key = key;
+        if let Some(provider) = key.sk_provider.take() {
+            // As OpenSSH's ssh-agent: a middleware only for keys that need one.
+            if !matches!(
+                algorithm,
+                Algorithm::SkEd25519 | Algorithm::SkEcdsaSha2NistP256
+            ) {
+                return Err(Refusal::Invalid(format!(
+                    "cannot add a {algorithm} key with the sk middleware {provider}: \
+                     middlewares are for security-key (sk) keys only"
+                )));
+            }
+            key.sk_provider =
+                Some(self.admit_provider(LibraryKind::SkMiddleware, &provider, &context)?);
+        }
         let backend = self
             .backends
             .iter()
@@ -373,18 +396,11 @@ impl Router {
         if self.lock.is_locked() {
             return Err(Refusal::Locked);
         }
-        if request.context.forwarded && !self.policy.allow_remote_providers {
-            return Err(Refusal::Invalid(format!(
-                "refusing to load provider {} requested over a forwarded connection \
-                 (start the agent with -O allow-remote-pkcs11 to allow it)",
-                request.provider
-            )));
-        }
-        let canonical = self
-            .policy
-            .providers
-            .check(&request.provider)
-            .map_err(Refusal::Invalid)?;
+        let canonical = self.admit_provider(
+            LibraryKind::Pkcs11Provider,
+            &request.provider,
+            &request.context,
+        )?;
         let backend = self
             .backends
             .iter()
@@ -455,6 +471,35 @@ impl Router {
             .unwrap_or_else(|| provider.to_owned());
         backend.remove_provider(&canonical).await?;
         Ok(())
+    }
+
+    /// The canonical path of the library `provider` (a PKCS#11 module or an
+    /// sk middleware, as `what` says) if the policy lets a client with
+    /// `context` load it: never on request of a forwarded connection unless
+    /// `-O allow-remote-pkcs11`, and only when the canonical path (symbolic
+    /// links resolved) matches the `-P` allowlist.
+    fn admit_provider(
+        &self,
+        what: LibraryKind,
+        provider: &str,
+        context: &SignContext,
+    ) -> Result<String, Refusal> {
+        if context.forwarded && !self.policy.allow_remote_providers {
+            return Err(Refusal::Invalid(format!(
+                "refusing to load {} {provider} requested over a forwarded connection \
+                 (start the agent with -O allow-remote-pkcs11 to allow it)",
+                what.name()
+            )));
+        }
+        self.policy
+            .providers
+            .check(provider)
+            .map_err(|reason| match what {
+                LibraryKind::Pkcs11Provider => Refusal::Invalid(reason),
+                LibraryKind::SkMiddleware => {
+                    Refusal::Invalid(format!("refusing the sk middleware: {reason}"))
+                }
+            })
     }
 
     /// The words a prompt uses for `entry`.
@@ -620,6 +665,24 @@ impl Router {
     }
 }
 
+/// The libraries clients may ask the agent to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LibraryKind {
+    /// A PKCS#11 module (`ssh-add -s`).
+    Pkcs11Provider,
+    /// An OpenSSH security-key middleware (`ssh-add -S`).
+    SkMiddleware,
+}
+
+impl LibraryKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Pkcs11Provider => "provider",
+            Self::SkMiddleware => "sk middleware",
+        }
+    }
+}
+
 fn no_backend_for(algorithm: &Algorithm) -> Error {
     match algorithm {
         Algorithm::SkEd25519 | Algorithm::SkEcdsaSha2NistP256 => Error::NoBackend {
@@ -745,6 +808,180 @@ mod tests {
         );
         let entry = router.snapshot().entries()[0].clone();
         assert!(entry.constraints.is_some_and(|c| c.confirm));
+    }
+
+    /// A backend that takes sk keys and records the middleware it was given.
+    #[derive(Debug, Default)]
+    struct SkKeys {
+        added: Mutex<Vec<Option<String>>>,
+    }
+
+    #[async_trait]
+    impl Backend for SkKeys {
+        fn name(&self) -> &str {
+            "fido"
+        }
+        fn start(&self, _: IdentitySink) {}
+        async fn sign(
+            &self,
+            _: &KeyRef,
+            _: &SignRequest,
+            _: &SignContext,
+            _: Arc<dyn Prompter>,
+        ) -> Result<SshSignature, Error> {
+            Err(Error::KeyNotFound)
+        }
+        fn accepts_key(&self, algorithm: &Algorithm) -> bool {
+            matches!(algorithm, Algorithm::SkEd25519)
+        }
+        async fn add_key(&self, key: AddKey) -> Result<Identity, Error> {
+            self.added.lock().unwrap().push(key.sk_provider.clone());
+            Ok(Identity::new(
+                KeyData::try_from(&key.keypair).unwrap(),
+                key.comment,
+                KeyRef::new("fido", b"1".to_vec()),
+            ))
+        }
+    }
+
+    fn sk_key(provider: Option<String>) -> AddKey {
+        let public =
+            ssh_key::public::SkEd25519::new(ssh_key::public::Ed25519PublicKey([4; 32]), "ssh:");
+        let keypair = ssh_key::private::SkEd25519::new(public, 1, vec![1, 2, 3]).unwrap();
+        AddKey {
+            keypair: ssh_key::private::KeypairData::SkEd25519(keypair),
+            comment: "sk".into(),
+            certificate: None,
+            sk_provider: provider,
+        }
+    }
+
+    fn forwarded() -> SignContext {
+        SignContext {
+            forwarded: true,
+            ..SignContext::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn sk_middlewares_pass_the_provider_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let library = dir.path().join("libsk.so");
+        std::fs::write(&library, b"").unwrap();
+        let link = dir.path().join("link.so");
+        std::os::unix::fs::symlink(&library, &link).unwrap();
+        let library = library.display().to_string();
+        let link = link.display().to_string();
+
+        // The default -P list refuses a library in a temporary directory.
+        let keys = Arc::new(SkKeys::default());
+        let router = Router::new(
+            vec![keys.clone() as Arc<dyn Backend>],
+            Arc::new(NoPrompt),
+            Policy::default(),
+            Vec::new(),
+        );
+        let refusal = router
+            .add_key(
+                sk_key(Some(library.clone())),
+                Constraints::default(),
+                SignContext::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            refusal.to_string().contains("is not in the allowlist"),
+            "{refusal}"
+        );
+        assert!(refusal.to_string().contains("sk middleware"), "{refusal}");
+
+        // Allowed by -P: the backend gets the canonical path, links resolved.
+        let allowing = Policy {
+            providers: ProviderAllowlist::new(format!("{}/*", dir.path().display())),
+            ..Policy::default()
+        };
+        let router = Router::new(
+            vec![keys.clone() as Arc<dyn Backend>],
+            Arc::new(NoPrompt),
+            allowing.clone(),
+            Vec::new(),
+        );
+        router
+            .add_key(
+                sk_key(Some(link.clone())),
+                Constraints::default(),
+                SignContext::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            keys.added.lock().unwrap().last(),
+            Some(&Some(library.clone()))
+        );
+
+        // Never on request of a forwarded connection...
+        let refusal = router
+            .add_key(
+                sk_key(Some(library.clone())),
+                Constraints::default(),
+                forwarded(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            refusal.to_string().contains("forwarded connection"),
+            "{refusal}"
+        );
+        // ... but "internal" (no middleware) is fine from anywhere.
+        router
+            .add_key(sk_key(None), Constraints::default(), forwarded())
+            .await
+            .unwrap();
+        assert_eq!(keys.added.lock().unwrap().last(), Some(&None));
+
+        // -O allow-remote-pkcs11 lets forwarded connections name middlewares too.
+        let router = Router::new(
+            vec![keys.clone() as Arc<dyn Backend>],
+            Arc::new(NoPrompt),
+            Policy {
+                allow_remote_providers: true,
+                ..allowing
+            },
+            Vec::new(),
+        );
+        router
+            .add_key(
+                sk_key(Some(library.clone())),
+                Constraints::default(),
+                forwarded(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(keys.added.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_middleware_for_an_ordinary_key_is_refused() {
+        let router = Router::new(
+            vec![Arc::new(SkKeys::default()) as Arc<dyn Backend>],
+            Arc::new(NoPrompt),
+            Policy {
+                providers: ProviderAllowlist::new("/*"),
+                ..Policy::default()
+            },
+            Vec::new(),
+        );
+        let key = AddKey {
+            keypair: ssh_key::private::KeypairData::Ed25519(Ed25519Keypair::from_seed(&[3; 32])),
+            comment: "plain".into(),
+            certificate: None,
+            sk_provider: Some("/bin/sh".into()),
+        };
+        let refusal = router
+            .add_key(key, Constraints::default(), SignContext::default())
+            .await
+            .unwrap_err();
+        assert!(refusal.to_string().contains("sk) keys only"), "{refusal}");
     }
 
     #[tokio::test]

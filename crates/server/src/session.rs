@@ -153,6 +153,17 @@ impl Session {
         }
     }
 
+    /// The context of a request that would load a library (`ssh-add -s`,
+    /// `ssh-add -S`). As OpenSSH 9.4+ does, a connection that has seen any
+    /// session bind comes through ssh, so it counts as forwarded: it may not
+    /// load providers unless -O allow-remote-pkcs11 (CVE-2023-38408).
+    fn provider_context(&self) -> SignContext {
+        SignContext {
+            forwarded: !self.bindings.hops().is_empty(),
+            ..self.context()
+        }
+    }
+
     fn list(&self) -> Vec<u8> {
         let entries = self.router.list(&self.bindings);
         tracing::debug!(count = entries.len(), "listing identities");
@@ -208,14 +219,17 @@ impl Session {
     }
 
     async fn add(&self, credential: PrivateCredential, constraints: Vec<KeyConstraint>) -> Vec<u8> {
-        let constraints = match parse_constraints(constraints, false) {
-            Ok(constraints) => constraints,
+        let Parsed {
+            constraints,
+            sk_provider,
+        } = match parse_constraints(constraints, false) {
+            Ok(parsed) => parsed,
             Err(err) => {
                 tracing::info!(%err, "refusing to add a key");
                 return Reply::Failure.encode();
             }
         };
-        let key = match add_key(credential) {
+        let key = match add_key(credential, sk_provider) {
             Ok(key) => key,
             Err(err) => {
                 tracing::info!(%err, "refusing to add a key");
@@ -227,12 +241,18 @@ impl Session {
             constraints.confirm,
             !constraints.destinations.is_empty(),
         );
-        match self.router.add_key(key, constraints).await {
+        let sk_provider = key.sk_provider.clone();
+        match self
+            .router
+            .add_key(key, constraints, self.provider_context())
+            .await
+        {
             Ok(entry) => {
                 tracing::info!(
                     key = %entry.identity.fingerprint(),
                     comment = entry.identity.comment(),
                     certificate = entry.identity.certificate().is_some(),
+                    sk_provider,
                     lifetime,
                     confirm,
                     restricted,
@@ -272,7 +292,7 @@ impl Session {
 
     async fn add_provider(&self, key: SmartcardKey, constraints: Vec<KeyConstraint>) -> Vec<u8> {
         let constraints = match parse_constraints(constraints, true) {
-            Ok(constraints) => constraints,
+            Ok(parsed) => parsed.constraints,
             Err(err) => {
                 tracing::info!(%err, "refusing to add a provider");
                 return Reply::Failure.encode();
@@ -280,17 +300,10 @@ impl Session {
         };
         let SmartcardKey { id, pin } = key;
         let pin = (!secrecy::ExposeSecret::expose_secret(&pin).is_empty()).then_some(pin);
-        // As OpenSSH 9.4+ does, a connection that has seen any session bind
-        // comes through ssh, so it is remote: it may not load providers
-        // unless -O allow-remote-pkcs11 (CVE-2023-38408).
-        let context = SignContext {
-            forwarded: !self.bindings.hops().is_empty(),
-            ..self.context()
-        };
         let request = ProviderRequest {
             provider: id.clone(),
             pin,
-            context,
+            context: self.provider_context(),
         };
         match self.router.add_provider(request, constraints).await {
             Ok(entries) => {
@@ -386,10 +399,20 @@ fn credential_blob(
     }
 }
 
-/// Turns the constraints of an add request into [`Constraints`]. Unknown
-/// constraints refuse the whole request, as in OpenSSH.
-fn parse_constraints(list: Vec<KeyConstraint>, provider: bool) -> Result<Constraints, String> {
+/// The constraints of an add request, and the sk middleware it names.
+#[derive(Debug)]
+struct Parsed {
+    constraints: Constraints,
+    /// sk-provider@openssh.com: a library path, or `None` for "internal".
+    sk_provider: Option<String>,
+}
+
+/// Turns the constraints of an add request into [`Constraints`] and the sk
+/// middleware. Unknown constraints refuse the whole request, as in OpenSSH.
+fn parse_constraints(list: Vec<KeyConstraint>, provider: bool) -> Result<Parsed, String> {
     let mut constraints = Constraints::default();
+    let mut sk_provider = None;
+    let mut seen_sk_provider = false;
     for constraint in list {
         match constraint {
             KeyConstraint::Lifetime(seconds) => {
@@ -403,9 +426,25 @@ fn parse_constraints(list: Vec<KeyConstraint>, provider: bool) -> Result<Constra
                         .map_err(|e| format!("bad destination constraint: {e}"))?;
                     constraints.destinations.extend(parsed.constraints);
                 }
-                // ssh-add -S names the middleware for sk keys; the FIDO backend
-                // talks to authenticators itself, so the name is not needed.
-                "sk-provider@openssh.com" if !provider => {}
+                // ssh-add names the middleware of an sk key: the path of
+                // `-S`, or "internal" (our own FIDO code) when -S is not given.
+                "sk-provider@openssh.com" if !provider => {
+                    if seen_sk_provider {
+                        return Err("sk-provider@openssh.com given twice".into());
+                    }
+                    seen_sk_provider = true;
+                    // The constraint's data is one string, which the
+                    // decoder has already unwrapped into the details.
+                    let name = std::str::from_utf8(ext.details.as_ref())
+                        .map_err(|_| "the sk-provider constraint is not UTF-8".to_owned())?
+                        .to_owned();
+                    if name.is_empty() {
+                        return Err("empty sk-provider constraint".into());
+                    }
+                    if !name.eq_ignore_ascii_case("internal") {
+                        sk_provider = Some(name);
+                    }
+                }
                 // Certificates ssh-add sends along with a provider's keys
                 // (OpenSSH 9.6+); the provider's own keys are listed regardless.
                 "associated-certs-v00@openssh.com" if provider => {}
@@ -413,16 +452,20 @@ fn parse_constraints(list: Vec<KeyConstraint>, provider: bool) -> Result<Constra
             },
         }
     }
-    Ok(constraints)
+    Ok(Parsed {
+        constraints,
+        sk_provider,
+    })
 }
 
 /// Turns an add request's credential into an [`AddKey`].
-fn add_key(credential: PrivateCredential) -> Result<AddKey, String> {
+fn add_key(credential: PrivateCredential, sk_provider: Option<String>) -> Result<AddKey, String> {
     match credential {
         PrivateCredential::Key { privkey, comment } => Ok(AddKey {
             keypair: privkey,
             comment,
             certificate: None,
+            sk_provider,
         }),
         PrivateCredential::Cert {
             certificate,
@@ -435,6 +478,7 @@ fn add_key(credential: PrivateCredential) -> Result<AddKey, String> {
                 keypair,
                 comment,
                 certificate: Some(Arc::new(*certificate)),
+                sk_provider,
             })
         }
     }
@@ -480,5 +524,61 @@ fn keypair_for(private: PrivateKeyData, public: &KeyData) -> Result<KeypairData,
             Ok(KeypairData::Ecdsa(keypair))
         }
         _ => Err(mismatch()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ssh_agent_lib::proto::Unparsed;
+
+    use super::*;
+
+    fn extension(name: &str, details: &[u8]) -> KeyConstraint {
+        KeyConstraint::Extension(Extension {
+            name: name.to_owned(),
+            details: Unparsed::from(details.to_vec()),
+        })
+    }
+
+    #[test]
+    fn sk_provider_constraints_name_the_middleware() {
+        let parsed = parse_constraints(
+            vec![
+                KeyConstraint::Confirm,
+                extension("sk-provider@openssh.com", b"/usr/lib/libsk.so"),
+            ],
+            false,
+        )
+        .unwrap();
+        assert_eq!(parsed.sk_provider.as_deref(), Some("/usr/lib/libsk.so"));
+        assert!(parsed.constraints.confirm);
+    }
+
+    #[test]
+    fn internal_is_our_own_fido_code() {
+        // ssh-add sends "internal" for every sk key added without -S.
+        for name in [&b"internal"[..], b"INTERNAL"] {
+            let parsed =
+                parse_constraints(vec![extension("sk-provider@openssh.com", name)], false).unwrap();
+            assert_eq!(parsed.sk_provider, None);
+        }
+    }
+
+    #[test]
+    fn malformed_sk_provider_constraints_refuse_the_key() {
+        let twice = parse_constraints(
+            vec![
+                extension("sk-provider@openssh.com", b"/a.so"),
+                extension("sk-provider@openssh.com", b"/b.so"),
+            ],
+            false,
+        );
+        assert!(twice.unwrap_err().contains("twice"));
+        let empty = parse_constraints(vec![extension("sk-provider@openssh.com", b"")], false);
+        assert!(empty.is_err());
+        // ssh-add -s never sends it: for a PKCS#11 provider it is unknown.
+        let provider =
+            parse_constraints(vec![extension("sk-provider@openssh.com", b"/a.so")], true);
+        assert!(provider.unwrap_err().contains("unknown constraint"));
     }
 }

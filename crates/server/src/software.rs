@@ -367,6 +367,7 @@ mod tests {
             keypair,
             comment: "test".into(),
             certificate: None,
+            sk_provider: None,
         })
         .await
         .unwrap()
@@ -444,6 +445,7 @@ mod tests {
                 keypair: KeypairData::Rsa(rsa),
                 comment: "broken".into(),
                 certificate: None,
+                sk_provider: None,
             })
             .await;
         assert!(

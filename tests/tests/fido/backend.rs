@@ -50,6 +50,7 @@ async fn backend_with(
                     keypair: key.to_keypair()?,
                     comment: (*comment).to_owned(),
                     certificate: None,
+                    sk_provider: None,
                 })
                 .await?,
         );

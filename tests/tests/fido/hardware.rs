@@ -62,6 +62,7 @@ async fn enrol_and_sign_on_a_physical_key() -> anyhow::Result<()> {
             keypair: key.to_keypair()?,
             comment: "hardware test".into(),
             certificate: None,
+            sk_provider: None,
         })
         .await?;
     eprintln!("touch {} to sign", device.label());

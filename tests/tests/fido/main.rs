@@ -6,5 +6,7 @@ mod backend;
 mod e2e;
 // A physical security key over USB HID, only with TOKEN_AGENT_FIDO_HARDWARE=1.
 mod hardware;
+// OpenSSH's sk middleware API: ssh-keygen -w, ssh-add -S with fido-sim's middleware; -P; isolation.
+mod middleware;
 // Starting the fido-sim build of the agent and logging in through it.
 mod support;

@@ -13,7 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 use token_agent_e2e::openssh::Sshd;
-use token_agent_e2e::{test_binary, wait_for};
+use token_agent_e2e::{check, test_binary, wait_for, write_script};
 
 /// The PIN tests give the simulated key when they want one.
 pub(crate) const PIN: &str = "123456";
@@ -28,13 +28,8 @@ pub(crate) fn sim_agent_binary() -> anyhow::Result<PathBuf> {
 }
 
 fn build() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().context("no test directory")?;
-    if dir.ends_with("deps") {
-        dir = dir.parent().context("deps has no parent")?;
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
+    let dir = target_dir()?;
+    let mut build = token_agent_e2e::cargo();
     build.args([
         "build",
         "--quiet",
@@ -56,6 +51,58 @@ fn build() -> anyhow::Result<PathBuf> {
         bail!("{} was not built", path.display());
     }
     Ok(path)
+}
+
+/// `libfido_sim_middleware.so`, fido-sim built as an OpenSSH security-key
+/// middleware (its `fido_sim_middleware` example), in this test's
+/// target/<profile>/examples; cargo is asked on first use, and rebuilds it only
+/// when something changed.
+pub(crate) fn middleware_library() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_middleware().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_middleware() -> anyhow::Result<PathBuf> {
+    let dir = target_dir()?;
+    let mut build = token_agent_e2e::cargo();
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "fido-sim",
+        "--example",
+        "fido_sim_middleware",
+    ]);
+    if dir.ends_with("release") {
+        build.arg("--release");
+    }
+    if !build.status()?.success() {
+        bail!("building libfido_sim_middleware.so failed");
+    }
+    let path = dir.join("examples").join("libfido_sim_middleware.so");
+    if !path.exists() {
+        bail!("{} was not built", path.display());
+    }
+    Ok(path)
+}
+
+/// target/<profile>: where cargo puts this test's binaries.
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("no test directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps has no parent")?;
+    }
+    Ok(dir.to_owned())
+}
+
+/// The `-P` list that admits `library` (and OpenSSH's default directories).
+pub(crate) fn allowing(library: &Path) -> anyhow::Result<String> {
+    let dir = library.parent().context("the library has no directory")?;
+    Ok(format!("/usr/lib*/*,/usr/local/lib*/*,{}/*", dir.display()))
 }
 
 /// A simulated security key (its state file) and a scripted pinentry.
@@ -142,6 +189,64 @@ impl Token {
         Ok(command.stdin(Stdio::null()).output()?)
     }
 
+    /// OpenSSH's own `ssh-keygen -t KIND -w libfido_sim_middleware.so -O OPTION...`,
+    /// making DIR/NAME and DIR/NAME.pub on this simulator; a PIN, if ssh-keygen
+    /// asks for one, comes from an askpass program that answers `pin`.
+    pub(crate) fn ssh_keygen(
+        &self,
+        kind: &str,
+        name: &str,
+        options: &[&str],
+        pin: Option<&str>,
+    ) -> anyhow::Result<PathBuf> {
+        let file = self.dir.path().join(name);
+        let mut command = self.openssh("ssh-keygen", pin)?;
+        command
+            .args(["-q", "-t", kind, "-N", "", "-C", name, "-w"])
+            .arg(middleware_library()?)
+            .arg("-f")
+            .arg(&file);
+        for option in options {
+            command.args(["-O", option]);
+        }
+        check(command.output()?, &format!("ssh-keygen -t {kind}"))?;
+        Ok(file)
+    }
+
+    /// An OpenSSH tool that reaches this simulator through the middleware
+    /// (its ssh-sk-helper inherits TOKEN_AGENT_FIDO_SIM), answering a PIN
+    /// question with `pin` through SSH_ASKPASS.
+    pub(crate) fn openssh(&self, program: &str, pin: Option<&str>) -> anyhow::Result<Command> {
+        let mut command = Command::new(program);
+        command
+            .env(fido_sim::middleware::STATE_ENV, self.state())
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("SSH_SK_PROVIDER")
+            .env_remove("DISPLAY")
+            .stdin(Stdio::null());
+        match pin {
+            Some(pin) => {
+                let askpass = self.dir.path().join(format!("askpass-{}", pin.len()));
+                write_script(&askpass, &format!("echo '{pin}'"))?;
+                command
+                    .env("SSH_ASKPASS", askpass)
+                    .env("SSH_ASKPASS_REQUIRE", "force");
+            }
+            None => {
+                command
+                    .env_remove("SSH_ASKPASS")
+                    .env("SSH_ASKPASS_REQUIRE", "never");
+            }
+        }
+        Ok(command)
+    }
+
+    /// The simulator's PIN retries now.
+    pub(crate) fn pin_retries(&self) -> anyhow::Result<u32> {
+        use token_agent_fido::Authenticator as _;
+        Ok(fido_sim::Simulator::open("token", &self.state())?.pin_retries()?)
+    }
+
     /// `token-agent fido enroll ARGS -f DIR/NAME`: the private key file's path.
     pub(crate) fn enroll(&self, name: &str, args: &[&str]) -> anyhow::Result<PathBuf> {
         let file = self.dir.path().join(name);
@@ -174,6 +279,17 @@ impl SimAgent {
     /// Starts the agent with `token` plugged in, `config` as its configuration
     /// and `args` as extra flags.
     pub(crate) fn start(token: &Token, config: &str, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(token, config, args, &[])
+    }
+
+    /// As [`SimAgent::start`], with `env` added to the agent's environment
+    /// (which its middleware helpers inherit).
+    pub(crate) fn start_with_env(
+        token: &Token,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("fido-agent").tempdir()?;
         let socket = dir.path().join("agent.sock");
         let control = dir.path().join("control.sock");
@@ -193,6 +309,7 @@ impl SimAgent {
             .env("TOKEN_AGENT_LOG", "debug")
             .env_remove("SSH_AUTH_SOCK")
             .env_remove("SSH_ASKPASS")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -211,6 +328,13 @@ impl SimAgent {
             bail!("the agent did not start:\n{}", agent.log_text());
         }
         Ok(agent)
+    }
+
+    /// Whether the agent process still runs.
+    pub(crate) fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
     /// A command with SSH_AUTH_SOCK pointing at this agent.

@@ -1,42 +1,10 @@
-use std::path::Path;
-
-use signature::Signer;
-use ssh_encoding::Encode;
-use token_agent_e2e::agent::keygen;
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
-use token_agent_e2e::wire::{RawClient, FAILURE, SUCCESS};
+use token_agent_e2e::wire::{put_string as string, session_bind, RawClient, FAILURE, SUCCESS};
 
 use crate::{add_provider, start_agent};
 
 /// SSH_AGENTC_ADD_SMARTCARD_KEY.
 const ADD_SMARTCARD_KEY: u8 = 20;
-/// SSH_AGENTC_EXTENSION.
-const EXTENSION: u8 = 27;
-
-fn string(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(bytes);
-}
-
-/// A session-bind@openssh.com request signed by a fresh ed25519 host key.
-fn session_bind(dir: &Path, forwarded: bool) -> anyhow::Result<Vec<u8>> {
-    let path = dir.join("host_key");
-    keygen(&path, "ed25519", "host")?;
-    let host = ssh_key::PrivateKey::read_openssh_file(&path)?;
-    let session_id = [0x5au8; 32];
-    let signature: ssh_key::Signature = host.try_sign(&session_id)?;
-    let mut key_blob = Vec::new();
-    host.public_key().key_data().encode(&mut key_blob)?;
-    let mut signature_blob = Vec::new();
-    signature.encode(&mut signature_blob)?;
-    let mut body = vec![EXTENSION];
-    string(&mut body, b"session-bind@openssh.com");
-    string(&mut body, &key_blob);
-    string(&mut body, &session_id);
-    string(&mut body, &signature_blob);
-    body.push(u8::from(forwarded));
-    Ok(body)
-}
 
 fn add_smartcard(provider: &str, pin: &str) -> Vec<u8> {
     let mut body = vec![ADD_SMARTCARD_KEY];

@@ -1,0 +1,104 @@
+//! The helper process: `token-agent --sk-helper` loads one sk middleware and
+//! answers the agent's requests on its standard input and output.
+//!
+//! The middleware's code runs only here, so when it crashes, hangs or
+//! scribbles over memory, the agent loses a child it restarts, not itself or
+//! its secrets; OpenSSH isolates middlewares the same way (`ssh-sk-helper`).
+//! A middleware may print to standard output: the protocol keeps its own copy
+//! of the pipe, and standard output becomes standard error before the library
+//! is loaded.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter};
+use std::os::fd::{AsFd, AsRawFd};
+
+use token_agent_sk_api::{Algorithm, Library, LoadError, SignRequest};
+
+use super::proto::{read_frame, write_frame, Failure, Op, Reply, Request, Response, Signed};
+
+/// Serves requests on standard input until it closes, then exits the process.
+pub fn run() -> ! {
+    // The PIN passes through this process: no core dumps, no ptrace by the user's other processes.
+    if let Err(err) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("token-agent sk helper: cannot make the process non-dumpable: {err}");
+    }
+    let output = match protocol_output() {
+        Ok(output) => output,
+        Err(err) => {
+            eprintln!("token-agent sk helper: cannot set up its output: {err}");
+            std::process::exit(2);
+        }
+    };
+    let mut output = BufWriter::new(output);
+    let mut input = BufReader::new(io::stdin().lock());
+    let mut library = None;
+    loop {
+        match read_frame::<Request>(&mut input) {
+            Ok(Some(request)) => {
+                let result = handle(&mut library, request.op);
+                let response = Response {
+                    id: request.id,
+                    result,
+                };
+                if write_frame(&mut output, &response).is_err() {
+                    // The agent is gone: nothing left to serve.
+                    std::process::exit(0);
+                }
+            }
+            Ok(None) => std::process::exit(0),
+            Err(err) => {
+                eprintln!("token-agent sk helper: bad request from the agent: {err}");
+                std::process::exit(2);
+            }
+        }
+    }
+}
+
+/// A duplicate of standard output for the protocol; standard output itself
+/// then points at standard error, where anything the middleware prints goes.
+fn protocol_output() -> io::Result<File> {
+    let protocol = io::stdout().as_fd().try_clone_to_owned()?;
+    nix::unistd::dup2(io::stderr().as_raw_fd(), io::stdout().as_raw_fd())
+        .map_err(io::Error::from)?;
+    Ok(File::from(protocol))
+}
+
+fn handle(library: &mut Option<Library>, op: Op) -> Result<Reply, Failure> {
+    match op {
+        Op::Load { path } => {
+            if library.is_some() {
+                return Err(Failure::Protocol("a middleware is already loaded".into()));
+            }
+            let loaded = Library::open(&path).map_err(|e| Failure::Load(e.to_string()))?;
+            let version = loaded.version();
+            *library = Some(loaded);
+            Ok(Reply::Loaded { version })
+        }
+        Op::Sign(sign) => {
+            let library = library
+                .as_ref()
+                .ok_or_else(|| Failure::Protocol("no middleware is loaded".into()))?;
+            let algorithm = Algorithm::from_code(sign.alg)
+                .ok_or_else(|| Failure::Protocol(format!("unknown algorithm {}", sign.alg)))?;
+            let request = SignRequest {
+                algorithm,
+                data: &sign.data,
+                application: &sign.application,
+                key_handle: &sign.key_handle,
+                flags: sign.flags,
+                pin: sign.pin.as_ref().map(|pin| pin.expose()),
+                options: &[],
+            };
+            match library.sign(&request) {
+                Ok(response) => Ok(Reply::Signed(Signed {
+                    flags: response.flags,
+                    counter: response.counter,
+                    sig_r: response.sig_r,
+                    sig_s: response.sig_s,
+                })),
+                Err(LoadError::Middleware(error)) => Err(Failure::Sk { code: error.code() }),
+                Err(other) => Err(Failure::Malformed(other.to_string())),
+            }
+        }
+    }
+}
