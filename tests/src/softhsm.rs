@@ -186,6 +186,8 @@ pub enum Shim {
     Hang,
     /// The user PIN is locked.
     Locked,
+    /// C_Sign prints to standard output and reads standard input.
+    Chatty,
     /// The token sits in a reader with a PIN pad: logins take no PIN from
     /// the agent and wait until the PIN is "typed" into the file named.
     PinPad(PathBuf),
@@ -199,6 +201,7 @@ pub fn build_shim(dir: &Path, mode: Shim, softhsm: &SoftHsm) -> anyhow::Result<P
         Shim::Crash => ("-DSHIM_CRASH".to_owned(), "libcrash-pkcs11.so"),
         Shim::Hang => ("-DSHIM_HANG".to_owned(), "libhang-pkcs11.so"),
         Shim::Locked => ("-DSHIM_LOCKED".to_owned(), "liblocked-pkcs11.so"),
+        Shim::Chatty => ("-DSHIM_CHATTY".to_owned(), "libchatty-pkcs11.so"),
         Shim::PinPad(file) => (
             format!("-DSHIM_PIN_PAD=\"{}\"", file.display()),
             "libpinpad-pkcs11.so",

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -69,6 +69,11 @@ const STUCK_AFTER: Duration = Duration::from_millis(100);
 /// request finishing, so a module that hangs (or a PIN pad that waits for a
 /// person) never holds up the next request for long.
 pub fn run() -> ! {
+    // PINs pass through this process: no core dumps, no ptrace by the
+    // user's other processes.
+    if let Err(err) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("token-agent pkcs11 helper: cannot make the process non-dumpable: {err}");
+    }
     // A module's signatures are background work next to the agent's front
     // end: at a lower priority, the agent's threads take the CPU from a
     // module computing a signature (SoftHSM) at once, so listing keys and the
@@ -102,13 +107,20 @@ pub fn run() -> ! {
     workers.serve()
 }
 
-/// The agent's end of the helper: stdin for requests, stdout for answers.
-/// They are used as plain files rather than through `io::stdin()` and
-/// `io::stdout()`, whose buffering would split records and frames.
+/// The agent's end of the helper: stdin for requests, stdout for answers,
+/// duplicated and used as plain files (`io::stdin()` and `io::stdout()`
+/// buffer, which would split records and frames). Standard input then reads
+/// /dev/null and standard output points at standard error, so a module that
+/// reads or prints (some log to stdout) cannot steal requests or corrupt
+/// answers: what it prints lands in the agent's log.
 fn standard_streams() -> io::Result<(File, File)> {
-    let input = io::stdin().as_fd().try_clone_to_owned()?;
-    let output = io::stdout().as_fd().try_clone_to_owned()?;
-    Ok((File::from(input), File::from(output)))
+    let input = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+    let output = File::from(io::stdout().as_fd().try_clone_to_owned()?);
+    let null = File::open("/dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), io::stdin().as_raw_fd()).map_err(io::Error::from)?;
+    nix::unistd::dup2(io::stderr().as_raw_fd(), io::stdout().as_raw_fd())
+        .map_err(io::Error::from)?;
+    Ok((input, output))
 }
 
 /// The threads that serve requests.

@@ -109,3 +109,22 @@ fn a_module_that_hangs_in_c_sign_is_killed_after_the_time_limit() -> anyhow::Res
     assert_eq!(agent.listed()?.len(), 2);
     Ok(())
 }
+
+#[test]
+fn a_module_that_prints_and_reads_cannot_disturb_its_helper() -> anyhow::Result<()> {
+    let (agent, _good, _bad, _modules) = agent_with_shim(Shim::Chatty)?;
+    let listed = agent.listed()?;
+    for round in 0..2 {
+        sign_and_verify(
+            &agent,
+            &line(&listed, "bad: p256-key"),
+            &format!("chatty{round}"),
+        )?;
+    }
+    // What it printed went to the log, and it read nothing of the protocol.
+    let log = agent.log_text();
+    assert!(log.contains("chatty module: C_Sign called"), "{log}");
+    assert!(!log.contains("chatty module: read"), "{log}");
+    assert!(!log.contains("restarted it"), "{log}");
+    Ok(())
+}
