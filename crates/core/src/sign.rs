@@ -54,6 +54,35 @@ pub enum RsaHash {
 }
 
 impl RsaHash {
+    /// The DigestInfo (RFC 8017 section 9.2) of `data` under this hash:
+    /// what an RSA PKCS#1 v1.5 signature covers, and what a token that
+    /// pads (CKM_RSA_PKCS) or a card that does not (PIV) is given.
+    pub fn digest_info(self, data: &[u8]) -> Vec<u8> {
+        use sha2::Digest;
+        // The DER prefixes of RFC 8017 section 9.2, note 1.
+        const SHA1: &[u8] = &[
+            0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04,
+            0x14,
+        ];
+        const SHA256: &[u8] = &[
+            0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+            0x01, 0x05, 0x00, 0x04, 0x20,
+        ];
+        const SHA512: &[u8] = &[
+            0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+            0x03, 0x05, 0x00, 0x04, 0x40,
+        ];
+        let (prefix, digest) = match self {
+            Self::Sha1 => (SHA1, sha1::Sha1::digest(data).to_vec()),
+            Self::Sha256 => (SHA256, sha2::Sha256::digest(data).to_vec()),
+            Self::Sha512 => (SHA512, sha2::Sha512::digest(data).to_vec()),
+        };
+        let mut info = Vec::with_capacity(prefix.len() + digest.len());
+        info.extend_from_slice(prefix);
+        info.extend_from_slice(&digest);
+        info
+    }
+
     /// The SSH signature algorithm name.
     pub fn algorithm_name(self) -> &'static str {
         match self {
@@ -304,6 +333,29 @@ fn push_string(out: &mut Vec<u8>, bytes: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digest_infos_are_der_sequences_ending_in_the_digest() {
+        // SHA-256("abc"), FIPS 180-2 appendix B.1.
+        let abc = [
+            0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae,
+            0x22, 0x23, 0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61,
+            0xf2, 0x00, 0x15, 0xad,
+        ];
+        let info = RsaHash::Sha256.digest_info(b"abc");
+        assert!(info.ends_with(&abc));
+        for (hash, digest_len) in [
+            (RsaHash::Sha1, 20),
+            (RsaHash::Sha256, 32),
+            (RsaHash::Sha512, 64),
+        ] {
+            let info = hash.digest_info(b"abc");
+            // SEQUENCE of the whole; the OCTET STRING's length is the digest's.
+            assert_eq!(info[0], 0x30);
+            assert_eq!(usize::from(info[1]), info.len() - 2);
+            assert_eq!(usize::from(info[info.len() - digest_len - 1]), digest_len);
+        }
+    }
 
     #[test]
     fn flags_pick_the_rsa_hash_as_openssh() {

@@ -8,19 +8,6 @@ use zeroize::Zeroizing;
 
 use crate::slot::KeyAlgorithm;
 
-/// DigestInfo prefixes (RFC 8017 section 9.2, note 1).
-const SHA1_PREFIX: &[u8] = &[
-    0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14,
-];
-const SHA256_PREFIX: &[u8] = &[
-    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
-    0x00, 0x04, 0x20,
-];
-const SHA512_PREFIX: &[u8] = &[
-    0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03, 0x05,
-    0x00, 0x04, 0x40,
-];
-
 /// What the card is given to sign for `data`: a digest for ECDSA (SHA-256 for
 /// P-256, SHA-384 for P-384, as RFC 5656 section 6.2.1 pairs them), or the
 /// whole PKCS#1 v1.5 block for RSA.
@@ -37,12 +24,8 @@ pub(crate) fn card_input(algorithm: KeyAlgorithm, flags: SignFlags, data: &[u8])
 
 /// EMSA-PKCS1-v1_5 (RFC 8017 section 9.2): `00 01 FF..FF 00 DigestInfo`.
 pub(crate) fn pkcs1_v15_block(hash: RsaHash, data: &[u8], len: usize) -> Vec<u8> {
-    let (prefix, digest): (&[u8], Vec<u8>) = match hash {
-        RsaHash::Sha1 => (SHA1_PREFIX, sha1::Sha1::digest(data).to_vec()),
-        RsaHash::Sha256 => (SHA256_PREFIX, sha2::Sha256::digest(data).to_vec()),
-        RsaHash::Sha512 => (SHA512_PREFIX, sha2::Sha512::digest(data).to_vec()),
-    };
-    let t_len = prefix.len() + digest.len();
+    let digest_info = hash.digest_info(data);
+    let t_len = digest_info.len();
     // 128 and 256 byte moduli leave at least 8 bytes of FF after the longest
     // DigestInfo (83 bytes), as the standard asks.
     let pad = len.saturating_sub(t_len + 3);
@@ -50,8 +33,7 @@ pub(crate) fn pkcs1_v15_block(hash: RsaHash, data: &[u8], len: usize) -> Vec<u8>
     block.extend_from_slice(&[0x00, 0x01]);
     block.extend(std::iter::repeat_n(0xff, pad));
     block.push(0x00);
-    block.extend_from_slice(prefix);
-    block.extend_from_slice(&digest);
+    block.extend_from_slice(&digest_info);
     block
 }
 

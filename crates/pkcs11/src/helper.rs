@@ -29,9 +29,9 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::{Limit, Slot};
 use secrecy::SecretString;
-use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 use ssh_encoding::Encode;
+use token_agent_core::RsaHash;
 use zeroize::Zeroize;
 
 use crate::keys;
@@ -678,24 +678,10 @@ fn initialize(path: &str) -> Result<Pkcs11, Failure> {
 /// The raw mechanism for `scheme` and its input: a DigestInfo, a hash, or
 /// the message itself for EdDSA.
 fn single_part(scheme: Scheme, message: &[u8]) -> (CkMechanism<'static>, Vec<u8>) {
-    fn digest_info<D: Digest>(prefix: &[u8], message: &[u8]) -> Vec<u8> {
-        let mut input = prefix.to_vec();
-        input.extend_from_slice(&D::digest(message));
-        input
-    }
     match scheme {
-        Scheme::RsaSha1 => (
-            CkMechanism::RsaPkcs,
-            digest_info::<Sha1>(SHA1_PREFIX, message),
-        ),
-        Scheme::RsaSha256 => (
-            CkMechanism::RsaPkcs,
-            digest_info::<Sha256>(SHA256_PREFIX, message),
-        ),
-        Scheme::RsaSha512 => (
-            CkMechanism::RsaPkcs,
-            digest_info::<Sha512>(SHA512_PREFIX, message),
-        ),
+        Scheme::RsaSha1 => (CkMechanism::RsaPkcs, RsaHash::Sha1.digest_info(message)),
+        Scheme::RsaSha256 => (CkMechanism::RsaPkcs, RsaHash::Sha256.digest_info(message)),
+        Scheme::RsaSha512 => (CkMechanism::RsaPkcs, RsaHash::Sha512.digest_info(message)),
         Scheme::EcdsaSha256 => (CkMechanism::Ecdsa, Sha256::digest(message).to_vec()),
         Scheme::EcdsaSha384 => (CkMechanism::Ecdsa, Sha384::digest(message).to_vec()),
         Scheme::EcdsaSha512 => (CkMechanism::Ecdsa, Sha512::digest(message).to_vec()),
@@ -720,19 +706,6 @@ fn multi_part(scheme: Scheme) -> CkMechanism<'static> {
 fn eddsa() -> CkMechanism<'static> {
     CkMechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure))
 }
-
-/// DigestInfo prefixes (RFC 8017 section 9.2, note 1).
-const SHA1_PREFIX: &[u8] = &[
-    0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14,
-];
-const SHA256_PREFIX: &[u8] = &[
-    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
-    0x00, 0x04, 0x20,
-];
-const SHA512_PREFIX: &[u8] = &[
-    0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03, 0x05,
-    0x00, 0x04, 0x40,
-];
 
 fn give_back(pool: &Pool, session: Session) {
     let mut idle = lock(&pool.idle);
@@ -920,17 +893,14 @@ mod tests {
 
     #[test]
     fn rsa_input_is_a_digest_info() {
-        for (scheme, prefix, len) in [
-            (Scheme::RsaSha1, SHA1_PREFIX, 20),
-            (Scheme::RsaSha256, SHA256_PREFIX, 32),
-            (Scheme::RsaSha512, SHA512_PREFIX, 64),
+        for (scheme, hash) in [
+            (Scheme::RsaSha1, RsaHash::Sha1),
+            (Scheme::RsaSha256, RsaHash::Sha256),
+            (Scheme::RsaSha512, RsaHash::Sha512),
         ] {
             let (mechanism, input) = single_part(scheme, b"abc");
             assert!(matches!(mechanism, CkMechanism::RsaPkcs));
-            assert_eq!(input.len(), prefix.len() + len);
-            assert_eq!(&input[..prefix.len()], prefix);
-            // The prefix's last byte is the digest's length.
-            assert_eq!(usize::from(prefix[prefix.len() - 1]), len);
+            assert_eq!(input, hash.digest_info(b"abc"));
         }
     }
 
