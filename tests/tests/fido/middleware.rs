@@ -460,12 +460,18 @@ fn a_denied_or_missing_touch_through_the_middleware_fails_clearly() -> anyhow::R
     let library = middleware_library()?;
     let token = Token::new(None)?;
     let file = token.ssh_keygen("ed25519-sk", "id_touch", &[], None)?;
+    let notices = token.state().with_extension("notices");
+    // The notice comes at once, so it shows while the middleware waits.
+    let config = format!(
+        "[notice]\ndelay_ms = 0\ncommand = \"echo \\\"$TOKEN_AGENT_NOTICE_KIND: $TOKEN_AGENT_NOTICE\\\" >> '{}'\"\n",
+        notices.display()
+    );
     for (presence, extra) in [("deny", None), ("never", Some("300"))] {
         let mut env = vec![(fido_sim::middleware::PRESENCE_ENV, presence)];
         if let Some(millis) = extra {
             env.push((fido_sim::middleware::TOUCH_TIMEOUT_ENV, millis));
         }
-        let agent = SimAgent::start_with_env(&token, "", &["-P", &allowing(&library)?], &env)?;
+        let agent = SimAgent::start_with_env(&token, &config, &["-P", &allowing(&library)?], &env)?;
         check(
             agent.ssh_add(&[
                 "-S",
@@ -482,6 +488,10 @@ fn a_denied_or_missing_touch_through_the_middleware_fails_clearly() -> anyhow::R
             "{log}"
         );
     }
+    // While the middleware waited for a touch that never came, the person
+    // was told to touch the key.
+    let shown = std::fs::read_to_string(&notices).unwrap_or_default();
+    ensure!(shown.contains("touch: "), "no touch notice: {shown:?}");
     Ok(())
 }
 
