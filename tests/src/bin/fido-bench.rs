@@ -240,8 +240,7 @@ impl Drop for BenchAgent {
 fn build_agent() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("no directory")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
+    let mut build = token_agent_e2e::cargo();
     build.args([
         "build",
         "--quiet",
