@@ -34,28 +34,71 @@ pub fn test_binary(name: &str) -> anyhow::Result<PathBuf> {
     find_or_build("token-agent-e2e", name)
 }
 
+/// `token-agent-fido-sim`, built on first use: the agent with a simulated
+/// security key attached (the `fido-sim` feature, never in a release).
+pub fn fido_sim_agent_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            build(
+                &[
+                    "-p",
+                    "token-agent",
+                    "--features",
+                    "fido-sim",
+                    "--bin",
+                    "token-agent-fido-sim",
+                ],
+                "token-agent-fido-sim",
+            )
+            .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// `libfido_sim_middleware.so`, fido-sim built as an OpenSSH security-key
+/// middleware (its `fido_sim_middleware` example), built on first use.
+pub fn fido_sim_middleware() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            build(
+                &["-p", "fido-sim", "--example", "fido_sim_middleware"],
+                "examples/libfido_sim_middleware.so",
+            )
+            .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 fn find_or_build(package: &str, name: &str) -> anyhow::Result<PathBuf> {
+    build(&["-p", package, "--bin", name], name)
+}
+
+/// Asks cargo to build `what` with this executable's profile and returns
+/// `output`, a path below target/<profile>. Cargo is always asked: it
+/// rebuilds only what changed, and a stale binary would test old code.
+fn build(what: &[&str], output: &str) -> anyhow::Result<PathBuf> {
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().context("cannot find the test executable")?;
     let mut dir = exe.parent().context("test executable has no directory")?;
     if dir.ends_with("deps") {
         dir = dir.parent().context("deps has no parent")?;
     }
-    let path = dir.join(name);
-    let profile_release = dir.ends_with("release");
-    let mut build = cargo();
-    build.args(["build", "--quiet", "-p", package, "--bin", name]);
-    if profile_release {
-        build.arg("--release");
+    let mut command = cargo();
+    command.args(["build", "--quiet"]).args(what);
+    if dir.ends_with("release") {
+        command.arg("--release");
     }
-    // Always ask cargo: it rebuilds only what changed, and a stale binary
-    // would test old code.
-    let status = build
+    let status = command
         .status()
         .context("cannot run cargo to build the binaries")?;
     if !status.success() {
-        bail!("building {name} failed");
+        bail!("building {output} failed");
     }
+    let path = dir.join(output);
     if !path.exists() {
         bail!("{} was not built", path.display());
     }

@@ -163,9 +163,8 @@ impl Workers {
                     std::process::exit(2);
                 }
             };
-            let workers = self.clone();
             if let Op::Load { parallel, .. } = &request.op {
-                workers.grow_to(permits(*parallel));
+                self.grow_to(permits(*parallel));
             }
             let result = self.helper.handle(request.op);
             self.helper.send(&Response {
@@ -239,7 +238,7 @@ struct Helper {
     /// costs C_SignInit and C_Sign alone (OpenSSH's helper searches the
     /// token for the key before every signature). Forgotten with the slot's
     /// sessions, on logout, and whenever the module calls a handle invalid.
-    keys: Mutex<HashMap<(u64, Vec<u8>), PrivateKey>>,
+    keys: Mutex<HashMap<u64, HashMap<Vec<u8>, PrivateKey>>>,
     output: Mutex<File>,
 }
 
@@ -390,7 +389,7 @@ impl Helper {
             .map_err(|e| failure("C_GetSlotList", e))?;
         let live: Vec<u64> = slots.iter().map(|s| s.id()).collect();
         lock(&self.pools).retain(|slot, _| live.contains(slot));
-        lock(&self.keys).retain(|(slot, _), _| live.contains(slot));
+        lock(&self.keys).retain(|slot, _| live.contains(slot));
         let mut tokens = Vec::new();
         for slot in slots {
             match self.token(slot) {
@@ -492,7 +491,10 @@ impl Helper {
             context_pin_pad,
         };
         let result = self.with_session(slot_of(slot)?, |session| {
-            let cached = lock(&self.keys).get(&(slot, key_id.to_vec())).copied();
+            let cached = lock(&self.keys)
+                .get(&slot)
+                .and_then(|keys| keys.get(key_id))
+                .copied();
             let Some(key) = cached else {
                 let key = self.find_key(session, slot, key_id)?;
                 return signing.sign(session, key);
@@ -523,13 +525,16 @@ impl Helper {
             handle,
             always_authenticate: always_authenticate(session, handle),
         };
-        lock(&self.keys).insert((slot, key_id.to_vec()), key);
+        lock(&self.keys)
+            .entry(slot)
+            .or_default()
+            .insert(key_id.to_vec(), key);
         Ok(key)
     }
 
     /// Forgets the key handles of `slot`, whose sessions the module dropped.
     fn forget_keys(&self, slot: u64) {
-        lock(&self.keys).retain(|(key_slot, _), _| *key_slot != slot);
+        lock(&self.keys).remove(&slot);
     }
 
     fn pool(&self, slot: Slot) -> Result<Arc<Pool>, Failure> {

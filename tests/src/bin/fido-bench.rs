@@ -187,7 +187,7 @@ struct BenchAgent {
 
 impl BenchAgent {
     fn start(dir: &Path, state: &Path) -> anyhow::Result<Self> {
-        let binary = build_agent()?;
+        let binary = token_agent_e2e::fido_sim_agent_binary()?;
         let socket = dir.join("agent.sock");
         let control = dir.join("control.sock");
         let config = dir.join("config.toml");
@@ -234,32 +234,4 @@ impl Drop for BenchAgent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Builds `token-agent-fido-sim` with this binary's profile and returns its path.
-fn build_agent() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("no directory")?;
-    let mut build = token_agent_e2e::cargo();
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "token-agent",
-        "--features",
-        "fido-sim",
-        "--bin",
-        "token-agent-fido-sim",
-    ]);
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    if !build.status()?.success() {
-        bail!("building token-agent-fido-sim failed");
-    }
-    let path = dir.join("token-agent-fido-sim");
-    if !path.exists() {
-        bail!("{} was not built", path.display());
-    }
-    Ok(path)
 }

@@ -5,7 +5,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -18,86 +17,9 @@ use token_agent_e2e::{check, test_binary, wait_for, write_script};
 /// The PIN tests give the simulated key when they want one.
 pub(crate) const PIN: &str = "123456";
 
-/// `token-agent-fido-sim`, built on first use: the agent with fido-sim attached.
-pub(crate) fn sim_agent_binary() -> anyhow::Result<PathBuf> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| build().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn build() -> anyhow::Result<PathBuf> {
-    let dir = target_dir()?;
-    let mut build = token_agent_e2e::cargo();
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "token-agent",
-        "--features",
-        "fido-sim",
-        "--bin",
-        "token-agent-fido-sim",
-    ]);
-    if dir.ends_with("release") {
-        build.arg("--release");
-    }
-    if !build.status()?.success() {
-        bail!("building token-agent-fido-sim failed");
-    }
-    let path = dir.join("token-agent-fido-sim");
-    if !path.exists() {
-        bail!("{} was not built", path.display());
-    }
-    Ok(path)
-}
-
-/// `libfido_sim_middleware.so`, fido-sim built as an OpenSSH security-key
-/// middleware (its `fido_sim_middleware` example), in this test's
-/// target/<profile>/examples; cargo is asked on first use, and rebuilds it only
-/// when something changed.
-pub(crate) fn middleware_library() -> anyhow::Result<PathBuf> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| build_middleware().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn build_middleware() -> anyhow::Result<PathBuf> {
-    let dir = target_dir()?;
-    let mut build = token_agent_e2e::cargo();
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "fido-sim",
-        "--example",
-        "fido_sim_middleware",
-    ]);
-    if dir.ends_with("release") {
-        build.arg("--release");
-    }
-    if !build.status()?.success() {
-        bail!("building libfido_sim_middleware.so failed");
-    }
-    let path = dir.join("examples").join("libfido_sim_middleware.so");
-    if !path.exists() {
-        bail!("{} was not built", path.display());
-    }
-    Ok(path)
-}
-
-/// target/<profile>: where cargo puts this test's binaries.
-fn target_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().context("no test directory")?;
-    if dir.ends_with("deps") {
-        dir = dir.parent().context("deps has no parent")?;
-    }
-    Ok(dir.to_owned())
-}
+pub(crate) use token_agent_e2e::{
+    fido_sim_agent_binary as sim_agent_binary, fido_sim_middleware as middleware_library,
+};
 
 /// The `-P` list that admits `library` (and OpenSSH's default directories).
 pub(crate) fn allowing(library: &Path) -> anyhow::Result<String> {
