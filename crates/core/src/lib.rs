@@ -44,6 +44,7 @@ mod error;
 mod identity;
 mod prompt;
 mod sign;
+mod sync;
 
 pub use backend::{AddKey, Backend, IdentitySink, ProviderRequest};
 pub use error::{Error, PromptError};
@@ -52,6 +53,7 @@ pub use prompt::{
     ConfirmRequest, Notice, NoticeGuard, NoticeKind, PinKind, PinRequest, PromptSubject, Prompter,
 };
 pub use sign::{Destination, Peer, RsaHash, SignContext, SignFlags, SignRequest, SshSignature};
+pub use sync::lock;
 
 /// Re-exported so backends name the same `SecretString` as the prompters.
 pub use secrecy::{ExposeSecret, SecretString};

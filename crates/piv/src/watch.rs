@@ -5,12 +5,12 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use pcsc::{Context, ReaderState, Scope, State};
-use token_agent_core::{DeviceInfo, Identity, IdentitySink, KeyRef};
+use token_agent_core::{lock, DeviceInfo, Identity, IdentitySink, KeyRef};
 
 use crate::card::{self, Card};
 
@@ -310,11 +310,4 @@ fn follow(context: &Context, registry: &Arc<Registry>) -> Result<(), pcsc::Error
         }
     }
     Ok(())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update leaves the state whole; go on after a panic elsewhere.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

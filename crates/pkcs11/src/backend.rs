@@ -12,11 +12,12 @@ use ssh_encoding::Decode;
 use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, EcdsaCurve};
 use token_agent_core::{
-    Backend, DeviceInfo, Error, Identity, IdentitySink, KeyRef, Notice, NoticeKind, PinRequest,
-    PromptSubject, Prompter, ProviderRequest, RsaHash, SignContext, SignRequest, SshSignature,
+    lock, Backend, DeviceInfo, Error, Identity, IdentitySink, KeyRef, Notice, NoticeKind,
+    PinRequest, PromptSubject, Prompter, ProviderRequest, RsaHash, SignContext, SignRequest,
+    SshSignature,
 };
 
-use crate::client::{lock, CallError, Helper, HelperCommand};
+use crate::client::{CallError, Helper, HelperCommand};
 use crate::proto::{Failure, Op, Pin, PinState, Reply, Scheme, TokenState};
 
 /// The backend's name, in every [`KeyRef`] it issues.

@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -31,7 +31,7 @@ use cryptoki::slot::{Limit, Slot};
 use secrecy::SecretString;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 use ssh_encoding::Encode;
-use token_agent_core::RsaHash;
+use token_agent_core::{lock, RsaHash};
 use zeroize::Zeroize;
 
 use crate::keys;
@@ -876,14 +876,6 @@ fn failure(function: &str, err: CkError) -> Failure {
             message: other.to_string(),
         },
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind
-    // (session lists), still fit for use.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl From<CkError> for Failure {

@@ -2,11 +2,13 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use secrecy::SecretString;
-use token_agent_core::{ConfirmRequest, Notice, NoticeGuard, PinRequest, PromptError, Prompter};
+use token_agent_core::{
+    lock, ConfirmRequest, Notice, NoticeGuard, PinRequest, PromptError, Prompter,
+};
 
 /// One scripted answer, used by the next question.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,10 +107,4 @@ impl Drop for Active {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

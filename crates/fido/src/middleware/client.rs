@@ -5,11 +5,12 @@ use std::io::{BufReader, BufWriter};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use token_agent_core::lock;
 
 use super::proto::{read_frame, write_frame, Failure, Op, Reply, Request, Response};
 use super::HelperCommand;
@@ -154,13 +155,6 @@ fn describe(status: ExitStatus) -> String {
         (None, Some(code)) => format!("exit status {code}"),
         (None, None) => status.to_string(),
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data behind these locks stays consistent between statements.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -22,9 +22,10 @@ mod proto;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use token_agent_core::lock;
 use token_agent_sk_api::SkError;
 
 use self::client::{CallError, Helper};
@@ -339,14 +340,6 @@ async fn blocking<T: Send + 'static>(
                 reason: format!("the thread talking to an sk middleware helper failed: {err}"),
             })
         })
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain data (a map of slots, an optional helper) stays consistent
-    // between statements, so a panic elsewhere leaves it usable.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
