@@ -186,3 +186,18 @@ pub fn free_port() -> anyhow::Result<u16> {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// `keygen` (an `ssh-keygen` command) set to sign `message` in the "file"
+/// namespace with the agent's key whose public half is in `public`:
+/// `ssh-keygen -Y sign -n file -f PUBLIC MESSAGE`, which writes MESSAGE.sig.
+pub fn sign_file(
+    mut keygen: std::process::Command,
+    public: impl AsRef<std::ffi::OsStr>,
+    message: impl AsRef<std::ffi::OsStr>,
+) -> std::process::Command {
+    keygen
+        .args(["-Y", "sign", "-n", "file", "-f"])
+        .arg(public)
+        .arg(message);
+    keygen
+}

@@ -105,6 +105,18 @@ impl Sshd {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 
+    /// Fails unless `login` (an ssh run of `echo logged-in` on this
+    /// server) got in, saying what ssh, sshd and the agent (`agent_log`) said.
+    pub fn ensure_logged_in(&self, login: &Output, agent_log: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            crate::stdout(login).contains("logged-in"),
+            "the login failed\nssh: {}\nsshd: {}\nagent: {agent_log}",
+            crate::stderr(login),
+            self.log_text()
+        );
+        Ok(())
+    }
+
     /// Logs in as the current user through `agent` and runs `echo logged-in`.
     pub fn login(&self, agent: &Agent) -> anyhow::Result<Output> {
         let known_hosts = self.known_hosts()?;

@@ -2,7 +2,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
-use token_agent_e2e::{check, test_binary, wait_for, write_script};
+use token_agent_e2e::{check, sign_file, test_binary, wait_for, write_script};
 
 /// An askpass script that records its prompt and answers by exit status.
 fn askpass(dir: &Path, name: &str, exit: i32, sleep: u32) -> anyhow::Result<std::path::PathBuf> {
@@ -23,12 +23,7 @@ fn try_sign(agent: &Agent, public: &Path) -> anyhow::Result<bool> {
     let message = agent.dir().join("message");
     std::fs::write(&message, "confirm me")?;
     let _ = std::fs::remove_file(agent.dir().join("message.sig"));
-    let output = agent
-        .command("ssh-keygen")
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(public)
-        .arg(&message)
-        .output()?;
+    let output = sign_file(agent.command("ssh-keygen"), public, &message).output()?;
     Ok(output.status.success() && agent.dir().join("message.sig").exists())
 }
 
@@ -137,12 +132,7 @@ fn listing_answers_while_a_confirmation_waits() -> anyhow::Result<()> {
     let public = add_confirmed_key(&agent)?;
     let message = agent.dir().join("held");
     std::fs::write(&message, "held")?;
-    let mut signer = agent
-        .command("ssh-keygen")
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(&public)
-        .arg(&message)
-        .spawn()?;
+    let mut signer = sign_file(agent.command("ssh-keygen"), &public, &message).spawn()?;
     // Wait until the confirmation is on screen, then list.
     assert!(wait_for(Duration::from_secs(10), || dir
         .path()

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
 use token_agent_e2e::wire::{RawClient, FAILURE, IDENTITIES_ANSWER};
-use token_agent_e2e::{check, is_root, stdout};
+use token_agent_e2e::{check, is_root, sign_file, stdout};
 
 /// An agent holding one key, for tests that need something to list.
 fn agent_with_key() -> anyhow::Result<Agent> {
@@ -96,12 +96,7 @@ fn two_clients_sign_at_once() -> anyhow::Result<()> {
         .map(|i| {
             let message = agent.dir().join(format!("m{i}"));
             std::fs::write(&message, format!("message {i}"))?;
-            Ok(agent
-                .command("ssh-keygen")
-                .args(["-Y", "sign", "-n", "file", "-f"])
-                .arg(&public)
-                .arg(&message)
-                .spawn()?)
+            Ok(sign_file(agent.command("ssh-keygen"), &public, &message).spawn()?)
         })
         .collect::<anyhow::Result<_>>()?;
     for signer in signers {

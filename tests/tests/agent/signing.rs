@@ -3,17 +3,12 @@ use std::process::Command;
 
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
 use token_agent_e2e::openssh::Sshd;
-use token_agent_e2e::{check, stderr, stdout};
+use token_agent_e2e::{check, sign_file, stdout};
 
 /// Signs `message` with the agent's key for `public` and verifies it with ssh-keygen.
 fn sign_and_verify(agent: &Agent, public: &Path, message: &Path) -> anyhow::Result<()> {
     check(
-        agent
-            .command("ssh-keygen")
-            .args(["-Y", "sign", "-n", "file", "-f"])
-            .arg(public)
-            .arg(message)
-            .output()?,
+        sign_file(agent.command("ssh-keygen"), public, message).output()?,
         "ssh-keygen -Y sign",
     )?;
     let signers = agent.dir().join("allowed_signers");
@@ -64,16 +59,11 @@ fn login_to_sshd_with_plain_keys() -> anyhow::Result<()> {
     // with rsa-sha2-256 or rsa-sha2-512 through the agent.
     let sshd = Sshd::start(&authorized, None)?;
     let login = sshd.login(&agent)?;
-    assert!(
-        stdout(&login).contains("logged-in"),
-        "{}\n{}",
-        stderr(&login),
-        sshd.log_text()
-    );
+    sshd.ensure_logged_in(&login, &agent.log_text())?;
     let rsa_only = authorized.lines().nth(1).unwrap_or_default().to_owned();
     let sshd_rsa = Sshd::start(&rsa_only, None)?;
     let login = sshd_rsa.login(&agent)?;
-    assert!(stdout(&login).contains("logged-in"), "{}", stderr(&login));
+    sshd_rsa.ensure_logged_in(&login, &agent.log_text())?;
     assert!(agent.log_text().contains("algorithm=\"rsa-sha2-"));
     Ok(())
 }
@@ -101,12 +91,7 @@ fn login_to_sshd_with_a_certificate() -> anyhow::Result<()> {
     // No authorized_keys entry: only the certificate can get in.
     let sshd = Sshd::start("", Some(&ca.with_extension("pub")))?;
     let login = sshd.login(&agent)?;
-    assert!(
-        stdout(&login).contains("logged-in"),
-        "{}\n{}",
-        stderr(&login),
-        sshd.log_text()
-    );
+    sshd.ensure_logged_in(&login, &agent.log_text())?;
     assert!(
         sshd.log_text().contains("cert-login"),
         "{}",
@@ -149,12 +134,7 @@ fn a_destination_restricted_key_signs_only_for_its_host() -> anyhow::Result<()> 
     assert_eq!(agent.listed()?.len(), 1);
 
     let login = allowed.login(&agent)?;
-    assert!(
-        stdout(&login).contains("logged-in"),
-        "allowed host refused: {}\n{}",
-        stderr(&login),
-        agent.log_text()
-    );
+    allowed.ensure_logged_in(&login, &agent.log_text())?;
     let login = other.login(&agent)?;
     assert!(
         !stdout(&login).contains("logged-in"),
@@ -163,12 +143,12 @@ fn a_destination_restricted_key_signs_only_for_its_host() -> anyhow::Result<()> 
     // Signing arbitrary data locally (no session bind) is refused too.
     let message = agent.dir().join("message.txt");
     std::fs::write(&message, "data")?;
-    let signed = agent
-        .command("ssh-keygen")
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(key.with_extension("pub"))
-        .arg(&message)
-        .output()?;
+    let signed = sign_file(
+        agent.command("ssh-keygen"),
+        key.with_extension("pub"),
+        &message,
+    )
+    .output()?;
     assert!(!signed.status.success() || !message.with_extension("txt.sig").exists());
     assert!(
         agent.log_text().contains("destination"),

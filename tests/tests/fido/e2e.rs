@@ -80,13 +80,7 @@ fn login_case(token: &Token, options: &[&str], prefix: &str, pins: &[&str]) -> a
     let sshd = Sshd::start(&format!("{prefix}{public}\n"), None)?;
     token.script_pins(pins)?;
     let login = agent.login(&sshd)?;
-    ensure!(
-        stdout(&login).contains("logged-in"),
-        "login failed: {}\nagent:\n{}\nsshd:\n{}",
-        stderr(&login),
-        agent.log_text(),
-        sshd.log_text()
-    );
+    sshd.ensure_logged_in(&login, &agent.log_text())?;
     Ok(())
 }
 
@@ -120,13 +114,7 @@ fn login_with_verify_required_asks_the_pin() -> anyhow::Result<()> {
     let sshd = Sshd::start(&format!("verify-required {public}\n"), None)?;
     token.script_pins(&[PIN])?;
     let login = agent.login(&sshd)?;
-    ensure!(
-        stdout(&login).contains("logged-in"),
-        "login failed: {}\nagent:\n{}\nsshd:\n{}",
-        stderr(&login),
-        agent.log_text(),
-        sshd.log_text()
-    );
+    sshd.ensure_logged_in(&login, &agent.log_text())?;
     ensure!(
         token.pinentry_log().contains("tries left"),
         "{}",
@@ -164,12 +152,7 @@ fn sign_file(
 ) -> anyhow::Result<std::process::Output> {
     let mut public = file.as_os_str().to_owned();
     public.push(".pub");
-    Ok(agent
-        .command("ssh-keygen")
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(&public)
-        .arg(message)
-        .output()?)
+    Ok(token_agent_e2e::sign_file(agent.command("ssh-keygen"), &public, message).output()?)
 }
 
 #[test]
@@ -302,7 +285,7 @@ fn resident_keys_load_into_the_running_agent() -> anyhow::Result<()> {
     ensure!(listed.contains(&key_part), "{listed}");
     let sshd = Sshd::start(&format!("{public}\n"), None)?;
     let login = agent.login(&sshd)?;
-    ensure!(stdout(&login).contains("logged-in"), "{}", stderr(&login));
+    sshd.ensure_logged_in(&login, &agent.log_text())?;
     Ok(())
 }
 
@@ -316,7 +299,7 @@ fn configured_key_files_are_offered_from_the_start() -> anyhow::Result<()> {
     ensure!(listed.contains("sk-ssh-ed25519@openssh.com"), "{listed}");
     let sshd = Sshd::start(&format!("{}\n", public_line(&file)?), None)?;
     let login = agent.login(&sshd)?;
-    ensure!(stdout(&login).contains("logged-in"), "{}", stderr(&login));
+    sshd.ensure_logged_in(&login, &agent.log_text())?;
     Ok(())
 }
 

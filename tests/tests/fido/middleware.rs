@@ -14,7 +14,7 @@ use ssh_encoding::Encode;
 use token_agent_e2e::agent::{Agent, AgentOptions};
 use token_agent_e2e::openssh::Sshd;
 use token_agent_e2e::wire::{put_string, session_bind, RawClient, FAILURE, SUCCESS};
-use token_agent_e2e::{check, stderr, stdout};
+use token_agent_e2e::{check, sign_file, stdout};
 
 use crate::support::{allowing, middleware_library, SimAgent, Token, PIN};
 
@@ -74,17 +74,13 @@ fn message_file(file: &Path) -> PathBuf {
 }
 
 /// `ssh-keygen -Y sign` with the key of `file`; its output, success or not.
-fn try_sign(mut keygen: Command, file: &Path) -> anyhow::Result<std::process::Output> {
+fn try_sign(keygen: Command, file: &Path) -> anyhow::Result<std::process::Output> {
     let message = message_file(file);
     std::fs::write(&message, format!("signed with {}\n", file.display()))?;
     let mut signature = message.as_os_str().to_owned();
     signature.push(".sig");
     let _ = std::fs::remove_file(&signature);
-    Ok(keygen
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(public_file(file))
-        .arg(&message)
-        .output()?)
+    Ok(sign_file(keygen, public_file(file), &message).output()?)
 }
 
 /// token-agent (the release binary, with no security key attached: only a
@@ -148,12 +144,7 @@ fn keys_made_by_openssh_through_the_middleware_sign_without_s_too() -> anyhow::R
         None,
     )?;
     let login = agent.login(&sshd)?;
-    ensure!(
-        stdout(&login).contains("logged-in"),
-        "{}\n{}",
-        stderr(&login),
-        sshd.log_text()
-    );
+    sshd.ensure_logged_in(&login, &agent.log_text())?;
     ensure!(
         !agent.log_text().contains("sk_sign"),
         "{}",
@@ -201,13 +192,7 @@ fn ssh_add_s_keys_sign_through_the_middleware_in_a_helper() -> anyhow::Result<()
         None,
     )?;
     let login = sshd.login(&agent)?;
-    ensure!(
-        stdout(&login).contains("logged-in"),
-        "{}\n{}\n{}",
-        stderr(&login),
-        sshd.log_text(),
-        agent.log_text()
-    );
+    sshd.ensure_logged_in(&login, &agent.log_text())?;
     let log = agent.log_text();
     ensure!(log.contains("loaded sk middleware in a helper"), "{log}");
     ensure!(log.contains("sk_sign answered"), "{log}");
@@ -370,14 +355,7 @@ fn agent_with_faulty_middleware(
         &["-P", &allowing(&library)?],
         &[(fido_sim::middleware::FAULT_ENV, fault)],
     )?;
-    check(
-        agent.ssh_add(&[
-            "-S",
-            &library.display().to_string(),
-            &faulty.display().to_string(),
-        ])?,
-        "ssh-add -S",
-    )?;
+    agent.add_with_middleware(&library, &faulty)?;
     check(agent.ssh_add(&[&healthy.display().to_string()])?, "ssh-add")?;
     Ok((agent, faulty, healthy))
 }
@@ -420,11 +398,7 @@ fn a_middleware_that_hangs_in_sk_sign_is_killed_after_the_time_limit() -> anyhow
     let message = message_file(&faulty);
     std::fs::write(&message, "hang\n")?;
     let started = Instant::now();
-    let mut held = agent
-        .command("ssh-keygen")
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(public_file(&faulty))
-        .arg(&message)
+    let mut held = sign_file(agent.command("ssh-keygen"), public_file(&faulty), &message)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -472,14 +446,7 @@ fn a_denied_or_missing_touch_through_the_middleware_fails_clearly() -> anyhow::R
             env.push((fido_sim::middleware::TOUCH_TIMEOUT_ENV, millis));
         }
         let agent = SimAgent::start_with_env(&token, &config, &["-P", &allowing(&library)?], &env)?;
-        check(
-            agent.ssh_add(&[
-                "-S",
-                &library.display().to_string(),
-                &file.display().to_string(),
-            ])?,
-            "ssh-add -S",
-        )?;
+        agent.add_with_middleware(&library, &file)?;
         let output = try_sign(agent.command("ssh-keygen"), &file)?;
         ensure!(!output.status.success(), "signed with presence {presence}");
         let log = agent.log_text();
@@ -511,14 +478,7 @@ fn verify_required_keys_ask_the_pin_first_and_a_wrong_pin_is_not_retried() -> an
         other => bail!("not an ed25519-sk key: {:?}", other.algorithm()),
     }
     let agent = SimAgent::start(&token, "", &["-P", &allowing(&library)?])?;
-    check(
-        agent.ssh_add(&[
-            "-S",
-            &library.display().to_string(),
-            &file.display().to_string(),
-        ])?,
-        "ssh-add -S",
-    )?;
+    agent.add_with_middleware(&library, &file)?;
     let sshd = Sshd::start(
         &format!(
             "verify-required {}\n",
@@ -528,13 +488,7 @@ fn verify_required_keys_ask_the_pin_first_and_a_wrong_pin_is_not_retried() -> an
     )?;
     token.script_pins(&[PIN])?;
     let login = agent.login(&sshd)?;
-    ensure!(
-        stdout(&login).contains("logged-in"),
-        "{}\n{}\n{}",
-        stderr(&login),
-        sshd.log_text(),
-        agent.log_text()
-    );
+    sshd.ensure_logged_in(&login, &agent.log_text())?;
     ensure!(token.pinentry_log().matches("GETPIN").count() == 1);
     ensure!(token.pin_retries()? == fido_sim::PIN_RETRIES);
 
@@ -572,14 +526,7 @@ fn a_pin_the_middleware_asks_for_is_asked_once_and_tried_again() -> anyhow::Resu
         &["-P", &allowing(&library)?],
         &[(fido_sim::middleware::ALWAYS_UV_ENV, "1")],
     )?;
-    check(
-        agent.ssh_add(&[
-            "-S",
-            &library.display().to_string(),
-            &file.display().to_string(),
-        ])?,
-        "ssh-add -S",
-    )?;
+    agent.add_with_middleware(&library, &file)?;
     token.script_pins(&[PIN])?;
     sign_and_verify(agent.command("ssh-keygen"), &file)?;
     ensure!(token.pinentry_log().matches("GETPIN").count() == 1);

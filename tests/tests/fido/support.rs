@@ -276,6 +276,15 @@ impl SimAgent {
         Ok(self.command("ssh-add").args(args).output()?)
     }
 
+    /// `ssh-add -S library file`: adds the sk key `file` to sign through
+    /// the middleware `library`.
+    pub(crate) fn add_with_middleware(&self, library: &Path, file: &Path) -> anyhow::Result<()> {
+        let mut add = self.command("ssh-add");
+        add.arg("-S").arg(library).arg(file);
+        check(add.output()?, "ssh-add -S")?;
+        Ok(())
+    }
+
     /// Sends one command to the simulated key's control socket.
     pub(crate) fn control(&self, command: &str) -> anyhow::Result<String> {
         let mut stream = UnixStream::connect(&self.control)?;

@@ -86,13 +86,7 @@ fn setup_then_list_then_login_to_sshd_through_the_agent() -> Result<()> {
     let sshd = Sshd::start(&authorized, None)?;
     for _ in 0..2 {
         let out = sshd.login(&agent)?;
-        ensure!(
-            stdout(&out).contains("logged-in"),
-            "login failed: {}\nagent: {}\nsshd: {}",
-            stderr(&out),
-            agent.log_text(),
-            sshd.log_text()
-        );
+        sshd.ensure_logged_in(&out, &agent.log_text())?;
     }
     // PIN policy "once": asked for the first login only, naming the card and key.
     let asked = std::fs::read_to_string(&log).context("the pinentry was never run")?;

@@ -69,11 +69,6 @@ fn opensc_through_the_pkcs11_backend_sees_the_key_piv_setup_made() -> Result<()>
     );
     let sshd = Sshd::start(&authorized, None)?;
     let out = sshd.login(&agent)?;
-    ensure!(
-        stdout(&out).contains("logged-in"),
-        "login through OpenSC failed: {}\n{}",
-        stderr(&out),
-        agent.log_text()
-    );
+    sshd.ensure_logged_in(&out, &agent.log_text())?;
     Ok(())
 }

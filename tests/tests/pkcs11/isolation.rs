@@ -1,8 +1,8 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use token_agent_e2e::check;
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
+use token_agent_e2e::{check, sign_file};
 
 use crate::{add_provider, sign_and_verify, start_agent, try_sign, wait_listed};
 
@@ -75,11 +75,7 @@ fn a_module_that_hangs_in_c_sign_is_killed_after_the_time_limit() -> anyhow::Res
     let message = agent.dir().join("hang.txt");
     std::fs::write(&message, "message\n")?;
     let started = Instant::now();
-    let mut held = agent
-        .command("ssh-keygen")
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(&public)
-        .arg(&message)
+    let mut held = sign_file(agent.command("ssh-keygen"), &public, &message)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use token_agent_e2e::agent::{Agent, AgentOptions};
 use token_agent_e2e::softhsm::SoftHsm;
-use token_agent_e2e::{check, wait_for, write_script};
+use token_agent_e2e::{check, sign_file, wait_for, write_script};
 
 /// An askpass program that prints `pin`.
 fn askpass(dir: &Path, pin: &str) -> anyhow::Result<PathBuf> {
@@ -88,12 +88,7 @@ fn sign_and_verify(agent: &Agent, line: &str, name: &str) -> anyhow::Result<()> 
     std::fs::write(&message, format!("message for {name}\n"))?;
     let _ = std::fs::remove_file(message.with_extension("txt.sig"));
     check(
-        agent
-            .command("ssh-keygen")
-            .args(["-Y", "sign", "-n", "file", "-f"])
-            .arg(&public)
-            .arg(&message)
-            .output()?,
+        sign_file(agent.command("ssh-keygen"), &public, &message).output()?,
         &format!("ssh-keygen -Y sign with {name}"),
     )?;
     let signers = agent.dir().join(format!("{name}.signers"));
@@ -118,10 +113,5 @@ fn try_sign(agent: &Agent, line: &str, name: &str) -> anyhow::Result<Output> {
     let message = agent.dir().join(format!("{name}.txt"));
     std::fs::write(&message, "message\n")?;
     let _ = std::fs::remove_file(message.with_extension("txt.sig"));
-    Ok(agent
-        .command("ssh-keygen")
-        .args(["-Y", "sign", "-n", "file", "-f"])
-        .arg(&public)
-        .arg(&message)
-        .output()?)
+    Ok(sign_file(agent.command("ssh-keygen"), &public, &message).output()?)
 }

@@ -1,9 +1,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use token_agent_e2e::check;
 use token_agent_e2e::openssh::Sshd;
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
-use token_agent_e2e::{check, stderr, stdout};
 
 use crate::{
     add_provider, sign_and_verify, start_agent, start_agent_asking, try_sign, wait_listed,
@@ -44,12 +44,8 @@ fn ssh_add_s_loads_two_tokens_signs_and_logs_in_to_sshd() -> anyhow::Result<()> 
             .unwrap_or_default();
         let sshd = Sshd::start(&format!("{line}\n"), None)?;
         let login = sshd.login(&agent)?;
-        assert!(
-            stdout(&login).contains("logged-in"),
-            "{wanted}: {}\n{}",
-            stderr(&login),
-            sshd.log_text()
-        );
+        sshd.ensure_logged_in(&login, &agent.log_text())
+            .map_err(|err| err.context(format!("logging in with {wanted}")))?;
     }
 
     // The PIN never reaches the log, not even at trace level.
