@@ -6,9 +6,8 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -18,6 +17,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{setsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 use token_agent_core::lock;
+use token_agent_helper::describe_exit;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -154,7 +154,7 @@ impl Helper {
                     }
                     let how = tokio::task::spawn_blocking(move || child.wait()).await;
                     answers_to.finish(match how {
-                        Ok(Ok(status)) => describe(status),
+                        Ok(Ok(status)) => describe_exit(status),
                         Ok(Err(err)) => format!("could not be waited for: {err}"),
                         Err(err) => format!("could not be waited for: {err}"),
                     });
@@ -169,7 +169,7 @@ impl Helper {
                             answers_to.deliver(response);
                         }
                         answers_to.finish(match child.wait() {
-                            Ok(status) => describe(status),
+                            Ok(status) => describe_exit(status),
                             Err(err) => format!("could not be waited for: {err}"),
                         });
                     })?;
@@ -358,17 +358,5 @@ struct Forget<'a> {
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
         lock(self.pending).remove(&self.id);
-    }
-}
-
-/// "signal 6 (SIGABRT)" or "exit status 3".
-fn describe(status: ExitStatus) -> String {
-    match (status.signal(), status.code()) {
-        (Some(signal), _) => match Signal::try_from(signal) {
-            Ok(name) => format!("signal {signal}, {name}"),
-            Err(_) => format!("signal {signal}"),
-        },
-        (None, Some(code)) => format!("exit status {code}"),
-        (None, None) => status.to_string(),
     }
 }

@@ -15,10 +15,9 @@
 //! prints `"<redacted>"` and whose memory is zeroized on drop; the frame
 //! buffers that held them are zeroized too.
 
-use std::fmt;
 use std::io::{self, Read, Write};
 
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// The largest frame either side accepts: far above any key list or signature.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
@@ -31,33 +30,7 @@ pub const MAX_REQUEST: usize = 320 * 1024;
 /// The id of unsolicited slot-event messages from the helper.
 pub const EVENT_ID: u64 = 0;
 
-/// A PIN on its way to the token.
-#[derive(Clone)]
-pub struct Pin(String);
-
-impl Pin {
-    /// Wraps `pin`.
-    pub fn new(pin: String) -> Self {
-        Self(pin)
-    }
-
-    /// The PIN's text, for C_Login only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Drop for Pin {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
-
-impl fmt::Debug for Pin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use token_agent_helper::Pin;
 
 /// One request from the agent.
 #[derive(Debug)]
@@ -456,11 +429,11 @@ fn unknown_tag(what: &str, tag: u8) -> io::Error {
 
 impl Message for Pin {
     fn encode(&self, out: &mut Encoder<'_>) {
-        out.str(&self.0);
+        out.str(self.expose());
     }
 
     fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
-        Ok(Self(input.string()?))
+        Ok(Pin::new(input.string()?))
     }
 }
 

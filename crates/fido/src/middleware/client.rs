@@ -2,8 +2,7 @@
 //! for the answer with a time limit, and tell how it died.
 
 use std::io::{BufReader, BufWriter};
-use std::os::unix::process::ExitStatusExt;
-use std::process::{ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use token_agent_core::lock;
+use token_agent_helper::describe_exit;
 
 use super::proto::{read_frame, write_frame, Failure, Op, Reply, Request, Response};
 use super::HelperCommand;
@@ -69,7 +69,7 @@ impl Helper {
                 // End of output: the helper exited or died. Record how before
                 // the channel closes, so the caller can say what happened.
                 let how = match child.wait() {
-                    Ok(status) => describe(status),
+                    Ok(status) => describe_exit(status),
                     Err(err) => format!("could not be waited for: {err}"),
                 };
                 *lock(&reader_exit) = Some(how);
@@ -145,28 +145,9 @@ impl Drop for Helper {
     }
 }
 
-/// "signal 6, SIGABRT" or "exit status 3".
-fn describe(status: ExitStatus) -> String {
-    match (status.signal(), status.code()) {
-        (Some(signal), _) => match Signal::try_from(signal) {
-            Ok(name) => format!("signal {signal}, {name}"),
-            Err(_) => format!("signal {signal}"),
-        },
-        (None, Some(code)) => format!("exit status {code}"),
-        (None, None) => status.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exits_are_described_with_the_signal_name() {
-        // Raw wait statuses: the signal number alone, or the code shifted left 8.
-        assert_eq!(describe(ExitStatus::from_raw(6)), "signal 6, SIGABRT");
-        assert_eq!(describe(ExitStatus::from_raw(3 << 8)), "exit status 3");
-    }
 
     #[test]
     fn a_helper_that_is_not_a_helper_dies_and_says_how() {

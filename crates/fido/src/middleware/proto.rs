@@ -13,43 +13,16 @@
 //! (The framing is the PKCS#11 helper's; the two crates keep their own small
 //! copies, since a backend never depends on another backend.)
 
-use std::fmt;
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// The largest frame either side accepts: far above any signature request
 /// (the agent's own messages are at most 256 KiB, and JSON quadruples bytes).
 pub(crate) const MAX_FRAME: usize = 4 * 1024 * 1024;
 
-/// A PIN on its way to the middleware.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub(crate) struct Pin(String);
-
-impl Pin {
-    pub(crate) fn new(pin: String) -> Self {
-        Self(pin)
-    }
-
-    /// The PIN's text, for `sk_sign` only.
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Drop for Pin {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
-
-impl fmt::Debug for Pin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub(crate) use token_agent_helper::Pin;
 
 /// One request from the agent.
 #[derive(Debug, Serialize, Deserialize)]
