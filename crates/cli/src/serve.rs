@@ -61,8 +61,7 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let _guard = listener::SocketGuard::new(socket_path.clone(), made_dir);
-        let socket = listener::bind(&socket_path)
+        let (socket, _guard) = listener::bind_owned(&socket_path, made_dir)
             .with_context(|| format!("cannot listen on {}", socket_path.display()))?;
         let router = Router::new(
             backends(&config),

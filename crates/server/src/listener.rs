@@ -29,6 +29,10 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Binds the agent socket at `path` with mode 0600.
+///
+/// An existing file at `path` is an error ("Address already in use"), never
+/// replaced: it may be another agent's live socket. Use [`bind_owned`] to
+/// also remove the socket when the agent exits.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
     let previous = umask(Mode::from_bits_truncate(0o177));
     let listener = std::os::unix::net::UnixListener::bind(path);
@@ -37,6 +41,32 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
     UnixListener::from_std(listener)
+}
+
+/// Binds the agent socket at `path` (as [`bind`]) and returns it with the
+/// guard that removes it, and `dir` when the agent made that directory, on
+/// exit.
+///
+/// The guard exists only once the bind succeeded, so the agent only ever
+/// unlinks a socket it created itself: a second agent started on a live
+/// socket fails and leaves the first one reachable, as OpenSSH's does. When
+/// the bind fails, `dir` (made by this agent, so empty) is removed.
+pub fn bind_owned(path: &Path, dir: Option<PathBuf>) -> io::Result<(UnixListener, SocketGuard)> {
+    match bind(path) {
+        Ok(listener) => Ok((
+            listener,
+            SocketGuard {
+                socket: path.to_owned(),
+                dir,
+            },
+        )),
+        Err(err) => {
+            if let Some(dir) = dir {
+                let _ = std::fs::remove_dir(dir);
+            }
+            Err(err)
+        }
+    }
 }
 
 /// The socket path and who may connect.
@@ -128,17 +158,11 @@ fn admit(stream: &UnixStream, access: &Access) -> Option<Peer> {
 }
 
 /// Removes the socket (and the directory the agent made for it) on drop.
+/// Made only by [`bind_owned`], after the agent created the socket.
 #[derive(Debug)]
 pub struct SocketGuard {
     socket: PathBuf,
     dir: Option<PathBuf>,
-}
-
-impl SocketGuard {
-    /// Guards `socket`, and `dir` when the agent created it.
-    pub fn new(socket: PathBuf, dir: Option<PathBuf>) -> Self {
-        Self { socket, dir }
-    }
 }
 
 impl Drop for SocketGuard {
@@ -147,5 +171,29 @@ impl Drop for SocketGuard {
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_bind_leaves_the_existing_socket_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let (_first, guard) = bind_owned(&path, None).unwrap();
+        let made = dir.path().join("made-by-second");
+        std::fs::create_dir(&made).unwrap();
+        let err = bind_owned(&path, Some(made.clone())).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(path.exists(), "the first agent's socket was removed");
+        assert!(
+            !made.exists(),
+            "the failed agent's own directory stays behind"
+        );
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+        drop(guard);
+        assert!(!path.exists());
     }
 }
