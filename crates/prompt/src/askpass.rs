@@ -64,11 +64,27 @@ impl Askpass {
         Ok(SecretString::from(pin.to_owned()))
     }
 
-    /// Asks to allow a use of a key: exit status 0 means yes.
+    /// Asks to allow a use of a key. As OpenSSH's `ask_permission()`, only
+    /// an exit status of 0 with an empty answer or the word "yes" (any case)
+    /// allows it; anything else the program prints ("no", "deny", ...), a
+    /// non-zero exit, or no answer within the timeout refuses.
     pub async fn confirm(&self, request: &ConfirmRequest) -> Result<bool, PromptError> {
         let mut child = self.spawn(&request.description(), Some("confirm"))?;
-        match tokio::time::timeout(self.timeout, child.wait()).await {
-            Ok(Ok(status)) => Ok(status.success()),
+        let mut stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| self.failed("no stdout"))?;
+        let mut answer = Vec::new();
+        let read = async {
+            // The answer is one short line: read at most a bound of it, then
+            // close the pipe so a program that floods stdout cannot stall us.
+            let mut limited = (&mut stdout).take(MAX_CONFIRM_ANSWER);
+            limited.read_to_end(&mut answer).await?;
+            drop(stdout);
+            child.wait().await
+        };
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(status)) => Ok(status.success() && affirmative(&answer)),
             Ok(Err(err)) => Err(self.failed(&err.to_string())),
             // Nobody answered: that is a "no" (the child is killed on drop).
             Err(_) => Ok(false),
@@ -106,6 +122,19 @@ impl Askpass {
             message: message.to_owned(),
         }
     }
+}
+
+/// The most of a confirmation answer that is read; "yes" needs four bytes.
+const MAX_CONFIRM_ANSWER: u64 = 1024;
+
+/// Whether a confirmation answer says yes: the first line (up to CR or LF)
+/// is empty or "yes" in any case, exactly as OpenSSH's `ask_permission()`.
+fn affirmative(answer: &[u8]) -> bool {
+    let line = answer
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or_default();
+    line.is_empty() || line.eq_ignore_ascii_case(b"yes")
 }
 
 #[cfg(test)]
@@ -170,6 +199,45 @@ mod tests {
             Duration::from_secs(10),
         );
         assert!(yes.confirm(&confirm).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn confirm_allows_only_an_empty_answer_or_yes() {
+        let dir = tempfile::tempdir().unwrap();
+        let confirm = ConfirmRequest {
+            subject: PromptSubject::default(),
+        };
+        let cases = [
+            ("exit 0", true),
+            ("echo", true),
+            ("echo yes", true),
+            ("printf 'YeS\\r\\n'", true),
+            ("echo no", false),
+            ("echo deny", false),
+            ("echo 'yes please'", false),
+            ("echo ' yes'", false),
+            ("echo yes; exit 1", false),
+            ("exit 1", false),
+        ];
+        for (i, (body, allowed)) in cases.into_iter().enumerate() {
+            let sub = dir.path().join(i.to_string());
+            std::fs::create_dir(&sub).unwrap();
+            let askpass = Askpass::new(script(&sub, body), Duration::from_secs(10));
+            assert_eq!(
+                askpass.confirm(&confirm).await.unwrap(),
+                allowed,
+                "askpass `{body}`"
+            );
+        }
+    }
+
+    #[test]
+    fn affirmative_reads_the_first_line_only() {
+        assert!(affirmative(b""));
+        assert!(affirmative(b"\n"));
+        assert!(affirmative(b"yes\nno\n"));
+        assert!(!affirmative(b"no\nyes\n"));
+        assert!(!affirmative(b"y"));
     }
 
     #[tokio::test]

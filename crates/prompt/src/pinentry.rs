@@ -56,10 +56,15 @@ impl Pinentry {
             .with_ok("Allow")
             .with_cancel("Deny")
             .with_timeout(self.timeout_seconds);
+        // Only the OK button allows: Cancel, "Not confirmed", a closed window
+        // or a timeout refuse, and any other failure is an error (refused too).
         match dialog.confirm(&assuan_line(request.description())) {
             Ok(answer) => Ok(answer),
             // A confirmation that times out is a "no", as an unanswered askpass is.
             Err(::pinentry::Error::Timeout) => Ok(false),
+            // Some pinentries answer Deny with GPG_ERR_NOT_CONFIRMED, which the
+            // crate turns into a "no" only when a third button was set.
+            Err(::pinentry::Error::Gpg(err)) if err.code() == GPG_ERR_NOT_CONFIRMED => Ok(false),
             Err(err) => Err(self.error(err)),
         }
     }
@@ -110,6 +115,9 @@ impl Pinentry {
         }
     }
 }
+
+/// libgpg-error's "Not confirmed" (err-codes.h).
+const GPG_ERR_NOT_CONFIRMED: u16 = 114;
 
 /// Assuan lines are limited to 1,000 bytes (and the `pinentry` crate panics
 /// past that): shorten a long description, at a character boundary, leaving
