@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use ssh_key::HashAlg;
+use token_agent_core::FingerprintHash;
 
 /// An SSH agent for keys in hardware tokens, and a drop-in for OpenSSH's ssh-agent.
 ///
@@ -50,7 +50,7 @@ pub(crate) struct Args {
     #[arg(short = 'P', value_name = "ALLOWED_PROVIDERS")]
     pub(crate) allowed_providers: Option<String>,
 
-    /// Fingerprint hash for logs and prompts: sha256 (default) or sha512.
+    /// Fingerprint hash for logs and prompts: md5, sha256 (default) or sha512.
     #[arg(short = 'E', value_name = "FINGERPRINT_HASH")]
     pub(crate) fingerprint_hash: Option<String>,
 
@@ -114,7 +114,7 @@ pub(crate) struct Options {
     /// `-P`.
     pub(crate) allowed_providers: Option<String>,
     /// `-E`.
-    pub(crate) fingerprint_hash: HashAlg,
+    pub(crate) fingerprint_hash: FingerprintHash,
     /// `-O allow-remote-pkcs11`.
     pub allow_remote_pkcs11: bool,
     /// `--config`.
@@ -157,11 +157,10 @@ impl TryFrom<Args> for Options {
             .transpose()
             .context("invalid lifetime for -t")?;
         let fingerprint_hash = match args.fingerprint_hash.as_deref() {
-            None | Some("sha256") => HashAlg::Sha256,
-            Some("sha512") => HashAlg::Sha512,
-            Some(other) => {
-                bail!("invalid fingerprint hash \"{other}\" for -E: use sha256 or sha512")
-            }
+            None => FingerprintHash::default(),
+            Some(name) => name
+                .parse()
+                .map_err(|err: String| anyhow::anyhow!("{err} for -E"))?,
         };
         let mut allow_remote_pkcs11 = false;
         for option in &args.options {

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{bail, Context};
+use token_agent_core::FingerprintHash;
 
 use crate::args::Options;
 use crate::serve::READY;
@@ -85,9 +86,9 @@ fn child_flags(options: &Options) -> Vec<std::ffi::OsString> {
         flags.push("-P".into());
         flags.push(providers.into());
     }
-    if options.fingerprint_hash == ssh_key::HashAlg::Sha512 {
+    if options.fingerprint_hash != FingerprintHash::default() {
         flags.push("-E".into());
-        flags.push("sha512".into());
+        flags.push(options.fingerprint_hash.name().into());
     }
     if options.allow_remote_pkcs11 {
         flags.push("-O".into());

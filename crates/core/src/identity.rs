@@ -162,3 +162,105 @@ impl Identity {
 pub fn fingerprint(key: &KeyData, hash: HashAlg) -> String {
     key.fingerprint(hash).to_string()
 }
+
+/// The hash fingerprints are shown with in logs and prompts (ssh-agent `-E`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FingerprintHash {
+    /// `MD5:` and the digest of the key blob as colon-separated hex bytes, as
+    /// OpenSSH before 6.8 showed every fingerprint.
+    Md5,
+    /// `SHA256:` and unpadded base64: OpenSSH's default.
+    #[default]
+    Sha256,
+    /// `SHA512:` and unpadded base64.
+    Sha512,
+}
+
+impl FingerprintHash {
+    /// The name `-E` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Md5 => "md5",
+            Self::Sha256 => "sha256",
+            Self::Sha512 => "sha512",
+        }
+    }
+
+    /// The fingerprint of `key`, as `ssh-keygen -l -E <name>` prints it.
+    pub fn fingerprint(self, key: &KeyData) -> String {
+        match self {
+            Self::Sha256 => fingerprint(key, HashAlg::Sha256),
+            Self::Sha512 => fingerprint(key, HashAlg::Sha512),
+            Self::Md5 => {
+                use md5::Digest;
+                use ssh_encoding::Encode;
+                let mut blob = Vec::new();
+                // Encoding a key into a Vec fails only for a key ssh-key
+                // cannot represent at all; such a key hashes as empty.
+                let _ = key.encode(&mut blob);
+                let digest = md5::Md5::digest(&blob);
+                let mut out = String::with_capacity(4 + digest.len() * 3);
+                out.push_str("MD5");
+                for byte in digest {
+                    out.push_str(&format!(":{byte:02x}"));
+                }
+                out
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for FingerprintHash {
+    type Err = String;
+
+    /// Parses `md5`, `sha256` or `sha512`, in any case, as OpenSSH's
+    /// `ssh_digest_alg_by_name`.
+    fn from_str(name: &str) -> Result<Self, String> {
+        [Self::Md5, Self::Sha256, Self::Sha512]
+            .into_iter()
+            .find(|hash| hash.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                format!("invalid fingerprint hash \"{name}\": use md5, sha256 or sha512")
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> KeyData {
+        ssh_key::PublicKey::from_openssh(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHsSDfAXZ5XzLhRUTsjFy6ueuI3ALxyR1VWOGfYzE0tz",
+        )
+        .unwrap()
+        .key_data()
+        .clone()
+    }
+
+    #[test]
+    fn fingerprints_match_ssh_keygen() {
+        // `ssh-keygen -l -E md5|sha512 -f` of the same key.
+        assert_eq!(
+            FingerprintHash::Md5.fingerprint(&key()),
+            "MD5:cc:84:be:5d:4a:9d:6d:7f:18:b4:e3:44:0c:bb:af:8e"
+        );
+        assert_eq!(
+            FingerprintHash::Sha512.fingerprint(&key()),
+            "SHA512:DM7XC6V/kVF3T6PYCmPZC28hwoCHXeKIxhE+LXj8Ef+XOBUkKOYCkY4EbyJLz9jLbwQhS5tH5vgMOeC361ML4w"
+        );
+        assert!(FingerprintHash::default()
+            .fingerprint(&key())
+            .starts_with("SHA256:"));
+    }
+
+    #[test]
+    fn hash_names_parse_in_any_case() {
+        assert_eq!("MD5".parse(), Ok(FingerprintHash::Md5));
+        assert_eq!("sha256".parse(), Ok(FingerprintHash::Sha256));
+        assert_eq!("Sha512".parse(), Ok(FingerprintHash::Sha512));
+        let err = "sha1".parse::<FingerprintHash>().unwrap_err();
+        assert!(err.contains("use md5, sha256 or sha512"), "{err}");
+    }
+}

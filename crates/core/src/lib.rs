@@ -48,7 +48,7 @@ mod sync;
 
 pub use backend::{AddKey, Backend, IdentitySink, ProviderRequest};
 pub use error::{Error, PromptError};
-pub use identity::{fingerprint, DeviceInfo, Identity, KeyRef};
+pub use identity::{fingerprint, DeviceInfo, FingerprintHash, Identity, KeyRef};
 pub use prompt::{
     ConfirmRequest, Notice, NoticeGuard, NoticeKind, PinKind, PinRequest, PromptSubject, Prompter,
 };

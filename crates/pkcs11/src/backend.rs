@@ -1,6 +1,6 @@
 //! [`Pkcs11Backend`]: the [`Backend`] over PKCS#11 modules, each in a helper process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
@@ -138,6 +138,11 @@ struct Module {
     /// Whether the module reports slot events itself.
     slot_events: AtomicBool,
     tokens: Mutex<Vec<TokenState>>,
+    /// Keys (by [`KeyRef`] handle) of a module loaded with `ssh-add -s` that
+    /// a client removed (`ssh-add -d`) or whose lifetime (`ssh-add -t`) ran
+    /// out. OpenSSH drops such keys from its table while the provider stays
+    /// loaded; they stay hidden until the provider is loaded again.
+    removed: Mutex<HashSet<Vec<u8>>>,
     unloaded: AtomicBool,
 }
 
@@ -351,6 +356,24 @@ impl Backend for Pkcs11Backend {
         Ok(())
     }
 
+    async fn remove_key(&self, key: &KeyRef) -> Result<(), Error> {
+        let (path, ..) = parse_key_ref(key.handle()).ok_or(Error::KeyNotFound)?;
+        let module = self.inner.module(&path).ok_or(Error::KeyNotFound)?;
+        if !module.runtime {
+            return Err(Error::Refused {
+                reason: format!(
+                    "this key is on a token of the PKCS#11 module {path}, which comes from \
+                     the configuration; remove the module there"
+                ),
+            });
+        }
+        if !lock(&module.removed).insert(key.handle().to_vec()) {
+            return Err(Error::KeyNotFound);
+        }
+        self.inner.publish();
+        Ok(())
+    }
+
     async fn remove_all(&self) {
         let runtime: Vec<Arc<Module>> = lock(&self.inner.modules)
             .iter()
@@ -385,6 +408,7 @@ impl Module {
             scanner: Mutex::new(None),
             slot_events: AtomicBool::new(false),
             tokens: Mutex::new(Vec::new()),
+            removed: Mutex::new(HashSet::new()),
             unloaded: AtomicBool::new(false),
         }
     }
@@ -602,19 +626,20 @@ impl Inner {
 
     fn identities(&self, module: &Arc<Module>) -> Vec<Identity> {
         let tokens = lock(&module.tokens).clone();
+        let removed = lock(&module.removed).clone();
         let mut identities = Vec::new();
         for token in &tokens {
             for key in &token.keys {
                 let Ok(public) = KeyData::decode(&mut key.public_key.as_slice()) else {
                     continue;
                 };
+                let key_ref = key_ref(module, token, &key.id);
+                if removed.contains(key_ref.handle()) {
+                    continue;
+                }
                 identities.push(
-                    Identity::new(
-                        public,
-                        comment(token, &key.label),
-                        key_ref(module, token, &key.id),
-                    )
-                    .with_device(device(token)),
+                    Identity::new(public, comment(token, &key.label), key_ref)
+                        .with_device(device(token)),
                 );
             }
         }
@@ -624,6 +649,9 @@ impl Inner {
     fn locate(&self, key: &KeyRef) -> Result<Located, Error> {
         let (path, serial, label, id) = parse_key_ref(key.handle()).ok_or(Error::KeyNotFound)?;
         let module = self.module(&path).ok_or(Error::KeyNotFound)?;
+        if lock(&module.removed).contains(key.handle()) {
+            return Err(Error::KeyNotFound);
+        }
         let tokens = lock(&module.tokens).clone();
         let Some(token) = tokens
             .into_iter()

@@ -16,10 +16,10 @@ use arc_swap::ArcSwap;
 use secrecy::SecretString;
 use ssh_key::certificate::Certificate;
 use ssh_key::public::KeyData;
-use ssh_key::{Algorithm, HashAlg};
+use ssh_key::Algorithm;
 use token_agent_core::{
-    AddKey, Backend, ConfirmRequest, Destination, Error, Identity, IdentitySink, PromptSubject,
-    Prompter, ProviderRequest, SignContext, SignRequest, SshSignature,
+    AddKey, Backend, ConfirmRequest, Destination, Error, FingerprintHash, Identity, IdentitySink,
+    PromptSubject, Prompter, ProviderRequest, SignContext, SignRequest, SshSignature,
 };
 
 use crate::constraints::{self, Constraints, SessionBindings};
@@ -38,7 +38,7 @@ pub struct Policy {
     /// Whether forwarded connections may load providers (`-O allow-remote-pkcs11`).
     pub allow_remote_providers: bool,
     /// The fingerprint hash used in logs and prompts (`-E`).
-    pub fingerprint_hash: HashAlg,
+    pub fingerprint_hash: FingerprintHash,
 }
 
 impl Default for Policy {
@@ -47,7 +47,7 @@ impl Default for Policy {
             default_lifetime: None,
             providers: ProviderAllowlist::default(),
             allow_remote_providers: false,
-            fingerprint_hash: HashAlg::Sha256,
+            fingerprint_hash: FingerprintHash::Sha256,
         }
     }
 }
@@ -430,9 +430,16 @@ impl Router {
                 let Ok(blob) = identity_blob(identity) else {
                     continue;
                 };
-                if let Some(c) = &constraints {
-                    self.constraints_mut().insert(blob.clone(), c.clone());
-                    self.schedule_expiry(blob.clone(), c);
+                match &constraints {
+                    Some(c) => {
+                        self.constraints_mut().insert(blob.clone(), c.clone());
+                        self.schedule_expiry(blob.clone(), c);
+                    }
+                    // A fresh load without constraints: nothing of an earlier
+                    // load of the same keys applies any more.
+                    None => {
+                        self.constraints_mut().remove(&blob);
+                    }
                 }
                 added.push(Entry {
                     identity: identity.clone(),
@@ -506,17 +513,16 @@ impl Router {
     pub fn subject(&self, entry: &Entry) -> PromptSubject {
         PromptSubject {
             key: Some(entry.identity.comment().to_owned()),
-            fingerprint: Some(
-                entry
-                    .identity
-                    .public_key()
-                    .fingerprint(self.policy.fingerprint_hash)
-                    .to_string(),
-            ),
+            fingerprint: Some(self.fingerprint(entry.identity.public_key())),
             device: entry.identity.device().cloned(),
             requester: None,
             destination: None,
         }
+    }
+
+    /// The fingerprint of `key` in the hash of `-E`, for logs and prompts.
+    pub fn fingerprint(&self, key: &KeyData) -> String {
+        self.policy.fingerprint_hash.fingerprint(key)
     }
 
     fn backend(&self, name: &str) -> Result<Arc<dyn Backend>, Refusal> {
@@ -569,14 +575,23 @@ impl Router {
             if current.is_some_and(|c| Arc::ptr_eq(&c, &expected)) {
                 if let Some(entry) = router.snapshot().find(&blob).cloned() {
                     tracing::info!(
-                        key = %entry.identity.fingerprint(),
+                        key = %router.fingerprint(entry.identity.public_key()),
                         comment = entry.identity.comment(),
                         "key lifetime expired; removing it"
                     );
-                    if let Ok(backend) = router.backend(entry.identity.key().backend()) {
-                        if let Err(err) = backend.remove_key(entry.identity.key()).await {
-                            tracing::warn!(%err, "could not remove an expired key");
-                        }
+                    let removed = match router.backend(entry.identity.key().backend()) {
+                        Ok(backend) => backend.remove_key(entry.identity.key()).await,
+                        Err(_) => Ok(()),
+                    };
+                    if let Err(err) = removed {
+                        // The expired constraint stays: the key remains
+                        // hidden and unusable rather than becoming
+                        // unconstrained.
+                        tracing::warn!(
+                            %err,
+                            "the backend keeps an expired key; it stays hidden and refused"
+                        );
+                        return;
                     }
                 }
                 router.constraints_mut().remove(&blob);

@@ -187,7 +187,7 @@ impl Session {
                 return Reply::Failure.encode();
             }
         };
-        let fingerprint = key_data.fingerprint(self.router.policy().fingerprint_hash);
+        let fingerprint = self.router.fingerprint(&key_data);
         tracing::debug!(key = %fingerprint, flags = flags.bits(), len = data.len(), "sign request");
         let request = SignRequest { data, flags };
         match self
@@ -249,7 +249,7 @@ impl Session {
         {
             Ok(entry) => {
                 tracing::info!(
-                    key = %entry.identity.fingerprint(),
+                    key = %self.router.fingerprint(entry.identity.public_key()),
                     comment = entry.identity.comment(),
                     certificate = entry.identity.certificate().is_some(),
                     sk_provider,
@@ -275,7 +275,7 @@ impl Session {
         match self.router.remove(&blob).await {
             Ok(entry) => {
                 tracing::info!(
-                    key = %entry.identity.fingerprint(),
+                    key = %self.router.fingerprint(entry.identity.public_key()),
                     comment = entry.identity.comment(),
                     client = %self.peer,
                     "removed key"
@@ -283,7 +283,7 @@ impl Session {
                 Reply::Success.encode()
             }
             Err(refusal) => {
-                let fp = key_data.fingerprint(self.router.policy().fingerprint_hash);
+                let fp = self.router.fingerprint(&key_data);
                 log_refusal("remove", &fp.to_string(), &self.peer, &refusal);
                 Reply::Failure.encode()
             }
