@@ -2,7 +2,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use token_agent_e2e::agent::keygen;
+use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
 use token_agent_e2e::{agent_binary, check, stderr, stdout, wait_for};
 
 /// Compares `actual` with the snapshot file `name`; UPDATE_SNAPSHOTS=1 rewrites it.
@@ -180,5 +180,96 @@ fn usage_errors_and_help_text() -> anyhow::Result<()> {
     let kill = token_agent(dir.path())?.arg("-k").output()?;
     assert_eq!(kill.status.code(), Some(1));
     snapshot("kill-without-pid.txt", &stderr(&kill))?;
+    Ok(())
+}
+
+#[test]
+fn issue_12_a_second_agent_on_a_live_socket_leaves_it_alone() -> anyhow::Result<()> {
+    let first = Agent::start(AgentOptions::default())?;
+    let key = first.dir().join("id");
+    keygen(&key, "ed25519", "still-here")?;
+    check(first.ssh_add([&key])?, "ssh-add")?;
+    for foreground in ["-D", "-d"] {
+        let second = token_agent(first.dir())?
+            .arg(foreground)
+            .arg("-a")
+            .arg(first.socket())
+            .output()?;
+        assert_eq!(second.status.code(), Some(1));
+        assert!(
+            stderr(&second).contains("Address already in use"),
+            "{}",
+            stderr(&second)
+        );
+    }
+    // And in the background, as `eval $(token-agent -a S)` starts it.
+    let background = token_agent(first.dir())?
+        .arg("-a")
+        .arg(first.socket())
+        .output()?;
+    assert_eq!(background.status.code(), Some(1));
+    assert!(
+        first.socket().exists(),
+        "the first agent's socket was removed"
+    );
+    let listed = check(first.ssh_add(["-l"])?, "ssh-add -l on the first agent")?;
+    assert!(
+        stdout(&listed).contains("still-here"),
+        "{}",
+        stdout(&listed)
+    );
+    Ok(())
+}
+
+#[test]
+fn issue_12_e_md5_shows_md5_fingerprints() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions {
+        args: vec!["-E".into(), "md5".into()],
+        ..AgentOptions::default()
+    })?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ecdsa-256", "md5-key")?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    let expected = stdout(&check(
+        Command::new("ssh-keygen")
+            .args(["-l", "-E", "md5", "-f"])
+            .arg(key.with_extension("pub"))
+            .output()?,
+        "ssh-keygen -l -E md5",
+    )?);
+    let md5 = expected
+        .split_whitespace()
+        .find(|word| word.starts_with("MD5:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(md5.len(), "MD5:".len() + 16 * 3 - 1, "{expected}");
+    let message = agent.dir().join("message");
+    std::fs::write(&message, "md5")?;
+    let public = key.with_extension("pub");
+    check(
+        token_agent_e2e::sign_file(agent.command("ssh-keygen"), &public, &message).output()?,
+        "ssh-keygen -Y sign",
+    )?;
+    let log = agent.log_text();
+    assert!(log.contains(&format!("key={md5}")), "{md5} not in\n{log}");
+    // Any case, as OpenSSH; other names are refused with the valid ones.
+    let dir = tempfile::tempdir()?;
+    let upper = token_agent(dir.path())?
+        .args(["-E", "MD5", "-k"])
+        .output()?;
+    assert!(
+        !stderr(&upper).contains("fingerprint hash"),
+        "{}",
+        stderr(&upper)
+    );
+    let bad = token_agent(dir.path())?
+        .args(["-E", "crc32", "-D"])
+        .output()?;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        stderr(&bad).contains("invalid fingerprint hash \"crc32\": use md5, sha256 or sha512"),
+        "{}",
+        stderr(&bad)
+    );
     Ok(())
 }

@@ -70,12 +70,77 @@ fn confirm_through_ssh_askpass_yes_and_no() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An askpass script that prints `answer` and exits with `exit`.
+fn answering_askpass(
+    dir: &Path,
+    name: &str,
+    answer: &str,
+    exit: i32,
+) -> anyhow::Result<std::path::PathBuf> {
+    let script = dir.join(name);
+    write_script(&script, &format!("printf '{answer}'\nexit {exit}"))?;
+    Ok(script)
+}
+
+#[test]
+fn issue_12_askpass_confirmation_allows_only_yes_or_an_empty_answer() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let current = dir.path().join("askpass");
+    let first = answering_askpass(dir.path(), "first", "", 0)?;
+    std::os::unix::fs::symlink(&first, &current)?;
+    let agent = Agent::start(AgentOptions {
+        env: vec![("SSH_ASKPASS".into(), current.display().to_string())],
+        ..AgentOptions::default()
+    })?;
+    let public = add_confirmed_key(&agent)?;
+    let cases = [
+        ("empty", "", 0, true),
+        ("yes", "yes\\n", 0, true),
+        ("upper", "YES\\n", 0, true),
+        ("no", "no\\n", 0, false),
+        ("anything", "sure\\n", 0, false),
+        ("yes-but-failed", "yes\\n", 1, false),
+        ("failed", "", 1, false),
+    ];
+    for (name, answer, exit, allowed) in cases {
+        let script = answering_askpass(dir.path(), name, answer, exit)?;
+        std::fs::remove_file(&current)?;
+        std::os::unix::fs::symlink(&script, &current)?;
+        assert_eq!(
+            try_sign(&agent, &public)?,
+            allowed,
+            "askpass answering {answer:?} with exit {exit}\n{}",
+            agent.log_text()
+        );
+    }
+    assert_eq!(agent.log_text().matches("declined").count(), 4);
+    Ok(())
+}
+
+#[test]
+fn issue_12_confirmation_prompts_show_the_e_fingerprint() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let yes = askpass(dir.path(), "yes", 0, 0)?;
+    let agent = Agent::start(AgentOptions {
+        args: vec!["-E".into(), "md5".into()],
+        env: vec![("SSH_ASKPASS".into(), yes.display().to_string())],
+        ..AgentOptions::default()
+    })?;
+    let public = add_confirmed_key(&agent)?;
+    assert!(try_sign(&agent, &public)?, "{}", agent.log_text());
+    let asked = std::fs::read_to_string(dir.path().join("yes.asked"))?;
+    assert!(asked.contains("MD5:"), "{asked}");
+    assert!(!asked.contains("SHA256:"), "{asked}");
+    Ok(())
+}
+
 #[test]
 fn confirm_through_pinentry_without_askpass() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("script");
     let log = dir.path().join("pinentry.log");
-    std::fs::write(&script, "confirm yes\nconfirm no\n")?;
+    // Allow, Deny ("Not confirmed"), then a cancelled dialog.
+    std::fs::write(&script, "confirm yes\nconfirm no\ncancel\n")?;
     let pinentry = test_binary("scripted-pinentry")?;
     let agent = Agent::start(AgentOptions {
         env: vec![
@@ -93,8 +158,15 @@ fn confirm_through_pinentry_without_askpass() -> anyhow::Result<()> {
     let public = add_confirmed_key(&agent)?;
     assert!(try_sign(&agent, &public)?, "{}", agent.log_text());
     assert!(!try_sign(&agent, &public)?);
+    assert!(!try_sign(&agent, &public)?);
+    assert_eq!(
+        agent.log_text().matches("declined").count(),
+        2,
+        "{}",
+        agent.log_text()
+    );
     let asked = std::fs::read_to_string(&log)?;
-    assert_eq!(asked.matches("CONFIRM").count(), 2, "{asked}");
+    assert_eq!(asked.matches("CONFIRM").count(), 3, "{asked}");
     assert!(
         asked.contains("SETDESC Allow use of key confirm-me?"),
         "{asked}"

@@ -29,9 +29,20 @@ fn askpass(dir: &Path, pin: &str) -> anyhow::Result<PathBuf> {
 
 /// `ssh-add -s module`, answering ssh-add's PIN question with `pin` through SSH_ASKPASS.
 fn add_provider(agent: &Agent, module: &Path, pin: &str) -> anyhow::Result<Output> {
+    add_provider_with(agent, &[], module, pin)
+}
+
+/// `ssh-add FLAGS -s module` (constraints: `-t 4`, `-c`), as [`add_provider`].
+fn add_provider_with(
+    agent: &Agent,
+    flags: &[&str],
+    module: &Path,
+    pin: &str,
+) -> anyhow::Result<Output> {
     let program = askpass(agent.dir(), pin)?;
     Ok(agent
         .command("ssh-add")
+        .args(flags)
         .arg("-s")
         .arg(module)
         .env("SSH_ASKPASS", program)

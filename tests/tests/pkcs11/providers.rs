@@ -6,7 +6,8 @@ use token_agent_e2e::openssh::Sshd;
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
 
 use crate::{
-    add_provider, sign_and_verify, start_agent, start_agent_asking, try_sign, wait_listed,
+    add_provider, add_provider_with, sign_and_verify, start_agent, start_agent_asking, try_sign,
+    wait_listed,
 };
 
 #[test]
@@ -226,5 +227,98 @@ fn a_reader_with_a_pin_pad_logs_in_there_and_says_so() -> anyhow::Result<()> {
     // Logged in: the next signature needs no pad.
     std::fs::remove_file(&pad)?;
     sign_and_verify(&agent, &listed[0], "again")?;
+    Ok(())
+}
+
+#[test]
+fn issue_12_token_keys_expire_with_ssh_add_t() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("erin", &[KeyKind::P256, KeyKind::Ed25519])?;
+    let agent = start_agent(&hsm, &[], "", "unused")?;
+    check(
+        add_provider_with(&agent, &["-t", "3"], Path::new(MODULE), PIN)?,
+        "ssh-add -t 3 -s",
+    )?;
+    let listed = wait_listed(&agent, 2, Duration::from_secs(5))?;
+    sign_and_verify(&agent, &listed[0], "before-expiry")?;
+    // Gone from the list once the lifetime runs out, and refused for signing.
+    wait_listed(&agent, 0, Duration::from_secs(10))?;
+    assert!(!try_sign(&agent, &listed[0], "after-expiry")?
+        .status
+        .success());
+    let log = agent.log_text();
+    assert!(log.contains("key lifetime expired"), "{log}");
+    // ssh-add -e and -s again: a fresh load without -t never expires.
+    check(agent.ssh_add(["-e", MODULE])?, "ssh-add -e")?;
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    let listed = wait_listed(&agent, 2, Duration::from_secs(5))?;
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(agent.listed()?.len(), 2);
+    sign_and_verify(&agent, &listed[1], "reloaded")?;
+    Ok(())
+}
+
+#[test]
+fn issue_12_the_agents_default_lifetime_applies_to_token_keys() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("frank", &[KeyKind::P256])?;
+    let agent = start_agent(&hsm, &["-t", "3"], "", "unused")?;
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    let listed = wait_listed(&agent, 1, Duration::from_secs(5))?;
+    sign_and_verify(&agent, &listed[0], "frank")?;
+    wait_listed(&agent, 0, Duration::from_secs(10))?;
+    Ok(())
+}
+
+#[test]
+fn issue_12_token_keys_honour_ssh_add_c() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("grace", &[KeyKind::P256])?;
+    // The agent's askpass answers PINs and confirmations: "no" refuses.
+    let dir = tempfile::tempdir()?;
+    let answer = dir.path().join("answer");
+    std::fs::write(&answer, "yes\n")?;
+    let program = dir.path().join("askpass");
+    token_agent_e2e::write_script(
+        &program,
+        &format!(
+            "if [ \"$SSH_ASKPASS_PROMPT\" = confirm ]; then cat '{}'; else echo '{PIN}'; fi",
+            answer.display()
+        ),
+    )?;
+    let agent = start_agent_asking(&hsm, &[], "", &program)?;
+    check(
+        add_provider_with(&agent, &["-c"], Path::new(MODULE), PIN)?,
+        "ssh-add -c -s",
+    )?;
+    let listed = wait_listed(&agent, 1, Duration::from_secs(5))?;
+    sign_and_verify(&agent, &listed[0], "confirmed")?;
+    std::fs::write(&answer, "no\n")?;
+    assert!(!try_sign(&agent, &listed[0], "declined")?.status.success());
+    assert!(
+        agent.log_text().contains("declined"),
+        "{}",
+        agent.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn issue_12_ssh_add_d_removes_one_token_key() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("heidi", &[KeyKind::P256, KeyKind::Ed25519])?;
+    let agent = start_agent(&hsm, &[], "", "unused")?;
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    let listed = wait_listed(&agent, 2, Duration::from_secs(5))?;
+    let public = agent.dir().join("removed.pub");
+    std::fs::write(&public, format!("{}\n", listed[0]))?;
+    check(
+        agent.ssh_add(["-d".as_ref(), public.as_os_str()])?,
+        "ssh-add -d",
+    )?;
+    let left = wait_listed(&agent, 1, Duration::from_secs(5))?;
+    assert_eq!(left[0], listed[1]);
+    assert!(!try_sign(&agent, &listed[0], "removed")?.status.success());
+    sign_and_verify(&agent, &listed[1], "kept")?;
     Ok(())
 }
