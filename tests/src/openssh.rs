@@ -10,6 +10,83 @@ use tempfile::TempDir;
 use crate::agent::{keygen, Agent};
 use crate::{free_port, wait_for};
 
+/// One OpenSSH installation whose tools a test runs: Debian's (9.2 on
+/// bookworm, in PATH and /usr/sbin) or OpenSSH 10.5 built by
+/// `shared/vendor/build-openssh.sh` into `target/openssh-10.5` (the folder
+/// `TOKEN_AGENT_OPENSSH10` names, when set). `./scripts/test` builds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenSsh {
+    /// The build's folder; `None` for the system's tools.
+    root: Option<PathBuf>,
+}
+
+impl OpenSsh {
+    /// The system's OpenSSH.
+    pub fn system() -> Self {
+        Self { root: None }
+    }
+
+    /// OpenSSH 10.5. Fails, saying how to build it, when it is not built:
+    /// tests that need it run, they never skip.
+    pub fn v10() -> anyhow::Result<Self> {
+        let root = match std::env::var_os("TOKEN_AGENT_OPENSSH10") {
+            Some(dir) => PathBuf::from(dir),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/openssh-10.5"),
+        };
+        if !root.join("bin/ssh-add").is_file() {
+            bail!(
+                "OpenSSH 10.5 is not built at {}: run ../shared/vendor/build-openssh.sh \
+                 target/openssh-10.5 from the workspace (./scripts/test does), or point \
+                 TOKEN_AGENT_OPENSSH10 at a build",
+                root.display()
+            );
+        }
+        Ok(Self { root: Some(root) })
+    }
+
+    /// Both: every end-to-end check that names a version runs against each.
+    pub fn both() -> anyhow::Result<[Self; 2]> {
+        Ok([Self::system(), Self::v10()?])
+    }
+
+    /// A client tool: `ssh`, `ssh-add`, `ssh-keygen`, `ssh-agent`, `ssh-keyscan`.
+    pub fn tool(&self, name: &str) -> PathBuf {
+        match &self.root {
+            Some(root) => root.join("bin").join(name),
+            None => PathBuf::from(name),
+        }
+    }
+
+    /// The sshd binary.
+    pub fn sshd(&self) -> PathBuf {
+        match &self.root {
+            Some(root) => root.join("bin/sshd"),
+            None => PathBuf::from("/usr/sbin/sshd"),
+        }
+    }
+
+    /// OpenSSH's own sk-dummy.so middleware (built with 10.5 only).
+    pub fn sk_dummy(&self) -> Option<PathBuf> {
+        self.root
+            .as_ref()
+            .map(|root| root.join("lib/sk-dummy.so"))
+            .filter(|path| path.is_file())
+    }
+
+    /// "9.2" or "10.5": for messages.
+    pub fn name(&self) -> String {
+        let output = Command::new(self.tool("ssh")).arg("-V").output();
+        let text = output
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .unwrap_or_default();
+        text.split_whitespace()
+            .next()
+            .unwrap_or("OpenSSH")
+            .trim_end_matches(',')
+            .to_owned()
+    }
+}
+
 /// An sshd with its own host key and configuration.
 #[derive(Debug)]
 pub struct Sshd {
@@ -23,6 +100,16 @@ impl Sshd {
     /// Starts sshd accepting keys in `authorized_keys` and, when given,
     /// certificates signed by `user_ca` (TrustedUserCAKeys).
     pub fn start(authorized_keys: &str, user_ca: Option<&Path>) -> anyhow::Result<Self> {
+        Self::start_with(&OpenSsh::system(), authorized_keys, user_ca, "")
+    }
+
+    /// [`Sshd::start`] with the sshd of `openssh` and `extra` lines of configuration.
+    pub fn start_with(
+        openssh: &OpenSsh,
+        authorized_keys: &str,
+        user_ca: Option<&Path>,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         // sshd insists on its privilege separation directory.
         std::fs::create_dir_all("/run/sshd").context("cannot create /run/sshd (run as root)")?;
         let dir = tempfile::Builder::new().prefix("sshd-test").tempdir()?;
@@ -50,8 +137,9 @@ impl Sshd {
             if let Some(ca) = user_ca {
                 text.push_str(&format!("TrustedUserCAKeys {}\n", ca.display()));
             }
+            text.push_str(extra);
             std::fs::write(&config, text)?;
-            let mut child = Command::new("/usr/sbin/sshd")
+            let mut child = Command::new(openssh.sshd())
                 .arg("-D")
                 .arg("-e")
                 .arg("-f")
@@ -60,7 +148,12 @@ impl Sshd {
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log)?)
                 .spawn()
-                .context("cannot start /usr/sbin/sshd (install openssh-server)")?;
+                .with_context(|| {
+                    format!(
+                        "cannot start {} (install openssh-server)",
+                        openssh.sshd().display()
+                    )
+                })?;
             let up = wait_for(Duration::from_secs(10), || {
                 std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
                     || matches!(child.try_wait(), Ok(Some(_)))
