@@ -35,6 +35,8 @@
 pub mod constraints;
 pub mod listener;
 pub mod lock;
+/// OpenSSH's post-quantum composite keys, ssh-mldsa44-ed25519@openssh.com: parse, sign, verify.
+pub mod mldsa;
 mod pattern;
 pub mod proto;
 pub mod provider;
