@@ -6,13 +6,13 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use signature::Verifier;
-use ssh_agent_lib::proto::extension::{DestinationConstraint, HostTuple};
 use ssh_encoding::{Decode, Reader};
 use ssh_key::certificate::{CertType, Certificate};
 use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, HashAlg, Signature};
 
 use crate::pattern;
+use crate::proto::message::{DestinationConstraint, Hop};
 use crate::proto::userauth;
 
 /// OpenSSH's AGENT_MAX_SESSION_IDS: how many bindings one connection may record.
@@ -306,39 +306,85 @@ fn permitted_by_constraints(
     })
 }
 
-/// OpenSSH's `match_key_hop`: the host key is one of the hop's keys, or a host
-/// certificate signed by one of its CA keys and valid for its host name.
-fn match_key_hop(key: &HostKey, hop: &HostTuple) -> bool {
-    hop.keys.iter().any(|spec| {
-        if !spec.is_ca {
-            return key.key_data() == &spec.keyblob;
+/// OpenSSH's `match_key_hop`: a plain host key is one of the hop's plain
+/// keys; a host certificate is signed by one of the hop's CA keys (a
+/// `@cert-authority` line of known_hosts) and valid for the hop's host name.
+fn match_key_hop(key: &HostKey, hop: &Hop) -> bool {
+    hop.keys.iter().any(|spec| match key {
+        HostKey::Plain(plain) => !spec.is_ca && plain == &spec.key,
+        HostKey::Certificate(cert) => {
+            spec.is_ca
+                && cert.signature_key() == &spec.key
+                && host_certificate_valid(cert, hop_name(hop)).is_ok()
         }
-        let HostKey::Certificate(cert) = key else {
-            return false;
-        };
-        if cert.signature_key() != &spec.keyblob || cert.cert_type() != CertType::Host {
-            return false;
-        }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let ca = spec.keyblob.fingerprint(HashAlg::Sha256);
-        if cert.validate_at(now, [&ca]).is_err() {
-            return false;
-        }
-        let principals = cert.valid_principals();
-        let hostname = if hop.hostname.is_empty() {
-            "(ORIGIN)"
-        } else {
-            hop.hostname.as_str()
-        };
-        principals.is_empty() || principals.iter().any(|p| p == hostname)
     })
 }
 
+/// The name a hop's host certificate must be valid for: the host name given
+/// to `ssh-add -h`, or "(ORIGIN)" for the first hop, as in OpenSSH.
+fn hop_name(hop: &Hop) -> &str {
+    if hop.hostname.is_empty() {
+        "(ORIGIN)"
+    } else {
+        &hop.hostname
+    }
+}
+
+/// OpenSSH's `sshkey_cert_check_host` for a session-bind host certificate:
+/// a host certificate, now within its validity, with a principal list one of
+/// whose patterns matches `hostname`, no critical options, signed with an
+/// algorithm OpenSSH allows for CAs (SSH_ALLOWED_CA_SIGALGS), and whose
+/// signature verifies.
+fn host_certificate_valid(cert: &Certificate, hostname: &str) -> Result<(), &'static str> {
+    if cert.cert_type() != CertType::Host {
+        return Err("not a host certificate");
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now < cert.valid_after() {
+        return Err("not yet valid");
+    }
+    if now >= cert.valid_before() {
+        return Err("expired");
+    }
+    if cert.valid_principals().is_empty() {
+        return Err("lacks a principal list");
+    }
+    if !cert
+        .valid_principals()
+        .iter()
+        .any(|principal| pattern::matches(hostname, principal))
+    {
+        return Err("the host name is not a listed principal");
+    }
+    if !cert.critical_options().is_empty() {
+        return Err("contains critical options");
+    }
+    if !CA_SIGNATURE_ALGORITHMS.contains(&cert.signature().algorithm().as_str()) {
+        return Err("signed with an algorithm not allowed for CAs");
+    }
+    let ca = cert.signature_key().fingerprint(HashAlg::Sha256);
+    cert.validate_at(now, [&ca])
+        .map_err(|_| "the CA signature does not verify")
+}
+
+/// OpenSSH's SSH_ALLOWED_CA_SIGALGS (myproposal.h): no SHA-1 "ssh-rsa".
+const CA_SIGNATURE_ALGORITHMS: &[&str] = &[
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+    "webauthn-sk-ecdsa-sha2-nistp256@openssh.com",
+    "rsa-sha2-512",
+    "rsa-sha2-256",
+];
+
 #[cfg(test)]
 mod tests {
-    use ssh_agent_lib::proto::extension::KeySpec;
+    use crate::proto::message::KeySpec;
     use ssh_encoding::Encode;
     use ssh_key::private::Ed25519Keypair;
 
@@ -362,16 +408,12 @@ mod tests {
 
     fn to_host(host: &Ed25519Keypair, name: &str, user: &str) -> DestinationConstraint {
         DestinationConstraint {
-            from: HostTuple {
-                username: String::new(),
-                hostname: String::new(),
-                keys: vec![],
-            },
-            to: HostTuple {
+            from: Hop::default(),
+            to: Hop {
                 username: user.into(),
                 hostname: name.into(),
                 keys: vec![KeySpec {
-                    keyblob: KeyData::Ed25519(host.public),
+                    key: KeyData::Ed25519(host.public),
                     is_ca: false,
                 }],
             },

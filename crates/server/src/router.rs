@@ -24,7 +24,7 @@ use token_agent_core::{
 
 use crate::constraints::{self, Constraints, SessionBindings};
 use crate::lock::Lock;
-use crate::proto::message::encode_blob;
+use crate::proto::message::{encode_blob, AssociatedCerts};
 use crate::provider::ProviderAllowlist;
 use crate::software::identity_blob;
 
@@ -61,6 +61,9 @@ pub struct Entry {
     pub blob: Vec<u8>,
     /// Constraints set when it was added.
     pub constraints: Option<Arc<Constraints>>,
+    /// A certificate the router presents with a backend's key (from the
+    /// configuration, or sent with `ssh-add -s`), not one the backend holds.
+    pub paired: bool,
 }
 
 /// Every identity of every backend, at one moment.
@@ -120,11 +123,14 @@ pub struct Router {
     lock: Lock,
     /// One provider loads at a time, so the gate below names only its keys.
     provider_loads: tokio::sync::Mutex<()>,
-    /// While a provider loads with constraints, the keys its backend publishes
-    /// are constrained from the moment they appear, before the load returns
-    /// the list of keys they are registered under: no request can use them
-    /// unconstrained in between.
-    provider_gate: Mutex<Option<(String, Arc<Constraints>)>>,
+    /// While a provider loads with constraints or certificates, the keys its
+    /// backend publishes are constrained (and `ssh-add -C` keys hidden) from
+    /// the moment they appear, before the load returns the list of keys they
+    /// are registered under: no request can use them otherwise in between.
+    provider_gate: Mutex<Option<Gate>>,
+    /// Certificates sent with `ssh-add -s` (associated-certs-v00@openssh.com),
+    /// by the encoded public key of the provider key each certifies.
+    associated: Mutex<HashMap<Vec<u8>, Arc<Associated>>>,
     this: Weak<Self>,
 }
 
@@ -158,6 +164,7 @@ impl Router {
             lock: Lock::default(),
             provider_loads: tokio::sync::Mutex::new(()),
             provider_gate: Mutex::new(None),
+            associated: Mutex::new(HashMap::new()),
         });
         for backend in &router.backends {
             let weak = router.this.clone();
@@ -337,6 +344,7 @@ impl Router {
             identity,
             blob,
             constraints,
+            paired: false,
         })
     }
 
@@ -350,19 +358,17 @@ impl Router {
             .find(blob)
             .cloned()
             .ok_or(Refusal::UnknownKey)?;
-        if entry.identity.certificate().is_some()
-            && self
-                .certificates
-                .iter()
-                .any(|c| Some(c.as_ref()) == entry.identity.certificate())
-        {
-            return Err(Refusal::Invalid(
-                "this certificate comes from the configuration; remove it there".into(),
-            ));
+        if entry.paired {
+            if !self.dissociate(&entry) {
+                return Err(Refusal::Invalid(
+                    "this certificate comes from the configuration; remove it there".into(),
+                ));
+            }
+        } else {
+            self.backend(entry.identity.key().backend())?
+                .remove_key(entry.identity.key())
+                .await?;
         }
-        self.backend(entry.identity.key().backend())?
-            .remove_key(entry.identity.key())
-            .await?;
         self.constraints_mut().remove(blob);
         self.rebuild();
         Ok(entry)
@@ -376,22 +382,20 @@ impl Router {
         for backend in &self.backends {
             backend.remove_all().await;
         }
-        let live: Vec<Vec<u8>> = self
-            .snapshot()
-            .entries()
-            .iter()
-            .map(|e| e.blob.clone())
-            .collect();
-        self.constraints_mut().retain(|blob, _| live.contains(blob));
-        self.rebuild();
+        self.forget_departed();
         Ok(())
     }
 
-    /// Loads a provider (`ssh-add -s`) with `constraints` on each of its keys.
+    /// Loads a provider (`ssh-add -s`) with `constraints` on each of its
+    /// keys, presenting `associated` certificates with the keys they certify
+    /// (and, with `certs_only`, only those: `ssh-add -C`), as OpenSSH's
+    /// `process_add_smartcard_key`. Succeeds when any key or certificate was
+    /// loaded.
     pub async fn add_provider(
         &self,
         request: ProviderRequest,
         constraints: Constraints,
+        associated: AssociatedCerts,
     ) -> Result<Vec<Entry>, Refusal> {
         if self.lock.is_locked() {
             return Err(Refusal::Locked);
@@ -414,14 +418,23 @@ impl Router {
                     ),
                 })
             })?;
+        let provider = canonical.clone();
         let request = ProviderRequest {
             provider: canonical,
             ..request
         };
         let _one_at_a_time = self.provider_loads.lock().await;
         let constraints = self.effective(constraints);
-        if let Some(c) = &constraints {
-            *self.gate() = Some((backend.name().to_owned(), c.clone()));
+        let certificates = Associated {
+            certificates: associated.certificates.into_iter().map(Arc::new).collect(),
+            certs_only: associated.certs_only,
+        };
+        if constraints.is_some() || !certificates.is_empty() {
+            *self.gate() = Some(Gate {
+                backend: backend.name().to_owned(),
+                constraints: constraints.clone(),
+                associated: Arc::new(certificates.clone()),
+            });
         }
         let loaded = backend.add_provider(request).await;
         let mut added = Vec::new();
@@ -430,27 +443,57 @@ impl Router {
                 let Ok(blob) = identity_blob(identity) else {
                     continue;
                 };
-                match &constraints {
-                    Some(c) => {
-                        self.constraints_mut().insert(blob.clone(), c.clone());
-                        self.schedule_expiry(blob.clone(), c);
-                    }
-                    // A fresh load without constraints: nothing of an earlier
-                    // load of the same keys applies any more.
-                    None => {
-                        self.constraints_mut().remove(&blob);
+                let mine = Arc::new(certificates.for_key(identity.public_key()));
+                let mut blobs = vec![blob.clone()];
+                blobs.extend(mine.blobs());
+                for blob in blobs {
+                    match &constraints {
+                        Some(c) => {
+                            self.constraints_mut().insert(blob.clone(), c.clone());
+                            self.schedule_expiry(blob, c);
+                        }
+                        // A fresh load without constraints: nothing of an
+                        // earlier load of the same keys applies any more.
+                        None => {
+                            self.constraints_mut().remove(&blob);
+                        }
                     }
                 }
-                added.push(Entry {
-                    identity: identity.clone(),
-                    blob,
-                    constraints: constraints.clone(),
-                });
+                for cert in &mine.certificates {
+                    added.push(Entry {
+                        identity: identity.clone().with_certificate(cert.clone()),
+                        blob: encode_blob(cert.as_ref()).unwrap_or_default(),
+                        constraints: constraints.clone(),
+                        paired: true,
+                    });
+                }
+                if !mine.certs_only {
+                    added.push(Entry {
+                        identity: identity.clone(),
+                        blob: blob.clone(),
+                        constraints: constraints.clone(),
+                        paired: false,
+                    });
+                }
+                if mine.is_empty() {
+                    self.associated_mut().remove(&blob);
+                } else {
+                    self.associated_mut().insert(blob, mine);
+                }
             }
         }
         *self.gate() = None;
         self.rebuild();
         loaded?;
+        if added.is_empty() && certificates.certs_only {
+            // As OpenSSH: nothing was loaded, so the request fails; and the
+            // provider's keys are not left behind, unlisted, in the backend.
+            let _ = backend.remove_provider(&provider).await;
+            self.forget_departed();
+            return Err(Refusal::Invalid(format!(
+                "none of the certificates sent with ssh-add -C certifies a key of {provider}"
+            )));
+        }
         Ok(added)
     }
 
@@ -477,6 +520,7 @@ impl Router {
             .canonical(provider)
             .unwrap_or_else(|| provider.to_owned());
         backend.remove_provider(&canonical).await?;
+        self.forget_departed();
         Ok(())
     }
 
@@ -558,6 +602,58 @@ impl Router {
         (!unconstrained).then(|| Arc::new(constraints))
     }
 
+    /// Forgets the constraints and certificates of keys no backend publishes
+    /// any more (after `ssh-add -e` or `-D`), and rebuilds. A token that is
+    /// merely unplugged keeps them: its provider is still loaded.
+    fn forget_departed(&self) {
+        let live: std::collections::HashSet<Vec<u8>> = self
+            .published_mut()
+            .values()
+            .flatten()
+            .filter_map(|identity| identity_blob(identity).ok())
+            .collect();
+        self.associated_mut().retain(|blob, _| live.contains(blob));
+        self.rebuild();
+        let listed: std::collections::HashSet<Vec<u8>> = self
+            .snapshot()
+            .entries()
+            .iter()
+            .map(|e| e.blob.clone())
+            .collect();
+        self.constraints_mut()
+            .retain(|blob, _| listed.contains(blob));
+        self.rebuild();
+    }
+
+    /// Stops presenting the associated certificate of `entry` (`ssh-add -d`
+    /// or its lifetime). False when it is not an associated certificate.
+    fn dissociate(&self, entry: &Entry) -> bool {
+        let Some(cert) = entry.identity.certificate() else {
+            return false;
+        };
+        let Ok(key_blob) = encode_blob(entry.identity.public_key()) else {
+            return false;
+        };
+        let mut associated = self.associated_mut();
+        let Some(current) = associated.get(&key_blob).cloned() else {
+            return false;
+        };
+        if !current.certificates.iter().any(|c| c.as_ref() == cert) {
+            return false;
+        }
+        let remaining = Associated {
+            certificates: current
+                .certificates
+                .iter()
+                .filter(|c| c.as_ref() != cert)
+                .cloned()
+                .collect(),
+            certs_only: current.certs_only,
+        };
+        associated.insert(key_blob, Arc::new(remaining));
+        true
+    }
+
     /// Removes the key `blob` names when its lifetime ends.
     fn schedule_expiry(&self, blob: Vec<u8>, constraints: &Arc<Constraints>) {
         let Some(at) = constraints.expires_at else {
@@ -579,9 +675,15 @@ impl Router {
                         comment = entry.identity.comment(),
                         "key lifetime expired; removing it"
                     );
-                    let removed = match router.backend(entry.identity.key().backend()) {
-                        Ok(backend) => backend.remove_key(entry.identity.key()).await,
-                        Err(_) => Ok(()),
+                    let removed = if entry.paired {
+                        // Only the router's pairing goes; the key stays.
+                        router.dissociate(&entry);
+                        Ok(())
+                    } else {
+                        match router.backend(entry.identity.key().backend()) {
+                            Ok(backend) => backend.remove_key(entry.identity.key()).await,
+                            Err(_) => Ok(()),
+                        }
                     };
                     if let Err(err) = removed {
                         // The expired constraint stays: the key remains
@@ -611,10 +713,12 @@ impl Router {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn gate(&self) -> MutexGuard<'_, Option<(String, Arc<Constraints>)>> {
-        self.provider_gate
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn gate(&self) -> MutexGuard<'_, Option<Gate>> {
+        token_agent_core::lock(&self.provider_gate)
+    }
+
+    fn associated_mut(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Arc<Associated>>> {
+        token_agent_core::lock(&self.associated)
     }
 
     fn constraints_mut(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Arc<Constraints>>> {
@@ -623,18 +727,23 @@ impl Router {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Builds and swaps in a new snapshot.
+    /// Builds and swaps in a new snapshot: for each backend's identity, in
+    /// order, the certificates sent with its provider (as OpenSSH lists them,
+    /// before the key), the key itself (unless `ssh-add -C` asked for
+    /// certificates only), then the configured certificates for it.
     fn rebuild(&self) {
         // Hold the published lock while swapping, so two rebuilds cannot swap
         // in an older list after a newer one.
         let published = self.published_mut();
         let constraints = self.constraints_mut().clone();
+        let associated = self.associated_mut().clone();
         let gate = self.gate().clone();
         let mut entries = Vec::new();
         for backend in &self.backends {
             let Some(identities) = published.get(backend.name()) else {
                 continue;
             };
+            let gate = gate.as_ref().filter(|g| g.backend == backend.name());
             for identity in identities {
                 let Ok(blob) = identity_blob(identity) else {
                     tracing::warn!(
@@ -643,40 +752,101 @@ impl Router {
                     );
                     continue;
                 };
-                let key_blob = encode_blob(identity.public_key()).unwrap_or_default();
-                let gated = gate
-                    .as_ref()
-                    .filter(|(name, _)| name == backend.name())
-                    .map(|(_, c)| c.clone());
-                let plain_constraints = constraints.get(&key_blob).cloned().or(gated.clone());
-                entries.push(Entry {
-                    identity: identity.clone(),
-                    constraints: constraints.get(&blob).cloned().or(gated),
-                    blob,
-                });
+                let gated = gate.and_then(|g| g.constraints.clone());
+                let own = constraints.get(&blob).cloned().or(gated.clone());
+                let mut push = |identity: Identity, blob: Vec<u8>, paired: bool| {
+                    if entries.iter().any(|e: &Entry| e.blob == blob) {
+                        return;
+                    }
+                    let constraints = constraints
+                        .get(&blob)
+                        .cloned()
+                        .or(gated.clone())
+                        .or(own.clone());
+                    entries.push(Entry {
+                        identity,
+                        blob,
+                        constraints,
+                        paired,
+                    });
+                };
                 if identity.certificate().is_some() {
+                    push(identity.clone(), blob, false);
                     continue;
+                }
+                let association: Option<Arc<Associated>> =
+                    associated.get(&blob).cloned().or_else(|| {
+                        gate.map(|g| Arc::new(g.associated.for_key(identity.public_key())))
+                    });
+                for cert in association.iter().flat_map(|a| a.certificates.iter()) {
+                    if let Ok(cert_blob) = encode_blob(cert.as_ref()) {
+                        push(
+                            identity.clone().with_certificate(cert.clone()),
+                            cert_blob,
+                            true,
+                        );
+                    }
+                }
+                if !association.is_some_and(|a| a.certs_only) {
+                    push(identity.clone(), blob, false);
                 }
                 for cert in &self.certificates {
                     if cert.public_key() != identity.public_key() {
                         continue;
                     }
-                    let Ok(cert_blob) = encode_blob(cert.as_ref()) else {
-                        continue;
-                    };
-                    if entries.iter().any(|e| e.blob == cert_blob) {
-                        continue;
+                    if let Ok(cert_blob) = encode_blob(cert.as_ref()) {
+                        push(
+                            identity.clone().with_certificate(cert.clone()),
+                            cert_blob,
+                            true,
+                        );
                     }
-                    entries.push(Entry {
-                        identity: identity.clone().with_certificate(cert.clone()),
-                        constraints: plain_constraints.clone(),
-                        blob: cert_blob,
-                    });
                 }
             }
         }
         self.snapshot.store(Arc::new(Snapshot { entries }));
         drop(published);
+    }
+}
+
+/// What a provider load in progress applies to the keys it publishes.
+#[derive(Debug, Clone)]
+struct Gate {
+    backend: String,
+    constraints: Option<Arc<Constraints>>,
+    associated: Arc<Associated>,
+}
+
+/// Certificates presented with a provider's keys, and whether only they are.
+#[derive(Debug, Clone, Default)]
+struct Associated {
+    certificates: Vec<Arc<Certificate>>,
+    certs_only: bool,
+}
+
+impl Associated {
+    fn is_empty(&self) -> bool {
+        self.certificates.is_empty() && !self.certs_only
+    }
+
+    /// The certificates that certify `key`, with the same `certs_only`.
+    fn for_key(&self, key: &KeyData) -> Self {
+        Self {
+            certificates: self
+                .certificates
+                .iter()
+                .filter(|c| c.public_key() == key)
+                .cloned()
+                .collect(),
+            certs_only: self.certs_only,
+        }
+    }
+
+    fn blobs(&self) -> Vec<Vec<u8>> {
+        self.certificates
+            .iter()
+            .filter_map(|c| encode_blob(c.as_ref()).ok())
+            .collect()
     }
 }
 
@@ -814,7 +984,10 @@ mod tests {
             confirm: true,
             ..Constraints::default()
         };
-        let added = router.add_provider(request, constraints).await.unwrap();
+        let added = router
+            .add_provider(request, constraints, AssociatedCerts::default())
+            .await
+            .unwrap();
         assert_eq!(added.len(), 1);
         let seen = provider.seen_during_load.lock().unwrap().clone();
         assert!(
@@ -1016,7 +1189,7 @@ mod tests {
             },
         };
         let refusal = router
-            .add_provider(request, Constraints::default())
+            .add_provider(request, Constraints::default(), AssociatedCerts::default())
             .await
             .unwrap_err();
         assert!(refusal.to_string().contains("forwarded"), "{refusal}");
@@ -1039,7 +1212,7 @@ mod tests {
             context: SignContext::default(),
         };
         let refusal = router
-            .add_provider(request, Constraints::default())
+            .add_provider(request, Constraints::default(), AssociatedCerts::default())
             .await
             .unwrap_err();
         assert!(refusal.to_string().contains("allowlist"), "{refusal}");
