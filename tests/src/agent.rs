@@ -72,12 +72,20 @@ impl Agent {
 
     /// Starts OpenSSH's ssh-agent in the foreground with `env` added to its environment.
     pub fn start_openssh(env: &[(String, String)]) -> anyhow::Result<Self> {
+        Self::start_openssh_with(&crate::openssh::OpenSsh::system(), env)
+    }
+
+    /// [`Agent::start_openssh`] with the ssh-agent of `openssh`.
+    pub fn start_openssh_with(
+        openssh: &crate::openssh::OpenSsh,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("openssh-agent-test")
             .tempdir()?;
         let socket = dir.path().join("agent.sock");
         let log = dir.path().join("agent.log");
-        let child = Command::new("ssh-agent")
+        let child = Command::new(openssh.tool("ssh-agent"))
             .arg("-D")
             .arg("-a")
             .arg(&socket)

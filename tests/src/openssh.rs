@@ -124,7 +124,9 @@ impl Sshd {
         for _ in 0..5 {
             let port = free_port()?;
             let config = dir.path().join("sshd_config");
-            let mut text = format!(
+            // sshd takes the first value of an option: `extra` goes first.
+            let mut text = extra.to_owned();
+            text += &format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {pid}\n\
                  AuthorizedKeysFile {authorized}\nStrictModes no\nUsePAM no\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
@@ -137,7 +139,6 @@ impl Sshd {
             if let Some(ca) = user_ca {
                 text.push_str(&format!("TrustedUserCAKeys {}\n", ca.display()));
             }
-            text.push_str(extra);
             std::fs::write(&config, text)?;
             let mut child = Command::new(openssh.sshd())
                 .arg("-D")
@@ -212,13 +213,26 @@ impl Sshd {
 
     /// Logs in as the current user through `agent` and runs `echo logged-in`.
     pub fn login(&self, agent: &Agent) -> anyhow::Result<Output> {
+        self.login_with(&OpenSsh::system(), agent, &[])
+    }
+
+    /// [`Sshd::login`] with the ssh of `openssh` and `options` (`-o` pairs,
+    /// which win over the defaults: ssh takes an option's first value).
+    pub fn login_with(
+        &self,
+        openssh: &OpenSsh,
+        agent: &Agent,
+        options: &[&str],
+    ) -> anyhow::Result<Output> {
         let known_hosts = self.known_hosts()?;
         let user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
             .context("no passwd entry for the current user")?
             .name;
         let output = agent
-            .command("ssh")
-            .args(["-F", "none", "-p"])
+            .command(openssh.tool("ssh"))
+            .args(["-F", "none"])
+            .args(options)
+            .arg("-p")
             .arg(self.port.to_string())
             .args([
                 "-o",

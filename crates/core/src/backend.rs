@@ -28,6 +28,7 @@ use secrecy::SecretString;
 use ssh_key::certificate::Certificate;
 use ssh_key::private::KeypairData;
 use ssh_key::Algorithm;
+use zeroize::Zeroizing;
 
 use crate::error::Error;
 use crate::identity::{Identity, KeyRef};
@@ -108,8 +109,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
 /// A private key a client adds.
 pub struct AddKey {
-    /// The key pair; its secret half is zeroized when dropped.
+    /// The key pair; its secret half is zeroized when dropped. For a key
+    /// type `ssh-key` does not know (`KeypairData::Other`), the private
+    /// half is empty here and travels in [`AddKey::opaque_secret`].
     pub keypair: KeypairData,
+    /// The private half of a key type `ssh-key` keeps as opaque bytes
+    /// (ssh-mldsa44-ed25519@openssh.com): `ssh-key` would not zeroize them.
+    pub opaque_secret: Option<Zeroizing<Vec<u8>>>,
     /// The comment to list it with.
     pub comment: String,
     /// A certificate to present for it, when the client sent one.

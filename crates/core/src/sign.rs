@@ -273,6 +273,15 @@ impl SshSignature {
         Self { blob }
     }
 
+    /// A signature whose body is one string: `string algorithm`, `string
+    /// signature` (Ed25519 and the composite ssh-mldsa44-ed25519@openssh.com).
+    pub fn plain(algorithm: &str, signature: &[u8]) -> Self {
+        let mut blob = Vec::with_capacity(8 + algorithm.len() + signature.len());
+        push_string(&mut blob, algorithm.as_bytes());
+        push_string(&mut blob, signature);
+        Self { blob }
+    }
+
     /// The encoded blob.
     pub fn as_bytes(&self) -> &[u8] {
         &self.blob

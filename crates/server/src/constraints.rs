@@ -9,9 +9,10 @@ use signature::Verifier;
 use ssh_encoding::{Decode, Reader};
 use ssh_key::certificate::{CertType, Certificate};
 use ssh_key::public::KeyData;
-use ssh_key::{Algorithm, HashAlg, Signature};
+use ssh_key::{HashAlg, Signature};
 
 use crate::pattern;
+use crate::proto::key::KeyOrCertificate;
 use crate::proto::message::{DestinationConstraint, Hop};
 use crate::proto::userauth;
 
@@ -44,43 +45,11 @@ impl Constraints {
     }
 }
 
-/// A host key presented in a session bind: a plain key or a host certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostKey {
-    /// A plain host key.
-    Plain(KeyData),
-    /// A host certificate.
-    Certificate(Box<Certificate>),
-}
-
-impl HostKey {
-    /// The key that signs (a certificate's subject key).
-    pub fn key_data(&self) -> &KeyData {
-        match self {
-            Self::Plain(key) => key,
-            Self::Certificate(cert) => cert.public_key(),
-        }
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut probe = bytes;
-        let algorithm = String::decode(&mut probe).map_err(|e| e.to_string())?;
-        if Algorithm::new_certificate(&algorithm).is_ok() {
-            let cert = crate::proto::message::decode_exact::<Certificate>(bytes)?;
-            Ok(Self::Certificate(Box::new(cert)))
-        } else {
-            Ok(Self::Plain(crate::proto::message::decode_exact::<KeyData>(
-                bytes,
-            )?))
-        }
-    }
-}
-
 /// One session-bind@openssh.com record.
 #[derive(Debug, Clone)]
 pub struct Binding {
     /// The server's host key, verified by the client.
-    pub host_key: HostKey,
+    pub host_key: KeyOrCertificate,
     /// The SSH session identifier.
     pub session_id: Vec<u8>,
     /// Whether the agent is forwarded over this session (rather than used to log in).
@@ -118,7 +87,7 @@ impl SessionBindings {
                 Ok::<_, ssh_encoding::Error>(bytes)
             })
             .map_err(|e| format!("host key: {e}"))?;
-        let host_key = HostKey::decode(&host_key)?;
+        let host_key = KeyOrCertificate::decode(&host_key)?;
         let session_id = Vec::<u8>::decode(&mut reader).map_err(|e| e.to_string())?;
         let signature = reader
             .read_prefixed(Signature::decode)
@@ -214,7 +183,7 @@ pub fn may_sign(
         return Err("no host key recorded in the request on a forwarded connection".into());
     }
     if let Some(host_key) = &request.host_key {
-        if host_key != last.host_key.key_data() {
+        if host_key != &last.host_key {
             return Err("the host key in the request is not the most recently bound one".into());
         }
     }
@@ -241,7 +210,7 @@ fn identity_permitted(
         // Local use: the key is usable from this host.
         return Ok(None);
     }
-    let mut from: Option<&HostKey> = None;
+    let mut from: Option<&KeyOrCertificate> = None;
     let mut last_hostname = None;
     let count = bindings.bindings.len();
     for (index, hop) in bindings.bindings.iter().enumerate() {
@@ -272,8 +241,8 @@ fn identity_permitted(
 /// OpenSSH's `permitted_by_dest_constraints`: `Some(hostname)` when a constraint matches.
 fn permitted_by_constraints(
     destinations: &[DestinationConstraint],
-    from: Option<&HostKey>,
-    to: Option<&HostKey>,
+    from: Option<&KeyOrCertificate>,
+    to: Option<&KeyOrCertificate>,
     user: Option<&str>,
 ) -> Option<Option<String>> {
     destinations.iter().find_map(|constraint| {
@@ -309,10 +278,10 @@ fn permitted_by_constraints(
 /// OpenSSH's `match_key_hop`: a plain host key is one of the hop's plain
 /// keys; a host certificate is signed by one of the hop's CA keys (a
 /// `@cert-authority` line of known_hosts) and valid for the hop's host name.
-fn match_key_hop(key: &HostKey, hop: &Hop) -> bool {
+fn match_key_hop(key: &KeyOrCertificate, hop: &Hop) -> bool {
     hop.keys.iter().any(|spec| match key {
-        HostKey::Plain(plain) => !spec.is_ca && plain == &spec.key,
-        HostKey::Certificate(cert) => {
+        KeyOrCertificate::Plain(plain) => !spec.is_ca && plain == &spec.key,
+        KeyOrCertificate::Certificate(cert) => {
             spec.is_ca
                 && cert.signature_key() == &spec.key
                 && host_certificate_valid(cert, hop_name(hop)).is_ok()

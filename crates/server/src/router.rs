@@ -1038,6 +1038,7 @@ mod tests {
         let keypair = ssh_key::private::SkEd25519::new(public, 1, vec![1, 2, 3]).unwrap();
         AddKey {
             keypair: ssh_key::private::KeypairData::SkEd25519(keypair),
+            opaque_secret: None,
             comment: "sk".into(),
             certificate: None,
             sk_provider: provider,
@@ -1161,6 +1162,7 @@ mod tests {
         );
         let key = AddKey {
             keypair: ssh_key::private::KeypairData::Ed25519(Ed25519Keypair::from_seed(&[3; 32])),
+            opaque_secret: None,
             comment: "plain".into(),
             certificate: None,
             sk_provider: Some("/bin/sh".into()),

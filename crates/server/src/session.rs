@@ -8,10 +8,7 @@
 use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
-use ssh_encoding::Decode;
-use ssh_key::certificate::Certificate;
 use ssh_key::public::KeyData;
-use ssh_key::Algorithm;
 use token_agent_core::{AddKey, Peer, ProviderRequest, SignContext, SignFlags, SignRequest};
 use tokio::net::UnixStream;
 use tracing::Instrument;
@@ -19,12 +16,15 @@ use zeroize::Zeroizing;
 
 use crate::constraints::{Constraints, SessionBindings};
 use crate::proto::frame::{read_frame, write_frame, FrameError};
-use crate::proto::key::PrivateKey;
-use crate::proto::message::{self, decode_exact, decode_request, ListedIdentity, Reply, Request};
+use crate::proto::key::{KeyOrCertificate, PrivateKey};
+use crate::proto::message::{self, decode_request, ListedIdentity, Reply, Request};
 use crate::router::{Refusal, Router};
 
+/// session-bind@openssh.com (PROTOCOL.agent section 1).
+const SESSION_BIND: &str = "session-bind@openssh.com";
+
 /// The extensions this agent implements, answered to "query".
-const EXTENSIONS: &[&str] = &["query", "session-bind@openssh.com"];
+const EXTENSIONS: &[&str] = &["query", SESSION_BIND];
 
 /// Serves one connection until the client closes it or breaks the framing.
 pub(crate) async fn serve(router: Arc<Router>, mut stream: UnixStream, peer: Peer) {
@@ -91,6 +91,11 @@ impl Session {
                 Request::Lock(_) => {
                     tracing::info!("refusing to lock an already locked agent");
                     return Reply::Failure.encode();
+                }
+                // As OpenSSH: session binds go on while locked, so new
+                // connections through ssh can bind before the unlock.
+                Request::Extension { name, contents } if name == SESSION_BIND => {
+                    return self.extension(&name, &contents);
                 }
                 _ => {
                     tracing::info!("refusing a request while the agent is locked");
@@ -227,10 +232,12 @@ impl Session {
         };
         let PrivateKey {
             keypair,
+            opaque_secret,
             certificate,
         } = *key;
         let key = AddKey {
             keypair,
+            opaque_secret,
             comment,
             certificate: certificate.map(Arc::new),
             sk_provider,
@@ -339,7 +346,7 @@ impl Session {
 
     fn extension(&mut self, name: &str, contents: &[u8]) -> Vec<u8> {
         match name {
-            "session-bind@openssh.com" => match self.bindings.bind(contents) {
+            SESSION_BIND => match self.bindings.bind(contents) {
                 Ok(binding) => {
                     tracing::debug!(
                         host_key = %binding.host_key.key_data().fingerprint(ssh_key::HashAlg::Sha256),
@@ -350,7 +357,7 @@ impl Session {
                 }
                 Err(err) => {
                     tracing::warn!(%err, client = %self.peer, "session bind refused");
-                    Reply::Failure.encode()
+                    Reply::ExtensionFailure.encode()
                 }
             },
             // OpenSSH's query: no contents, answered with the names of
@@ -366,12 +373,14 @@ impl Session {
                 }
                 .encode()
             }
+            // A known extension that fails says so with
+            // SSH_AGENT_EXTENSION_FAILURE; a name this agent does not know
+            // gets SSH_AGENT_FAILURE, exactly as OpenSSH 10.5's
+            // process_extension answers (RFC 9987 section 3.8).
+            "query" => Reply::ExtensionFailure.encode(),
             other => {
-                // PROTOCOL.agent: an extension the agent does not support
-                // gets SSH_AGENT_EXTENSION_FAILURE (OpenSSH 10.x; 9.x sent
-                // SSH_AGENT_FAILURE, which clients treat the same).
                 tracing::debug!(extension = other, "unsupported extension");
-                Reply::ExtensionFailure.encode()
+                Reply::Failure.encode()
             }
         }
     }
@@ -401,12 +410,7 @@ fn log_refusal(operation: &str, key: &str, peer: &Peer, refusal: &Refusal) {
 
 /// The key a client names by `blob`: a public key, or a certificate's key.
 fn named_key(blob: &[u8]) -> Result<KeyData, String> {
-    let algorithm = String::decode(&mut &*blob).map_err(|e| e.to_string())?;
-    if Algorithm::new_certificate(&algorithm).is_ok() {
-        Ok(decode_exact::<Certificate>(blob)?.public_key().clone())
-    } else {
-        decode_exact::<KeyData>(blob)
-    }
+    KeyOrCertificate::decode(blob).map(|key| key.key_data().clone())
 }
 
 /// The lifetime, confirm and destination constraints of an add request.

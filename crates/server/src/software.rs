@@ -13,7 +13,6 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use crate::proto::message::encode_blob;
 use async_trait::async_trait;
 use openssl::bn::{BigNum, BigNumContext};
 use openssl::ec::{EcGroup, EcKey, EcPoint};
@@ -32,6 +31,10 @@ use token_agent_core::{
     AddKey, Backend, Error, Identity, IdentitySink, KeyRef, Prompter, RsaHash, SignContext,
     SignRequest, SshSignature,
 };
+use zeroize::Zeroizing;
+
+use crate::mldsa;
+use crate::proto::message::encode_blob;
 
 /// The name software keys are routed by.
 pub const NAME: &str = "software";
@@ -56,6 +59,8 @@ enum KeySigner {
         curve: EcdsaCurve,
     },
     Ed25519(KeypairData),
+    /// ssh-mldsa44-ed25519@openssh.com, with both halves expanded once.
+    MlDsa44Ed25519(Box<mldsa::Keypair>),
 }
 
 impl SoftwareKeys {
@@ -117,10 +122,11 @@ impl Backend for SoftwareKeys {
     }
 
     fn accepts_key(&self, algorithm: &Algorithm) -> bool {
-        matches!(
-            algorithm,
-            Algorithm::Ed25519 | Algorithm::Ecdsa { .. } | Algorithm::Rsa { .. }
-        )
+        match algorithm {
+            Algorithm::Ed25519 | Algorithm::Ecdsa { .. } | Algorithm::Rsa { .. } => true,
+            Algorithm::Other(name) => name.as_str() == mldsa::ALGORITHM,
+            _ => false,
+        }
     }
 
     async fn add_key(&self, key: AddKey) -> Result<Identity, Error> {
@@ -146,7 +152,7 @@ impl Backend for SoftwareKeys {
         if let Some(cert) = key.certificate {
             identity = identity.with_certificate(cert);
         }
-        let signer = Arc::new(KeySigner::new(key.keypair)?);
+        let signer = Arc::new(KeySigner::new(key.keypair, key.opaque_secret)?);
         let mut entries = self.entries();
         // Adding a key again replaces it, comment and all, as in OpenSSH.
         entries.retain(|e| e.identity.key() != identity.key());
@@ -177,7 +183,7 @@ impl Backend for SoftwareKeys {
 }
 
 impl KeySigner {
-    fn new(keypair: KeypairData) -> Result<Self, Error> {
+    fn new(keypair: KeypairData, opaque_secret: Option<Zeroizing<Vec<u8>>>) -> Result<Self, Error> {
         let invalid = |e: openssl::error::ErrorStack| Error::InvalidKey {
             reason: format!("the key is inconsistent: {e}"),
         };
@@ -188,6 +194,18 @@ impl KeySigner {
                 curve: ecdsa.curve(),
             }),
             KeypairData::Ed25519(_) => Ok(Self::Ed25519(keypair)),
+            KeypairData::Other(opaque)
+                if opaque.public.algorithm().as_str() == mldsa::ALGORITHM =>
+            {
+                let secret = opaque_secret.ok_or_else(|| Error::InvalidKey {
+                    reason: "the ML-DSA key came without its private half".into(),
+                })?;
+                let keypair = mldsa::Keypair::from_openssh(opaque.public.as_ref(), &secret)
+                    .map_err(|e| Error::InvalidKey {
+                        reason: e.to_string(),
+                    })?;
+                Ok(Self::MlDsa44Ed25519(Box::new(keypair)))
+            }
             other => Err(Error::InvalidKey {
                 reason: format!(
                     "{} keys cannot be held in software",
@@ -236,6 +254,10 @@ impl KeySigner {
             Self::Ed25519(keypair) => {
                 let signature: Signature = keypair.try_sign(data).map_err(|e| failed(&e))?;
                 SshSignature::try_from(&signature).map_err(|e| failed(&e))
+            }
+            Self::MlDsa44Ed25519(keypair) => {
+                let raw = keypair.sign_raw(data).map_err(|e| failed(&e))?;
+                Ok(SshSignature::plain(mldsa::ALGORITHM, &raw))
             }
         }
     }
@@ -365,6 +387,7 @@ mod tests {
     async fn add(keys: &SoftwareKeys, keypair: KeypairData) -> Identity {
         keys.add_key(AddKey {
             keypair,
+            opaque_secret: None,
             comment: "test".into(),
             certificate: None,
             sk_provider: None,
@@ -443,6 +466,7 @@ mod tests {
         let result = SoftwareKeys::new()
             .add_key(AddKey {
                 keypair: KeypairData::Rsa(rsa),
+                opaque_secret: None,
                 comment: "broken".into(),
                 certificate: None,
                 sk_provider: None,

@@ -11,3 +11,5 @@ mod robustness;
 mod signing;
 // Talking to the person: confirm (-c) through SSH_ASKPASS and pinentry, lock and unlock.
 mod prompts;
+// OpenSSH 10.x parity, side by side with 10.5's ssh-agent: ML-DSA keys, host certificates, extensions.
+mod openssh10;

@@ -48,6 +48,7 @@ async fn backend_with(
             backend
                 .add_key(AddKey {
                     keypair: key.to_keypair()?,
+                    opaque_secret: None,
                     comment: (*comment).to_owned(),
                     certificate: None,
                     sk_provider: None,

@@ -33,10 +33,45 @@ use zeroize::Zeroizing;
 
 use crate::mldsa;
 
+/// A public key blob: a plain key, or a certificate (a user's, or a host's
+/// in a session bind or a hostbound user authentication request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyOrCertificate {
+    /// A plain key.
+    Plain(KeyData),
+    /// A certificate.
+    Certificate(Box<Certificate>),
+}
+
+impl KeyOrCertificate {
+    /// The key that signs (a certificate's subject key).
+    pub fn key_data(&self) -> &KeyData {
+        match self {
+            Self::Plain(key) => key,
+            Self::Certificate(cert) => cert.public_key(),
+        }
+    }
+
+    /// Decodes `blob`, which it must fill exactly.
+    pub fn decode(blob: &[u8]) -> Result<Self, String> {
+        let algorithm = String::decode(&mut &*blob).map_err(|e| e.to_string())?;
+        if Algorithm::new_certificate(&algorithm).is_ok() {
+            let cert = super::message::decode_exact::<Certificate>(blob)?;
+            Ok(Self::Certificate(Box::new(cert)))
+        } else {
+            Ok(Self::Plain(super::message::decode_exact::<KeyData>(blob)?))
+        }
+    }
+}
+
 /// A private key, and the certificate it was sent with.
 pub struct PrivateKey {
-    /// The key pair; ssh-key zeroizes its secret half on drop.
+    /// The key pair; ssh-key zeroizes its secret half on drop. A key type
+    /// ssh-key does not know has an empty private half here.
     pub keypair: KeypairData,
+    /// The private half of such a key (ssh-mldsa44-ed25519@openssh.com),
+    /// which ssh-key's opaque type would not zeroize.
+    pub opaque_secret: Option<Zeroizing<Vec<u8>>>,
     /// The certificate, for the `-cert-v01@openssh.com` types.
     pub certificate: Option<Certificate>,
 }
@@ -70,16 +105,22 @@ pub fn decode(reader: &mut &[u8]) -> Result<PrivateKey, String> {
             let private = Zeroizing::new(Vec::<u8>::decode(reader).map_err(field("sk"))?);
             // Checks the sizes and that the public key derives from the seeds.
             mldsa::Keypair::from_openssh(&public, &private).map_err(|e| e.to_string())?;
-            KeypairData::Other(OpaqueKeypair::new(
-                private.to_vec(),
+            let keypair = KeypairData::Other(OpaqueKeypair::new(
+                Vec::new(),
                 ssh_key::public::OpaquePublicKey::new(public.to_vec(), algorithm),
-            ))
+            ));
+            return Ok(PrivateKey {
+                keypair,
+                opaque_secret: Some(private),
+                certificate: None,
+            });
         }
         Algorithm::Other(_) => return Err(format!("unknown key type {name}")),
         algorithm => KeypairData::decode_as(reader, algorithm).map_err(|e| e.to_string())?,
     };
     Ok(PrivateKey {
         keypair,
+        opaque_secret: None,
         certificate: None,
     })
 }
@@ -137,6 +178,7 @@ fn decode_certified(reader: &mut &[u8], name: &str, plain: &str) -> Result<Priva
     };
     Ok(PrivateKey {
         keypair,
+        opaque_secret: None,
         certificate: Some(certificate),
     })
 }

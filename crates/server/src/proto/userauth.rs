@@ -5,6 +5,8 @@
 use ssh_encoding::{Decode, Reader};
 use ssh_key::public::KeyData;
 
+use super::key::KeyOrCertificate;
+
 /// SSH_MSG_USERAUTH_REQUEST.
 const USERAUTH_REQUEST: u8 = 50;
 
@@ -15,8 +17,8 @@ pub struct UserauthRequest {
     pub session_id: Vec<u8>,
     /// The user being logged in as.
     pub user: String,
-    /// The server host key, for the hostbound method.
-    pub host_key: Option<KeyData>,
+    /// The server host key or host certificate, for the hostbound method.
+    pub host_key: Option<KeyOrCertificate>,
 }
 
 /// Parses `data` as a public-key user authentication request made with `key`.
@@ -40,14 +42,13 @@ pub fn parse(data: &[u8], key: &KeyData) -> Option<UserauthRequest> {
         return None;
     }
     let _algorithm = String::decode(&mut reader).ok()?;
-    let signed_key = reader.read_prefixed(KeyData::decode).ok()?;
-    // A certificate's key blob decodes as the certificate, not the key: compare
-    // what was signed for with the plain key or the certificate's key.
-    if &signed_key != key {
+    // The key or user certificate signed for; compared by its key.
+    let signed_key = KeyOrCertificate::decode(&Vec::<u8>::decode(&mut reader).ok()?).ok()?;
+    if signed_key.key_data() != key {
         return None;
     }
     let host_key = if hostbound {
-        Some(reader.read_prefixed(KeyData::decode).ok()?)
+        Some(KeyOrCertificate::decode(&Vec::<u8>::decode(&mut reader).ok()?).ok()?)
     } else {
         None
     };
@@ -99,7 +100,7 @@ mod tests {
         let parsed = parse(&data, &user_key).unwrap();
         assert_eq!(parsed.user, "alice");
         assert_eq!(parsed.session_id, b"session-id");
-        assert_eq!(parsed.host_key, Some(host_key));
+        assert_eq!(parsed.host_key, Some(KeyOrCertificate::Plain(host_key)));
     }
 
     #[test]
