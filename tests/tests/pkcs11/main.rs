@@ -11,6 +11,8 @@ mod policy;
 mod hotplug;
 // Modules that crash or hang in C_Sign: the agent survives and says so.
 mod isolation;
+// Certificates for token keys (ssh-add -s MODULE cert.pub, -C), beside OpenSSH 10.5's agent.
+mod certificates;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
