@@ -72,12 +72,13 @@ impl Agent {
 
     /// Starts OpenSSH's ssh-agent in the foreground with `env` added to its environment.
     pub fn start_openssh(env: &[(String, String)]) -> anyhow::Result<Self> {
-        Self::start_openssh_with(&crate::openssh::OpenSsh::system(), env)
+        Self::start_openssh_with(&crate::openssh::OpenSsh::system(), &[], env)
     }
 
-    /// [`Agent::start_openssh`] with the ssh-agent of `openssh`.
+    /// [`Agent::start_openssh`] with the ssh-agent of `openssh` and `args`.
     pub fn start_openssh_with(
         openssh: &crate::openssh::OpenSsh,
+        args: &[&str],
         env: &[(String, String)],
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
@@ -87,6 +88,7 @@ impl Agent {
         let log = dir.path().join("agent.log");
         let child = Command::new(openssh.tool("ssh-agent"))
             .arg("-D")
+            .args(args)
             .arg("-a")
             .arg(&socket)
             .env_remove("SSH_ASKPASS")

@@ -10,11 +10,22 @@ use token_agent_e2e::{check, sign_file, stderr, stdout};
 
 /// token-agent and OpenSSH 10.5's ssh-agent, each on its own socket.
 fn both_agents(v10: &OpenSsh) -> anyhow::Result<[(&'static str, Agent); 2]> {
+    both_agents_with(v10, &[])
+}
+
+/// [`both_agents`], both started with the ssh-agent flags `args`.
+fn both_agents_with(v10: &OpenSsh, args: &[&str]) -> anyhow::Result<[(&'static str, Agent); 2]> {
     Ok([
-        ("token-agent", Agent::start(AgentOptions::default())?),
+        (
+            "token-agent",
+            Agent::start(AgentOptions {
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
+                ..AgentOptions::default()
+            })?,
+        ),
         (
             "OpenSSH 10.5 ssh-agent",
-            Agent::start_openssh_with(v10, &[])?,
+            Agent::start_openssh_with(v10, args, &[])?,
         ),
     ])
 }
@@ -361,6 +372,64 @@ fn issue_13_unknown_constraints_refuse_the_add() -> anyhow::Result<()> {
             "{name}"
         );
         assert!(agent.listed()?.is_empty(), "{name}: the key was added");
+    }
+    Ok(())
+}
+
+#[test]
+fn issue_13_sk_keys_through_openssh_sk_dummy_middleware() -> anyhow::Result<()> {
+    let v10 = OpenSsh::v10()?;
+    let dummy = v10
+        .sk_dummy()
+        .ok_or_else(|| anyhow::anyhow!("the OpenSSH 10.5 build has no sk-dummy.so"))?;
+    let dummy = dummy.canonicalize()?;
+    let allow = format!("{}/*", dummy.parent().unwrap_or(Path::new("/")).display());
+    for (name, agent) in both_agents_with(&v10, &["-P", &allow])? {
+        let key = agent.dir().join("id_ed25519_sk");
+        check(
+            std::process::Command::new(v10.tool("ssh-keygen"))
+                .args(["-q", "-N", "", "-t", "ed25519-sk", "-C", "dummy-sk", "-w"])
+                .arg(&dummy)
+                .arg("-f")
+                .arg(&key)
+                .output()?,
+            "ssh-keygen -t ed25519-sk -w sk-dummy.so",
+        )?;
+        check(
+            agent
+                .command(v10.tool("ssh-add"))
+                .arg("-S")
+                .arg(&dummy)
+                .arg(&key)
+                .output()?,
+            &format!("{name}: ssh-add -S sk-dummy.so"),
+        )?;
+        let public = key.with_extension("pub");
+        let message = agent.dir().join("message.txt");
+        std::fs::write(&message, "signed through sk-dummy\n")?;
+        check(
+            sign_file(agent.command(v10.tool("ssh-keygen")), &public, &message).output()?,
+            &format!("{name}: ssh-keygen -Y sign through the middleware"),
+        )?;
+        check(
+            std::process::Command::new(v10.tool("ssh-keygen"))
+                .args(["-Y", "check-novalidate", "-n", "file", "-f"])
+                .arg(&public)
+                .arg("-s")
+                .arg(message.with_extension("txt.sig"))
+                .stdin(std::fs::File::open(&message)?)
+                .output()?,
+            &format!("{name}: the sk signature verifies"),
+        )?;
+        // sk-dummy has no resident keys: ssh-add -K -S says so, for both.
+        let resident = agent
+            .command(v10.tool("ssh-add"))
+            .arg("-K")
+            .arg("-S")
+            .arg(&dummy)
+            .output()?;
+        assert!(!resident.status.success(), "{name}");
+        assert_eq!(agent.listed()?.len(), 1, "{name}");
     }
     Ok(())
 }

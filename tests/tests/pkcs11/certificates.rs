@@ -46,7 +46,7 @@ fn issue_13_certificates_for_token_keys_as_openssh_10() -> anyhow::Result<()> {
         env: hsm.env(),
         ..AgentOptions::default()
     })?;
-    let reference = Agent::start_openssh_with(&v10, &hsm.env())?;
+    let reference = Agent::start_openssh_with(&v10, &[], &hsm.env())?;
 
     // A user certificate for the token's P-256 key, signed by a CA sshd trusts.
     ssh_add(&v10, &ours, &["-s", MODULE])?;
