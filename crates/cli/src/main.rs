@@ -18,6 +18,7 @@ mod logging;
 mod piv;
 mod serve;
 mod shell;
+mod status;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         Some("--sk-helper") => token_agent_fido::middleware::run_helper(),
         Some("piv") => return piv::main(std::env::args_os().skip(1)),
         Some("fido") => return fido::main(std::env::args_os().skip(1)),
+        Some("status") => return status::main(std::env::args_os().skip(1)),
         _ => {}
     }
     let args = Args::parse();

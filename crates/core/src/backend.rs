@@ -33,6 +33,7 @@ use zeroize::Zeroizing;
 use crate::error::Error;
 use crate::identity::{Identity, KeyRef};
 use crate::prompt::Prompter;
+use crate::refusal::DeviceStatus;
 use crate::sign::{SignContext, SignRequest, SshSignature};
 
 /// One family of keys: software keys, PKCS#11 tokens, PIV cards, FIDO2 authenticators.
@@ -105,6 +106,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Forgets every cached PIN and secret that can be asked again (the agent
     /// was locked, or the person asked to let go of the tokens).
     fn forget_secrets(&self) {}
+
+    /// The devices this backend sees and their state, for `token-agent
+    /// status`: tokens with their PIN state, the services they need. Read from
+    /// what the backend already knows: it must not touch a device.
+    fn devices(&self) -> Vec<DeviceStatus> {
+        Vec::new()
+    }
 }
 
 /// A private key a client adds.

@@ -43,6 +43,7 @@ mod backend;
 mod error;
 mod identity;
 mod prompt;
+mod refusal;
 mod sign;
 mod sync;
 
@@ -52,6 +53,7 @@ pub use identity::{fingerprint, DeviceInfo, FingerprintHash, Identity, KeyRef};
 pub use prompt::{
     ConfirmRequest, Notice, NoticeGuard, NoticeKind, PinKind, PinRequest, PromptSubject, Prompter,
 };
+pub use refusal::{DeviceStatus, RefusalKind};
 pub use sign::{Destination, Peer, RsaHash, SignContext, SignFlags, SignRequest, SshSignature};
 pub use sync::lock;
 

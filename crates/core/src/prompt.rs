@@ -34,6 +34,14 @@ pub trait Prompter: Send + Sync + fmt::Debug {
     /// show nothing; it is withdrawn when the returned guard is dropped, which
     /// the backend does when the device answers.
     fn notify(&self, notice: &Notice) -> NoticeGuard;
+
+    /// Tells the person the agent just refused a request they caused or can
+    /// fix (`text` says what happened and what to do), through the same
+    /// channel as [`Prompter::notify`]. It stays up on its own; nothing
+    /// withdraws it. The default says nothing.
+    fn refused(&self, text: &str, subject: &PromptSubject) {
+        let _ = (text, subject);
+    }
 }
 
 /// Who and what a prompt is about. Every field is optional: a prompter says what it knows.

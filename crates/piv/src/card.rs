@@ -39,6 +39,18 @@ pub(crate) struct Card {
     /// Held by a sign request from its first job to its last, so that the PIN
     /// asked in between is used for that request and two requests do not both ask.
     pub(crate) session: tokio::sync::Mutex<()>,
+    /// What the worker last learned of the PIN and PUK, for `token-agent status`.
+    pub(crate) status: Arc<std::sync::Mutex<CardStatus>>,
+}
+
+/// The PIN and PUK state as last read from the card (at open, and whenever
+/// the worker reads or spends a PIN try): reading it for `status` would
+/// otherwise mean talking to the card.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CardStatus {
+    pub(crate) pin_tries: Option<u8>,
+    pub(crate) puk_tries: Option<u8>,
+    pub(crate) pin_cached: bool,
 }
 
 impl Card {
@@ -121,6 +133,11 @@ pub(crate) fn open(reader: &str, pin_idle: Duration) -> Result<Card, String> {
     let serial = yubikey.serial().0;
     let device = device_info(&yubikey);
     let keys = scan(&mut yubikey);
+    let status = Arc::new(std::sync::Mutex::new(CardStatus {
+        pin_tries: pin_tries(&mut yubikey).ok(),
+        puk_tries: puk_tries(&mut yubikey),
+        pin_cached: false,
+    }));
     let (jobs, queue) = mpsc::channel();
     let worker = Worker {
         reader: reader.to_owned(),
@@ -129,6 +146,7 @@ pub(crate) fn open(reader: &str, pin_idle: Duration) -> Result<Card, String> {
         yubikey: Some(yubikey),
         cache: PinCache::new(pin_idle),
         verified: false,
+        status: status.clone(),
     };
     thread::Builder::new()
         .name(format!("piv {serial}"))
@@ -140,6 +158,7 @@ pub(crate) fn open(reader: &str, pin_idle: Duration) -> Result<Card, String> {
         keys,
         jobs,
         session: tokio::sync::Mutex::new(()),
+        status,
     })
 }
 
@@ -261,9 +280,20 @@ struct Worker {
     cache: PinCache,
     /// Whether the PIN was verified on this connection since it was opened.
     verified: bool,
+    status: Arc<std::sync::Mutex<CardStatus>>,
 }
 
 impl Worker {
+    /// Notes what the card said of its PIN for `token-agent status`.
+    fn note_pin(&mut self, tries: Option<u8>) {
+        let cached = self.cache.is_set();
+        let mut status = token_agent_core::lock(&self.status);
+        if tries.is_some() {
+            status.pin_tries = tries;
+        }
+        status.pin_cached = cached;
+    }
+
     fn run(mut self, queue: &Receiver<Job>) {
         loop {
             let job = match self.cache.deadline() {
@@ -292,6 +322,7 @@ impl Worker {
                 }
                 Job::Forget => {
                     self.cache.clear();
+                    self.note_pin(None);
                     if self.verified {
                         self.unverify();
                     }
@@ -407,8 +438,10 @@ impl Worker {
         let tries = pin_tries(self.handle()?).map_err(card_error)?;
         if tries == 0 {
             self.cache.clear();
+            self.note_pin(Some(0));
             return Err(CardError::Blocked);
         }
+        self.note_pin(Some(tries));
         let cached = self.cache.is_set();
         if cached && tries > 1 {
             if let Some(pin) = self.cache.take_fresh() {
@@ -428,6 +461,8 @@ impl Worker {
             Ok(()) => {
                 self.verified = true;
                 self.cache.store(pin.clone());
+                let tries = self.yubikey.as_mut().and_then(|y| pin_tries(y).ok());
+                self.note_pin(tries);
                 Ok(())
             }
             Err(e) => {
@@ -440,9 +475,13 @@ impl Worker {
                 }
                 match e {
                     yubikey::Error::WrongPin { tries: 0 } | yubikey::Error::PinLocked => {
+                        self.note_pin(Some(0));
                         Err(CardError::Blocked)
                     }
-                    yubikey::Error::WrongPin { tries } => Err(CardError::WrongPin { tries }),
+                    yubikey::Error::WrongPin { tries } => {
+                        self.note_pin(Some(tries));
+                        Err(CardError::WrongPin { tries })
+                    }
                     other => Err(card_error(other)),
                 }
             }

@@ -53,8 +53,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use token_agent_core::{
-    Backend, Error, IdentitySink, KeyRef, Notice, NoticeKind, PinRequest, PromptSubject, Prompter,
-    SignContext, SignRequest, SshSignature,
+    lock, Backend, DeviceStatus, Error, IdentitySink, KeyRef, Notice, NoticeKind, PinRequest,
+    PromptSubject, Prompter, SignContext, SignRequest, SshSignature,
 };
 
 pub use slot::{KeyAlgorithm, PinUse, Slot, SlotKey, TouchUse};
@@ -219,6 +219,58 @@ impl Backend for PivBackend {
         for card in self.registry.cards() {
             card.forget();
         }
+    }
+
+    fn devices(&self) -> Vec<DeviceStatus> {
+        let mut devices = Vec::new();
+        if let Some(error) = lock(&self.registry.pcscd_error).clone() {
+            devices.push(DeviceStatus {
+                label: "pcscd".into(),
+                details: vec![format!(
+                    "cannot reach pcscd ({error}), so no YubiKey is available; start it \
+                     (Debian and Ubuntu: sudo apt install pcscd && sudo systemctl start pcscd.socket)"
+                )],
+                problem: true,
+            });
+        }
+        for card in self.registry.cards() {
+            let status = *lock(&card.status);
+            let mut details = Vec::new();
+            let mut problem = false;
+            match status.pin_tries {
+                Some(0) => {
+                    problem = true;
+                    details.push(format!("PIN blocked; {}", unblock_remedy(card.serial)));
+                }
+                Some(n) => details.push(format!("PIN: {n} tries left")),
+                None => details.push("PIN tries unknown".into()),
+            }
+            match status.puk_tries {
+                Some(0) => {
+                    problem = true;
+                    details.push("PUK blocked: only a PIV reset (ykman piv reset) helps".into());
+                }
+                Some(n) => details.push(format!("PUK: {n} tries left")),
+                None => {}
+            }
+            if status.pin_cached {
+                details.push("PIN cached".into());
+            }
+            details.push(format!(
+                "slots with keys: {}",
+                card.keys
+                    .iter()
+                    .map(|k| k.slot.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            devices.push(DeviceStatus {
+                label: card.device.label().to_owned(),
+                details,
+                problem,
+            });
+        }
+        devices
     }
 }
 

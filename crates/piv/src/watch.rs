@@ -28,6 +28,8 @@ pub(crate) struct Registry {
     sink: Mutex<Option<IdentitySink>>,
     pin_idle: Duration,
     pub(crate) stop: AtomicBool,
+    /// Why pcscd cannot be reached, while it cannot.
+    pub(crate) pcscd_error: Mutex<Option<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +74,7 @@ impl Registry {
             sink: Mutex::new(None),
             pin_idle,
             stop: AtomicBool::new(false),
+            pcscd_error: Mutex::new(None),
         }
     }
 
@@ -247,11 +250,13 @@ pub(crate) fn watch(registry: &Arc<Registry>) {
         match Context::establish(Scope::User) {
             Ok(context) => {
                 warned = false;
+                *lock(&registry.pcscd_error) = None;
                 if let Err(e) = follow(&context, registry) {
                     tracing::warn!(error = %e, "lost pcscd; reconnecting");
                 }
             }
             Err(e) => {
+                *lock(&registry.pcscd_error) = Some(e.to_string());
                 if !warned {
                     tracing::warn!(
                         error = %e,

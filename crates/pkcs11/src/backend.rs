@@ -12,9 +12,9 @@ use ssh_encoding::Decode;
 use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, EcdsaCurve};
 use token_agent_core::{
-    lock, Backend, DeviceInfo, Error, Identity, IdentitySink, KeyRef, Notice, NoticeKind,
-    PinRequest, PromptSubject, Prompter, ProviderRequest, RsaHash, SignContext, SignRequest,
-    SshSignature,
+    lock, Backend, DeviceInfo, DeviceStatus, Error, Identity, IdentitySink, KeyRef, Notice,
+    NoticeKind, PinRequest, PromptSubject, Prompter, ProviderRequest, RsaHash, SignContext,
+    SignRequest, SshSignature,
 };
 
 use crate::client::{CallError, Helper, HelperCommand};
@@ -383,6 +383,67 @@ impl Backend for Pkcs11Backend {
         for module in runtime {
             self.inner.unload(&module);
         }
+    }
+
+    fn devices(&self) -> Vec<DeviceStatus> {
+        let modules: Vec<Arc<Module>> = lock(&self.inner.modules).clone();
+        let pins = lock(&self.inner.pins);
+        let mut devices = Vec::new();
+        for module in modules {
+            let origin = if module.runtime {
+                "loaded with ssh-add -s"
+            } else {
+                "from the configuration"
+            };
+            let tokens = lock(&module.tokens).clone();
+            if tokens.is_empty() {
+                devices.push(DeviceStatus {
+                    label: format!("PKCS#11 module {}", module.path),
+                    details: vec![origin.to_owned(), "no token present".to_owned()],
+                    problem: false,
+                });
+            }
+            for token in tokens {
+                let id = TokenId {
+                    module: module.path.clone(),
+                    serial: token.serial.clone(),
+                    label: token.label.clone(),
+                };
+                let mut details = vec![
+                    format!("module {} ({origin})", module.path),
+                    match token.keys.len() {
+                        1 => "1 key".to_owned(),
+                        n => format!("{n} keys"),
+                    },
+                ];
+                let problem = token.pin.locked;
+                details.push(if token.pin.locked {
+                    "PIN blocked; unblock it with the token's SO PIN".to_owned()
+                } else if token.pin.final_try {
+                    "PIN: 1 try left before it blocks".to_owned()
+                } else if token.pin.count_low {
+                    "PIN: a wrong PIN was entered since the last good one".to_owned()
+                } else {
+                    "PIN: no wrong tries reported".to_owned()
+                });
+                details.push(if !token.login_required {
+                    "no login needed".to_owned()
+                } else if pins.contains_key(&id) {
+                    "logged in, PIN cached".to_owned()
+                } else {
+                    "login asked at the next signature".to_owned()
+                });
+                if token.protected_auth_path {
+                    details.push("PIN entered on the reader's PIN pad".to_owned());
+                }
+                devices.push(DeviceStatus {
+                    label: device(&token).label().to_owned(),
+                    details,
+                    problem,
+                });
+            }
+        }
+        devices
     }
 
     fn forget_secrets(&self) {

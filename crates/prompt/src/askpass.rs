@@ -66,8 +66,9 @@ impl Askpass {
 
     /// Asks to allow a use of a key. As OpenSSH's `ask_permission()`, only
     /// an exit status of 0 with an empty answer or the word "yes" (any case)
-    /// allows it; anything else the program prints ("no", "deny", ...), a
-    /// non-zero exit, or no answer within the timeout refuses.
+    /// allows it; anything else the program prints ("no", "deny", ...) or a
+    /// non-zero exit is a no, and no answer within the timeout is
+    /// [`PromptError::TimedOut`].
     pub async fn confirm(&self, request: &ConfirmRequest) -> Result<bool, PromptError> {
         let mut child = self.spawn(&request.description(), Some("confirm"))?;
         let mut stdout = child
@@ -86,8 +87,11 @@ impl Askpass {
         match tokio::time::timeout(self.timeout, read).await {
             Ok(Ok(status)) => Ok(status.success() && affirmative(&answer)),
             Ok(Err(err)) => Err(self.failed(&err.to_string())),
-            // Nobody answered: that is a "no" (the child is killed on drop).
-            Err(_) => Ok(false),
+            // Nobody answered: a refusal, reported as such (the child is
+            // killed on drop).
+            Err(_) => Err(PromptError::TimedOut {
+                seconds: self.timeout.as_secs(),
+            }),
         }
     }
 
@@ -251,6 +255,9 @@ mod tests {
         let confirm = ConfirmRequest {
             subject: PromptSubject::default(),
         };
-        assert!(!slow.confirm(&confirm).await.unwrap());
+        assert!(matches!(
+            slow.confirm(&confirm).await,
+            Err(PromptError::TimedOut { .. })
+        ));
     }
 }

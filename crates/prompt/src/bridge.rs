@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use secrecy::SecretString;
-use token_agent_core::{ConfirmRequest, Notice, NoticeGuard, PinRequest, PromptError, Prompter};
+use token_agent_core::{
+    ConfirmRequest, Notice, NoticeGuard, PinRequest, PromptError, PromptSubject, Prompter,
+};
 
 use crate::askpass::Askpass;
 use crate::notice::Notifier;
@@ -92,6 +94,10 @@ impl Prompter for Bridge {
 
     fn notify(&self, notice: &Notice) -> NoticeGuard {
         self.notifier.notify(notice)
+    }
+
+    fn refused(&self, text: &str, subject: &PromptSubject) {
+        self.notifier.announce_refusal(text, subject);
     }
 }
 

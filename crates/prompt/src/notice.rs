@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use token_agent_core::{Notice, NoticeGuard, NoticeKind};
+use token_agent_core::{Notice, NoticeGuard, NoticeKind, PromptSubject};
 use tokio::process::Command;
 use tokio::runtime::Handle;
 
@@ -92,6 +92,39 @@ impl Notifier {
     }
 }
 
+impl Notifier {
+    /// Announces that the agent refused a request the person can fix: logs
+    /// it and runs the notice command at once, with
+    /// TOKEN_AGENT_NOTICE_KIND=refused, left to finish on its own (it is
+    /// killed after a minute if it has not).
+    pub fn announce_refusal(&self, text: &str, subject: &PromptSubject) {
+        let Some(command) = self.config.command.clone() else {
+            return;
+        };
+        let mut env = subject_environment(subject);
+        env.push(("TOKEN_AGENT_NOTICE", text.to_owned()));
+        env.push(("TOKEN_AGENT_NOTICE_KIND", "refused".to_owned()));
+        self.runtime.spawn(async move {
+            let child = Command::new("sh")
+                .arg("-c")
+                .arg(&command)
+                .envs(env)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn();
+            match child {
+                Ok(mut child) => {
+                    let finished = tokio::time::timeout(Duration::from_secs(60), child.wait());
+                    if let Ok(Err(err)) = finished.await {
+                        tracing::warn!(%err, "the notice command failed");
+                    }
+                }
+                Err(err) => tracing::warn!(%err, command, "cannot run the notice command"),
+            }
+        });
+    }
+}
+
 struct Withdraw(tokio::task::AbortHandle);
 
 impl Drop for Withdraw {
@@ -110,6 +143,12 @@ fn environment(notice: &Notice, text: &str) -> Vec<(&'static str, String)> {
         ("TOKEN_AGENT_NOTICE", text.to_owned()),
         ("TOKEN_AGENT_NOTICE_KIND", kind.to_owned()),
     ];
+    env.extend(subject_environment(subject));
+    env
+}
+
+/// TOKEN_AGENT_KEY, _FINGERPRINT, _DEVICE, _HOST and _CLIENT, empty when unknown.
+fn subject_environment(subject: &PromptSubject) -> Vec<(&'static str, String)> {
     let optional = [
         ("TOKEN_AGENT_KEY", subject.key.clone()),
         ("TOKEN_AGENT_FINGERPRINT", subject.fingerprint.clone()),
@@ -120,12 +159,10 @@ fn environment(notice: &Notice, text: &str) -> Vec<(&'static str, String)> {
         ("TOKEN_AGENT_HOST", subject.destination.clone()),
         ("TOKEN_AGENT_CLIENT", subject.requester.clone()),
     ];
-    env.extend(
-        optional
-            .into_iter()
-            .map(|(name, value)| (name, value.unwrap_or_default())),
-    );
-    env
+    optional
+        .into_iter()
+        .map(|(name, value)| (name, value.unwrap_or_default()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -56,12 +56,14 @@ impl Pinentry {
             .with_ok("Allow")
             .with_cancel("Deny")
             .with_timeout(self.timeout_seconds);
-        // Only the OK button allows: Cancel, "Not confirmed", a closed window
-        // or a timeout refuse, and any other failure is an error (refused too).
+        // Only the OK button allows: Cancel, "Not confirmed" and a closed
+        // window are a no; a timeout or any other failure is an error (and so
+        // refuses too).
         match dialog.confirm(&assuan_line(request.description())) {
             Ok(answer) => Ok(answer),
-            // A confirmation that times out is a "no", as an unanswered askpass is.
-            Err(::pinentry::Error::Timeout) => Ok(false),
+            Err(::pinentry::Error::Timeout) => Err(PromptError::TimedOut {
+                seconds: u64::from(self.timeout_seconds),
+            }),
             // Some pinentries answer Deny with GPG_ERR_NOT_CONFIRMED, which the
             // crate turns into a "no" only when a third button was set.
             Err(::pinentry::Error::Gpg(err)) if err.code() == GPG_ERR_NOT_CONFIRMED => Ok(false),

@@ -43,6 +43,7 @@ pub mod provider;
 mod router;
 mod session;
 mod software;
+pub mod status;
 
 pub use router::{Entry, Policy, Refusal, Router, Snapshot};
 pub use software::{SoftwareKeys, NAME as SOFTWARE_BACKEND};

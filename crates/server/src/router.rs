@@ -19,7 +19,7 @@ use ssh_key::public::KeyData;
 use ssh_key::Algorithm;
 use token_agent_core::{
     AddKey, Backend, ConfirmRequest, Destination, Error, FingerprintHash, Identity, IdentitySink,
-    PromptSubject, Prompter, ProviderRequest, SignContext, SignRequest, SshSignature,
+    PromptSubject, Prompter, ProviderRequest, RefusalKind, SignContext, SignRequest, SshSignature,
 };
 
 use crate::constraints::{self, Constraints, SessionBindings};
@@ -27,6 +27,7 @@ use crate::lock::Lock;
 use crate::proto::message::{encode_blob, AssociatedCerts};
 use crate::provider::ProviderAllowlist;
 use crate::software::identity_blob;
+use crate::status::{self, KeyStatus, RefusalLog, RefusalRecord};
 
 /// Agent-wide policy, from the command line and the configuration.
 #[derive(Debug, Clone)]
@@ -89,20 +90,26 @@ impl Snapshot {
 #[non_exhaustive]
 pub enum Refusal {
     /// The agent is locked.
-    #[error("the agent is locked")]
+    #[error("the agent is locked; unlock it with ssh-add -X")]
     Locked,
     /// No listed identity has this key.
-    #[error("no such key")]
+    #[error("the agent holds no such key (ssh-add -l lists what it holds)")]
     UnknownKey,
     /// The key's lifetime ran out.
-    #[error("the key's lifetime has expired")]
+    #[error("the key's lifetime (ssh-add -t) has expired; add it again")]
     Expired,
     /// A destination constraint does not allow this use.
     #[error("destination constraint: {0}")]
     Destination(String),
     /// The person declined a confirmation.
-    #[error("the user declined to confirm the use of the key")]
+    #[error("the use of the key was declined at its confirmation (ssh-add -c)")]
     Declined,
+    /// The confirmation could not be asked, or nobody answered it.
+    #[error("the use of the key was not confirmed: {0}")]
+    Confirmation(token_agent_core::PromptError),
+    /// A forwarded connection asked for what only local clients may do.
+    #[error("{0}")]
+    Forwarded(String),
     /// A malformed or unacceptable request.
     #[error("{0}")]
     Invalid(String),
@@ -110,6 +117,26 @@ pub enum Refusal {
     #[error(transparent)]
     Backend(#[from] Error),
 }
+
+impl Refusal {
+    /// The kind of refusal, for logs, `token-agent status` and notices.
+    pub fn kind(&self) -> RefusalKind {
+        match self {
+            Self::Locked => RefusalKind::Locked,
+            Self::UnknownKey => RefusalKind::UnknownKey,
+            Self::Expired => RefusalKind::KeyExpired,
+            Self::Destination(_) => RefusalKind::Destination,
+            Self::Declined => RefusalKind::ConfirmDeclined,
+            Self::Confirmation(err) => RefusalKind::of_confirmation(err),
+            Self::Forwarded(_) => RefusalKind::Forwarding,
+            Self::Invalid(_) => RefusalKind::Refused,
+            Self::Backend(err) => RefusalKind::of(err),
+        }
+    }
+}
+
+/// How many expired keys are remembered (by blob) to name the reason.
+const MAX_EXPIRED: usize = 64;
 
 /// The router.
 pub struct Router {
@@ -131,6 +158,12 @@ pub struct Router {
     /// Certificates sent with `ssh-add -s` (associated-certs-v00@openssh.com),
     /// by the encoded public key of the provider key each certifies.
     associated: Mutex<HashMap<Vec<u8>, Arc<Associated>>>,
+    /// The last refusals, for `token-agent status`.
+    refusals: RefusalLog,
+    /// Blobs of the last keys whose lifetime ran out, so that a later use
+    /// is refused as "expired" rather than "no such key".
+    expired: Mutex<std::collections::VecDeque<Vec<u8>>>,
+    started: Instant,
     this: Weak<Self>,
 }
 
@@ -165,6 +198,9 @@ impl Router {
             provider_loads: tokio::sync::Mutex::new(()),
             provider_gate: Mutex::new(None),
             associated: Mutex::new(HashMap::new()),
+            refusals: RefusalLog::default(),
+            expired: Mutex::new(std::collections::VecDeque::new()),
+            started: Instant::now(),
         });
         for backend in &router.backends {
             let weak = router.this.clone();
@@ -191,6 +227,61 @@ impl Router {
     /// The lock.
     pub fn lock(&self) -> &Lock {
         &self.lock
+    }
+
+    /// Keeps a refusal for `token-agent status` and, when the person can act
+    /// on it, tells them through the prompter's notice path.
+    pub fn record_refusal(&self, record: RefusalRecord, subject: Option<PromptSubject>) {
+        if record.kind.for_the_person() {
+            let subject = subject.unwrap_or_default();
+            self.prompter.refused(
+                &format!(
+                    "token-agent refused to {}: {}",
+                    record.operation, record.message
+                ),
+                &subject,
+            );
+        }
+        self.refusals.push(record);
+    }
+
+    /// What `token-agent status` shows (see [`crate::status`]).
+    pub fn status(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let snapshot = self.snapshot();
+        // Locked, the agent lists no keys, and status shows none either.
+        let shown = if self.lock.is_locked() {
+            &[][..]
+        } else {
+            snapshot.entries()
+        };
+        let keys = shown
+            .iter()
+            .map(|entry| {
+                KeyStatus {
+                    comment: entry.identity.comment(),
+                    algorithm: entry.identity.public_key().algorithm().to_string(),
+                    fingerprint: self.fingerprint(entry.identity.public_key()),
+                    backend: entry.identity.key().backend(),
+                    device: entry.identity.device().map(|d| d.label()),
+                    certificate: entry.identity.certificate(),
+                    constraints: entry.constraints.as_deref(),
+                }
+                .to_json(now)
+            })
+            .collect();
+        let backends = self
+            .backends
+            .iter()
+            .map(|b| (b.name(), b.devices()))
+            .collect();
+        status::document(
+            self.started,
+            self.lock.is_locked(),
+            backends,
+            keys,
+            &self.refusals.records(),
+        )
     }
 
     /// Locks the agent and makes every backend forget cached PINs.
@@ -239,11 +330,13 @@ impl Router {
         if self.lock.is_locked() {
             return Err(Refusal::Locked);
         }
-        let entry = self
-            .snapshot()
-            .find(blob)
-            .cloned()
-            .ok_or(Refusal::UnknownKey)?;
+        let entry = match self.snapshot().find(blob) {
+            Some(entry) => entry.clone(),
+            None if token_agent_core::lock(&self.expired).contains(&blob.to_vec()) => {
+                return Err(Refusal::Expired)
+            }
+            None => return Err(Refusal::UnknownKey),
+        };
         let mut context = context;
         if let Some(c) = &entry.constraints {
             if c.expired(Instant::now()) {
@@ -265,7 +358,7 @@ impl Router {
                 match self.prompter.confirm(&confirm).await {
                     Ok(true) => {}
                     Ok(false) => return Err(Refusal::Declined),
-                    Err(err) => return Err(Refusal::Backend(Error::Prompt(err))),
+                    Err(err) => return Err(Refusal::Confirmation(err)),
                 }
             }
         }
@@ -536,7 +629,7 @@ impl Router {
         context: &SignContext,
     ) -> Result<String, Refusal> {
         if context.forwarded && !self.policy.allow_remote_providers {
-            return Err(Refusal::Invalid(format!(
+            return Err(Refusal::Forwarded(format!(
                 "refusing to load {} {provider} requested over a forwarded connection \
                  (start the agent with -O allow-remote-pkcs11 to allow it)",
                 what.name()
@@ -698,6 +791,11 @@ impl Router {
                 }
                 router.constraints_mut().remove(&blob);
                 router.rebuild();
+                let mut expired = token_agent_core::lock(&router.expired);
+                if expired.len() == MAX_EXPIRED {
+                    expired.pop_front();
+                }
+                expired.push_back(blob);
             }
         });
     }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 use ssh_key::public::KeyData;
-use token_agent_core::{AddKey, Peer, ProviderRequest, SignContext, SignFlags, SignRequest};
+use token_agent_core::{
+    AddKey, Peer, PromptSubject, ProviderRequest, RefusalKind, SignContext, SignFlags, SignRequest,
+};
 use tokio::net::UnixStream;
 use tracing::Instrument;
 use zeroize::Zeroizing;
@@ -19,12 +21,13 @@ use crate::proto::frame::{read_frame, write_frame, FrameError};
 use crate::proto::key::{KeyOrCertificate, PrivateKey};
 use crate::proto::message::{self, decode_request, ListedIdentity, Reply, Request};
 use crate::router::{Refusal, Router};
+use crate::status::{self, RefusalRecord};
 
 /// session-bind@openssh.com (PROTOCOL.agent section 1).
 const SESSION_BIND: &str = "session-bind@openssh.com";
 
 /// The extensions this agent implements, answered to "query".
-const EXTENSIONS: &[&str] = &["query", SESSION_BIND];
+const EXTENSIONS: &[&str] = &["query", SESSION_BIND, status::EXTENSION];
 
 /// Serves one connection until the client closes it or breaks the framing.
 pub(crate) async fn serve(router: Arc<Router>, mut stream: UnixStream, peer: Peer) {
@@ -97,6 +100,17 @@ impl Session {
                 Request::Extension { name, contents } if name == SESSION_BIND => {
                     return self.extension(&name, &contents);
                 }
+                // Status says the agent is locked (and, as a listing, shows no keys).
+                Request::Extension { name, contents }
+                    if name == status::EXTENSION && contents.is_empty() =>
+                {
+                    return self.status();
+                }
+                Request::Sign { key, .. } => {
+                    let key = named_key(&key).ok().map(|k| self.router.fingerprint(&k));
+                    self.refuse("sign", key, None, &Refusal::Locked);
+                    return Reply::Failure.encode();
+                }
                 _ => {
                     tracing::info!("refusing a request while the agent is locked");
                     return Reply::Failure.encode();
@@ -114,18 +128,25 @@ impl Session {
                 constraints,
             } => self.add(key, comment, constraints).await,
             Request::RemoveIdentity { key } => self.remove(&key).await,
-            Request::RemoveAllIdentities => status(router.remove_all().await.map(|()| {
-                tracing::info!("removed all keys");
-            })),
+            Request::RemoveAllIdentities => {
+                let result = router.remove_all().await;
+                self.answer(
+                    "remove all",
+                    None,
+                    result.map(|()| {
+                        tracing::info!("removed all keys");
+                    }),
+                )
+            }
             Request::AddSmartcardKey {
                 provider,
                 pin,
                 constraints,
             } => self.add_provider(provider, pin, constraints).await,
             Request::RemoveSmartcardKey { provider } => {
-                status(router.remove_provider(&provider).await.map(|()| {
-                    tracing::info!(provider, "removed provider");
-                }))
+                let result = router.remove_provider(&provider).await;
+                let logged = result.map(|()| tracing::info!(provider, "removed provider"));
+                self.answer("remove provider", Some(provider), logged)
             }
             Request::Lock(password) => {
                 if router.lock_agent(&password) {
@@ -138,6 +159,73 @@ impl Session {
             Request::Unlock(password) => self.unlock(password).await,
             Request::Extension { name, contents } => self.extension(&name, &contents),
         }
+    }
+
+    /// Logs a refusal with its kind, the client's process chain and the
+    /// connection's hops, and keeps it for `token-agent status` (which also
+    /// tells the person when they can act on it).
+    fn refuse(
+        &self,
+        operation: &'static str,
+        key: Option<String>,
+        subject: Option<PromptSubject>,
+        refusal: &Refusal,
+    ) {
+        let kind = refusal.kind();
+        let record = RefusalRecord::new(
+            operation,
+            key,
+            &self.peer,
+            &self.bindings,
+            kind,
+            refusal.to_string(),
+        );
+        let key = record.key.as_deref().unwrap_or("");
+        let client = record.client.join(" < ");
+        let destination = record.destination.as_deref().unwrap_or("");
+        if kind == RefusalKind::Failed {
+            tracing::error!(operation, key, %client, destination, reason = %kind, error = %refusal, "request failed");
+        } else {
+            tracing::info!(operation, key, %client, destination, reason = %kind, message = %refusal, "request refused");
+        }
+        self.router.record_refusal(record, subject);
+    }
+
+    /// SSH_AGENT_SUCCESS for `Ok`, SSH_AGENT_FAILURE (refused as [`Session::refuse`]) for `Err`.
+    fn answer(
+        &self,
+        operation: &'static str,
+        key: Option<String>,
+        result: Result<(), Refusal>,
+    ) -> Vec<u8> {
+        match result {
+            Ok(()) => Reply::Success.encode(),
+            Err(refusal) => {
+                self.refuse(operation, key, None, &refusal);
+                Reply::Failure.encode()
+            }
+        }
+    }
+
+    /// The status@token-agent extension: only the agent's own user, and only
+    /// on a connection that never sent a session bind (not forwarded).
+    fn status(&self) -> Vec<u8> {
+        if !self.bindings.hops().is_empty() {
+            tracing::info!(client = %self.peer, "refusing status to a forwarded connection");
+            return Reply::Failure.encode();
+        }
+        if self.peer.uid != nix::unistd::geteuid().as_raw() {
+            tracing::info!(client = %self.peer, uid = self.peer.uid, "refusing status to another user");
+            return Reply::Failure.encode();
+        }
+        let document = self.router.status().to_string();
+        let mut contents = Vec::with_capacity(4 + document.len());
+        message::put_string(&mut contents, document.as_bytes());
+        Reply::Extension {
+            name: status::EXTENSION,
+            contents,
+        }
+        .encode()
     }
 
     fn context(&self) -> SignContext {
@@ -207,7 +295,13 @@ impl Session {
                 Reply::Signature(signature).encode()
             }
             Err(refusal) => {
-                log_refusal("sign", &fingerprint.to_string(), &self.peer, &refusal);
+                let entry = self.router.snapshot().find(blob).cloned();
+                let key = match &entry {
+                    Some(entry) => format!("{} {fingerprint}", entry.identity.comment()),
+                    None => fingerprint,
+                };
+                let subject = entry.map(|e| self.router.subject(&e).with_context(&self.context()));
+                self.refuse("sign", Some(key), subject, &refusal);
                 Reply::Failure.encode()
             }
         }
@@ -269,7 +363,7 @@ impl Session {
                 Reply::Success.encode()
             }
             Err(refusal) => {
-                log_refusal("add", "", &self.peer, &refusal);
+                self.refuse("add", None, None, &refusal);
                 Reply::Failure.encode()
             }
         }
@@ -291,7 +385,7 @@ impl Session {
             }
             Err(refusal) => {
                 let fp = self.router.fingerprint(&key_data);
-                log_refusal("remove", &fp.to_string(), &self.peer, &refusal);
+                self.refuse("remove", Some(fp), None, &refusal);
                 Reply::Failure.encode()
             }
         }
@@ -328,7 +422,7 @@ impl Session {
                 Reply::Success.encode()
             }
             Err(refusal) => {
-                log_refusal("add provider", &provider, &self.peer, &refusal);
+                self.refuse("add provider", Some(provider), None, &refusal);
                 Reply::Failure.encode()
             }
         }
@@ -378,32 +472,11 @@ impl Session {
             // gets SSH_AGENT_FAILURE, exactly as OpenSSH 10.5's
             // process_extension answers (RFC 9987 section 3.8).
             "query" => Reply::ExtensionFailure.encode(),
+            status::EXTENSION if contents.is_empty() => self.status(),
             other => {
                 tracing::debug!(extension = other, "unsupported extension");
                 Reply::Failure.encode()
             }
-        }
-    }
-}
-
-/// SSH_AGENT_SUCCESS for `Ok`, SSH_AGENT_FAILURE (logged) for `Err`.
-fn status(result: Result<(), Refusal>) -> Vec<u8> {
-    match result {
-        Ok(()) => Reply::Success.encode(),
-        Err(refusal) => {
-            tracing::info!(%refusal, "request refused");
-            Reply::Failure.encode()
-        }
-    }
-}
-
-fn log_refusal(operation: &str, key: &str, peer: &Peer, refusal: &Refusal) {
-    match refusal {
-        Refusal::Backend(err) => {
-            tracing::error!(operation, key, client = %peer, error = %err, "request failed")
-        }
-        other => {
-            tracing::info!(operation, key, client = %peer, reason = %other, "request refused")
         }
     }
 }

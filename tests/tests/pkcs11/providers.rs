@@ -322,3 +322,56 @@ fn issue_12_ssh_add_d_removes_one_token_key() -> anyhow::Result<()> {
     sign_and_verify(&agent, &listed[1], "kept")?;
     Ok(())
 }
+
+#[test]
+fn issue_14_a_wrong_pin_is_a_reason_and_tokens_show_in_status() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("judy", &[KeyKind::P256])?;
+    let agent = start_agent(&hsm, &[], "", "unused")?;
+    assert!(!add_provider(&agent, Path::new(MODULE), "not-the-pin")?
+        .status
+        .success());
+    let status = |agent: &token_agent_e2e::agent::Agent| -> anyhow::Result<serde_json::Value> {
+        let output = check(
+            std::process::Command::new(token_agent_e2e::agent_binary()?)
+                .args(["status", "--json", "--socket"])
+                .arg(agent.socket())
+                .output()?,
+            "token-agent status",
+        )?;
+        Ok(serde_json::from_slice(&output.stdout)?)
+    };
+    let doc = status(&agent)?;
+    let refusal = &doc["refusals"][0];
+    assert_eq!(refusal["reason"], "wrong-pin", "{doc:#}");
+    assert_eq!(refusal["operation"], "add provider");
+    assert!(
+        refusal["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("PIN incorrect for judy #"),
+        "{refusal}"
+    );
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    wait_listed(&agent, 1, Duration::from_secs(5))?;
+    let doc = status(&agent)?;
+    let pkcs11 = doc["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["name"] == "pkcs11")
+        .cloned()
+        .unwrap_or_default();
+    let token = &pkcs11["devices"][0];
+    assert!(
+        token["label"].as_str().unwrap_or("").starts_with("judy #"),
+        "{pkcs11:#}"
+    );
+    let details = token["details"].to_string();
+    assert!(details.contains("loaded with ssh-add -s"), "{details}");
+    assert!(
+        details.contains("1 keys") || details.contains("1 key"),
+        "{details}"
+    );
+    Ok(())
+}

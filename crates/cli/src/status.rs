@@ -1,0 +1,299 @@
+//! `token-agent status`: asks the running agent what it holds and why it
+//! refused what it refused, through the `status@token-agent` extension.
+//!
+//! Exit codes: 0 when the agent answered, 1 when it could not be reached or
+//! is not token-agent, 2 for a usage error.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde_json::Value;
+use token_agent_server::status::EXTENSION;
+
+/// Show the running agent: devices, keys with their constraints, and the
+/// last refusals with their reasons.
+#[derive(Debug, Parser)]
+#[command(name = "token-agent status")]
+struct Args {
+    /// Print the agent's answer as JSON, for scripts.
+    #[arg(long)]
+    json: bool,
+    /// The agent's socket (default: $SSH_AUTH_SOCK).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+/// Runs `token-agent status ARGS` (`args` starts with "status").
+pub(crate) fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
+    let args = Args::parse_from(args);
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("token-agent status: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let socket = match &args.socket {
+        Some(socket) => socket.clone(),
+        None => std::env::var_os("SSH_AUTH_SOCK")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .context("SSH_AUTH_SOCK is not set: start the agent (eval \"$(token-agent -s)\") or name it with --socket")?,
+    };
+    let document = ask(&socket)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
+    } else {
+        write!(out, "{}", render(&document, &socket))?;
+    }
+    Ok(())
+}
+
+/// Sends the extension request and returns the agent's JSON document.
+fn ask(socket: &std::path::Path) -> anyhow::Result<Value> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to the agent at {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut body = vec![27u8];
+    put_string(&mut body, EXTENSION.as_bytes());
+    let mut frame = u32::try_from(body.len())?.to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    stream.write_all(&frame)?;
+    let mut len = [0u8; 4];
+    stream
+        .read_exact(&mut len)
+        .context("the agent closed the connection")?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > 16 * 1024 * 1024 {
+        bail!("the agent's answer claims {len} bytes");
+    }
+    let mut reply = vec![0u8; len];
+    stream.read_exact(&mut reply)?;
+    let mut rest = match reply.split_first() {
+        Some((29, rest)) => rest,
+        _ => bail!(
+            "the agent at {} is not token-agent, or refused to tell (it answers status only to \
+             its own user, never over a forwarded connection); `token-agent doctor` says what \
+             serves this socket",
+            socket.display()
+        ),
+    };
+    let name = take_string(&mut rest).context("a malformed answer")?;
+    if name != EXTENSION.as_bytes() {
+        bail!("the agent answered another extension");
+    }
+    let json = take_string(&mut rest).context("a malformed answer")?;
+    serde_json::from_slice(json).context("the agent's answer is not JSON")
+}
+
+fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn take_string<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = u32::from_be_bytes(input.get(..4)?.try_into().ok()?) as usize;
+    let body = input.get(4..4usize.checked_add(len)?)?;
+    *input = &input[4 + len..];
+    Some(body)
+}
+
+/// The document in words.
+fn render(doc: &Value, socket: &std::path::Path) -> String {
+    let mut out = String::new();
+    let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+    out.push_str(&format!(
+        "token-agent {} (pid {}) on {}, up {}, {}\n",
+        text(&doc["version"]),
+        doc["pid"],
+        socket.display(),
+        duration(doc["uptime_seconds"].as_u64().unwrap_or(0)),
+        if doc["locked"].as_bool().unwrap_or(false) {
+            "LOCKED (ssh-add -X unlocks)"
+        } else {
+            "unlocked"
+        }
+    ));
+    out.push_str("\nDevices:\n");
+    let mut any_device = false;
+    for backend in doc["backends"].as_array().into_iter().flatten() {
+        for device in backend["devices"].as_array().into_iter().flatten() {
+            any_device = true;
+            let mark = if device["problem"].as_bool().unwrap_or(false) {
+                "!"
+            } else {
+                " "
+            };
+            out.push_str(&format!(
+                "{mark} {}: {}\n",
+                text(&backend["name"]),
+                text(&device["label"])
+            ));
+            for detail in device["details"].as_array().into_iter().flatten() {
+                out.push_str(&format!("      {}\n", text(detail)));
+            }
+        }
+    }
+    if !any_device {
+        out.push_str("  none\n");
+    }
+    out.push_str("\nKeys:\n");
+    let keys = doc["keys"].as_array().cloned().unwrap_or_default();
+    if keys.is_empty() {
+        out.push_str("  none\n");
+    }
+    for key in &keys {
+        out.push_str(&format!(
+            "  {} {} ({}, {}{})\n",
+            text(&key["fingerprint"]),
+            text(&key["comment"]),
+            text(&key["type"]),
+            text(&key["backend"]),
+            key["device"]
+                .as_str()
+                .map(|d| format!(", {d}"))
+                .unwrap_or_default()
+        ));
+        let c = &key["constraints"];
+        if c.is_object() {
+            let mut parts = Vec::new();
+            if let Some(left) = c["lifetime_left_seconds"].as_u64() {
+                parts.push(format!("expires in {}", duration(left)));
+            }
+            if c["confirm"].as_bool().unwrap_or(false) {
+                parts.push("confirm each use".to_owned());
+            }
+            let destinations: Vec<String> = c["destinations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            if !destinations.is_empty() {
+                parts.push(format!("only to {}", destinations.join(", ")));
+            }
+            if !parts.is_empty() {
+                out.push_str(&format!("      {}\n", parts.join("; ")));
+            }
+        }
+        let cert = &key["certificate"];
+        if cert.is_object() {
+            let principals: Vec<String> = cert["principals"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            out.push_str(&format!(
+                "      certificate \"{}\" for {}, valid {} to {}{}\n",
+                text(&cert["key_id"]),
+                if principals.is_empty() {
+                    "any principal".to_owned()
+                } else {
+                    principals.join(", ")
+                },
+                time(cert["valid_after"].as_u64().unwrap_or(0)),
+                time(cert["valid_before"].as_u64().unwrap_or(u64::MAX)),
+                if cert["valid_now"].as_bool().unwrap_or(true) {
+                    ""
+                } else {
+                    " (NOT VALID NOW)"
+                }
+            ));
+        }
+    }
+    out.push_str("\nRecent refusals:\n");
+    let refusals = doc["refusals"].as_array().cloned().unwrap_or_default();
+    if refusals.is_empty() {
+        out.push_str("  none\n");
+    }
+    for refusal in &refusals {
+        let client: Vec<String> = refusal["client"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        out.push_str(&format!(
+            "  {} {} {}: {}\n      {}\n      by {}{}\n",
+            time(refusal["time"].as_u64().unwrap_or(0)),
+            text(&refusal["operation"]),
+            refusal["key"].as_str().unwrap_or("-"),
+            text(&refusal["reason"]),
+            text(&refusal["message"]),
+            client.join(" < "),
+            refusal["destination"]
+                .as_str()
+                .map(|d| format!(", via {d}"))
+                .unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// "2h 3m", "45s".
+fn duration(seconds: u64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+/// A Unix time as "2026-12-02 16:50:01 UTC"; "forever" for the end of time.
+fn time(unix: u64) -> String {
+    if unix == u64::MAX {
+        return "forever".to_owned();
+    }
+    if unix == 0 {
+        return "the beginning".to_owned();
+    }
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let days = i64::try_from(unix / 86_400).unwrap_or(0);
+    let secs = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_durations_read_well() {
+        assert_eq!(time(1_764_694_201), "2025-12-02 16:50:01 UTC");
+        assert_eq!(time(u64::MAX), "forever");
+        assert_eq!(duration(45), "45s");
+        assert_eq!(duration(7380), "2h 3m");
+    }
+}
