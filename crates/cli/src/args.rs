@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{ArgAction, Parser};
 use token_agent_core::FingerprintHash;
+use token_agent_server::websafe::Websafe;
 
 /// An SSH agent for keys in hardware tokens, and a drop-in for OpenSSH's ssh-agent.
 ///
@@ -16,9 +17,21 @@ use token_agent_core::FingerprintHash;
 /// With a command, it runs the command with the agent's environment and exits
 /// when the command does.
 #[derive(Debug, Parser)]
-#[command(name = "token-agent", version, about, long_about)]
+#[command(
+    name = "token-agent",
+    version,
+    about,
+    long_about,
+    disable_version_flag = true,
+    after_long_help = "Signals: SIGTERM (and SIGINT with -d or -D) stops the agent and removes \
+its socket; SIGUSR1 removes every key clients added, as ssh-agent; SIGHUP makes it forget \
+cached PINs and let go of its tokens, and it goes on serving.\n\n\
+Socket activation: with -d or -D, without -a, and LISTEN_FDS=1 and LISTEN_PID set by a \
+supervisor such as systemd, the agent serves the socket it inherits on file descriptor 3 and \
+never removes it."
+)]
 pub(crate) struct Args {
-    /// Bind the agent to the UNIX-domain socket at this path.
+    /// Bind the agent to the UNIX-domain socket at this path (default: a random name in ~/.ssh/agent/, as OpenSSH 10.1 and later).
     #[arg(short = 'a', value_name = "BIND_ADDRESS")]
     pub(crate) bind_address: Option<PathBuf>,
 
@@ -42,6 +55,18 @@ pub(crate) struct Args {
     #[arg(short = 'k')]
     pub(crate) kill: bool,
 
+    /// Bind the socket in a new `$TMPDIR/ssh-XXXXXXXXXX/agent.<ppid>` instead of ~/.ssh/agent/ (as before OpenSSH 10.1).
+    #[arg(short = 'T')]
+    pub(crate) temp_dir: bool,
+
+    /// Do not clean up stale agent sockets under ~/.ssh/agent/ at start.
+    #[arg(short = 'U')]
+    pub(crate) no_cleanup: bool,
+
+    /// Only clean up stale agent sockets under ~/.ssh/agent/ made on this host, then exit; given twice, whichever host made them.
+    #[arg(short = 'u', action = ArgAction::Count)]
+    pub(crate) cleanup: u8,
+
     /// Default lifetime of added keys, in seconds or OpenSSH time format (1h30m).
     #[arg(short = 't', value_name = "LIFE")]
     pub(crate) lifetime: Option<String>,
@@ -54,9 +79,21 @@ pub(crate) struct Args {
     #[arg(short = 'E', value_name = "FINGERPRINT_HASH")]
     pub(crate) fingerprint_hash: Option<String>,
 
-    /// OpenSSH option: allow-remote-pkcs11, no-restrict-websafe, websafe-allow=LIST.
+    /// OpenSSH option, may be repeated: allow-remote-pkcs11, no-restrict-websafe, websafe-allow=LIST.
+    ///
+    /// allow-remote-pkcs11: let forwarded connections load PKCS#11 providers and sk middlewares.
+    ///
+    /// no-restrict-websafe: let FIDO (sk) keys sign data that is neither an SSH login nor an
+    /// ssh-keygen signature (it could be a web login) whatever their application.
+    ///
+    /// websafe-allow=LIST: the pattern-list of sk key applications that may sign anything
+    /// (default "ssh:*"), e.g. websafe-allow=ssh:*,example.org.
     #[arg(short = 'O', value_name = "OPTION")]
     pub(crate) options: Vec<String>,
+
+    /// Print the version on stderr and exit, as ssh-agent -V.
+    #[arg(short = 'V', long = "version")]
+    pub(crate) version: bool,
 
     /// The configuration file (default: $XDG_CONFIG_HOME/token-agent/config.toml).
     #[arg(long, value_name = "FILE")]
@@ -98,6 +135,28 @@ pub(crate) enum Mode {
     DaemonChild,
     /// Kill the agent in SSH_AGENT_PID.
     Kill,
+    /// `-u`: remove stale sockets under ~/.ssh/agent/ and exit.
+    Cleanup {
+        /// `-uu`: also those made on other hosts.
+        any_host: bool,
+    },
+    /// `-V`: print the version and exit.
+    Version,
+}
+
+/// Where the agent's socket goes when it binds one itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SocketPlace {
+    /// `-a PATH`.
+    Path(PathBuf),
+    /// `-T`: `$TMPDIR/ssh-XXXXXXXXXX/agent.<ppid>`.
+    TempDir,
+    /// The default: `~/.ssh/agent/s.<host hash>.agent.<random>`, after
+    /// removing stale sockets there unless `clean` is false (`-U`).
+    Home {
+        /// Remove stale sockets first.
+        clean: bool,
+    },
 }
 
 /// The flags, checked.
@@ -105,8 +164,8 @@ pub(crate) enum Mode {
 pub(crate) struct Options {
     /// What to run as.
     pub(crate) mode: Mode,
-    /// `-a`.
-    pub(crate) bind_address: Option<PathBuf>,
+    /// `-a`, `-T`, `-U`.
+    pub(crate) socket: SocketPlace,
     /// `-c` / `-s` / $SHELL.
     pub(crate) shell: Shell,
     /// `-t`.
@@ -117,6 +176,8 @@ pub(crate) struct Options {
     pub(crate) fingerprint_hash: FingerprintHash,
     /// `-O allow-remote-pkcs11`.
     pub allow_remote_pkcs11: bool,
+    /// `-O no-restrict-websafe`, `-O websafe-allow=LIST`.
+    pub(crate) websafe: Websafe,
     /// `--config`.
     pub(crate) config: Option<PathBuf>,
     /// `--parent-pid`.
@@ -129,8 +190,15 @@ impl TryFrom<Args> for Options {
     type Error = anyhow::Error;
 
     fn try_from(args: Args) -> anyhow::Result<Self> {
-        let mode = if args.kill {
+        // In ssh-agent's order: -V wins over everything, then -k, then -u.
+        let mode = if args.version {
+            Mode::Version
+        } else if args.kill {
             Mode::Kill
+        } else if args.cleanup > 0 {
+            Mode::Cleanup {
+                any_host: args.cleanup > 1,
+            }
         } else if args.daemon_child {
             Mode::DaemonChild
         } else if args.debug || args.foreground {
@@ -138,8 +206,13 @@ impl TryFrom<Args> for Options {
         } else {
             Mode::Daemon
         };
-        if !args.command.is_empty() && matches!(mode, Mode::Foreground { .. } | Mode::Kill) {
-            bail!("a command cannot be combined with -d, -D or -k");
+        if !args.command.is_empty()
+            && matches!(
+                mode,
+                Mode::Foreground { .. } | Mode::Kill | Mode::Cleanup { .. }
+            )
+        {
+            bail!("a command cannot be combined with -d, -D, -k or -u");
         }
         let shell = if args.csh {
             Shell::C
@@ -163,27 +236,41 @@ impl TryFrom<Args> for Options {
                 .map_err(|err: String| anyhow::anyhow!("{err} for -E"))?,
         };
         let mut allow_remote_pkcs11 = false;
+        let mut restrict_websafe = true;
+        let mut websafe_allow: Option<String> = None;
         for option in &args.options {
             match option.as_str() {
                 "allow-remote-pkcs11" => allow_remote_pkcs11 = true,
-                // FIDO "websafe" restrictions apply to sk keys signing web
-                // challenges; accepted for compatibility, enforced by the FIDO backend.
-                "no-restrict-websafe" => {}
-                other if other.starts_with("websafe-allow=") => {}
+                "no-restrict-websafe" => restrict_websafe = false,
+                other if other.starts_with("websafe-allow=") => {
+                    if websafe_allow.is_some() {
+                        bail!("websafe-allow already set: give -O websafe-allow=LIST once, with every pattern in LIST");
+                    }
+                    websafe_allow = Some(other["websafe-allow=".len()..].to_owned());
+                }
                 other => bail!(
                     "unknown -O option \"{other}\": known are allow-remote-pkcs11, \
                      no-restrict-websafe and websafe-allow=LIST"
                 ),
             }
         }
+        // As ssh-agent: -T wins over -a, and -U matters only for the default place.
+        let socket = match (args.temp_dir, args.bind_address) {
+            (true, _) => SocketPlace::TempDir,
+            (false, Some(path)) => SocketPlace::Path(path),
+            (false, None) => SocketPlace::Home {
+                clean: !args.no_cleanup,
+            },
+        };
         Ok(Self {
             mode,
-            bind_address: args.bind_address,
+            socket,
             shell,
             default_lifetime,
             allowed_providers: args.allowed_providers,
             fingerprint_hash,
             allow_remote_pkcs11,
+            websafe: Websafe::new(restrict_websafe, websafe_allow),
             config: args.config,
             parent_pid: args.parent_pid,
             command: args.command,
@@ -271,7 +358,8 @@ mod tests {
         assert_eq!(options.mode, Mode::Foreground { debug: false });
         assert_eq!(options.default_lifetime, Some(Duration::from_secs(3600)));
         assert!(options.allow_remote_pkcs11);
-        assert_eq!(options.bind_address.as_deref(), Some("sock".as_ref()));
+        assert_eq!(options.socket, SocketPlace::Path("sock".into()));
+        assert_eq!(options.websafe, Websafe::default());
 
         let args = Args::try_parse_from(["token-agent", "-s", "sh", "-c", "echo hi"]).unwrap();
         let options = Options::try_from(args).unwrap();
@@ -281,5 +369,63 @@ mod tests {
 
         let args = Args::try_parse_from(["token-agent", "-O", "bogus"]).unwrap();
         assert!(Options::try_from(args).is_err());
+    }
+
+    fn options(args: &[&str]) -> anyhow::Result<Options> {
+        let mut all = vec!["token-agent"];
+        all.extend_from_slice(args);
+        Options::try_from(Args::try_parse_from(all)?)
+    }
+
+    #[test]
+    fn socket_places_follow_ssh_agent() {
+        assert_eq!(
+            options(&[]).unwrap().socket,
+            SocketPlace::Home { clean: true }
+        );
+        assert_eq!(
+            options(&["-U"]).unwrap().socket,
+            SocketPlace::Home { clean: false }
+        );
+        assert_eq!(options(&["-T"]).unwrap().socket, SocketPlace::TempDir);
+        // ssh-agent binds in $TMPDIR when given both -T and -a.
+        assert_eq!(
+            options(&["-a", "sock", "-T"]).unwrap().socket,
+            SocketPlace::TempDir
+        );
+    }
+
+    #[test]
+    fn u_v_and_their_combinations() {
+        assert_eq!(
+            options(&["-u"]).unwrap().mode,
+            Mode::Cleanup { any_host: false }
+        );
+        assert_eq!(
+            options(&["-uu"]).unwrap().mode,
+            Mode::Cleanup { any_host: true }
+        );
+        assert_eq!(
+            options(&["-u", "-u"]).unwrap().mode,
+            Mode::Cleanup { any_host: true }
+        );
+        assert!(options(&["-u", "sh"]).is_err());
+        assert_eq!(options(&["-V"]).unwrap().mode, Mode::Version);
+        assert_eq!(options(&["-k", "-V"]).unwrap().mode, Mode::Version);
+        assert_eq!(options(&["--version"]).unwrap().mode, Mode::Version);
+    }
+
+    #[test]
+    fn websafe_options_as_openssh() {
+        let parsed = options(&["-O", "no-restrict-websafe"]).unwrap();
+        assert!(!parsed.websafe.restricts());
+        let parsed = options(&["-O", "websafe-allow=ssh:*,example.org"]).unwrap();
+        assert!(parsed.websafe.restricts());
+        assert_eq!(parsed.websafe.allowlist(), "ssh:*,example.org");
+        let twice = options(&["-O", "websafe-allow=a", "-O", "websafe-allow=b"]).unwrap_err();
+        assert!(
+            twice.to_string().contains("websafe-allow already set"),
+            "{twice}"
+        );
     }
 }

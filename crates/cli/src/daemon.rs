@@ -13,7 +13,7 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{bail, Context};
 use token_agent_core::FingerprintHash;
 
-use crate::args::Options;
+use crate::args::{Options, SocketPlace};
 use crate::serve::READY;
 use crate::shell;
 
@@ -74,9 +74,14 @@ pub(crate) fn start(options: &Options) -> anyhow::Result<ExitCode> {
 /// The flags the child needs to serve as this process was asked.
 fn child_flags(options: &Options) -> Vec<std::ffi::OsString> {
     let mut flags: Vec<std::ffi::OsString> = Vec::new();
-    if let Some(path) = &options.bind_address {
-        flags.push("-a".into());
-        flags.push(path.into());
+    match &options.socket {
+        SocketPlace::Path(path) => {
+            flags.push("-a".into());
+            flags.push(path.into());
+        }
+        SocketPlace::TempDir => flags.push("-T".into()),
+        SocketPlace::Home { clean: true } => {}
+        SocketPlace::Home { clean: false } => flags.push("-U".into()),
     }
     if let Some(lifetime) = options.default_lifetime {
         flags.push("-t".into());
@@ -93,6 +98,14 @@ fn child_flags(options: &Options) -> Vec<std::ffi::OsString> {
     if options.allow_remote_pkcs11 {
         flags.push("-O".into());
         flags.push("allow-remote-pkcs11".into());
+    }
+    if !options.websafe.restricts() {
+        flags.push("-O".into());
+        flags.push("no-restrict-websafe".into());
+    }
+    if options.websafe.allowlist() != token_agent_server::websafe::DEFAULT_ALLOWLIST {
+        flags.push("-O".into());
+        flags.push(format!("websafe-allow={}", options.websafe.allowlist()).into());
     }
     if let Some(config) = &options.config {
         flags.push("--config".into());

@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+mod activation;
 mod args;
 mod config;
 mod daemon;
@@ -18,6 +19,7 @@ mod logging;
 mod piv;
 mod serve;
 mod shell;
+mod socket;
 mod status;
 
 use std::process::ExitCode;
@@ -55,9 +57,24 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let options = Options::try_from(args)?;
     match options.mode {
+        Mode::Version => {
+            // As ssh-agent -V: on stderr, exit 0.
+            eprintln!("token-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
         Mode::Kill => shell::kill(&options),
+        Mode::Cleanup { any_host } => cleanup(any_host),
         Mode::Daemon => daemon::start(&options),
         Mode::Foreground { debug } => serve::run(&options, serve::Role::Foreground { debug }),
         Mode::DaemonChild => serve::run(&options, serve::Role::DaemonChild),
     }
+}
+
+/// `-u` / `-uu`: remove stale sockets under ~/.ssh/agent and say so, as ssh-agent.
+fn cleanup(any_host: bool) -> anyhow::Result<ExitCode> {
+    logging::to_stderr("warn", None);
+    let home = socket::home_dir()?;
+    socket::cleanup_stale(&home, any_host);
+    println!("Deleted stale agent sockets in ~/{}", socket::SOCKET_DIR);
+    Ok(ExitCode::SUCCESS)
 }

@@ -12,11 +12,12 @@ use token_agent_core::{Backend, Prompter};
 use token_agent_prompt::{Askpass, Bridge, NoticeConfig, Notifier, PinSource, Pinentry};
 use token_agent_server::provider::ProviderAllowlist;
 use token_agent_server::{listener, Policy, Router, SoftwareKeys};
+use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::args::Options;
+use crate::args::{Options, SocketPlace};
 use crate::config::{self, Config, PinPrompt};
-use crate::{logging, shell};
+use crate::{activation, logging, shell, socket};
 
 /// How this process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,15 +55,15 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
     }
     harden();
 
-    let (socket_path, made_dir) = socket_path(options)?;
+    let place = place(options, role)?;
+    let activated = matches!(place, Place::Inherited(_));
     let certificates = load_certificates(&config.certificates)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let (socket, _guard) = listener::bind_owned(&socket_path, made_dir)
-            .with_context(|| format!("cannot listen on {}", socket_path.display()))?;
+        let (socket, socket_path, _guard) = listen(place)?;
         let router = Router::new(
             backends(&config),
             prompter(&config),
@@ -71,11 +72,16 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         );
         tracing::info!(
             socket = %socket_path.display(),
+            activated,
             pid = std::process::id(),
             version = env!("CARGO_PKG_VERSION"),
             "token-agent started"
         );
-        announce(options, role, &socket_path)?;
+        // A supervisor that passed the socket tells the session where it is
+        // (ssh-agent prints nothing then either).
+        if !activated {
+            announce(options, role, &socket_path)?;
+        }
         let shutdown = shutdown_signal(role, options.parent_pid, router.clone())?;
         listener::serve(socket, router, listener::Access::current(), shutdown).await;
         tracing::info!("token-agent stopped");
@@ -117,6 +123,7 @@ fn policy(options: &Options) -> Policy {
             .unwrap_or_default(),
         allow_remote_providers: options.allow_remote_pkcs11,
         fingerprint_hash: options.fingerprint_hash,
+        websafe: options.websafe.clone(),
     }
 }
 
@@ -157,37 +164,111 @@ fn load_certificates(paths: &[PathBuf]) -> anyhow::Result<Vec<Certificate>> {
         .collect()
 }
 
-/// The socket path: `-a`, or `$TMPDIR/ssh-<10 random characters>/agent.<parent pid>` as ssh-agent makes it.
-/// Returns the directory too when the agent made it (and so removes it at exit).
-fn socket_path(options: &Options) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    if let Some(path) = &options.bind_address {
-        return Ok((path.clone(), None));
-    }
-    let base = std::env::temp_dir();
-    for _ in 0..16 {
-        let dir = base.join(format!("ssh-{}", random_suffix()));
-        match listener::create_private_dir(&dir) {
-            Ok(()) => {
-                let parent = nix::unistd::getppid();
-                return Ok((dir.join(format!("agent.{parent}")), Some(dir)));
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(err) => {
-                return Err(err).with_context(|| {
-                    format!("cannot create a socket directory in {}", base.display())
-                })
-            }
-        }
-    }
-    anyhow::bail!(
-        "cannot create a unique socket directory in {}",
-        base.display()
-    )
+/// Where this agent listens, decided before it serves.
+#[derive(Debug)]
+enum Place {
+    /// Bind at this path (`-a`, or `-T` in the directory made for it,
+    /// removed at exit).
+    Path {
+        path: PathBuf,
+        made_dir: Option<PathBuf>,
+    },
+    /// The default: a fresh name in `~/.ssh/agent`.
+    Home { dir: PathBuf, host_hash: String },
+    /// Socket activation: the supervisor's socket.
+    Inherited(std::os::unix::net::UnixListener),
 }
 
-fn random_suffix() -> String {
-    use rand::distributions::{Alphanumeric, DistString};
-    Alphanumeric.sample_string(&mut rand::rngs::OsRng, 10)
+/// Decides where to listen, in ssh-agent's order: socket activation (only
+/// in the foreground, without `-a`), `-T`, `-a`, then `~/.ssh/agent` after
+/// cleaning up stale sockets there (unless `-U`).
+fn place(options: &Options, role: Role) -> anyhow::Result<Place> {
+    let foreground = matches!(role, Role::Foreground { .. });
+    if foreground && !matches!(options.socket, SocketPlace::Path(_)) {
+        if let Some(listener) = activation::inherited()? {
+            return Ok(Place::Inherited(listener));
+        }
+    }
+    match &options.socket {
+        SocketPlace::Path(path) => Ok(Place::Path {
+            path: path.clone(),
+            made_dir: None,
+        }),
+        SocketPlace::TempDir => {
+            // agent.<pid of the process that printed the environment>: this
+            // one in the foreground, the parent that started it otherwise.
+            let pid = match role {
+                Role::Foreground { .. } => std::process::id(),
+                Role::DaemonChild => {
+                    u32::try_from(nix::unistd::getppid().as_raw()).unwrap_or_default()
+                }
+            };
+            let (path, dir) = socket::temp_dir_socket(pid)?;
+            Ok(Place::Path {
+                path,
+                made_dir: Some(dir),
+            })
+        }
+        SocketPlace::Home { clean } => {
+            let home = socket::home_dir()?;
+            if *clean {
+                let removed = socket::cleanup_stale(&home, false);
+                if !removed.is_empty() {
+                    tracing::info!(
+                        count = removed.len(),
+                        "removed stale agent sockets in ~/{}",
+                        socket::SOCKET_DIR
+                    );
+                }
+            }
+            let dir = socket::prepare_home_dir(&home)?;
+            Ok(Place::Home {
+                dir,
+                host_hash: socket::host_hash()?,
+            })
+        }
+    }
+}
+
+/// Listens at `place`: the listener, its path, and the guard that removes
+/// what the agent made (none for an inherited socket, which the agent never
+/// removes).
+fn listen(place: Place) -> anyhow::Result<(UnixListener, PathBuf, Option<listener::SocketGuard>)> {
+    match place {
+        Place::Path { path, made_dir } => {
+            let (socket, guard) = listener::bind_owned(&path, made_dir)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            Ok((socket, path, Some(guard)))
+        }
+        Place::Home { dir, host_hash } => {
+            // As mkstemp(3): draw another name while the drawn one is taken.
+            for _ in 0..100 {
+                let path = socket::home_socket_candidate(&dir, &host_hash);
+                match listener::bind_owned(&path, None) {
+                    Ok((socket, guard)) => return Ok((socket, path, Some(guard))),
+                    Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => continue,
+                    Err(err) => {
+                        return Err(err)
+                            .with_context(|| format!("cannot listen on {}", path.display()))
+                    }
+                }
+            }
+            anyhow::bail!("cannot find a free socket name in {}", dir.display())
+        }
+        Place::Inherited(socket) => {
+            let path = socket
+                .local_addr()
+                .ok()
+                .and_then(|address| address.as_pathname().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from("(an unnamed socket)"));
+            socket
+                .set_nonblocking(true)
+                .context("cannot use the socket passed by socket activation")?;
+            let socket = UnixListener::from_std(socket)
+                .context("cannot use the socket passed by socket activation")?;
+            Ok((socket, path, None))
+        }
+    }
 }
 
 /// Tells the shell (foreground) or the parent (daemon child) where the agent is.
@@ -208,7 +289,8 @@ fn announce(options: &Options, role: Role, socket: &Path) -> anyhow::Result<()> 
 
 /// Completes on SIGTERM, on SIGINT in the foreground, or when the parent
 /// running COMMAND exits. SIGHUP makes every backend forget cached PINs and
-/// let go of its tokens, and the agent goes on.
+/// let go of its tokens, and SIGUSR1 removes every key clients added (as
+/// OpenSSH 10's `keydrop_handler`, even while locked); the agent goes on.
 fn shutdown_signal(
     role: Role,
     parent: Option<i32>,
@@ -217,6 +299,7 @@ fn shutdown_signal(
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
     let foreground = matches!(role, Role::Foreground { .. });
     Ok(async move {
         let mut parent_check = tokio::time::interval(Duration::from_secs(1));
@@ -235,6 +318,10 @@ fn shutdown_signal(
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: forgetting cached PINs and releasing tokens");
                     router.forget_secrets();
+                }
+                _ = usr1.recv() => {
+                    let removed = router.drop_all_keys().await;
+                    tracing::info!(removed, "SIGUSR1: removed every key clients added");
                 }
                 _ = parent_check.tick(), if parent.is_some() => {
                     if let Some(pid) = parent {

@@ -5,8 +5,9 @@
 //! connection, the [`Router`] that keeps a snapshot of every backend's
 //! identities and sends each request to the backend that owns the key, key
 //! constraints and session bindings ([`constraints`]), locking ([`lock`]),
-//! the `-P` provider allowlist ([`provider`]), and the software key store
-//! ([`SoftwareKeys`]) that makes token-agent a drop-in for OpenSSH's ssh-agent.
+//! the `-P` provider allowlist ([`provider`]), the FIDO websafe restriction
+//! ([`websafe`]), and the software key store ([`SoftwareKeys`]) that makes
+//! token-agent a drop-in for OpenSSH's ssh-agent.
 //!
 //! It must not know any hardware: backends reach it only through
 //! [`token_agent_core::Backend`], and the person only through
@@ -44,6 +45,7 @@ mod router;
 mod session;
 mod software;
 pub mod status;
+pub mod websafe;
 
 pub use router::{Entry, Policy, Refusal, Router, Snapshot};
 pub use software::{SoftwareKeys, NAME as SOFTWARE_BACKEND};

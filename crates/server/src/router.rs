@@ -28,6 +28,7 @@ use crate::proto::message::{encode_blob, AssociatedCerts};
 use crate::provider::ProviderAllowlist;
 use crate::software::identity_blob;
 use crate::status::{self, KeyStatus, RefusalLog, RefusalRecord};
+use crate::websafe::{WebOrigin, Websafe};
 
 /// Agent-wide policy, from the command line and the configuration.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct Policy {
     pub allow_remote_providers: bool,
     /// The fingerprint hash used in logs and prompts (`-E`).
     pub fingerprint_hash: FingerprintHash,
+    /// Which sk keys may sign data that is not SSH's (`-O no-restrict-websafe`, `-O websafe-allow`).
+    pub websafe: Websafe,
 }
 
 impl Default for Policy {
@@ -49,6 +52,7 @@ impl Default for Policy {
             providers: ProviderAllowlist::default(),
             allow_remote_providers: false,
             fingerprint_hash: FingerprintHash::Sha256,
+            websafe: Websafe::default(),
         }
     }
 }
@@ -113,6 +117,9 @@ pub enum Refusal {
     /// A malformed or unacceptable request.
     #[error("{0}")]
     Invalid(String),
+    /// An sk key was asked to sign what looks like a web authentication request.
+    #[error(transparent)]
+    Websafe(#[from] WebOrigin),
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] Error),
@@ -129,6 +136,7 @@ impl Refusal {
             Self::Declined => RefusalKind::ConfirmDeclined,
             Self::Confirmation(err) => RefusalKind::of_confirmation(err),
             Self::Forwarded(_) => RefusalKind::Forwarding,
+            Self::Websafe(_) => RefusalKind::WebSafety,
             Self::Invalid(_) => RefusalKind::Refused,
             Self::Backend(err) => RefusalKind::of(err),
         }
@@ -337,6 +345,9 @@ impl Router {
             }
             None => return Err(Refusal::UnknownKey),
         };
+        self.policy
+            .websafe
+            .check(entry.identity.public_key(), key_data, &request.data)?;
         let mut context = context;
         if let Some(c) = &entry.constraints {
             if c.expired(Instant::now()) {
@@ -472,11 +483,22 @@ impl Router {
         if self.lock.is_locked() {
             return Err(Refusal::Locked);
         }
+        self.drop_all_keys().await;
+        Ok(())
+    }
+
+    /// Removes every key clients added, even while the agent is locked, as
+    /// OpenSSH's ssh-agent does on SIGUSR1: software and sk keys, and the keys
+    /// of PKCS#11 modules loaded with `ssh-add -s` (the modules are unloaded,
+    /// as `ssh-add -D` does). Keys of plugged-in tokens and of the
+    /// configuration stay. Returns how many listed keys went away.
+    pub async fn drop_all_keys(&self) -> usize {
+        let before = self.snapshot().entries().len();
         for backend in &self.backends {
             backend.remove_all().await;
         }
         self.forget_departed();
-        Ok(())
+        before.saturating_sub(self.snapshot().entries().len())
     }
 
     /// Loads a provider (`ssh-add -s`) with `constraints` on each of its

@@ -25,6 +25,7 @@ fn snapshot(name: &str, actual: &str) -> anyhow::Result<()> {
 fn token_agent(dir: &Path) -> anyhow::Result<Command> {
     let mut command = Command::new(agent_binary()?);
     command
+        .env("HOME", dir)
         .env("TMPDIR", dir)
         .env("XDG_STATE_HOME", dir)
         .env("XDG_CONFIG_HOME", dir)

@@ -3,6 +3,8 @@
 
 // Flags, background start, -k, command mode, configuration errors, help text.
 mod cli;
+// OpenSSH 10.x flags and signals next to 10.5's ssh-agent: ~/.ssh/agent sockets, -T, -u/-U, -V, SIGUSR1, socket activation.
+mod agent_flags;
 // Keys in and out: ssh-add -l/-L/-d/-D/-t, certificates.
 mod keys;
 // Hostile and concurrent clients: garbage frames, huge lengths, other uids, floods.

@@ -113,7 +113,7 @@ fn issue_12_askpass_confirmation_allows_only_yes_or_an_empty_answer() -> anyhow:
             agent.log_text()
         );
     }
-    assert_eq!(agent.log_text().matches("declined").count(), 4);
+    assert_eq!(agent.log_text().matches("reason=confirm-declined").count(), 4);
     Ok(())
 }
 
@@ -160,7 +160,7 @@ fn confirm_through_pinentry_without_askpass() -> anyhow::Result<()> {
     assert!(!try_sign(&agent, &public)?);
     assert!(!try_sign(&agent, &public)?);
     assert_eq!(
-        agent.log_text().matches("declined").count(),
+        agent.log_text().matches("reason=confirm-declined").count(),
         2,
         "{}",
         agent.log_text()

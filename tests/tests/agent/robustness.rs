@@ -164,38 +164,53 @@ fn another_uid_is_refused() -> anyhow::Result<()> {
 
 #[test]
 fn socket_is_private() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let output = Command::new(token_agent_e2e::agent_binary()?)
-        .arg("-s")
-        .env("TMPDIR", dir.path())
-        .env("XDG_STATE_HOME", dir.path())
-        .env_remove("SSH_AUTH_SOCK")
-        .output()?;
-    let text = stdout(&check(output, "token-agent -s")?);
-    let socket = text
-        .split("SSH_AUTH_SOCK=")
-        .nth(1)
-        .and_then(|rest| rest.split(';').next())
-        .unwrap_or_default()
-        .to_owned();
-    let pid: i32 = text
-        .split("SSH_AGENT_PID=")
-        .nth(1)
-        .and_then(|rest| rest.split(';').next())
-        .unwrap_or_default()
-        .parse()?;
-    let socket_mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
-    let parent = std::path::Path::new(&socket).parent().unwrap_or(dir.path());
-    let dir_mode = std::fs::metadata(parent)?.permissions().mode() & 0o777;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
-    assert_eq!(socket_mode, 0o600);
-    assert_eq!(dir_mode, 0o700);
-    assert!(token_agent_e2e::wait_for(
-        std::time::Duration::from_secs(10),
-        || !parent.exists()
-    ));
+    // The default (~/.ssh/agent/s.*) and -T ($TMPDIR/ssh-*/agent.*).
+    for temp_dir in [false, true] {
+        let dir = tempfile::tempdir()?;
+        let mut command = Command::new(token_agent_e2e::agent_binary()?);
+        command.arg("-s");
+        if temp_dir {
+            command.arg("-T");
+        }
+        let output = command
+            .env("HOME", dir.path())
+            .env("TMPDIR", dir.path())
+            .env("XDG_STATE_HOME", dir.path())
+            .env_remove("SSH_AUTH_SOCK")
+            .output()?;
+        let text = stdout(&check(output, "token-agent -s")?);
+        let socket = text
+            .split("SSH_AUTH_SOCK=")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .unwrap_or_default()
+            .to_owned();
+        let pid: i32 = text
+            .split("SSH_AGENT_PID=")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .unwrap_or_default()
+            .parse()?;
+        let socket_mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
+        let parent = std::path::Path::new(&socket).parent().unwrap_or(dir.path());
+        let dir_mode = std::fs::metadata(parent)?.permissions().mode() & 0o777;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        assert_eq!(socket_mode, 0o600);
+        assert_eq!(dir_mode, 0o700);
+        // The agent removes its socket, and the directory only when it made it for itself.
+        let gone = if temp_dir {
+            parent
+        } else {
+            std::path::Path::new(&socket)
+        };
+        assert!(token_agent_e2e::wait_for(
+            std::time::Duration::from_secs(10),
+            || !gone.exists()
+        ));
+        assert_eq!(parent.exists(), !temp_dir);
+    }
     Ok(())
 }

@@ -10,3 +10,5 @@ mod hardware;
 mod middleware;
 // Starting the fido-sim build of the agent and logging in through it.
 mod support;
+// -O no-restrict-websafe and websafe-allow: web-origin sk keys sign only SSH data, next to OpenSSH 10.5.
+mod websafe;

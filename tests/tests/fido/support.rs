@@ -252,6 +252,11 @@ impl SimAgent {
         Ok(agent)
     }
 
+    /// The agent's socket.
+    pub(crate) fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// Whether the agent process still runs.
     pub(crate) fn alive(&mut self) -> bool {
         self.child
@@ -301,24 +306,33 @@ impl SimAgent {
 
     /// Logs in to `sshd` through this agent and runs `echo logged-in`.
     pub(crate) fn login(&self, sshd: &Sshd) -> anyhow::Result<Output> {
-        let known_hosts = sshd.known_hosts()?;
-        let user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
-            .context("no passwd entry")?
-            .name;
-        Ok(self
-            .command("ssh")
-            .args(["-F", "none", "-p"])
-            .arg(sshd.port().to_string())
-            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
-            .args(["-o", "PasswordAuthentication=no", "-o", "IdentityFile=none"])
-            .args(["-o", "ConnectTimeout=10", "-o"])
-            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-            .arg("-o")
-            .arg(format!("IdentityAgent={}", self.socket.display()))
-            .arg(format!("{user}@127.0.0.1"))
-            .arg("echo logged-in")
-            .output()?)
+        login_through(&self.socket, sshd)
     }
+}
+
+/// Logs in to `sshd` through the agent at `socket` and runs `echo logged-in`.
+pub(crate) fn login_through(socket: &Path, sshd: &Sshd) -> anyhow::Result<Output> {
+    let known_hosts = sshd.known_hosts()?;
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
+        .context("no passwd entry")?
+        .name;
+    Ok(Command::new("ssh")
+        .env("SSH_AUTH_SOCK", socket)
+        .env_remove("SSH_AGENT_PID")
+        .env_remove("DISPLAY")
+        .env_remove("SSH_ASKPASS")
+        .stdin(Stdio::null())
+        .args(["-F", "none", "-p"])
+        .arg(sshd.port().to_string())
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
+        .args(["-o", "PasswordAuthentication=no", "-o", "IdentityFile=none"])
+        .args(["-o", "ConnectTimeout=10", "-o"])
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .arg("-o")
+        .arg(format!("IdentityAgent={}", socket.display()))
+        .arg(format!("{user}@127.0.0.1"))
+        .arg("echo logged-in")
+        .output()?)
 }
 
 impl Drop for SimAgent {

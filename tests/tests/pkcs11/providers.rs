@@ -369,9 +369,33 @@ fn issue_14_a_wrong_pin_is_a_reason_and_tokens_show_in_status() -> anyhow::Resul
     );
     let details = token["details"].to_string();
     assert!(details.contains("loaded with ssh-add -s"), "{details}");
-    assert!(
-        details.contains("1 keys") || details.contains("1 key"),
-        "{details}"
-    );
+    assert!(details.contains("\"1 key\""), "{details}");
+    Ok(())
+}
+
+#[test]
+fn issue_13_sigusr1_removes_provider_keys_and_the_provider_loads_again() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("ivan", &[KeyKind::P256])?;
+    let agent = start_agent(&hsm, &[], "", "unused")?;
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    let software = agent.dir().join("id_software");
+    token_agent_e2e::agent::keygen(&software, "ed25519", "software")?;
+    check(agent.ssh_add([&software])?, "ssh-add")?;
+    wait_listed(&agent, 2, Duration::from_secs(5))?;
+    let pid = i32::try_from(agent.pid().unwrap_or_default())?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )?;
+    wait_listed(&agent, 0, Duration::from_secs(5))?;
+    assert!(agent.log_text().contains("SIGUSR1"), "{}", agent.log_text());
+    // The module was unloaded with its keys, so ssh-add -s loads it again.
+    check(
+        add_provider(&agent, Path::new(MODULE), PIN)?,
+        "ssh-add -s after SIGUSR1",
+    )?;
+    let listed = wait_listed(&agent, 1, Duration::from_secs(5))?;
+    sign_and_verify(&agent, &listed[0], "after-sigusr1")?;
     Ok(())
 }

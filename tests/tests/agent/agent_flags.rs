@@ -1,0 +1,697 @@
+//! OpenSSH 10.x's ssh-agent flags and signals (issue 13), each checked side
+//! by side with OpenSSH 10.5's own ssh-agent: the default socket in
+//! ~/.ssh/agent, -T, stale-socket cleanup (-u, -uu, -U), -V, SIGUSR1 and
+//! socket activation. Every test has its own HOME and TMPDIR.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, ensure, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use token_agent_e2e::agent::keygen;
+use token_agent_e2e::openssh::OpenSsh;
+use token_agent_e2e::{agent_binary, check, stderr, stdout, wait_for, write_script};
+
+/// The two agents compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    TokenAgent,
+    OpenSsh10,
+}
+
+const BOTH: [Which; 2] = [Which::TokenAgent, Which::OpenSsh10];
+
+/// A private HOME (and TMPDIR below it) for one agent.
+struct Home {
+    dir: TempDir,
+}
+
+impl Home {
+    fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("issue13-home").tempdir()?;
+        std::fs::create_dir(dir.path().join("tmp"))?;
+        std::fs::write(dir.path().join("config.toml"), "")?;
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn tmp(&self) -> PathBuf {
+        self.path().join("tmp")
+    }
+
+    fn socket_dir(&self) -> PathBuf {
+        self.path().join(".ssh/agent")
+    }
+
+    /// The agent `which`, with this HOME and nothing of the caller's agent environment.
+    fn agent(&self, which: Which) -> anyhow::Result<Command> {
+        let mut command = match which {
+            Which::TokenAgent => {
+                let mut command = Command::new(agent_binary()?);
+                command
+                    .arg("--config")
+                    .arg(self.path().join("config.toml"))
+                    .env("XDG_STATE_HOME", self.path())
+                    .env("XDG_CONFIG_HOME", self.path())
+                    .env("TOKEN_AGENT_LOG", "debug");
+                command
+            }
+            Which::OpenSsh10 => Command::new(OpenSsh::v10()?.tool("ssh-agent")),
+        };
+        command
+            .env("HOME", self.path())
+            .env("TMPDIR", self.tmp())
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("SSH_AGENT_PID")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .env_remove("SSH_ASKPASS")
+            .env_remove("DISPLAY")
+            .stdin(Stdio::null());
+        Ok(command)
+    }
+}
+
+/// An agent in the foreground (`-D`), its socket read from the line it prints.
+struct Foreground {
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+    _log_dir: TempDir,
+}
+
+impl Foreground {
+    fn start(mut command: Command) -> anyhow::Result<Self> {
+        let log_dir = tempfile::Builder::new().prefix("issue13-log").tempdir()?;
+        let log = log_dir.path().join("agent.log");
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start the agent")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let socket = line
+            .strip_prefix("SSH_AUTH_SOCK=")
+            .and_then(|rest| rest.split(';').next())
+            .map(PathBuf::from);
+        let mut agent = Self {
+            child: Some(child),
+            socket: socket.clone().unwrap_or_default(),
+            log,
+            _log_dir: log_dir,
+        };
+        if socket.is_none() {
+            let _ = agent.stop();
+            bail!(
+                "the agent printed {line:?}:\n{}",
+                std::fs::read_to_string(&agent.log).unwrap_or_default()
+            );
+        }
+        Ok(agent)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .unwrap_or(0)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let child = self.child.take().context("already stopped")?;
+        stop(child)
+    }
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let _ = stop(child);
+        }
+    }
+}
+
+/// SIGTERM by PID, then wait (killing it after 10 s).
+fn stop(mut child: Child) -> anyhow::Result<ExitStatus> {
+    let _ = kill(Pid::from_raw(i32::try_from(child.id())?), Signal::SIGTERM);
+    if !wait_for(Duration::from_secs(10), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    }) {
+        let _ = child.kill();
+    }
+    Ok(child.wait()?)
+}
+
+/// `ssh-add ARGS` (OpenSSH 10.5's) against `socket`.
+fn ssh_add(socket: &Path, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(Command::new(OpenSsh::v10()?.tool("ssh-add"))
+        .args(args)
+        .env("SSH_AUTH_SOCK", socket)
+        .env_remove("SSH_ASKPASS")
+        .env_remove("DISPLAY")
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+fn lists_nothing(socket: &Path) -> anyhow::Result<bool> {
+    Ok(stdout(&ssh_add(socket, &["-l"])?).contains("The agent has no identities."))
+}
+
+fn mode(path: &Path) -> anyhow::Result<u32> {
+    Ok(std::fs::symlink_metadata(path)?.permissions().mode() & 0o7777)
+}
+
+/// The host hash OpenSSH 10.5's ssh-agent puts in its socket names here.
+fn openssh_host_hash() -> anyhow::Result<String> {
+    let home = Home::new()?;
+    let mut agent = Foreground::start({
+        let mut command = home.agent(Which::OpenSsh10)?;
+        command.arg("-D");
+        command
+    })?;
+    let name = agent
+        .socket
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    agent.stop()?;
+    let hash = name
+        .strip_prefix("s.")
+        .and_then(|rest| rest.split('.').next())
+        .with_context(|| format!("unexpected socket name {name}"))?;
+    Ok(hash.to_owned())
+}
+
+/// `(host hash, length of the random part)` of a default socket name, checked
+/// to be `HOME/.ssh/agent/s.<hash>.agent.<random>`.
+fn home_socket_shape(home: &Home, socket: &Path) -> anyhow::Result<(String, usize)> {
+    ensure!(
+        socket.parent() == Some(home.socket_dir().as_path()),
+        "{} is not in {}",
+        socket.display(),
+        home.socket_dir().display()
+    );
+    let name = socket
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("no socket name")?;
+    let parts: Vec<&str> = name.split('.').collect();
+    ensure!(
+        parts.len() == 4 && parts[0] == "s" && parts[2] == "agent",
+        "unexpected socket name {name}"
+    );
+    ensure!(
+        parts[1]
+            .bytes()
+            .chain(parts[3].bytes())
+            .all(|c| c.is_ascii_alphanumeric()),
+        "{name}"
+    );
+    Ok((parts[1].to_owned(), parts[3].len()))
+}
+
+#[test]
+fn issue_13_default_socket_is_named_and_made_as_openssh_10_makes_it() -> anyhow::Result<()> {
+    let mut seen = Vec::new();
+    for which in BOTH {
+        let home = Home::new()?;
+        let mut command = home.agent(which)?;
+        command.arg("-D");
+        let mut agent = Foreground::start(command)?;
+        let shape = home_socket_shape(&home, &agent.socket)?;
+        let modes = (
+            mode(&home.path().join(".ssh"))?,
+            mode(&home.socket_dir())?,
+            mode(&agent.socket)?,
+        );
+        ensure!(lists_nothing(&agent.socket)?, "{which:?} does not answer");
+        let status = agent.stop()?;
+        ensure!(status.code().is_some(), "{which:?} died: {status}");
+        ensure!(
+            !agent.socket.exists(),
+            "{which:?} left {}",
+            agent.socket.display()
+        );
+        ensure!(home.socket_dir().is_dir(), "{which:?} removed ~/.ssh/agent");
+        seen.push((shape, modes));
+    }
+    assert_eq!(seen[0], seen[1], "token-agent vs OpenSSH 10.5");
+    assert_eq!(seen[0].0 .1, 10, "ten random characters");
+    assert_eq!(seen[0].1, (0o700, 0o700, 0o600));
+    Ok(())
+}
+
+#[test]
+fn issue_13_background_start_puts_the_socket_in_home_too() -> anyhow::Result<()> {
+    let home = Home::new()?;
+    let output = check(
+        home.agent(Which::TokenAgent)?.arg("-s").output()?,
+        "token-agent -s",
+    )?;
+    let text = stdout(&output);
+    let variable = |name: &str| {
+        text.split(&format!("{name}="))
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let socket = PathBuf::from(variable("SSH_AUTH_SOCK"));
+    let pid: i32 = variable("SSH_AGENT_PID").parse()?;
+    let shape = home_socket_shape(&home, &socket);
+    let answers = lists_nothing(&socket);
+    kill(Pid::from_raw(pid), Signal::SIGTERM)?;
+    ensure!(shape?.1 == 10);
+    ensure!(answers?);
+    ensure!(wait_for(Duration::from_secs(10), || !socket.exists()));
+    Ok(())
+}
+
+#[test]
+fn issue_13_t_binds_in_tmpdir_as_before_openssh_10() -> anyhow::Result<()> {
+    let mut seen = Vec::new();
+    for which in BOTH {
+        let home = Home::new()?;
+        let mut command = home.agent(which)?;
+        command.args(["-D", "-T"]);
+        let mut agent = Foreground::start(command)?;
+        let pid = agent.pid();
+        let dir = agent.socket.parent().context("no directory")?.to_owned();
+        ensure!(
+            dir.parent() == Some(home.tmp().as_path()),
+            "{which:?}: {}",
+            agent.socket.display()
+        );
+        ensure!(
+            agent.socket.file_name().and_then(|n| n.to_str()) == Some(&format!("agent.{pid}")),
+            "{which:?}: {}",
+            agent.socket.display()
+        );
+        let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        // glibc's mkdtemp replaces only the last six of OpenSSH's twelve X's.
+        let random = dir_name
+            .strip_prefix("ssh-XXXXXX")
+            .with_context(|| format!("{which:?}: {dir_name}"))?;
+        ensure!(
+            random.len() == 6 && random.bytes().all(|c| c.is_ascii_alphanumeric()),
+            "{which:?}: {dir_name}"
+        );
+        let modes = (mode(&dir)?, mode(&agent.socket)?);
+        ensure!(lists_nothing(&agent.socket)?);
+        agent.stop()?;
+        ensure!(!dir.exists(), "{which:?} left {}", dir.display());
+        ensure!(!home.path().join(".ssh").exists(), "{which:?} made ~/.ssh");
+        seen.push(modes);
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0], (0o700, 0o600));
+    Ok(())
+}
+
+#[test]
+fn issue_13_a_home_without_room_for_the_socket_is_an_error_as_in_openssh() -> anyhow::Result<()> {
+    for which in BOTH {
+        let home = Home::new()?;
+        let missing = home.path().join("missing/home");
+        let output = home
+            .agent(which)?
+            .arg("-D")
+            .env("HOME", &missing)
+            .stdout(Stdio::null())
+            .output()?;
+        ensure!(!output.status.success(), "{which:?} started");
+        ensure!(
+            stderr(&output).contains(&format!("{}/.ssh", missing.display())),
+            "{which:?}: {}",
+            stderr(&output)
+        );
+        ensure!(!home.path().join("missing").exists());
+        if which == Which::TokenAgent {
+            assert_eq!(output.status.code(), Some(1));
+            assert!(
+                stderr(&output).contains("-a PATH or -T"),
+                "{}",
+                stderr(&output)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Stale, live, recent and foreign sockets in `home`'s ~/.ssh/agent, as an
+/// agent finds them after other agents died; the live listeners are returned
+/// to keep them alive.
+fn agents_left_behind(home: &Home, host_hash: &str) -> anyhow::Result<Vec<UnixListener>> {
+    let dir = home.socket_dir();
+    std::fs::create_dir_all(&dir)?;
+    let two_hours_ago = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .as_secs()
+        - 7200;
+    let old = nix::sys::time::TimeSpec::new(i64::try_from(two_hours_ago)?, 0);
+    let age = |name: &str| {
+        nix::sys::stat::utimensat(
+            None,
+            &dir.join(name),
+            &old,
+            &old,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+    };
+    let dead = |name: &str| -> anyhow::Result<()> {
+        drop(UnixListener::bind(dir.join(name))?);
+        Ok(())
+    };
+    let other_host = if host_hash == "OtherHost1" {
+        "OtherHost2"
+    } else {
+        "OtherHost1"
+    };
+    dead(&format!("s.{host_hash}.agent.stale00001"))?;
+    age(&format!("s.{host_hash}.agent.stale00001"))?;
+    let live = UnixListener::bind(dir.join(format!("s.{host_hash}.agent.live000001")))?;
+    age(&format!("s.{host_hash}.agent.live000001"))?;
+    dead(&format!("s.{host_hash}.agent.recent0001"))?;
+    dead(&format!("s.{other_host}.agent.stale00002"))?;
+    age(&format!("s.{other_host}.agent.stale00002"))?;
+    dead("not-an-agent-name")?;
+    age("not-an-agent-name")?;
+    std::fs::write(dir.join("a-regular-file"), "")?;
+    age("a-regular-file")?;
+    Ok(vec![live])
+}
+
+fn left(home: &Home) -> anyhow::Result<BTreeSet<String>> {
+    let mut names = BTreeSet::new();
+    for entry in std::fs::read_dir(home.socket_dir())? {
+        names.insert(entry?.file_name().to_string_lossy().into_owned());
+    }
+    Ok(names)
+}
+
+#[test]
+fn issue_13_u_and_uu_remove_the_stale_sockets_openssh_10_removes() -> anyhow::Result<()> {
+    let hash = openssh_host_hash()?;
+    let mut after = Vec::new();
+    for which in BOTH {
+        let home = Home::new()?;
+        let _live = agents_left_behind(&home, &hash)?;
+        let once = home.agent(which)?.arg("-u").output()?;
+        ensure!(once.status.success(), "{which:?} -u: {}", stderr(&once));
+        assert_eq!(
+            stdout(&once),
+            "Deleted stale agent sockets in ~/.ssh/agent\n",
+            "{which:?}"
+        );
+        let after_u = left(&home)?;
+        let twice = home.agent(which)?.arg("-uu").output()?;
+        ensure!(twice.status.success(), "{which:?} -uu: {}", stderr(&twice));
+        after.push((after_u, left(&home)?));
+    }
+    assert_eq!(after[0], after[1], "token-agent vs OpenSSH 10.5");
+    let names = |list: &[&str]| {
+        list.iter()
+            .map(|s| s.replace("HASH", &hash))
+            .collect::<BTreeSet<_>>()
+    };
+    let other = if hash == "OtherHost1" {
+        "OtherHost2"
+    } else {
+        "OtherHost1"
+    };
+    // -u: only this host's dead socket untouched for an hour.
+    assert_eq!(
+        after[0].0,
+        names(&[
+            "s.HASH.agent.live000001",
+            "s.HASH.agent.recent0001",
+            &format!("s.{other}.agent.stale00002"),
+            "not-an-agent-name",
+            "a-regular-file",
+        ])
+    );
+    // -uu: every dead socket untouched for an hour, whatever its name.
+    assert_eq!(
+        after[0].1,
+        names(&[
+            "s.HASH.agent.live000001",
+            "s.HASH.agent.recent0001",
+            "a-regular-file",
+        ])
+    );
+    Ok(())
+}
+
+#[test]
+fn issue_13_start_cleans_stale_sockets_unless_capital_u() -> anyhow::Result<()> {
+    let hash = openssh_host_hash()?;
+    let stale = format!("s.{hash}.agent.stale00001");
+    let live = format!("s.{hash}.agent.live000001");
+    for which in BOTH {
+        let home = Home::new()?;
+        let _live = agents_left_behind(&home, &hash)?;
+        let mut command = home.agent(which)?;
+        command.args(["-D", "-U"]);
+        let mut agent = Foreground::start(command)?;
+        ensure!(left(&home)?.contains(&stale), "{which:?} -U cleaned up");
+        agent.stop()?;
+        let mut command = home.agent(which)?;
+        command.arg("-D");
+        let mut agent = Foreground::start(command)?;
+        let names = left(&home)?;
+        ensure!(!names.contains(&stale), "{which:?} kept {stale}");
+        ensure!(names.contains(&live), "{which:?} removed a live socket");
+        agent.stop()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn issue_13_v_prints_the_version_on_stderr_and_exits_0() -> anyhow::Result<()> {
+    let home = Home::new()?;
+    for which in BOTH {
+        let output = home.agent(which)?.arg("-V").output()?;
+        assert_eq!(output.status.code(), Some(0), "{which:?}");
+        assert_eq!(stdout(&output), "", "{which:?}");
+        let expected = match which {
+            Which::TokenAgent => format!("token-agent {}\n", env!("CARGO_PKG_VERSION")),
+            Which::OpenSsh10 => "OpenSSH_10".to_owned(),
+        };
+        assert!(
+            stderr(&output).starts_with(&expected),
+            "{which:?}: {}",
+            stderr(&output)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn issue_13_sigusr1_removes_every_key_even_while_locked() -> anyhow::Result<()> {
+    for which in BOTH {
+        let home = Home::new()?;
+        let socket = home.tmp().join("agent.sock");
+        let mut command = home.agent(which)?;
+        command.arg("-D").arg("-a").arg(&socket);
+        let mut agent = Foreground::start(command)?;
+        let plain = home.path().join("id_plain");
+        keygen(&plain, "ed25519", "plain")?;
+        let constrained = home.path().join("id_constrained");
+        keygen(&constrained, "ecdsa-256", "constrained")?;
+        check(
+            ssh_add(&socket, &[plain.to_str().unwrap_or_default()])?,
+            "ssh-add",
+        )?;
+        check(
+            ssh_add(
+                &socket,
+                &["-c", "-t", "3600", constrained.to_str().unwrap_or_default()],
+            )?,
+            "ssh-add -c -t",
+        )?;
+        ensure!(!lists_nothing(&socket)?);
+        let askpass = home.path().join("askpass");
+        write_script(&askpass, "echo lock-password")?;
+        let locking = |flag: &str| -> anyhow::Result<()> {
+            let output = Command::new(OpenSsh::v10()?.tool("ssh-add"))
+                .arg(flag)
+                .env("SSH_AUTH_SOCK", &socket)
+                .env("SSH_ASKPASS", &askpass)
+                .env("SSH_ASKPASS_REQUIRE", "force")
+                .stdin(Stdio::null())
+                .output()?;
+            check(output, &format!("ssh-add {flag}"))?;
+            Ok(())
+        };
+        locking("-x")?;
+        kill(Pid::from_raw(agent.pid()), Signal::SIGUSR1)?;
+        let said = match which {
+            Which::TokenAgent => "SIGUSR1: removed every key clients added",
+            Which::OpenSsh10 => "removing all keys",
+        };
+        ensure!(
+            wait_for(Duration::from_secs(10), || agent.log_text().contains(said)),
+            "{which:?}:\n{}",
+            agent.log_text()
+        );
+        locking("-X")?;
+        ensure!(lists_nothing(&socket)?, "{which:?} kept keys");
+        ensure!(agent.alive(), "{which:?} exited on SIGUSR1");
+        // Still an agent: keys can be added again.
+        check(
+            ssh_add(&socket, &[plain.to_str().unwrap_or_default()])?,
+            "ssh-add again",
+        )?;
+        ensure!(!lists_nothing(&socket)?);
+    }
+    Ok(())
+}
+
+/// `systemd-socket-activate -l SOCKET` starting `which` with `-D` at the first connection.
+fn socket_activated(home: &Home, which: Which, socket: &Path) -> anyhow::Result<Child> {
+    let agent = home.agent(which)?;
+    let mut command = Command::new("systemd-socket-activate");
+    command.arg("-l").arg(socket);
+    // systemd-socket-activate passes only the variables named with -E.
+    for (name, value) in agent.get_envs() {
+        if let Some(value) = value {
+            command.arg("-E").arg(format!(
+                "{}={}",
+                name.to_string_lossy(),
+                value.to_string_lossy()
+            ));
+        }
+    }
+    command
+        .arg(agent.get_program())
+        .arg("-D")
+        .args(agent.get_args())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(home.tmp().join("stdout"))?)
+        .stderr(std::fs::File::create(home.tmp().join("stderr"))?);
+    command
+        .spawn()
+        .context("cannot run systemd-socket-activate (Debian's systemd package)")
+}
+
+#[test]
+fn issue_13_socket_activation_serves_the_inherited_socket_and_leaves_it() -> anyhow::Result<()> {
+    let mut codes = Vec::new();
+    for which in BOTH {
+        let home = Home::new()?;
+        let socket = home.tmp().join("activated.sock");
+        let child = socket_activated(&home, which, &socket)?;
+        let log = || std::fs::read_to_string(home.tmp().join("stderr")).unwrap_or_default();
+        ensure!(
+            wait_for(Duration::from_secs(10), || socket.exists()),
+            "{which:?}: {}",
+            log()
+        );
+        // The first connection makes systemd-socket-activate exec the agent.
+        let key = home.path().join("id");
+        keygen(&key, "ed25519", "activated")?;
+        let added = ssh_add(&socket, &[key.to_str().unwrap_or_default()])?;
+        let listed = ssh_add(&socket, &["-l"])?;
+        let status = stop(child)?;
+        check(added, "ssh-add through the activated socket")
+            .with_context(|| format!("{which:?}: {}", log()))?;
+        ensure!(
+            stdout(&listed).contains("activated"),
+            "{which:?}: {}",
+            stdout(&listed)
+        );
+        ensure!(socket.exists(), "{which:?} removed the supervisor's socket");
+        ensure!(
+            !home.path().join(".ssh").exists(),
+            "{which:?} made a socket of its own"
+        );
+        let printed = std::fs::read_to_string(home.tmp().join("stdout"))?;
+        ensure!(printed.is_empty(), "{which:?} printed {printed:?}");
+        codes.push(status.code());
+    }
+    assert_eq!(
+        codes,
+        [Some(0), Some(0)],
+        "SIGTERM under socket activation exits 0"
+    );
+    Ok(())
+}
+
+#[test]
+fn issue_13_socket_activation_refuses_wrong_listen_variables() -> anyhow::Result<()> {
+    for which in BOTH {
+        let home = Home::new()?;
+        // Two sockets announced: refused.
+        let output = home
+            .agent(which)?
+            .arg("-D")
+            .env("LISTEN_FDS", "2")
+            .env("LISTEN_PID", "1")
+            .stdout(Stdio::null())
+            .output()?;
+        ensure!(!output.status.success(), "{which:?}");
+        ensure!(
+            stderr(&output).contains("LISTEN_FDS"),
+            "{which:?}: {}",
+            stderr(&output)
+        );
+        // A socket meant for another process (fd 3 open, LISTEN_PID not ours): refused.
+        let agent = home.agent(which)?;
+        let mut shell = Command::new("sh");
+        shell
+            .arg("-c")
+            .arg("exec 3</dev/null; exec \"$0\" \"$@\" -D")
+            .arg(agent.get_program())
+            .args(agent.get_args())
+            .envs(agent.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_PID", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let output = shell.output()?;
+        ensure!(!output.status.success(), "{which:?}");
+        ensure!(
+            stderr(&output).contains("bad LISTEN_PID: 1 vs pid"),
+            "{which:?}: {}",
+            stderr(&output)
+        );
+        ensure!(!home.path().join(".ssh").exists());
+        // With -a, the variables do not matter.
+        let socket = home.tmp().join("bound.sock");
+        let mut command = home.agent(which)?;
+        command
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .env("LISTEN_FDS", "2")
+            .env("LISTEN_PID", "1");
+        let mut agent = Foreground::start(command)?;
+        ensure!(agent.socket == socket);
+        ensure!(lists_nothing(&socket)?);
+        agent.stop()?;
+    }
+    Ok(())
+}
