@@ -99,6 +99,56 @@ fn setup_then_list_then_login_to_sshd_through_the_agent() -> Result<()> {
     );
     ensure!(asked.contains("3 tries left"), "{asked}");
 
+    // A touch that never comes: the login fails, and `token-agent status`
+    // says why, with the card's PIN state beside it.
+    rig.card(0).touch().set_timeout(Duration::from_secs(1));
+    rig.card(0).touch().set_mode(TouchMode::Never);
+    let out = sshd.login(&agent)?;
+    ensure!(
+        !stdout(&out).contains("logged-in"),
+        "logged in without a touch"
+    );
+    let status = rig.run(
+        rig.command(agent_binary()?)
+            .args(["status", "--json", "--socket"])
+            .arg(agent.socket()),
+    )?;
+    ensure!(
+        status.status.success(),
+        "status failed: {}",
+        stderr(&status)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    let refusal = doc["refusals"]
+        .as_array()
+        .and_then(|r| r.last())
+        .cloned()
+        .unwrap_or_default();
+    ensure!(refusal["reason"] == "touch-timeout", "{doc:#}");
+    ensure!(
+        refusal["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("was not touched in time"),
+        "{refusal}"
+    );
+    let card = doc["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["name"] == "piv")
+        .map(|b| b["devices"][0].clone())
+        .unwrap_or_default();
+    ensure!(
+        card["label"] == format!("YubiKey 5 #{SERIAL}").as_str()
+            && card["details"].to_string().contains("PIN: 3 tries left")
+            && card["details"].to_string().contains("PUK: 3 tries left"),
+        "{card:#}"
+    );
+    rig.card(0)
+        .touch()
+        .set_mode(TouchMode::AutoAfter(Duration::from_millis(200)));
+
     // Three wrong PINs from another program block the PIN; `piv unblock`
     // sets a new one with the PUK (asked twice for the new PIN).
     for _ in 0..3 {
