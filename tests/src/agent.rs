@@ -179,6 +179,18 @@ impl Agent {
             .collect())
     }
 
+    /// `token-agent status --json` against this agent, parsed.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let output = crate::check(
+            Command::new(agent_binary()?)
+                .args(["status", "--json", "--socket"])
+                .arg(&self.socket)
+                .output()?,
+            "token-agent status --json",
+        )?;
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
     /// Stops the agent with SIGTERM and waits for it.
     pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("agent already stopped")?;

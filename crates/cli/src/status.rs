@@ -173,12 +173,7 @@ fn render(doc: &Value, socket: &std::path::Path) -> String {
             if c["confirm"].as_bool().unwrap_or(false) {
                 parts.push("confirm each use".to_owned());
             }
-            let destinations: Vec<String> = c["destinations"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(text)
-                .collect();
+            let destinations = strings(&c["destinations"]);
             if !destinations.is_empty() {
                 parts.push(format!("only to {}", destinations.join(", ")));
             }
@@ -188,12 +183,7 @@ fn render(doc: &Value, socket: &std::path::Path) -> String {
         }
         let cert = &key["certificate"];
         if cert.is_object() {
-            let principals: Vec<String> = cert["principals"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(text)
-                .collect();
+            let principals = strings(&cert["principals"]);
             out.push_str(&format!(
                 "      certificate \"{}\" for {}, valid {} to {}{}\n",
                 text(&cert["key_id"]),
@@ -218,12 +208,7 @@ fn render(doc: &Value, socket: &std::path::Path) -> String {
         out.push_str("  none\n");
     }
     for refusal in &refusals {
-        let client: Vec<String> = refusal["client"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(text)
-            .collect();
+        let client = strings(&refusal["client"]);
         out.push_str(&format!(
             "  {} {} {}: {}\n      {}\n      by {}{}\n",
             time(refusal["time"].as_u64().unwrap_or(0)),
@@ -239,6 +224,16 @@ fn render(doc: &Value, socket: &std::path::Path) -> String {
         ));
     }
     out
+}
+
+/// The strings of a JSON array (nothing for anything else).
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v.as_str().unwrap_or("").to_owned())
+        .collect()
 }
 
 /// "2h 3m", "45s".

@@ -42,6 +42,29 @@ fn keygen(openssh: &OpenSsh, path: &Path, kind: &str, comment: &str) -> anyhow::
     Ok(path.with_extension("pub"))
 }
 
+/// An sshsig of a message made through `agent` with the key `public`
+/// (`ssh-keygen -Y sign` of 10.5), checked by 10.5's `-Y check-novalidate`.
+fn sign_and_check(v10: &OpenSsh, name: &str, agent: &Agent, public: &Path) -> anyhow::Result<()> {
+    let message = agent.dir().join("message.txt");
+    std::fs::write(&message, format!("signed with {}\n", public.display()))?;
+    let _ = std::fs::remove_file(message.with_extension("txt.sig"));
+    check(
+        sign_file(agent.command(v10.tool("ssh-keygen")), public, &message).output()?,
+        &format!("{name}: ssh-keygen -Y sign"),
+    )?;
+    check(
+        std::process::Command::new(v10.tool("ssh-keygen"))
+            .args(["-Y", "check-novalidate", "-n", "file", "-f"])
+            .arg(public)
+            .arg("-s")
+            .arg(message.with_extension("txt.sig"))
+            .stdin(std::fs::File::open(&message)?)
+            .output()?,
+        &format!("{name}: ssh-keygen -Y check-novalidate"),
+    )?;
+    Ok(())
+}
+
 fn user() -> anyhow::Result<String> {
     Ok(nix::unistd::User::from_uid(nix::unistd::geteuid())?
         .ok_or_else(|| anyhow::anyhow!("no passwd entry for the current user"))?
@@ -71,22 +94,7 @@ fn issue_13_mldsa44_ed25519_keys_add_list_sign_and_log_in() -> anyhow::Result<()
         );
 
         // An sshsig made through the agent, checked by OpenSSH 10.5.
-        let message = agent.dir().join("message.txt");
-        std::fs::write(&message, "signed by a composite key\n")?;
-        check(
-            sign_file(agent.command(v10.tool("ssh-keygen")), &public, &message).output()?,
-            &format!("{name}: ssh-keygen -Y sign"),
-        )?;
-        check(
-            std::process::Command::new(v10.tool("ssh-keygen"))
-                .args(["-Y", "check-novalidate", "-n", "file", "-f"])
-                .arg(&public)
-                .arg("-s")
-                .arg(message.with_extension("txt.sig"))
-                .stdin(std::fs::File::open(&message)?)
-                .output()?,
-            &format!("{name}: ssh-keygen -Y check-novalidate"),
-        )?;
+        sign_and_check(&v10, name, &agent, &public)?;
 
         // A login to OpenSSH 10.5's sshd that accepts the algorithm.
         let sshd = Sshd::start_with(
@@ -405,22 +413,7 @@ fn issue_13_sk_keys_through_openssh_sk_dummy_middleware() -> anyhow::Result<()> 
             &format!("{name}: ssh-add -S sk-dummy.so"),
         )?;
         let public = key.with_extension("pub");
-        let message = agent.dir().join("message.txt");
-        std::fs::write(&message, "signed through sk-dummy\n")?;
-        check(
-            sign_file(agent.command(v10.tool("ssh-keygen")), &public, &message).output()?,
-            &format!("{name}: ssh-keygen -Y sign through the middleware"),
-        )?;
-        check(
-            std::process::Command::new(v10.tool("ssh-keygen"))
-                .args(["-Y", "check-novalidate", "-n", "file", "-f"])
-                .arg(&public)
-                .arg("-s")
-                .arg(message.with_extension("txt.sig"))
-                .stdin(std::fs::File::open(&message)?)
-                .output()?,
-            &format!("{name}: the sk signature verifies"),
-        )?;
+        sign_and_check(&v10, name, &agent, &public)?;
         // sk-dummy has no resident keys: ssh-add -K -S says so, for both.
         let resident = agent
             .command(v10.tool("ssh-add"))

@@ -2,27 +2,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
 use token_agent_e2e::openssh::Sshd;
 use token_agent_e2e::wire::{self, RawClient};
 use token_agent_e2e::{agent_binary, check, sign_file, stdout, wait_for, write_script};
 
-/// `token-agent status --json` against `agent`.
-fn status(agent: &Agent) -> anyhow::Result<Value> {
-    let output = check(
-        Command::new(agent_binary()?)
-            .args(["status", "--json", "--socket"])
-            .arg(agent.socket())
-            .output()?,
-        "token-agent status --json",
-    )?;
-    Ok(serde_json::from_str(&stdout(&output))?)
-}
-
 /// The reason codes of the agent's kept refusals, oldest first.
 fn reasons(agent: &Agent) -> anyhow::Result<Vec<String>> {
-    Ok(status(agent)?["refusals"]
+    Ok(agent.status()?["refusals"]
         .as_array()
         .into_iter()
         .flatten()
@@ -75,7 +62,7 @@ fn issue_14_a_declined_confirmation_is_a_reason_with_a_notice() -> anyhow::Resul
     )?;
     std::fs::remove_file(&key)?;
     assert!(!try_sign(&agent, &key.with_extension("pub"))?);
-    let doc = status(&agent)?;
+    let doc = agent.status()?;
     let refusal = &doc["refusals"][0];
     assert_eq!(refusal["reason"], "confirm-declined", "{doc:#}");
     assert_eq!(refusal["operation"], "sign");
@@ -119,7 +106,7 @@ fn issue_14_expired_locked_and_unknown_keys_have_their_reasons() -> anyhow::Resu
     )?;
     // Only the agent can sign from here on (ssh-keygen -Y would use the file).
     std::fs::remove_file(&short)?;
-    let lifetime = status(&agent)?["keys"][0]["constraints"]["lifetime_left_seconds"].clone();
+    let lifetime = agent.status()?["keys"][0]["constraints"]["lifetime_left_seconds"].clone();
     assert!(lifetime.as_u64().is_some_and(|s| s <= 1), "{lifetime}");
     assert!(wait_for(Duration::from_secs(10), || agent
         .listed()
@@ -153,7 +140,7 @@ fn issue_14_expired_locked_and_unknown_keys_have_their_reasons() -> anyhow::Resu
     lock("-x")?;
     assert!(!raw_sign(&agent, &kept.with_extension("pub"))?);
     // A locked agent answers status too: locked, and no keys shown.
-    let locked = status(&agent)?;
+    let locked = agent.status()?;
     assert_eq!(locked["locked"], true);
     assert_eq!(locked["keys"].as_array().map(Vec::len), Some(0));
     lock("-X")?;
@@ -201,7 +188,7 @@ fn issue_14_a_destination_refusal_names_the_hop() -> anyhow::Result<()> {
     sign.extend_from_slice(&0u32.to_be_bytes());
     client.send(&sign)?;
     assert_eq!(client.receive()?.unwrap_or_default(), [wire::FAILURE]);
-    let doc = status(&agent)?;
+    let doc = agent.status()?;
     assert_eq!(
         doc["keys"][0]["constraints"]["destinations"][0],
         "allowed.test"

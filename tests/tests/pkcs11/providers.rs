@@ -331,17 +331,7 @@ fn issue_14_a_wrong_pin_is_a_reason_and_tokens_show_in_status() -> anyhow::Resul
     assert!(!add_provider(&agent, Path::new(MODULE), "not-the-pin")?
         .status
         .success());
-    let status = |agent: &token_agent_e2e::agent::Agent| -> anyhow::Result<serde_json::Value> {
-        let output = check(
-            std::process::Command::new(token_agent_e2e::agent_binary()?)
-                .args(["status", "--json", "--socket"])
-                .arg(agent.socket())
-                .output()?,
-            "token-agent status",
-        )?;
-        Ok(serde_json::from_slice(&output.stdout)?)
-    };
-    let doc = status(&agent)?;
+    let doc = agent.status()?;
     let refusal = &doc["refusals"][0];
     assert_eq!(refusal["reason"], "wrong-pin", "{doc:#}");
     assert_eq!(refusal["operation"], "add provider");
@@ -354,7 +344,7 @@ fn issue_14_a_wrong_pin_is_a_reason_and_tokens_show_in_status() -> anyhow::Resul
     );
     check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
     wait_listed(&agent, 1, Duration::from_secs(5))?;
-    let doc = status(&agent)?;
+    let doc = agent.status()?;
     let pkcs11 = doc["backends"]
         .as_array()
         .into_iter()
