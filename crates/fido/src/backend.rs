@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use ssh_key::{Algorithm, HashAlg, Signature};
 use token_agent_core::{
-    AddKey, Backend, DeviceInfo, Error, Identity, IdentitySink, KeyRef, Notice, NoticeKind,
-    PinRequest, PromptSubject, Prompter, SignContext, SignRequest, SshSignature,
+    AddKey, Backend, DeviceInfo, DeviceStatus, Error, Identity, IdentitySink, KeyRef, Notice,
+    NoticeKind, PinRequest, PromptSubject, Prompter, SignContext, SignRequest, SshSignature,
 };
 
 use token_agent_sk_api::{Algorithm as SkAlgorithm, SkError};
@@ -552,6 +552,46 @@ impl Backend for FidoBackend {
         self.keys().held.retain(|h| h.origin == Origin::Config);
         self.publish();
         self.release_unused_middlewares();
+    }
+
+    /// The sk keys held, by what signs them: the agent's own FIDO code
+    /// (whichever connected security key holds the credential) or each
+    /// middleware. Security keys themselves are not enumerated here: that
+    /// is a HID scan, done only when a signature needs it.
+    fn devices(&self) -> Vec<DeviceStatus> {
+        let keys = self.keys();
+        let mut by_signer: Vec<(Option<String>, usize)> = Vec::new();
+        for held in &keys.held {
+            match by_signer.iter_mut().find(|(p, _)| *p == held.provider) {
+                Some((_, count)) => *count += 1,
+                None => by_signer.push((held.provider.clone(), 1)),
+            }
+        }
+        by_signer
+            .into_iter()
+            .map(|(provider, count)| {
+                let keys = if count == 1 {
+                    "1 sk key".to_owned()
+                } else {
+                    format!("{count} sk keys")
+                };
+                match provider {
+                    None => DeviceStatus {
+                        label: "security keys (USB HID)".into(),
+                        details: vec![
+                            keys,
+                            "signed by whichever connected security key holds each".into(),
+                        ],
+                        problem: false,
+                    },
+                    Some(path) => DeviceStatus {
+                        label: middleware_device(&path).label().to_owned(),
+                        details: vec![keys, "signed through its helper process".into()],
+                        problem: false,
+                    },
+                }
+            })
+            .collect()
     }
 }
 

@@ -423,6 +423,21 @@ fn issue_13_sk_keys_through_openssh_sk_dummy_middleware() -> anyhow::Result<()> 
             .output()?;
         assert!(!resident.status.success(), "{name}");
         assert_eq!(agent.listed()?.len(), 1, "{name}");
+        if name == "token-agent" {
+            // status names what signs the key: the middleware's helper.
+            let doc = agent.status()?;
+            let fido = doc["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|b| b["name"] == "fido")
+                .map(|b| b["devices"].to_string())
+                .unwrap_or_default();
+            assert!(
+                fido.contains("sk-dummy.so") && fido.contains("1 sk key"),
+                "{fido}"
+            );
+        }
     }
     Ok(())
 }
