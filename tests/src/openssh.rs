@@ -224,6 +224,36 @@ impl Sshd {
         agent: &Agent,
         options: &[&str],
     ) -> anyhow::Result<Output> {
+        self.run_with(openssh, agent, options, "echo logged-in")
+    }
+
+    /// Logs in to `self` with the agent forwarded (`ssh -A`) and, from there,
+    /// through the forwarded agent to `target`: two hops on loopback. The
+    /// output says "logged-in" when the second login got in.
+    pub fn login_forwarded_to(&self, target: &Sshd, agent: &Agent) -> anyhow::Result<Output> {
+        let known_hosts = target.known_hosts()?;
+        let user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
+            .context("no passwd entry for the current user")?
+            .name;
+        let inner = format!(
+            "ssh -F none -p {port} -o BatchMode=yes -o StrictHostKeyChecking=yes \
+             -o PasswordAuthentication=no -o IdentityFile=none -o ConnectTimeout=10 \
+             -o UserKnownHostsFile={known} {user}@127.0.0.1 echo logged-in",
+            port = target.port,
+            known = known_hosts.display(),
+        );
+        self.run_with(&OpenSsh::system(), agent, &["-A"], &inner)
+    }
+
+    /// Runs `command` on this server through `agent` with the ssh of `openssh`
+    /// and `options` (which win over the defaults: ssh takes an option's first value).
+    pub fn run_with(
+        &self,
+        openssh: &OpenSsh,
+        agent: &Agent,
+        options: &[&str],
+        command: &str,
+    ) -> anyhow::Result<Output> {
         let known_hosts = self.known_hosts()?;
         let user = nix::unistd::User::from_uid(nix::unistd::geteuid())?
             .context("no passwd entry for the current user")?
@@ -251,7 +281,7 @@ impl Sshd {
             .arg("-o")
             .arg(format!("IdentityAgent={}", agent.socket().display()))
             .arg(format!("{user}@127.0.0.1"))
-            .arg("echo logged-in")
+            .arg(command)
             .output()?;
         Ok(output)
     }

@@ -36,6 +36,129 @@ pub(crate) struct Config {
     /// The FIDO security-key backend.
     #[serde(default)]
     pub(crate) fido: FidoSection,
+    /// What keys may do over a forwarded agent (`ssh -A`).
+    #[serde(default)]
+    pub(crate) forwarding: ForwardingSection,
+}
+
+/// `[forwarding]`: the policy for signatures asked over a forwarded agent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ForwardingSection {
+    /// For keys no rule covers: "allow" (the default, as OpenSSH), "confirm" or "refuse".
+    #[serde(default)]
+    pub(crate) policy: ForwardingAction,
+    /// Seconds a "yes" is remembered for the same key and host chain; 0: never.
+    #[serde(default)]
+    pub(crate) confirm_cache_seconds: u64,
+    /// known_hosts files that name the hosts in questions (default: ~/.ssh/known_hosts).
+    #[serde(default = "default_known_hosts")]
+    pub(crate) known_hosts: Vec<PathBuf>,
+    /// `[[forwarding.keys]]`: rules for some keys; the first that matches wins.
+    #[serde(default)]
+    pub(crate) keys: Vec<ForwardingRule>,
+}
+
+/// `[[forwarding.keys]]`: every matcher given must match.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ForwardingRule {
+    /// The key's fingerprint, "SHA256:..." (as `ssh-add -l` prints it).
+    pub(crate) fingerprint: Option<String>,
+    /// A pattern (`*`, `?`) for the key's comment, e.g. "YubiKey*".
+    pub(crate) comment: Option<String>,
+    /// The backend: "software", "pkcs11", "piv" or "fido".
+    pub(crate) backend: Option<BackendName>,
+    /// "allow", "confirm" or "refuse".
+    pub(crate) policy: ForwardingAction,
+    /// Seconds a "yes" is remembered; 0: never.
+    #[serde(default)]
+    pub(crate) confirm_cache_seconds: u64,
+}
+
+/// `backend` of a `[[forwarding.keys]]` rule: a typo is an error, not a rule
+/// that never matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum BackendName {
+    /// Keys added with `ssh-add FILE`.
+    Software,
+    /// PKCS#11 tokens.
+    Pkcs11,
+    /// PIV YubiKeys.
+    Piv,
+    /// FIDO security keys.
+    Fido,
+}
+
+impl BackendName {
+    /// The name the backends are routed by.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Software => token_agent_server::SOFTWARE_BACKEND,
+            Self::Pkcs11 => token_agent_pkcs11::NAME,
+            Self::Piv => token_agent_piv::NAME,
+            Self::Fido => token_agent_fido::NAME,
+        }
+    }
+}
+
+/// `policy` of `[forwarding]` and its rules.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ForwardingAction {
+    /// Sign, as OpenSSH does.
+    #[default]
+    Allow,
+    /// Ask the person, naming the hosts.
+    Confirm,
+    /// Refuse.
+    Refuse,
+}
+
+impl Default for ForwardingSection {
+    fn default() -> Self {
+        Self {
+            policy: ForwardingAction::Allow,
+            confirm_cache_seconds: 0,
+            known_hosts: default_known_hosts(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+fn default_known_hosts() -> Vec<PathBuf> {
+    vec![PathBuf::from("~/.ssh/known_hosts")]
+}
+
+impl ForwardingSection {
+    /// The server's policy.
+    pub(crate) fn policy(&self) -> token_agent_server::forwarding::ForwardingPolicy {
+        use token_agent_server::forwarding::{ForwardedUse, ForwardingPolicy, KeyMatch, Rule};
+        let action = |a: ForwardingAction| match a {
+            ForwardingAction::Allow => ForwardedUse::Allow,
+            ForwardingAction::Confirm => ForwardedUse::Confirm,
+            ForwardingAction::Refuse => ForwardedUse::Refuse,
+        };
+        ForwardingPolicy {
+            default: action(self.policy),
+            default_confirm_cache: Duration::from_secs(self.confirm_cache_seconds),
+            rules: self
+                .keys
+                .iter()
+                .map(|rule| Rule {
+                    keys: KeyMatch {
+                        fingerprint: rule.fingerprint.clone(),
+                        comment: rule.comment.clone(),
+                        backend: rule.backend.map(|b| b.as_str().to_owned()),
+                    },
+                    action: action(rule.policy),
+                    confirm_cache: Duration::from_secs(rule.confirm_cache_seconds),
+                })
+                .collect(),
+            known_hosts: self.known_hosts.iter().map(|p| expand_home(p)).collect(),
+        }
+    }
 }
 
 /// `[pkcs11]`.
@@ -364,6 +487,41 @@ command = "notify-send token-agent \"$TOKEN_AGENT_NOTICE\""
         assert_eq!(config.prompt.timeout_seconds, 30);
         assert_eq!(config.notice.delay(), Duration::from_millis(250));
         assert_eq!(config.certificates.len(), 1);
+    }
+
+    #[test]
+    fn forwarding_rules_parse_and_typos_are_refused() {
+        let config = Config::parse(
+            r#"
+[forwarding]
+policy = "confirm"
+confirm_cache_seconds = 10
+
+[[forwarding.keys]]
+backend = "piv"
+policy = "refuse"
+
+[[forwarding.keys]]
+comment = "*@laptop"
+policy = "allow"
+"#,
+        )
+        .unwrap();
+        let policy = config.forwarding.policy();
+        use token_agent_server::forwarding::ForwardedUse;
+        assert_eq!(policy.default, ForwardedUse::Confirm);
+        assert_eq!(policy.default_confirm_cache, Duration::from_secs(10));
+        assert_eq!(
+            policy.decide("SHA256:x", "YubiKey", "piv").action,
+            ForwardedUse::Refuse
+        );
+        assert_eq!(
+            policy.decide("SHA256:x", "me@laptop", "software").action,
+            ForwardedUse::Allow
+        );
+        let typo =
+            Config::parse("[[forwarding.keys]]\nbackend = \"yubikey\"\npolicy = \"refuse\"\n");
+        assert!(format!("{:#}", typo.unwrap_err()).contains("unknown variant"));
     }
 
     #[test]

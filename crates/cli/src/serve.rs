@@ -67,7 +67,7 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         let router = Router::new(
             backends(&config),
             prompter(&config),
-            policy(options),
+            policy(options, &config),
             certificates,
         );
         tracing::info!(
@@ -113,7 +113,7 @@ fn backends(config: &Config) -> Vec<Arc<dyn Backend>> {
     backends
 }
 
-fn policy(options: &Options) -> Policy {
+fn policy(options: &Options, config: &Config) -> Policy {
     Policy {
         default_lifetime: options.default_lifetime,
         providers: options
@@ -124,6 +124,7 @@ fn policy(options: &Options) -> Policy {
         allow_remote_providers: options.allow_remote_pkcs11,
         fingerprint_hash: options.fingerprint_hash,
         websafe: options.websafe.clone(),
+        forwarding: config.forwarding.policy(),
     }
 }
 

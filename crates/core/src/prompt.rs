@@ -179,11 +179,16 @@ impl PinRequest {
     }
 }
 
-/// A request to allow one use of a confirm-constrained key (`ssh-add -c`).
+/// A request to allow one use of a key: a confirm-constrained key
+/// (`ssh-add -c`), or a use over a forwarded agent that the forwarding
+/// policy asks about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfirmRequest {
     /// The key and who asks.
     pub subject: PromptSubject,
+    /// Said first, when the question has a reason of its own, e.g.
+    /// "bastion.example.com wants to use ... to log in to db.internal as carl".
+    pub question: Option<String>,
 }
 
 impl ConfirmRequest {
@@ -191,7 +196,11 @@ impl ConfirmRequest {
     /// "Allow use of key alice@laptop?\nKey fingerprint SHA256:....\nRequested by ssh (pid 12) ...".
     pub fn description(&self) -> String {
         let key = self.subject.key.as_deref().unwrap_or("(no comment)");
-        let mut text = format!("Allow use of key {key}?");
+        let mut text = match &self.question {
+            Some(question) => format!("{question}\n"),
+            None => String::new(),
+        };
+        text.push_str(&format!("Allow use of key {key}?"));
         if let Some(fp) = &self.subject.fingerprint {
             text.push_str("\nKey fingerprint ");
             text.push_str(fp);
@@ -303,7 +312,10 @@ mod tests {
 
     #[test]
     fn confirm_text_follows_openssh() {
-        let request = ConfirmRequest { subject: subject() };
+        let request = ConfirmRequest {
+            subject: subject(),
+            question: None,
+        };
         assert!(request
             .description()
             .starts_with("Allow use of key slot 9a?\nKey fingerprint SHA256:abc."));

@@ -195,6 +195,7 @@ mod tests {
         ));
         let confirm = ConfirmRequest {
             subject: PromptSubject::default(),
+            question: None,
         };
         assert!(!no.confirm(&confirm).await.unwrap());
         let dir = tempfile::tempdir().unwrap();
@@ -210,6 +211,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let confirm = ConfirmRequest {
             subject: PromptSubject::default(),
+            question: None,
         };
         let cases = [
             ("exit 0", true),
@@ -254,6 +256,7 @@ mod tests {
         ));
         let confirm = ConfirmRequest {
             subject: PromptSubject::default(),
+            question: None,
         };
         assert!(matches!(
             slow.confirm(&confirm).await,

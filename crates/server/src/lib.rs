@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod constraints;
+pub mod forwarding;
 pub mod listener;
 pub mod lock;
 /// OpenSSH's post-quantum composite keys, ssh-mldsa44-ed25519@openssh.com: parse, sign, verify.

@@ -23,6 +23,7 @@ use token_agent_core::{
 };
 
 use crate::constraints::{self, Constraints, SessionBindings};
+use crate::forwarding::{self, ConfirmCache, ForwardedUse, ForwardingPolicy};
 use crate::lock::Lock;
 use crate::proto::message::{encode_blob, AssociatedCerts};
 use crate::provider::ProviderAllowlist;
@@ -41,6 +42,8 @@ pub struct Policy {
     pub allow_remote_providers: bool,
     /// The fingerprint hash used in logs and prompts (`-E`).
     pub fingerprint_hash: FingerprintHash,
+    /// What a use over a forwarded agent connection may do (`[forwarding]`).
+    pub forwarding: ForwardingPolicy,
     /// Which sk keys may sign data that is not SSH's (`-O no-restrict-websafe`, `-O websafe-allow`).
     pub websafe: Websafe,
 }
@@ -52,6 +55,7 @@ impl Default for Policy {
             providers: ProviderAllowlist::default(),
             allow_remote_providers: false,
             fingerprint_hash: FingerprintHash::Sha256,
+            forwarding: ForwardingPolicy::default(),
             websafe: Websafe::default(),
         }
     }
@@ -168,6 +172,8 @@ pub struct Router {
     associated: Mutex<HashMap<Vec<u8>, Arc<Associated>>>,
     /// The last refusals, for `token-agent status`.
     refusals: RefusalLog,
+    /// "Yes" answers to forwarded uses, remembered as the policy allows.
+    forwarded_yes: ConfirmCache,
     /// Blobs of the last keys whose lifetime ran out, so that a later use
     /// is refused as "expired" rather than "no such key".
     expired: Mutex<std::collections::VecDeque<Vec<u8>>>,
@@ -207,6 +213,7 @@ impl Router {
             provider_gate: Mutex::new(None),
             associated: Mutex::new(HashMap::new()),
             refusals: RefusalLog::default(),
+            forwarded_yes: ConfirmCache::default(),
             expired: Mutex::new(std::collections::VecDeque::new()),
             started: Instant::now(),
         });
@@ -303,6 +310,7 @@ impl Router {
 
     /// Makes every backend forget cached PINs and let go of its tokens.
     pub fn forget_secrets(&self) {
+        self.forwarded_yes.clear();
         for backend in &self.backends {
             backend.forget_secrets();
         }
@@ -365,6 +373,7 @@ impl Router {
             if c.confirm {
                 let confirm = ConfirmRequest {
                     subject: self.subject(&entry).with_context(&context),
+                    question: None,
                 };
                 match self.prompter.confirm(&confirm).await {
                     Ok(true) => {}
@@ -372,6 +381,10 @@ impl Router {
                     Err(err) => return Err(Refusal::Confirmation(err)),
                 }
             }
+        }
+        if forwarding::is_forwarded(bindings) {
+            self.check_forwarded(&entry, key_data, &request, &context, bindings)
+                .await?;
         }
         let backend = self.backend(entry.identity.key().backend())?;
         let signature = backend
@@ -383,6 +396,73 @@ impl Router {
             )
             .await?;
         Ok((entry, signature, context))
+    }
+
+    /// The forwarding policy for a use of `entry` over a forwarded connection:
+    /// allow, refuse, or ask the person, naming the hosts (and remember a
+    /// "yes" for the same key and host chain if the policy says so).
+    async fn check_forwarded(
+        &self,
+        entry: &Entry,
+        key_data: &KeyData,
+        request: &SignRequest,
+        context: &SignContext,
+        bindings: &SessionBindings,
+    ) -> Result<(), Refusal> {
+        let policy = &self.policy.forwarding;
+        let fingerprint = self.fingerprint(entry.identity.public_key());
+        let decision = policy.decide(
+            &fingerprint,
+            entry.identity.comment(),
+            entry.identity.key().backend(),
+        );
+        if decision.action == ForwardedUse::Allow {
+            return Ok(());
+        }
+        let names = policy.hop_names(bindings);
+        let hops = bindings.hops();
+        // The last hop is where a remote ssh logs in, unless it forwards on.
+        let logs_in = hops.len() >= 2 && hops.last().is_some_and(|h| !h.forwarded);
+        let (via, to) = if logs_in {
+            (&names[..names.len() - 1], names.last())
+        } else {
+            (&names[..], None)
+        };
+        let mut key = format!("key {}", entry.identity.comment());
+        if let Some(device) = entry.identity.device() {
+            if !entry.identity.comment().contains(device.label()) {
+                key.push_str(&format!(" on {}", device.label()));
+            }
+        }
+        let purpose = match (to, crate::proto::userauth::parse(&request.data, key_data)) {
+            (Some(to), Some(auth)) => format!("to log in to {to} as {}", auth.user),
+            (Some(to), None) => format!("to sign data for {to}"),
+            (None, _) => "over a forwarded agent".to_owned(),
+        };
+        let who = via.join(" > ");
+        if decision.action == ForwardedUse::Refuse {
+            return Err(Refusal::Forwarded(format!(
+                "{who} asked to use {key} ({fingerprint}) {purpose}; the forwarding \
+                 policy refuses forwarded use of this key"
+            )));
+        }
+        let chain: Vec<KeyData> = hops.iter().map(|h| h.host_key.key_data().clone()).collect();
+        if self.forwarded_yes.allows(&entry.blob, &chain) {
+            return Ok(());
+        }
+        let confirm = ConfirmRequest {
+            subject: self.subject(entry).with_context(context),
+            question: Some(format!("{who} wants to use {key} {purpose}.")),
+        };
+        match self.prompter.confirm(&confirm).await {
+            Ok(true) => {
+                self.forwarded_yes
+                    .remember(&entry.blob, chain, decision.confirm_cache);
+                Ok(())
+            }
+            Ok(false) => Err(Refusal::Declined),
+            Err(err) => Err(Refusal::Confirmation(err)),
+        }
     }
 
     /// Adds a client's key with `constraints` (lifetime already defaulted by

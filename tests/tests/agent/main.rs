@@ -17,3 +17,5 @@ mod prompts;
 mod openssh10;
 // Why the agent refused: reasons kept for `token-agent status`, and who may ask.
 mod status;
+// Forwarding without fear: the [forwarding] policy over two loopback hops.
+mod forwarding;

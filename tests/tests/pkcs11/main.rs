@@ -11,6 +11,8 @@ mod policy;
 mod hotplug;
 // Modules that crash or hang in C_Sign: the agent survives and says so.
 mod isolation;
+// The [forwarding] policy's per-backend rules cover token keys.
+mod forwarding;
 // Certificates for token keys (ssh-add -s MODULE cert.pub, -C), beside OpenSSH 10.5's agent.
 mod certificates;
 
