@@ -144,10 +144,18 @@ fn bare_host(name: &str) -> String {
     }
 }
 
-/// Remembered "yes" answers: key blob and host chain, until when.
+/// Remembered "yes" answers.
 #[derive(Debug, Default)]
 pub struct ConfirmCache {
-    entries: std::sync::Mutex<Vec<(Vec<u8>, Vec<KeyData>, Instant)>>,
+    entries: std::sync::Mutex<Vec<Remembered>>,
+}
+
+/// A "yes" for one key over one chain of host keys, until when.
+#[derive(Debug)]
+struct Remembered {
+    key: Vec<u8>,
+    chain: Vec<KeyData>,
+    until: Instant,
 }
 
 impl ConfirmCache {
@@ -155,8 +163,8 @@ impl ConfirmCache {
     pub fn allows(&self, key: &[u8], chain: &[KeyData]) -> bool {
         let now = Instant::now();
         let mut entries = token_agent_core::lock(&self.entries);
-        entries.retain(|(_, _, until)| *until > now);
-        entries.iter().any(|(k, c, _)| k == key && c == chain)
+        entries.retain(|r| r.until > now);
+        entries.iter().any(|r| r.key == key && r.chain == chain)
     }
 
     /// Remembers a "yes" for `key` over `chain` for `how_long`.
@@ -165,7 +173,11 @@ impl ConfirmCache {
             return;
         }
         if let Some(until) = Instant::now().checked_add(how_long) {
-            token_agent_core::lock(&self.entries).push((key.to_vec(), chain, until));
+            token_agent_core::lock(&self.entries).push(Remembered {
+                key: key.to_vec(),
+                chain,
+                until,
+            });
         }
     }
 
