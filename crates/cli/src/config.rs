@@ -39,6 +39,33 @@ pub(crate) struct Config {
     /// What keys may do over a forwarded agent (`ssh -A`).
     #[serde(default)]
     pub(crate) forwarding: ForwardingSection,
+    /// The desktop session.
+    #[serde(default)]
+    pub(crate) desktop: DesktopSection,
+}
+
+/// `[desktop]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DesktopSection {
+    /// When the session locks or the machine sleeps: "nothing" (the
+    /// default), "lock" (lock the agent and forget PINs until the session
+    /// unlocks) or "forget-pins" (keys stay usable; PINs are asked again).
+    #[serde(default)]
+    pub(crate) on_lock: OnLock,
+}
+
+/// `on_lock` of `[desktop]`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum OnLock {
+    /// Ignore the session.
+    #[default]
+    Nothing,
+    /// Lock the agent, as `ssh-add -x` does, until the session unlocks.
+    Lock,
+    /// Forget cached PINs; keys stay usable.
+    ForgetPins,
 }
 
 /// `[forwarding]`: the policy for signatures asked over a forwarded agent.

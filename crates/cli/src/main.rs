@@ -18,6 +18,7 @@ mod fido;
 mod logging;
 mod piv;
 mod serve;
+mod session_lock;
 mod shell;
 mod socket;
 mod status;

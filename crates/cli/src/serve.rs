@@ -82,6 +82,7 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         if !activated {
             announce(options, role, &socket_path)?;
         }
+        crate::session_lock::follow(&router, config.desktop.on_lock);
         let shutdown = shutdown_signal(role, options.parent_pid, router.clone())?;
         listener::serve(socket, router, listener::Access::current(), shutdown).await;
         tracing::info!("token-agent stopped");

@@ -449,13 +449,32 @@ impl Backend for Pkcs11Backend {
     fn forget_secrets(&self) {
         lock(&self.inner.pins).clear();
         let modules: Vec<Arc<Module>> = lock(&self.inner.modules).clone();
+        let limit = self.inner.options.call_timeout;
         for module in modules {
             if let Some(helper) = module.live_helper() {
-                // Log out, so the next signature asks again.
-                let _ = helper.call(Op::Logout, self.inner.options.call_timeout);
+                // Log out, so the next signature asks again. Called from a
+                // request (lock) or a signal handler on the async runtime: the
+                // logout must not block it, so it runs beside it.
+                match self.inner.runtime.get() {
+                    Some(runtime) => {
+                        runtime.spawn(async move {
+                            if let Err(err) = helper.call_async(Op::Logout, limit).await {
+                                tracing::warn!(error = ?err, "could not log out of a PKCS#11 token");
+                            }
+                        });
+                    }
+                    None => {
+                        let spawned = std::thread::Builder::new()
+                            .name("pkcs11-logout".into())
+                            .spawn(move || helper.call(Op::Logout, limit));
+                        if let Err(err) = spawned {
+                            tracing::warn!(%err, "cannot start a thread to log out");
+                        }
+                    }
+                }
             }
         }
-        tracing::info!("forgot cached PKCS#11 PINs and logged out of the tokens");
+        tracing::info!("forgot cached PKCS#11 PINs and logging out of the tokens");
     }
 }
 

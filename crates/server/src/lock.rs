@@ -1,4 +1,8 @@
-//! Locking the agent (`ssh-add -x` / `-X`).
+//! Locking the agent (`ssh-add -x` / `-X`), and with the desktop session.
+//!
+//! A session lock (the screen locks, or the machine suspends, when the
+//! configuration asks for it) locks the agent exactly as `ssh-add -x` does,
+//! without a password: it is lifted when the person unlocks the session.
 //!
 //! The password is held only as a salted bcrypt-pbkdf hash and compared in
 //! constant time, as OpenSSH does. Each failed unlock delays the answer, and
@@ -25,6 +29,8 @@ const MAX_COUNTED_FAILURES: u32 = 100;
 pub struct Lock {
     state: Mutex<Option<Locked>>,
     failures: tokio::sync::Mutex<u32>,
+    /// Locked with the desktop session.
+    session: std::sync::atomic::AtomicBool,
 }
 
 struct Locked {
@@ -39,9 +45,23 @@ impl std::fmt::Debug for Locked {
 }
 
 impl Lock {
-    /// Whether the agent is locked.
+    /// Whether the agent is locked, by `ssh-add -x` or with the session.
     pub fn is_locked(&self) -> bool {
-        self.state().is_some()
+        self.state().is_some() || self.is_session_locked()
+    }
+
+    /// Whether the agent is locked with the desktop session.
+    pub fn is_session_locked(&self) -> bool {
+        self.session.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Locks with the desktop session (or lifts that lock); returns whether
+    /// this changed anything. A password lock (`ssh-add -x`) is separate and
+    /// stays until `ssh-add -X`.
+    pub fn set_session_locked(&self, locked: bool) -> bool {
+        self.session
+            .swap(locked, std::sync::atomic::Ordering::SeqCst)
+            != locked
     }
 
     /// Locks with `password`. Returns false if already locked.

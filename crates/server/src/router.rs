@@ -308,6 +308,17 @@ impl Router {
         true
     }
 
+    /// Locks the agent with the desktop session (or lifts that lock). A lock
+    /// also makes every backend forget cached PINs.
+    pub fn set_session_locked(&self, locked: bool) {
+        if self.lock.set_session_locked(locked) {
+            if locked {
+                self.forget_secrets();
+            }
+            tracing::info!(locked, "agent lock follows the desktop session");
+        }
+    }
+
     /// Makes every backend forget cached PINs and let go of its tokens.
     pub fn forget_secrets(&self) {
         self.forwarded_yes.clear();

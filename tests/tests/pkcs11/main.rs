@@ -11,6 +11,8 @@ mod policy;
 mod hotplug;
 // Modules that crash or hang in C_Sign: the agent survives and says so.
 mod isolation;
+// The agent follows the desktop session's lock over a private D-Bus daemon.
+mod desktop;
 // The [forwarding] policy's per-backend rules cover token keys.
 mod forwarding;
 // Certificates for token keys (ssh-add -s MODULE cert.pub, -C), beside OpenSSH 10.5's agent.
@@ -68,7 +70,19 @@ fn start_agent_asking(
     config: &str,
     program: &Path,
 ) -> anyhow::Result<Agent> {
+    start_agent_with_env(hsm, args, config, program, Vec::new())
+}
+
+/// [`start_agent_asking`] with `extra` variables in the agent's environment.
+fn start_agent_with_env(
+    hsm: &SoftHsm,
+    args: &[&str],
+    config: &str,
+    program: &Path,
+    extra: Vec<(String, String)>,
+) -> anyhow::Result<Agent> {
     let mut env = hsm.env();
+    env.extend(extra);
     env.push(("SSH_ASKPASS".into(), program.display().to_string()));
     env.push(("SSH_ASKPASS_REQUIRE".into(), "force".into()));
     env.push(("TOKEN_AGENT_LOG".into(), "trace".into()));
