@@ -13,6 +13,7 @@
 mod args;
 mod config;
 mod daemon;
+mod doctor;
 mod fido;
 mod logging;
 mod piv;
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         Some("--sk-helper") => token_agent_fido::middleware::run_helper(),
         Some("piv") => return piv::main(std::env::args_os().skip(1)),
         Some("fido") => return fido::main(std::env::args_os().skip(1)),
+        Some("doctor") => return doctor::main(std::env::args_os().skip(1)),
         _ => {}
     }
     let args = Args::parse();
