@@ -11,3 +11,5 @@ mod robustness;
 mod signing;
 // Talking to the person: confirm (-c) through SSH_ASKPASS and pinentry, lock and unlock.
 mod prompts;
+// token-agent doctor: each check against a real broken setup and a sound one.
+mod doctor;
