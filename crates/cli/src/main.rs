@@ -14,6 +14,7 @@ mod activation;
 mod args;
 mod config;
 mod daemon;
+mod doctor;
 mod fido;
 mod logging;
 mod piv;
@@ -43,6 +44,7 @@ fn main() -> ExitCode {
         Some("piv") => return piv::main(std::env::args_os().skip(1)),
         Some("fido") => return fido::main(std::env::args_os().skip(1)),
         Some("status") => return status::main(std::env::args_os().skip(1)),
+        Some("doctor") => return doctor::main(std::env::args_os().skip(1)),
         _ => {}
     }
     let args = Args::parse();

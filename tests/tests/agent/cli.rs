@@ -6,7 +6,7 @@ use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
 use token_agent_e2e::{agent_binary, check, stderr, stdout, wait_for};
 
 /// Compares `actual` with the snapshot file `name`; UPDATE_SNAPSHOTS=1 rewrites it.
-fn snapshot(name: &str, actual: &str) -> anyhow::Result<()> {
+pub(crate) fn snapshot(name: &str, actual: &str) -> anyhow::Result<()> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("snapshots")
         .join(name);

@@ -19,3 +19,5 @@ mod openssh10;
 mod status;
 // Forwarding without fear: the [forwarding] policy over two loopback hops.
 mod forwarding;
+// token-agent doctor: each check against a real broken setup and a sound one.
+mod doctor;
