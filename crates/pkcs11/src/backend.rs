@@ -143,6 +143,10 @@ struct Module {
     /// out. OpenSSH drops such keys from its table while the provider stays
     /// loaded; they stay hidden until the provider is loaded again.
     removed: Mutex<HashSet<Vec<u8>>>,
+    /// Held by a logout in flight ([`Backend::forget_secrets`] does not wait
+    /// for it): every call waits for it first, so no signature after a lock
+    /// or SIGHUP can use the old login.
+    logout: Arc<tokio::sync::Mutex<()>>,
     unloaded: AtomicBool,
 }
 
@@ -457,7 +461,10 @@ impl Backend for Pkcs11Backend {
                 // logout must not block it, so it runs beside it.
                 match self.inner.runtime.get() {
                     Some(runtime) => {
+                        // Taken now, released when the logout is done.
+                        let pending = module.logout.clone().try_lock_owned().ok();
                         runtime.spawn(async move {
+                            let _pending = pending;
                             if let Err(err) = helper.call_async(Op::Logout, limit).await {
                                 tracing::warn!(error = ?err, "could not log out of a PKCS#11 token");
                             }
@@ -489,6 +496,7 @@ impl Module {
             slot_events: AtomicBool::new(false),
             tokens: Mutex::new(Vec::new()),
             removed: Mutex::new(HashSet::new()),
+            logout: Arc::new(tokio::sync::Mutex::new(())),
             unloaded: AtomicBool::new(false),
         }
     }
@@ -767,6 +775,7 @@ impl Inner {
         op: Op,
         limit: Duration,
     ) -> Result<Reply, CallError> {
+        drop(module.logout.lock().await);
         let helper = match module.live_helper() {
             Some(helper) => helper,
             None => {
