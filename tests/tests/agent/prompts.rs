@@ -113,7 +113,10 @@ fn issue_12_askpass_confirmation_allows_only_yes_or_an_empty_answer() -> anyhow:
             agent.log_text()
         );
     }
-    assert_eq!(agent.log_text().matches("reason=confirm-declined").count(), 4);
+    assert_eq!(
+        agent.log_text().matches("reason=confirm-declined").count(),
+        4
+    );
     Ok(())
 }
 
