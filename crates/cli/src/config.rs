@@ -75,7 +75,9 @@ pub(crate) const KEYS: &[Key] = &[
         example: r#"'notify-send token-agent "$TOKEN_AGENT_NOTICE"'"#,
         meaning: "A shell command run when a device waits for a touch or a PIN pad, stopped when it answers. \
 Its environment carries TOKEN_AGENT_NOTICE (the text), TOKEN_AGENT_NOTICE_KIND (touch or pinpad), \
-TOKEN_AGENT_KEY, TOKEN_AGENT_FINGERPRINT, TOKEN_AGENT_DEVICE, TOKEN_AGENT_HOST and TOKEN_AGENT_CLIENT.",
+TOKEN_AGENT_KEY, TOKEN_AGENT_FINGERPRINT, TOKEN_AGENT_DEVICE, TOKEN_AGENT_HOST and TOKEN_AGENT_CLIENT. \
+Without it, the notice is a desktop notification (org.freedesktop.Notifications on the session bus), \
+closed when the device answers.",
     },
     Key {
         section: "piv",
