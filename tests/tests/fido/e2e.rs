@@ -442,6 +442,47 @@ fn issue_17_a_touch_shows_a_desktop_notification_closed_when_touched() -> anyhow
             "the notification was not closed after the touch: {:?}",
             lines()
         );
+
+        // A [notice] command keeps precedence: it runs, and nothing goes to the desktop.
+        let ran = token.dir().join("command-ran");
+        let config = format!(
+            "[notice]\ndelay_ms = 0\ncommand = \"echo \\\"$TOKEN_AGENT_NOTICE_KIND\\\" >> '{}'\"\n",
+            ran.display()
+        );
+        let agent = SimAgent::start_with_env(
+            &token,
+            &config,
+            &[],
+            &[("DBUS_SESSION_BUS_ADDRESS", bus.address.as_str())],
+        )?;
+        check(agent.ssh_add(&[&file.display().to_string()])?, "ssh-add")?;
+        let before = lines().len();
+        ensure!(agent.control("presence wait")? == "ok");
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let signer = scope.spawn(|| sign_file(&agent, &file, &message));
+            let noticed = wait_for(Duration::from_secs(5), || ran.exists());
+            let touched = wait_for(Duration::from_secs(1), || {
+                agent.control("touch").is_ok_and(|answer| answer == "ok")
+            });
+            let signed = signer
+                .join()
+                .map_err(|_| anyhow::anyhow!("signer panicked"))??;
+            ensure!(
+                noticed,
+                "the notice command did not run:\n{}",
+                agent.log_text()
+            );
+            ensure!(touched, "nothing waited for a touch");
+            check(signed, "ssh-keygen -Y sign after a touch")?;
+            Ok(())
+        })?;
+        std::thread::sleep(Duration::from_millis(200));
+        ensure!(
+            lines().len() == before,
+            "a desktop notification beside the command: {:?}",
+            lines()
+        );
+        ensure!(std::fs::read_to_string(&ran)?.trim() == "touch");
         Ok(())
     })();
     let _ = server.kill();
