@@ -10,8 +10,209 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
+/// One key of the configuration file, as the man page lists it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Key {
+    /// The table it goes in: "" for the top level, "prompt", "pkcs11.modules" (an array of tables), ...
+    pub(crate) section: &'static str,
+    /// The key.
+    pub(crate) name: &'static str,
+    /// An example value, in TOML.
+    pub(crate) example: &'static str,
+    /// What it means, with its default.
+    pub(crate) meaning: &'static str,
+}
+
+/// The sections of [`KEYS`] that are arrays of tables (`[[pkcs11.modules]]`).
+pub(crate) const ARRAY_SECTIONS: &[&str] = &["pkcs11.modules", "forwarding.keys"];
+
+/// Every key the file takes, in the order the man page shows them. The one
+/// list the documentation is made from; a test checks it against the parser
+/// both ways (every key here parses, every key the parser fills is here).
+pub(crate) const KEYS: &[Key] = &[
+    Key {
+        section: "",
+        name: "certificates",
+        example: r#"["~/.ssh/yubikey-cert.pub"]"#,
+        meaning: "Certificate files (*-cert.pub) presented with whichever key they certify, software or token.",
+    },
+    Key {
+        section: "",
+        name: "log_file",
+        example: r#""~/.local/state/token-agent/agent.log""#,
+        meaning: "Where the background agent logs. Default: $XDG_STATE_HOME/token-agent/agent.log.",
+    },
+    Key {
+        section: "",
+        name: "log_level",
+        example: r#""info""#,
+        meaning: "Log filter, e.g. \"info\" (every signature: key, client process, destination) or \"token_agent_server=debug\".",
+    },
+    Key {
+        section: "prompt",
+        name: "pinentry",
+        example: r#""pinentry-gnome3""#,
+        meaning: "The pinentry program. Default: $PINENTRY_PROGRAM, else \"pinentry\".",
+    },
+    Key {
+        section: "prompt",
+        name: "pin_prompt",
+        example: r#""pinentry""#,
+        meaning: "Where PINs are asked: \"pinentry\" (default) or \"askpass\" (the $SSH_ASKPASS program).",
+    },
+    Key {
+        section: "prompt",
+        name: "timeout_seconds",
+        example: "60",
+        meaning: "Seconds the person has to answer a prompt. Default: 60.",
+    },
+    Key {
+        section: "notice",
+        name: "delay_ms",
+        example: "500",
+        meaning: "Milliseconds a device may take before the touch or PIN-pad notice appears. Default: 500.",
+    },
+    Key {
+        section: "notice",
+        name: "command",
+        example: r#"'notify-send token-agent "$TOKEN_AGENT_NOTICE"'"#,
+        meaning: "A shell command run when a device waits for a touch or a PIN pad, stopped when it answers. \
+Its environment carries TOKEN_AGENT_NOTICE (the text), TOKEN_AGENT_NOTICE_KIND (touch or pinpad), \
+TOKEN_AGENT_KEY, TOKEN_AGENT_FINGERPRINT, TOKEN_AGENT_DEVICE, TOKEN_AGENT_HOST and TOKEN_AGENT_CLIENT. \
+Without it, the notice is a desktop notification (org.freedesktop.Notifications on the session bus), \
+closed when the device answers.",
+    },
+    Key {
+        section: "piv",
+        name: "enabled",
+        example: "true",
+        meaning: "Offer the keys of plugged-in YubiKeys (PIV, through pcscd). Default: true.",
+    },
+    Key {
+        section: "piv",
+        name: "pin_cache_idle_seconds",
+        example: "900",
+        meaning: "Seconds a card's PIN is kept without use; 0 never keeps it. Default: 900.",
+    },
+    Key {
+        section: "pkcs11",
+        name: "pin_cache_idle_seconds",
+        example: "900",
+        meaning: "Seconds a token's PIN is kept without use; 0 never keeps it. Default: 900.",
+    },
+    Key {
+        section: "pkcs11",
+        name: "timeout_seconds",
+        example: "30",
+        meaning: "Seconds a module may take to answer a call before its helper process is killed and restarted. Default: 30.",
+    },
+    Key {
+        section: "pkcs11",
+        name: "pin_pad_timeout_seconds",
+        example: "300",
+        meaning: "Seconds a person may take at a reader's PIN pad. Default: 300.",
+    },
+    Key {
+        section: "pkcs11",
+        name: "poll_interval_ms",
+        example: "2000",
+        meaning: "Milliseconds between looks for tokens coming and going. Default: 2000.",
+    },
+    Key {
+        section: "pkcs11",
+        name: "parallel_signatures",
+        example: "0",
+        meaning: "The most signatures one module makes at once; 0 (default) means one per CPU.",
+    },
+    Key {
+        section: "pkcs11.modules",
+        name: "path",
+        example: r#""/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so""#,
+        meaning: "A PKCS#11 module loaded at start, in a helper process of its own (one [[pkcs11.modules]] table each).",
+    },
+    Key {
+        section: "pkcs11.modules",
+        name: "pin",
+        example: r#""prompt""#,
+        meaning: "Where the module's PIN comes from: \"prompt\" (default: asked as [prompt] says, when a signature needs a login) or \"none\" (never log in).",
+    },
+    Key {
+        section: "fido",
+        name: "keys",
+        example: r#"["~/.ssh/id_ed25519_sk"]"#,
+        meaning: "sk key files offered from the start, as if added with ssh-add.",
+    },
+    Key {
+        section: "fido",
+        name: "load_resident",
+        example: "false",
+        meaning: "Load the resident credentials of connected security keys at start (the PIN is asked then). Default: false.",
+    },
+    Key {
+        section: "fido",
+        name: "middleware_timeout_seconds",
+        example: "35",
+        meaning: "Seconds an sk middleware (ssh-add -S) may take to sign, a touch included, before its helper is killed and restarted. Default: 35.",
+    },
+    Key {
+        section: "forwarding",
+        name: "policy",
+        example: r#""confirm""#,
+        meaning: "What a signature asked over a forwarded agent (ssh -A) may do, for keys no rule covers: \"allow\" (as OpenSSH), \"confirm\" (ask, naming the hosts) or \"refuse\". Default: allow.",
+    },
+    Key {
+        section: "forwarding",
+        name: "confirm_cache_seconds",
+        example: "0",
+        meaning: "Seconds a \"yes\" to a forwarded use is remembered for the same key and host chain; 0 never remembers. Default: 0.",
+    },
+    Key {
+        section: "forwarding",
+        name: "known_hosts",
+        example: r#"["~/.ssh/known_hosts"]"#,
+        meaning: "known_hosts files whose plain entries name the hosts in questions (default: ~/.ssh/known_hosts).",
+    },
+    Key {
+        section: "forwarding.keys",
+        name: "fingerprint",
+        example: r#""SHA256:...""#,
+        meaning: "A rule for the key with this fingerprint. Rules are tried in order; every matcher a rule gives must match.",
+    },
+    Key {
+        section: "forwarding.keys",
+        name: "comment",
+        example: r#""YubiKey*""#,
+        meaning: "A rule for keys whose comment matches this pattern (* and ?).",
+    },
+    Key {
+        section: "forwarding.keys",
+        name: "backend",
+        example: r#""piv""#,
+        meaning: "A rule for the keys of one backend: \"software\", \"pkcs11\", \"piv\" or \"fido\".",
+    },
+    Key {
+        section: "forwarding.keys",
+        name: "policy",
+        example: r#""refuse""#,
+        meaning: "What the rule does: \"allow\", \"confirm\" or \"refuse\".",
+    },
+    Key {
+        section: "forwarding.keys",
+        name: "confirm_cache_seconds",
+        example: "30",
+        meaning: "Seconds the rule remembers a \"yes\"; 0 never remembers.",
+    },
+    Key {
+        section: "desktop",
+        name: "on_lock",
+        example: r#""lock""#,
+        meaning: "When the desktop session locks or the machine sleeps: \"nothing\", \"lock\" (lock the agent as ssh-add -x until the session unlocks) or \"forget-pins\" (keys stay usable, PINs are asked again). Default: nothing.",
+    },
+];
+
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Config {
     /// How the agent asks the person.
@@ -45,6 +246,7 @@ pub(crate) struct Config {
 }
 
 /// `[desktop]`.
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DesktopSection {
@@ -56,6 +258,7 @@ pub(crate) struct DesktopSection {
 }
 
 /// `on_lock` of `[desktop]`.
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum OnLock {
@@ -69,6 +272,7 @@ pub(crate) enum OnLock {
 }
 
 /// `[forwarding]`: the policy for signatures asked over a forwarded agent.
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ForwardingSection {
@@ -87,6 +291,7 @@ pub(crate) struct ForwardingSection {
 }
 
 /// `[[forwarding.keys]]`: every matcher given must match.
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ForwardingRule {
@@ -105,6 +310,7 @@ pub(crate) struct ForwardingRule {
 
 /// `backend` of a `[[forwarding.keys]]` rule: a typo is an error, not a rule
 /// that never matches.
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum BackendName {
@@ -131,6 +337,7 @@ impl BackendName {
 }
 
 /// `policy` of `[forwarding]` and its rules.
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum ForwardingAction {
@@ -190,6 +397,7 @@ impl ForwardingSection {
 
 /// `[pkcs11]`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Pkcs11Section {
     /// Modules loaded at start: `[[pkcs11.modules]]`.
@@ -214,6 +422,7 @@ pub(crate) struct Pkcs11Section {
 
 /// `[[pkcs11.modules]]`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Pkcs11Module {
     /// The module's path, e.g. "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so".
@@ -225,6 +434,7 @@ pub(crate) struct Pkcs11Module {
 
 /// `pin` of a `[[pkcs11.modules]]`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Pkcs11Pin {
     /// Ask the person when a signature needs a login.
@@ -295,6 +505,7 @@ fn default_poll_interval() -> u64 {
 
 /// `[fido]`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FidoSection {
     /// sk key files (`id_ed25519_sk`) offered from the start, as if added with ssh-add.
@@ -337,6 +548,7 @@ fn default_middleware_timeout() -> u64 {
 
 /// `[piv]`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PivSection {
     /// Whether the agent offers the keys of plugged-in YubiKeys.
@@ -366,6 +578,7 @@ fn default_pin_cache_idle() -> u64 {
 
 /// `[prompt]`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PromptConfig {
     /// The pinentry program (default: $PINENTRY_PROGRAM, else "pinentry").
@@ -394,6 +607,7 @@ fn default_timeout() -> u16 {
 
 /// `pin_prompt`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum PinPrompt {
     /// A pinentry program.
@@ -405,6 +619,7 @@ pub(crate) enum PinPrompt {
 
 /// `[notice]`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NoticeSection {
     /// Milliseconds a device may take before the touch notice appears.
@@ -491,6 +706,98 @@ fn xdg_dir(variable: &str, fallback: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// KEYS as a file: top-level keys, then one table per section.
+    fn keys_as_toml() -> String {
+        let mut text = String::new();
+        let mut section = "";
+        for key in KEYS {
+            if key.section != section {
+                section = key.section;
+                let header = if ARRAY_SECTIONS.contains(&section) {
+                    format!("\n[[{section}]]\n")
+                } else {
+                    format!("\n[{section}]\n")
+                };
+                text.push_str(&header);
+            }
+            text.push_str(&format!("{} = {}\n", key.name, key.example));
+        }
+        text
+    }
+
+    fn key_paths(prefix: &str, value: &toml::Value, out: &mut std::collections::BTreeSet<String>) {
+        let table = match value {
+            toml::Value::Table(table) => table,
+            toml::Value::Array(items)
+                if items.iter().all(toml::Value::is_table) && !items.is_empty() =>
+            {
+                for item in items {
+                    key_paths(prefix, item, out);
+                }
+                return;
+            }
+            _ => {
+                out.insert(prefix.to_owned());
+                return;
+            }
+        };
+        for (name, value) in table {
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            key_paths(&path, value, out);
+        }
+    }
+
+    #[test]
+    fn the_key_table_is_the_parser_s_keys() {
+        let text = keys_as_toml();
+        // Every listed key parses (the parser refuses unknown keys) ...
+        let config = Config::parse(&text).unwrap_or_else(|err| panic!("{err:#}\n{text}"));
+        // ... and every key the parser fills is listed.
+        let mut parsed = std::collections::BTreeSet::new();
+        key_paths("", &toml::Value::try_from(&config).unwrap(), &mut parsed);
+        let listed: std::collections::BTreeSet<String> = KEYS
+            .iter()
+            .map(|key| {
+                if key.section.is_empty() {
+                    key.name.to_owned()
+                } else {
+                    format!("{}.{}", key.section, key.name)
+                }
+            })
+            .collect();
+        assert_eq!(parsed, listed);
+        // The defaults the table states are the parser's.
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        for key in KEYS
+            .iter()
+            .filter(|key| key.meaning.contains("Default: ") && !key.section.contains('.'))
+        {
+            // Keys without a default value (an Option) say where the default comes from instead.
+            let Some(value) = key
+                .section
+                .split('.')
+                .filter(|part| !part.is_empty())
+                .chain([key.name])
+                .try_fold(&defaults, |value, part| value.get(part))
+            else {
+                continue;
+            };
+            let shown = value.to_string();
+            assert!(
+                key.meaning
+                    .contains(&format!("Default: {}.", shown.trim_matches('"'))),
+                "{}.{}: default {shown}, documented {:?}",
+                key.section,
+                key.name,
+                key.meaning
+            );
+        }
+    }
 
     #[test]
     fn a_full_file_parses() {

@@ -78,6 +78,11 @@ enum KeyType {
     EcdsaSk,
 }
 
+/// The clap definition of `token-agent fido`, for the man page and completions.
+pub(crate) fn command() -> clap::Command {
+    <FidoArgs as clap::CommandFactory>::command()
+}
+
 /// Runs `token-agent fido ...`; `args` starts with "fido".
 pub(crate) fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
     // clap names the program after the first word; say "token-agent fido".

@@ -14,6 +14,7 @@ mod activation;
 mod args;
 mod config;
 mod daemon;
+mod docs;
 mod doctor;
 mod fido;
 mod logging;
@@ -45,6 +46,7 @@ fn main() -> ExitCode {
         Some("fido") => return fido::main(std::env::args_os().skip(1)),
         Some("status") => return status::main(std::env::args_os().skip(1)),
         Some("doctor") => return doctor::main(std::env::args_os().skip(1)),
+        Some("--generate-docs") => return docs::main(std::env::args_os().skip(2)),
         _ => {}
     }
     let args = Args::parse();

@@ -67,6 +67,11 @@ enum PivCommand {
     Unblock,
 }
 
+/// The clap definition of `token-agent piv`, for the man page and completions.
+pub(crate) fn command() -> clap::Command {
+    <PivArgs as clap::CommandFactory>::command()
+}
+
 /// Runs `token-agent piv ...` (`args` starts with "piv").
 pub(crate) fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
     let args = PivArgs::parse_from(args);

@@ -29,6 +29,11 @@ struct Args {
     socket: Option<PathBuf>,
 }
 
+/// The clap definition of `token-agent status`, for the man page and completions.
+pub(crate) fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
+
 /// Runs `token-agent status ARGS` (`args` starts with "status").
 pub(crate) fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
     let args = Args::parse_from(args);

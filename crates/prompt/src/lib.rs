@@ -3,7 +3,8 @@
 //! This crate owns every way of asking: a pinentry program over the Assuan
 //! protocol ([`Pinentry`]), an `SSH_ASKPASS` program as OpenSSH's agent runs it
 //! ([`Askpass`]), touch notices that appear after a short delay, run a command
-//! and are withdrawn when the device answers ([`Notifier`]), the [`Bridge`]
+//! or show a desktop notification over D-Bus, and are withdrawn when the
+//! device answers ([`Notifier`]), the [`Bridge`]
 //! that chooses among them, and a [`Scripted`] prompter for tests.
 //!
 //! Backends never use these types directly: they see only
@@ -31,6 +32,7 @@
 
 mod askpass;
 mod bridge;
+mod desktop;
 mod notice;
 mod pinentry;
 mod scripted;

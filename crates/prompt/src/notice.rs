@@ -5,14 +5,20 @@
 //! needs none takes milliseconds. So the notice fires only after a short delay
 //! (half a second by default): it then logs at info level and runs the
 //! configured command (for instance `notify-send`), with the key, device, host
-//! and client in its environment. Dropping the [`NoticeGuard`] cancels a notice
-//! that has not fired yet and stops the command of one that has.
+//! and client in its environment; without a command, it shows a desktop
+//! notification (org.freedesktop.Notifications) when a session bus is
+//! reachable. Dropping the [`NoticeGuard`] cancels a notice that has not fired
+//! yet, and stops the command or closes the notification of one that has.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use token_agent_core::{Notice, NoticeGuard, NoticeKind, PromptSubject};
 use tokio::process::Command;
 use tokio::runtime::Handle;
+use tokio::sync::Mutex;
+
+use crate::desktop;
 
 /// How touch notices behave.
 #[derive(Debug, Clone)]
@@ -23,7 +29,8 @@ pub struct NoticeConfig {
     /// TOKEN_AGENT_NOTICE, TOKEN_AGENT_NOTICE_KIND, TOKEN_AGENT_KEY,
     /// TOKEN_AGENT_FINGERPRINT, TOKEN_AGENT_DEVICE, TOKEN_AGENT_HOST and
     /// TOKEN_AGENT_CLIENT in its environment. It is stopped when the notice is
-    /// withdrawn.
+    /// withdrawn. Without one, the notice is a desktop notification when a
+    /// session bus is reachable.
     pub command: Option<String>,
 }
 
@@ -41,6 +48,10 @@ impl Default for NoticeConfig {
 pub struct Notifier {
     config: NoticeConfig,
     runtime: Handle,
+    /// The session bus, connected at the first notice that needs it; tried
+    /// again at the next notice while there is none (a desktop session may
+    /// start after the agent).
+    bus: Arc<Mutex<Option<zbus::Connection>>>,
 }
 
 impl Notifier {
@@ -55,18 +66,37 @@ impl Notifier {
     /// A notifier running its timers on `runtime` (backends call
     /// [`Notifier::notify`] from their own worker threads).
     pub fn with_runtime(config: NoticeConfig, runtime: Handle) -> Self {
-        Self { config, runtime }
+        Self {
+            config,
+            runtime,
+            bus: Arc::default(),
+        }
     }
 
     /// Raises `notice` after the delay; the guard withdraws it.
     pub fn notify(&self, notice: &Notice) -> NoticeGuard {
         let notice = notice.clone();
         let config = self.config.clone();
+        let bus = Arc::clone(&self.bus);
+        let runtime = self.runtime.clone();
         let task = self.runtime.spawn(async move {
             tokio::time::sleep(config.delay).await;
             let text = notice.description();
             tracing::info!(notice = %text, "waiting for the person");
             let Some(command) = &config.command else {
+                let bus = {
+                    let mut bus = bus.lock().await;
+                    if bus.is_none() {
+                        *bus = desktop::session_bus().await;
+                    }
+                    bus.clone()
+                };
+                if let Some(bus) = bus {
+                    // Closed when the notice is withdrawn, which aborts this
+                    // task and so drops it.
+                    let _shown = desktop::Shown::new(bus, "token-agent", &text, runtime);
+                    std::future::pending::<()>().await;
+                }
                 return;
             };
             let child = Command::new("sh")

@@ -15,6 +15,8 @@ mod signing;
 mod prompts;
 // OpenSSH 10.x parity, side by side with 10.5's ssh-agent: ML-DSA keys, host certificates, extensions.
 mod openssh10;
+// What a package ships beside the binary: man page and completions, systemd user units, environment.d.
+mod dist;
 // Why the agent refused: reasons kept for `token-agent status`, and who may ask.
 mod status;
 // Forwarding without fear: the [forwarding] policy over two loopback hops.

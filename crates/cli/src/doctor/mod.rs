@@ -79,6 +79,11 @@ struct DoctorArgs {
     json: bool,
 }
 
+/// The clap definition of `token-agent doctor`, for the man page and completions.
+pub(crate) fn command() -> clap::Command {
+    <DoctorArgs as clap::CommandFactory>::command()
+}
+
 /// Runs `token-agent doctor ...` (`args` starts with "doctor").
 pub(crate) fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
     let args = DoctorArgs::parse_from(args);

@@ -1,0 +1,120 @@
+//! Desktop notifications: the Desktop Notifications Specification's
+//! `org.freedesktop.Notifications` service on the session bus, which every
+//! Linux desktop (GNOME Shell, KDE Plasma, dunst, mako, xfce4-notifyd) runs.
+//!
+//! `Notify` shows a notice that does not expire by itself (`expire_timeout`
+//! 0); `CloseNotification` withdraws it when the device answers. The session
+//! bus is the one `DBUS_SESSION_BUS_ADDRESS` names, or `$XDG_RUNTIME_DIR/bus`.
+
+use std::collections::HashMap;
+
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+use zbus::zvariant::Value;
+use zbus::Connection;
+
+const SERVICE: &str = "org.freedesktop.Notifications";
+const PATH: &str = "/org/freedesktop/Notifications";
+
+/// Connects to the session bus, or says at debug level why there is none (an
+/// agent started outside a desktop session, a system service).
+pub(crate) async fn session_bus() -> Option<Connection> {
+    match Connection::session().await {
+        Ok(bus) => Some(bus),
+        Err(err) => {
+            tracing::debug!(%err, "no session bus: touch notices go to the log only");
+            None
+        }
+    }
+}
+
+/// A notice on the desktop, closed when this is dropped.
+#[derive(Debug)]
+pub(crate) struct Shown {
+    bus: Connection,
+    /// The `Notify` call, answering the notification's id.
+    notify: Option<JoinHandle<Option<u32>>>,
+    runtime: Handle,
+}
+
+impl Shown {
+    /// Asks the notification server to show `summary` and `body`.
+    pub(crate) fn new(bus: Connection, summary: &str, body: &str, runtime: Handle) -> Self {
+        let call = {
+            let bus = bus.clone();
+            let summary = summary.to_owned();
+            let body = body.to_owned();
+            runtime.spawn(async move { notify(&bus, &summary, &body).await })
+        };
+        Self {
+            bus,
+            notify: Some(call),
+            runtime,
+        }
+    }
+}
+
+impl Drop for Shown {
+    fn drop(&mut self) {
+        // The Notify call runs on in its own task even when the notice is
+        // withdrawn before the server answered, so its id is always known and
+        // the notice is always closed.
+        let Some(call) = self.notify.take() else {
+            return;
+        };
+        let bus = self.bus.clone();
+        self.runtime.spawn(async move {
+            if let Ok(Some(id)) = call.await {
+                close(&bus, id).await;
+            }
+        });
+    }
+}
+
+async fn notify(bus: &Connection, summary: &str, body: &str) -> Option<u32> {
+    let mut hints: HashMap<&str, Value<'_>> = HashMap::new();
+    // Normal urgency; a device category so desktops may group it.
+    hints.insert("urgency", Value::U8(1));
+    hints.insert("category", Value::from("device"));
+    let actions: Vec<&str> = Vec::new();
+    let reply = bus
+        .call_method(
+            Some(SERVICE),
+            PATH,
+            Some(SERVICE),
+            "Notify",
+            &(
+                "token-agent",
+                0u32,
+                "security-high",
+                summary,
+                body,
+                actions,
+                hints,
+                0i32,
+            ),
+        )
+        .await;
+    match reply.and_then(|reply| reply.body().deserialize::<u32>()) {
+        Ok(id) => Some(id),
+        Err(err) => {
+            tracing::warn!(%err, "cannot show a desktop notification (org.freedesktop.Notifications)");
+            None
+        }
+    }
+}
+
+async fn close(bus: &Connection, id: u32) {
+    let reply = bus
+        .call_method(
+            Some(SERVICE),
+            PATH,
+            Some(SERVICE),
+            "CloseNotification",
+            &(id,),
+        )
+        .await;
+    if let Err(err) = reply {
+        tracing::debug!(%err, id, "cannot close the desktop notification");
+    }
+}
