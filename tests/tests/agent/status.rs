@@ -246,3 +246,65 @@ fn issue_14_status_against_another_agent_says_so() -> anyhow::Result<()> {
     assert!(text.contains("is not token-agent"), "{text}");
     Ok(())
 }
+
+#[test]
+fn issue_14_status_is_refused_to_root_for_another_users_agent() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // An agent of uid 65534 ("nobody"), in a directory that uid owns.
+    let dir = tempfile::tempdir()?;
+    nix::unistd::chown(
+        dir.path(),
+        Some(nix::unistd::Uid::from_raw(65534)),
+        Some(nix::unistd::Gid::from_raw(65534)),
+    )?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let socket = dir.path().join("agent.sock");
+    let as_nobody = |program: &Path| {
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(program)
+            .env("HOME", dir.path())
+            .env_remove("SSH_AUTH_SOCK");
+        command
+    };
+    let mut agent = as_nobody(&agent_binary()?)
+        .args(["-D", "-U", "-a"])
+        .arg(&socket)
+        .args(["--config", "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let started = wait_for(Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    let result = (|| -> anyhow::Result<()> {
+        anyhow::ensure!(started, "the agent of uid 65534 did not start");
+        // Root may use the agent (as with OpenSSH), but not read its status.
+        let output = Command::new(agent_binary()?)
+            .args(["status", "--socket"])
+            .arg(&socket)
+            .output()?;
+        assert_eq!(output.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("refused to tell"),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Its own user may.
+        let own = as_nobody(&agent_binary()?)
+            .args(["status", "--json", "--socket"])
+            .arg(&socket)
+            .output()?;
+        assert!(
+            own.status.success(),
+            "{}",
+            String::from_utf8_lossy(&own.stderr)
+        );
+        Ok(())
+    })();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    result
+}
