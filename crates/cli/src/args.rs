@@ -91,6 +91,13 @@ pub(crate) struct Args {
     #[arg(short = 'O', value_name = "OPTION")]
     pub(crate) options: Vec<String>,
 
+    /// Also serve the keys of the agent at SOCKET (gpg-agent's SSH socket,
+    /// another ssh-agent, a password manager's): listed after token-agent's
+    /// own, each signature sent to the agent that holds the key. Repeatable;
+    /// before the configuration's `upstream`.
+    #[arg(short = 'A', value_name = "SOCKET")]
+    pub(crate) upstreams: Vec<PathBuf>,
+
     /// Print the version on stderr and exit, as ssh-agent -V.
     #[arg(short = 'V', long = "version")]
     pub(crate) version: bool,
@@ -178,6 +185,8 @@ pub(crate) struct Options {
     pub allow_remote_pkcs11: bool,
     /// `-O no-restrict-websafe`, `-O websafe-allow=LIST`.
     pub(crate) websafe: Websafe,
+    /// `-A`.
+    pub(crate) upstreams: Vec<PathBuf>,
     /// `--config`.
     pub(crate) config: Option<PathBuf>,
     /// `--parent-pid`.
@@ -271,6 +280,7 @@ impl TryFrom<Args> for Options {
             fingerprint_hash,
             allow_remote_pkcs11,
             websafe: Websafe::new(restrict_websafe, websafe_allow),
+            upstreams: args.upstreams,
             config: args.config,
             parent_pid: args.parent_pid,
             command: args.command,

@@ -24,7 +24,7 @@ pub(crate) struct Key {
 }
 
 /// The sections of [`KEYS`] that are arrays of tables (`[[pkcs11.modules]]`).
-pub(crate) const ARRAY_SECTIONS: &[&str] = &["pkcs11.modules", "forwarding.keys"];
+pub(crate) const ARRAY_SECTIONS: &[&str] = &["pkcs11.modules", "forwarding.keys", "listing"];
 
 /// Every key the file takes, in the order the man page shows them. The one
 /// list the documentation is made from; a test checks it against the parser
@@ -47,6 +47,37 @@ pub(crate) const KEYS: &[Key] = &[
         name: "log_level",
         example: r#""info""#,
         meaning: "Log filter, e.g. \"info\" (every signature: key, client process, destination) or \"token_agent_server=debug\".",
+    },
+    Key {
+        section: "",
+        name: "upstream",
+        example: r#"["~/.gnupg/S.gpg-agent.ssh"]"#,
+        meaning: "Sockets of other agents whose keys token-agent serves too, after its own and in this order, after those of -A. \
+Each signature goes to the agent that holds the key; session binds are passed on, so their destination constraints hold.",
+    },
+    Key {
+        section: "upstreams",
+        name: "list_timeout_ms",
+        example: "250",
+        meaning: "Milliseconds an upstream agent may take to list its keys; one that takes longer is shown by its last list and not asked again until it answers. Default: 250.",
+    },
+    Key {
+        section: "upstreams",
+        name: "keep_list_seconds",
+        example: "300",
+        meaning: "Seconds the last list of an upstream agent that stopped answering is still shown. Default: 300.",
+    },
+    Key {
+        section: "upstreams",
+        name: "sign_timeout_seconds",
+        example: "120",
+        meaning: "Seconds an upstream agent may take to sign, its own confirmation included. Default: 120.",
+    },
+    Key {
+        section: "upstreams",
+        name: "add_to",
+        example: r#""~/.gnupg/S.gpg-agent.ssh""#,
+        meaning: "The upstream (one of its sockets) that keys added with ssh-add go to, constraints and all; without it token-agent keeps them.",
     },
     Key {
         section: "prompt",
@@ -188,7 +219,7 @@ closed when the device answers.",
         section: "forwarding.keys",
         name: "backend",
         example: r#""piv""#,
-        meaning: "A rule for the keys of one backend: \"software\", \"pkcs11\", \"piv\" or \"fido\".",
+        meaning: "A rule for the keys of one backend: \"software\", \"pkcs11\", \"piv\", \"fido\" or \"upstream\" (other agents' keys).",
     },
     Key {
         section: "forwarding.keys",
@@ -201,6 +232,22 @@ closed when the device answers.",
         name: "confirm_cache_seconds",
         example: "30",
         meaning: "Seconds the rule remembers a \"yes\"; 0 never remembers.",
+    },
+    Key {
+        section: "listing",
+        name: "hosts",
+        example: r#"["*.corp.example.com", "!build.corp.example.com"]"#,
+        meaning: "The destinations a [[listing]] rule is for: host patterns (* ? and ! to deny), matched against the known_hosts names \
+(of [forwarding] known_hosts) of the host ssh logs in to; hashed names match literal hosts. Without hosts, the rule is for every connection, ssh-add -l included. \
+The first rule that matches applies; without one, every key is listed.",
+    },
+    Key {
+        section: "listing",
+        name: "keys",
+        example: r#"["backend:piv", "upstream:*gnupg*", "comment:work*"]"#,
+        meaning: "The keys such a connection is shown, in this order: \"SHA256:...\" (a fingerprint), \"comment:PATTERN\", \
+\"backend:NAME\" (software, pkcs11, piv, fido or upstream), \"upstream:PATTERN\" (by socket path) or \"*\" (the rest). Keys no selector takes are not listed; \
+they still sign if asked. Keeps the keys a host wants under sshd's MaxAuthTries.",
     },
     Key {
         section: "desktop",
@@ -243,6 +290,111 @@ pub(crate) struct Config {
     /// The desktop session.
     #[serde(default)]
     pub(crate) desktop: DesktopSection,
+    /// Sockets of other agents whose keys are served too.
+    #[serde(default)]
+    pub(crate) upstream: Vec<PathBuf>,
+    /// How the upstream agents are used.
+    #[serde(default)]
+    pub(crate) upstreams: UpstreamsSection,
+    /// `[[listing]]`: which keys a destination is shown, in which order.
+    #[serde(default)]
+    pub(crate) listing: Vec<ListingSection>,
+}
+
+/// `[upstreams]`.
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpstreamsSection {
+    /// Milliseconds an upstream may take to list its keys.
+    #[serde(default = "default_list_timeout")]
+    pub(crate) list_timeout_ms: u64,
+    /// Seconds the last list of an upstream that stopped answering is shown.
+    #[serde(default = "default_keep_list")]
+    pub(crate) keep_list_seconds: u64,
+    /// Seconds an upstream may take to sign.
+    #[serde(default = "default_upstream_sign_timeout")]
+    pub(crate) sign_timeout_seconds: u64,
+    /// The upstream that added keys go to.
+    pub(crate) add_to: Option<PathBuf>,
+}
+
+impl Default for UpstreamsSection {
+    fn default() -> Self {
+        Self {
+            list_timeout_ms: default_list_timeout(),
+            keep_list_seconds: default_keep_list(),
+            sign_timeout_seconds: default_upstream_sign_timeout(),
+            add_to: None,
+        }
+    }
+}
+
+fn default_list_timeout() -> u64 {
+    250
+}
+
+fn default_keep_list() -> u64 {
+    300
+}
+
+fn default_upstream_sign_timeout() -> u64 {
+    120
+}
+
+/// `[[listing]]`.
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListingSection {
+    /// Host patterns; none: every connection.
+    pub(crate) hosts: Option<Vec<String>>,
+    /// Key selectors, in listing order.
+    pub(crate) keys: Vec<String>,
+}
+
+impl Config {
+    /// The server's upstream settings: the sockets of `-A` first, then the file's.
+    pub(crate) fn upstreams(
+        &self,
+        flags: &[PathBuf],
+    ) -> token_agent_server::upstream::UpstreamSettings {
+        let mut sockets: Vec<PathBuf> = Vec::new();
+        for socket in flags.iter().chain(&self.upstream) {
+            let socket = expand_home(socket);
+            if !sockets.contains(&socket) {
+                sockets.push(socket);
+            }
+        }
+        token_agent_server::upstream::UpstreamSettings {
+            sockets,
+            list_timeout: Duration::from_millis(self.upstreams.list_timeout_ms.max(1)),
+            keep_list: Duration::from_secs(self.upstreams.keep_list_seconds),
+            sign_timeout: Duration::from_secs(self.upstreams.sign_timeout_seconds.max(1)),
+            add_to: self.upstreams.add_to.as_deref().map(expand_home),
+        }
+    }
+
+    /// The `[[listing]]` rules, checked.
+    pub(crate) fn listing(&self) -> anyhow::Result<Vec<token_agent_server::listing::ListingRule>> {
+        use token_agent_server::listing::{KeySelector, ListingRule};
+        self.listing
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| {
+                let keys = rule
+                    .keys
+                    .iter()
+                    .map(|k| KeySelector::parse(k))
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(|err| anyhow::anyhow!("[[listing]] rule {}: {err}", index + 1))?;
+                Ok(ListingRule {
+                    hosts: rule.hosts.clone(),
+                    keys,
+                })
+            })
+            .collect()
+    }
 }
 
 /// `[desktop]`.
@@ -322,6 +474,8 @@ pub(crate) enum BackendName {
     Piv,
     /// FIDO security keys.
     Fido,
+    /// The keys of upstream agents (`-A`, `upstream`).
+    Upstream,
 }
 
 impl BackendName {
@@ -332,6 +486,7 @@ impl BackendName {
             Self::Pkcs11 => token_agent_pkcs11::NAME,
             Self::Piv => token_agent_piv::NAME,
             Self::Fido => token_agent_fido::NAME,
+            Self::Upstream => token_agent_server::upstream::BACKEND,
         }
     }
 }

@@ -58,18 +58,15 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
     let place = place(options, role)?;
     let activated = matches!(place, Place::Inherited(_));
     let certificates = load_certificates(&config.certificates)?;
+    let policy = policy(options, &config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let (socket, socket_path, _guard) = listen(place)?;
-        let router = Router::new(
-            backends(&config),
-            prompter(&config),
-            policy(options, &config),
-            certificates,
-        );
+        check_upstreams(&policy.upstreams.sockets, &socket_path)?;
+        let router = Router::new(backends(&config), prompter(&config), policy, certificates);
         tracing::info!(
             socket = %socket_path.display(),
             activated,
@@ -114,8 +111,22 @@ fn backends(config: &Config) -> Vec<Arc<dyn Backend>> {
     backends
 }
 
-fn policy(options: &Options, config: &Config) -> Policy {
-    Policy {
+fn policy(options: &Options, config: &Config) -> anyhow::Result<Policy> {
+    let upstreams = config.upstreams(&options.upstreams);
+    if let Some(add_to) = &upstreams.add_to {
+        anyhow::ensure!(
+            upstreams.sockets.contains(add_to),
+            "[upstreams] add_to = {:?} is not one of the upstream agents ({}); list it in upstream or -A",
+            add_to.display(),
+            upstreams
+                .sockets
+                .iter()
+                .map(|s| s.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(Policy {
         default_lifetime: options.default_lifetime,
         providers: options
             .allowed_providers
@@ -126,7 +137,26 @@ fn policy(options: &Options, config: &Config) -> Policy {
         fingerprint_hash: options.fingerprint_hash,
         websafe: options.websafe.clone(),
         forwarding: config.forwarding.policy(),
+        upstreams,
+        listing: config.listing()?,
+    })
+}
+
+/// An upstream that is this agent's own socket would ask itself forever.
+fn check_upstreams(upstreams: &[PathBuf], own: &Path) -> anyhow::Result<()> {
+    let own = std::fs::canonicalize(own).unwrap_or_else(|_| own.to_owned());
+    for upstream in upstreams {
+        let upstream_path = std::fs::canonicalize(upstream).unwrap_or_else(|_| upstream.clone());
+        anyhow::ensure!(
+            upstream_path != own,
+            "the upstream agent {} is token-agent's own socket; remove it from -A or upstream",
+            upstream.display()
+        );
     }
+    for upstream in upstreams {
+        tracing::info!(socket = %upstream.display(), "serving the keys of an upstream agent too");
+    }
+    Ok(())
 }
 
 fn prompter(config: &Config) -> Arc<dyn Prompter> {

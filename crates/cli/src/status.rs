@@ -207,6 +207,35 @@ fn render(doc: &Value, socket: &std::path::Path) -> String {
             ));
         }
     }
+    let upstreams = doc["upstreams"].as_array().cloned().unwrap_or_default();
+    if !upstreams.is_empty() {
+        out.push_str("\nUpstream agents:\n");
+    }
+    for upstream in &upstreams {
+        let state = text(&upstream["state"]);
+        let mark = if state == "down" || state == "not answering" {
+            "!"
+        } else {
+            " "
+        };
+        let mut line = format!(
+            "{mark} {}: {state}, {} keys",
+            text(&upstream["socket"]),
+            upstream["keys"].as_u64().unwrap_or(0)
+        );
+        if let Some(ago) = upstream["listed_seconds_ago"].as_u64() {
+            line.push_str(&format!(", listed {} ago", duration(ago)));
+        }
+        out.push_str(&line);
+        out.push('\n');
+        if let Some(reason) = upstream["reason"].as_str() {
+            let since = upstream["since_seconds"]
+                .as_u64()
+                .map(|s| format!(" (for {})", duration(s)))
+                .unwrap_or_default();
+            out.push_str(&format!("      {reason}{since}\n"));
+        }
+    }
     out.push_str("\nRecent refusals:\n");
     let refusals = doc["refusals"].as_array().cloned().unwrap_or_default();
     if refusals.is_empty() {

@@ -36,6 +36,7 @@
 pub mod constraints;
 pub mod forwarding;
 pub mod listener;
+pub mod listing;
 pub mod lock;
 /// OpenSSH's post-quantum composite keys, ssh-mldsa44-ed25519@openssh.com: parse, sign, verify.
 pub mod mldsa;
@@ -46,6 +47,7 @@ mod router;
 mod session;
 mod software;
 pub mod status;
+pub mod upstream;
 pub mod websafe;
 
 pub use router::{Entry, Policy, Refusal, Router, Snapshot};

@@ -18,17 +18,20 @@ use ssh_key::certificate::Certificate;
 use ssh_key::public::KeyData;
 use ssh_key::Algorithm;
 use token_agent_core::{
-    AddKey, Backend, ConfirmRequest, Destination, Error, FingerprintHash, Identity, IdentitySink,
-    PromptSubject, Prompter, ProviderRequest, RefusalKind, SignContext, SignRequest, SshSignature,
+    AddKey, Backend, ConfirmRequest, Destination, DeviceInfo, Error, FingerprintHash, Identity,
+    IdentitySink, PromptSubject, Prompter, ProviderRequest, RefusalKind, SignContext, SignRequest,
+    SshSignature,
 };
 
 use crate::constraints::{self, Constraints, SessionBindings};
 use crate::forwarding::{self, ConfirmCache, ForwardedUse, ForwardingPolicy};
+use crate::listing::ListingRule;
 use crate::lock::Lock;
 use crate::proto::message::{encode_blob, AssociatedCerts};
 use crate::provider::ProviderAllowlist;
 use crate::software::identity_blob;
 use crate::status::{self, KeyStatus, RefusalLog, RefusalRecord};
+use crate::upstream::{UpstreamSettings, Upstreams};
 use crate::websafe::{WebOrigin, Websafe};
 
 /// Agent-wide policy, from the command line and the configuration.
@@ -46,6 +49,10 @@ pub struct Policy {
     pub forwarding: ForwardingPolicy,
     /// Which sk keys may sign data that is not SSH's (`-O no-restrict-websafe`, `-O websafe-allow`).
     pub websafe: Websafe,
+    /// Other agents whose keys are served too (`-A`, `upstream`).
+    pub upstreams: UpstreamSettings,
+    /// Which keys are listed, in which order, per destination (`[[listing]]`).
+    pub listing: Vec<ListingRule>,
 }
 
 impl Default for Policy {
@@ -57,6 +64,8 @@ impl Default for Policy {
             fingerprint_hash: FingerprintHash::Sha256,
             forwarding: ForwardingPolicy::default(),
             websafe: Websafe::default(),
+            upstreams: UpstreamSettings::default(),
+            listing: Vec::new(),
         }
     }
 }
@@ -127,6 +136,17 @@ pub enum Refusal {
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] Error),
+    /// An upstream agent answered the request with SSH_AGENT_FAILURE.
+    #[error("the agent at {0} refused (its own log says why)")]
+    UpstreamRefused(String),
+    /// An upstream agent could not be asked, or did not answer in time.
+    #[error("the agent at {socket} {reason}")]
+    UpstreamFailed {
+        /// Its socket.
+        socket: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl Refusal {
@@ -143,6 +163,8 @@ impl Refusal {
             Self::Websafe(_) => RefusalKind::WebSafety,
             Self::Invalid(_) => RefusalKind::Refused,
             Self::Backend(err) => RefusalKind::of(err),
+            Self::UpstreamRefused(_) => RefusalKind::Refused,
+            Self::UpstreamFailed { .. } => RefusalKind::Failed,
         }
     }
 }
@@ -177,6 +199,8 @@ pub struct Router {
     /// Blobs of the last keys whose lifetime ran out, so that a later use
     /// is refused as "expired" rather than "no such key".
     expired: Mutex<std::collections::VecDeque<Vec<u8>>>,
+    /// Other agents behind this one.
+    upstreams: Upstreams,
     started: Instant,
     this: Weak<Self>,
 }
@@ -203,7 +227,6 @@ impl Router {
             this: this.clone(),
             backends,
             prompter,
-            policy,
             certificates: certificates.into_iter().map(Arc::new).collect(),
             published: Mutex::new(HashMap::new()),
             constraints: Mutex::new(HashMap::new()),
@@ -215,6 +238,8 @@ impl Router {
             refusals: RefusalLog::default(),
             forwarded_yes: ConfirmCache::default(),
             expired: Mutex::new(std::collections::VecDeque::new()),
+            upstreams: Upstreams::new(policy.upstreams.clone()),
+            policy,
             started: Instant::now(),
         });
         for backend in &router.backends {
@@ -242,6 +267,11 @@ impl Router {
     /// The lock.
     pub fn lock(&self) -> &Lock {
         &self.lock
+    }
+
+    /// The agents behind this one.
+    pub(crate) fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
     }
 
     /// Keeps a refusal for `token-agent status` and, when the person can act
@@ -295,6 +325,7 @@ impl Router {
             self.lock.is_locked(),
             backends,
             keys,
+            self.upstreams.status(),
             &self.refusals.records(),
         )
     }
@@ -394,7 +425,14 @@ impl Router {
             }
         }
         if forwarding::is_forwarded(bindings) {
-            self.check_forwarded(&entry, key_data, &request, &context, bindings)
+            let used = KeyUse {
+                blob: &entry.blob,
+                fingerprint: self.fingerprint(entry.identity.public_key()),
+                comment: entry.identity.comment(),
+                backend: entry.identity.key().backend(),
+                device: entry.identity.device(),
+            };
+            self.check_forwarded(&used, key_data, &request, &context, bindings)
                 .await?;
         }
         let backend = self.backend(entry.identity.key().backend())?;
@@ -409,24 +447,50 @@ impl Router {
         Ok((entry, signature, context))
     }
 
-    /// The forwarding policy for a use of `entry` over a forwarded connection:
+    /// Checks what token-agent itself decides for a signature with an
+    /// upstream agent's key (the upstream applies its own constraints): the
+    /// lock, and the forwarding policy, under which upstream keys are of
+    /// backend "upstream".
+    pub(crate) async fn authorize_upstream(
+        &self,
+        blob: &[u8],
+        comment: &str,
+        key_data: &KeyData,
+        request: &SignRequest,
+        context: &SignContext,
+        bindings: &SessionBindings,
+    ) -> Result<(), Refusal> {
+        if self.lock.is_locked() {
+            return Err(Refusal::Locked);
+        }
+        if forwarding::is_forwarded(bindings) {
+            let used = KeyUse {
+                blob,
+                fingerprint: self.fingerprint(key_data),
+                comment,
+                backend: crate::upstream::BACKEND,
+                device: None,
+            };
+            self.check_forwarded(&used, key_data, request, context, bindings)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The forwarding policy for a use of a key over a forwarded connection:
     /// allow, refuse, or ask the person, naming the hosts (and remember a
     /// "yes" for the same key and host chain if the policy says so).
     async fn check_forwarded(
         &self,
-        entry: &Entry,
+        used: &KeyUse<'_>,
         key_data: &KeyData,
         request: &SignRequest,
         context: &SignContext,
         bindings: &SessionBindings,
     ) -> Result<(), Refusal> {
         let policy = &self.policy.forwarding;
-        let fingerprint = self.fingerprint(entry.identity.public_key());
-        let decision = policy.decide(
-            &fingerprint,
-            entry.identity.comment(),
-            entry.identity.key().backend(),
-        );
+        let fingerprint = &used.fingerprint;
+        let decision = policy.decide(fingerprint, used.comment, used.backend);
         if decision.action == ForwardedUse::Allow {
             return Ok(());
         }
@@ -439,9 +503,9 @@ impl Router {
         } else {
             (&names[..], None)
         };
-        let mut key = format!("key {}", entry.identity.comment());
-        if let Some(device) = entry.identity.device() {
-            if !entry.identity.comment().contains(device.label()) {
+        let mut key = format!("key {}", used.comment);
+        if let Some(device) = used.device {
+            if !used.comment.contains(device.label()) {
                 key.push_str(&format!(" on {}", device.label()));
             }
         }
@@ -458,17 +522,24 @@ impl Router {
             )));
         }
         let chain: Vec<KeyData> = hops.iter().map(|h| h.host_key.key_data().clone()).collect();
-        if self.forwarded_yes.allows(&entry.blob, &chain) {
+        if self.forwarded_yes.allows(used.blob, &chain) {
             return Ok(());
         }
+        let subject = PromptSubject {
+            key: Some(used.comment.to_owned()),
+            fingerprint: Some(fingerprint.clone()),
+            device: used.device.cloned(),
+            requester: None,
+            destination: None,
+        };
         let confirm = ConfirmRequest {
-            subject: self.subject(entry).with_context(context),
+            subject: subject.with_context(context),
             question: Some(format!("{who} wants to use {key} {purpose}.")),
         };
         match self.prompter.confirm(&confirm).await {
             Ok(true) => {
                 self.forwarded_yes
-                    .remember(&entry.blob, chain, decision.confirm_cache);
+                    .remember(used.blob, chain, decision.confirm_cache);
                 Ok(())
             }
             Ok(false) => Err(Refusal::Declined),
@@ -1033,6 +1104,15 @@ struct Gate {
 struct Associated {
     certificates: Vec<Arc<Certificate>>,
     certs_only: bool,
+}
+
+/// A key being used, as the forwarding policy sees it.
+struct KeyUse<'a> {
+    blob: &'a [u8],
+    fingerprint: String,
+    comment: &'a str,
+    backend: &'a str,
+    device: Option<&'a DeviceInfo>,
 }
 
 impl Associated {

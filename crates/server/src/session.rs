@@ -5,6 +5,8 @@
 //! gets SSH_AGENT_FAILURE and the connection goes on; an oversized frame
 //! closes the connection before its body is read.
 
+use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -17,11 +19,13 @@ use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use crate::constraints::{Constraints, SessionBindings};
+use crate::listing;
 use crate::proto::frame::{read_frame, write_frame, FrameError};
 use crate::proto::key::{KeyOrCertificate, PrivateKey};
 use crate::proto::message::{self, decode_request, ListedIdentity, Reply, Request};
 use crate::router::{Refusal, Router};
 use crate::status::{self, RefusalRecord};
+use crate::upstream::{self, CallError, Forwarded, Links, Owner};
 
 /// session-bind@openssh.com (PROTOCOL.agent section 1).
 const SESSION_BIND: &str = "session-bind@openssh.com";
@@ -32,10 +36,13 @@ const EXTENSIONS: &[&str] = &["query", SESSION_BIND, status::EXTENSION];
 /// Serves one connection until the client closes it or breaks the framing.
 pub(crate) async fn serve(router: Arc<Router>, mut stream: UnixStream, peer: Peer) {
     let span = tracing::debug_span!("client", pid = peer.pid, exe = ?peer.exe);
+    let upstreams = router.upstreams().links();
     let mut session = Session {
         router,
         peer,
         bindings: SessionBindings::default(),
+        binds: Vec::new(),
+        upstreams,
     };
     async move {
         // Frames can carry private keys and passwords: wipe the buffer when done.
@@ -69,6 +76,11 @@ struct Session {
     router: Arc<Router>,
     peer: Peer,
     bindings: SessionBindings,
+    /// The session binds this connection recorded, as sent: replayed, in
+    /// order, on each upstream connection before it is used.
+    binds: Vec<Vec<u8>>,
+    /// This connection's connections to the upstream agents.
+    upstreams: Links,
 }
 
 impl Session {
@@ -82,10 +94,12 @@ impl Session {
         };
         let kind = request.message_id();
         let span = tracing::debug_span!("request", kind);
-        self.handle(request).instrument(span).await
+        self.handle(request, frame).instrument(span).await
     }
 
-    async fn handle(&mut self, request: Request) -> Vec<u8> {
+    /// Answers `request`, decoded from `frame` (which requests passed on to
+    /// an upstream agent are sent as).
+    async fn handle(&mut self, request: Request, frame: &[u8]) -> Vec<u8> {
         let router = self.router.clone();
         if router.lock().is_locked() {
             match request {
@@ -118,18 +132,23 @@ impl Session {
             }
         }
         match request {
-            Request::RequestIdentities => self.list(),
+            Request::RequestIdentities => self.list().await,
             Request::Sign { key, data, flags } => {
-                self.sign(&key, data, SignFlags::from_bits(flags)).await
+                self.sign(&key, data, SignFlags::from_bits(flags), frame)
+                    .await
+            }
+            Request::AddIdentity { .. } if router.upstreams().add_to().is_some() => {
+                self.add_upstream(frame).await
             }
             Request::AddIdentity {
                 key,
                 comment,
                 constraints,
             } => self.add(key, comment, constraints).await,
-            Request::RemoveIdentity { key } => self.remove(&key).await,
+            Request::RemoveIdentity { key } => self.remove(&key, frame).await,
             Request::RemoveAllIdentities => {
                 let result = router.remove_all().await;
+                self.remove_all_upstream(frame).await;
                 self.answer(
                     "remove all",
                     None,
@@ -247,22 +266,89 @@ impl Session {
         }
     }
 
-    fn list(&self) -> Vec<u8> {
+    /// The agent's own keys, then each upstream's that no earlier source
+    /// listed, ordered and filtered by the `[[listing]]` rule for this
+    /// connection's destination, if one matches.
+    async fn list(&mut self) -> Vec<u8> {
         let entries = self.router.list(&self.bindings);
-        tracing::debug!(count = entries.len(), "listing identities");
-        Reply::Identities(
-            entries
+        let upstream_keys = if self.upstreams.is_empty() {
+            Vec::new()
+        } else {
+            self.upstreams.list(&self.binds).await
+        };
+        let mut listed: Vec<Listed<'_>> = entries
+            .iter()
+            .map(|e| Listed {
+                blob: &e.blob,
+                comment: e.identity.comment(),
+                backend: e.identity.key().backend(),
+                upstream: None,
+            })
+            .collect();
+        let mut seen: HashSet<&[u8]> = listed.iter().map(|l| l.blob).collect();
+        for (keys, socket) in upstream_keys.iter().zip(self.upstreams.sockets()) {
+            for key in keys.iter() {
+                if seen.insert(&key.blob) {
+                    listed.push(Listed {
+                        blob: &key.blob,
+                        comment: &key.comment,
+                        backend: upstream::BACKEND,
+                        upstream: Some(socket),
+                    });
+                }
+            }
+        }
+        let policy = self.router.policy();
+        if let Some(rule) = listing::rule_for(
+            &policy.listing,
+            &self.bindings,
+            &policy.forwarding.known_hosts,
+        ) {
+            let fingerprints: Vec<String> = listed
                 .iter()
-                .map(|e| ListedIdentity {
-                    blob: &e.blob,
-                    comment: e.identity.comment(),
+                .map(|l| {
+                    named_key(l.blob)
+                        .map_or_else(|_| String::new(), |k| self.router.fingerprint(&k))
+                })
+                .collect();
+            let sockets: Vec<Option<String>> = listed
+                .iter()
+                .map(|l| l.upstream.map(|s| s.display().to_string()))
+                .collect();
+            let candidates: Vec<listing::Candidate<'_>> = listed
+                .iter()
+                .zip(&fingerprints)
+                .zip(&sockets)
+                .map(|((l, fingerprint), socket)| listing::Candidate {
+                    fingerprint,
+                    comment: l.comment,
+                    backend: l.backend,
+                    upstream: socket.as_deref(),
+                })
+                .collect();
+            let order = listing::order(rule, &candidates);
+            listed = order.into_iter().map(|i| listed[i]).collect();
+        }
+        tracing::debug!(count = listed.len(), "listing identities");
+        Reply::Identities(
+            listed
+                .iter()
+                .map(|l| ListedIdentity {
+                    blob: l.blob,
+                    comment: l.comment,
                 })
                 .collect(),
         )
         .encode()
     }
 
-    async fn sign(&self, blob: &[u8], data: Vec<u8>, flags: SignFlags) -> Vec<u8> {
+    async fn sign(
+        &mut self,
+        blob: &[u8],
+        data: Vec<u8>,
+        flags: SignFlags,
+        frame: &[u8],
+    ) -> Vec<u8> {
         let key_data = match named_key(blob) {
             Ok(key) => key,
             Err(err) => {
@@ -273,6 +359,13 @@ impl Session {
         let fingerprint = self.router.fingerprint(&key_data);
         tracing::debug!(key = %fingerprint, flags = flags.bits(), len = data.len(), "sign request");
         let request = SignRequest { data, flags };
+        if self.router.snapshot().find(blob).is_none() {
+            if let Some(owner) = self.upstreams.owner(blob) {
+                return self
+                    .sign_upstream(owner, blob, &key_data, fingerprint, &request, frame)
+                    .await;
+            }
+        }
         match self
             .router
             .sign(blob, &key_data, request, self.context(), &self.bindings)
@@ -369,10 +462,19 @@ impl Session {
         }
     }
 
-    async fn remove(&self, blob: &[u8]) -> Vec<u8> {
+    async fn remove(&mut self, blob: &[u8], frame: &[u8]) -> Vec<u8> {
         let Ok(key_data) = named_key(blob) else {
             return Reply::Failure.encode();
         };
+        if self.router.snapshot().find(blob).is_none() {
+            if let Some(owner) = self.upstreams.owner(blob) {
+                let fingerprint = self.router.fingerprint(&key_data);
+                let forwarded = self.upstreams.forward(&owner, &self.binds, frame).await;
+                return self.upstream_answer("remove", fingerprint, forwarded, |socket, fp| {
+                    tracing::info!(key = %fp, comment = owner.comment, upstream = %socket, "removed key from upstream agent");
+                });
+            }
+        }
         match self.router.remove(blob).await {
             Ok(entry) => {
                 tracing::info!(
@@ -428,6 +530,116 @@ impl Session {
         }
     }
 
+    /// Signs with an upstream agent's key: token-agent's lock and forwarding
+    /// policy first, then the upstream (which applies its own constraints)
+    /// gets the client's request as it came.
+    async fn sign_upstream(
+        &mut self,
+        owner: Owner,
+        blob: &[u8],
+        key_data: &KeyData,
+        fingerprint: String,
+        request: &SignRequest,
+        frame: &[u8],
+    ) -> Vec<u8> {
+        let context = self.context();
+        if let Err(refusal) = self
+            .router
+            .authorize_upstream(
+                blob,
+                &owner.comment,
+                key_data,
+                request,
+                &context,
+                &self.bindings,
+            )
+            .await
+        {
+            let key = format!("{} {fingerprint}", owner.comment);
+            self.refuse("sign", Some(key), None, &refusal);
+            return Reply::Failure.encode();
+        }
+        let forwarded = self.upstreams.forward(&owner, &self.binds, frame).await;
+        let key = format!("{} {fingerprint}", owner.comment);
+        let peer = self.peer.clone();
+        let forwarded_use = context.forwarded;
+        self.upstream_answer("sign", key, forwarded, |socket, key| {
+            tracing::info!(
+                key,
+                upstream = %socket,
+                client = %peer,
+                exe = ?peer.exe,
+                uid = peer.uid,
+                forwarded = forwarded_use,
+                "signed through upstream agent"
+            );
+        })
+    }
+
+    /// `ssh-add` with `add_to` set: the key goes to that upstream, as it came.
+    async fn add_upstream(&mut self, frame: &[u8]) -> Vec<u8> {
+        let Some(socket) = self.router.upstreams().add_to().map(Path::to_path_buf) else {
+            return Reply::Failure.encode();
+        };
+        let Some(forwarded) = self.upstreams.forward_to(&socket, &self.binds, frame).await else {
+            return Reply::Failure.encode();
+        };
+        let peer = self.peer.clone();
+        self.upstream_answer("add", String::new(), forwarded, |socket, _| {
+            tracing::info!(upstream = %socket, client = %peer, "added key to upstream agent");
+        })
+    }
+
+    /// `ssh-add -D` also empties each upstream that answers; token-agent's
+    /// own answer is what the client gets.
+    async fn remove_all_upstream(&mut self, frame: &[u8]) {
+        for forwarded in self.upstreams.forward_to_all(&self.binds, frame).await {
+            match forwarded.reply {
+                Ok(reply) if reply.first() == Some(&message::id::SUCCESS) => {
+                    tracing::info!(upstream = %forwarded.socket.display(), "removed all keys of upstream agent");
+                }
+                Ok(_) => {
+                    tracing::info!(upstream = %forwarded.socket.display(), "upstream agent refused to remove all its keys");
+                }
+                Err(err) => {
+                    tracing::warn!(upstream = %forwarded.socket.display(), %err, "could not remove the keys of upstream agent");
+                }
+            }
+        }
+    }
+
+    /// Passes an upstream's answer on: its reply as it came when it
+    /// succeeded (`done` logs it), a refusal otherwise.
+    fn upstream_answer(
+        &self,
+        operation: &'static str,
+        key: String,
+        forwarded: Forwarded,
+        done: impl FnOnce(&std::path::Display<'_>, &str),
+    ) -> Vec<u8> {
+        let socket = forwarded.socket.display();
+        let key_name = (!key.is_empty()).then(|| key.clone());
+        match forwarded.reply {
+            Ok(reply) if reply.first() == Some(&message::id::FAILURE) => {
+                let refusal = Refusal::UpstreamRefused(socket.to_string());
+                self.refuse(operation, key_name, None, &refusal);
+                Reply::Failure.encode()
+            }
+            Ok(reply) => {
+                done(&socket, &key);
+                reply.to_vec()
+            }
+            Err(err) => {
+                let refusal = Refusal::UpstreamFailed {
+                    socket: socket.to_string(),
+                    reason: upstream_reason(&err),
+                };
+                self.refuse(operation, key_name, None, &refusal);
+                Reply::Failure.encode()
+            }
+        }
+    }
+
     async fn unlock(&self, password: SecretString) -> Vec<u8> {
         if self.router.lock().unlock(&password).await {
             tracing::info!(client = %self.peer, "agent unlocked");
@@ -439,6 +651,7 @@ impl Session {
     }
 
     fn extension(&mut self, name: &str, contents: &[u8]) -> Vec<u8> {
+        let hops = self.bindings.hops().len();
         match name {
             SESSION_BIND => match self.bindings.bind(contents) {
                 Ok(binding) => {
@@ -447,6 +660,10 @@ impl Session {
                         forwarded = binding.forwarded,
                         "session bound"
                     );
+                    // A new hop (not a repeated bind) goes to the upstreams too.
+                    if self.bindings.hops().len() > hops {
+                        self.binds.push(contents.to_vec());
+                    }
                     Reply::Success.encode()
                 }
                 Err(err) => {
@@ -478,6 +695,23 @@ impl Session {
                 Reply::Failure.encode()
             }
         }
+    }
+}
+
+/// One key of a listing, before the `[[listing]]` rule orders it.
+#[derive(Debug, Clone, Copy)]
+struct Listed<'a> {
+    blob: &'a [u8],
+    comment: &'a str,
+    backend: &'a str,
+    upstream: Option<&'a Path>,
+}
+
+/// Why an upstream gave no answer, for the log.
+fn upstream_reason(err: &CallError) -> String {
+    match err {
+        CallError::TimedOut => "did not answer in time".to_owned(),
+        other => other.to_string(),
     }
 }
 

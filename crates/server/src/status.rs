@@ -170,6 +170,7 @@ pub(crate) fn document(
     locked: bool,
     backends: Vec<(&str, Vec<DeviceStatus>)>,
     keys: Vec<Value>,
+    upstreams: Vec<Value>,
     refusals: &[RefusalRecord],
 ) -> Value {
     json!({
@@ -188,6 +189,7 @@ pub(crate) fn document(
             }))
             .collect::<Vec<_>>(),
         "keys": keys,
+        "upstreams": upstreams,
         "refusals": refusals.iter().map(RefusalRecord::to_json).collect::<Vec<_>>(),
     })
 }
