@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod bench;
 pub mod conformance;
+pub mod gpg;
 pub mod openssh;
 pub mod pcsc;
 pub mod softhsm;

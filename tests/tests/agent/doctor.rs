@@ -6,12 +6,13 @@
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-use anyhow::{ensure, Context};
+use anyhow::Context;
 use serde_json::Value;
 use tempfile::TempDir;
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
+use token_agent_e2e::gpg::GpgAgent;
 use token_agent_e2e::openssh::Sshd;
 use token_agent_e2e::pcsc::PcscRig;
 use token_agent_e2e::{agent_binary, check, stderr, stdout, write_script};
@@ -165,64 +166,6 @@ fn keygen_with(path: &Path, passphrase: &str, extra: &[&str]) -> anyhow::Result<
         .output()?;
     check(output, "ssh-keygen")?;
     Ok(())
-}
-
-/// A gpg-agent with SSH support in its own GNUPGHOME, stopped on drop.
-struct GpgAgent {
-    home: PathBuf,
-    socket: PathBuf,
-}
-
-impl GpgAgent {
-    fn start(home: &Path) -> anyhow::Result<Self> {
-        // The daemon it forks keeps its standard streams: no pipes, or
-        // waiting for their end would wait for the daemon.
-        let log = home.with_extension("log");
-        let status = Command::new("gpg-agent")
-            .arg("--homedir")
-            .arg(home)
-            .args(["--daemon", "--enable-ssh-support"])
-            .env("GNUPGHOME", home)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .status()
-            .context("cannot run gpg-agent (install gpg-agent)")?;
-        ensure!(
-            status.success(),
-            "gpg-agent --daemon failed ({status}): {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        let listed = check(
-            Command::new("gpgconf")
-                .args(["--list-dirs", "agent-ssh-socket"])
-                .env("GNUPGHOME", home)
-                .output()?,
-            "gpgconf --list-dirs",
-        )?;
-        let socket = PathBuf::from(stdout(&listed).trim());
-        let agent = Self {
-            home: home.to_owned(),
-            socket,
-        };
-        ensure!(
-            token_agent_e2e::wait_for(std::time::Duration::from_secs(10), || {
-                std::os::unix::net::UnixStream::connect(&agent.socket).is_ok()
-            }),
-            "gpg-agent's ssh socket {} does not answer",
-            agent.socket.display()
-        );
-        Ok(agent)
-    }
-}
-
-impl Drop for GpgAgent {
-    fn drop(&mut self) {
-        let _ = Command::new("gpgconf")
-            .args(["--kill", "gpg-agent"])
-            .env("GNUPGHOME", &self.home)
-            .output();
-    }
 }
 
 /// token-agent with `keys` (paths) added through ssh-add.
