@@ -23,3 +23,5 @@ mod status;
 mod forwarding;
 // token-agent doctor: each check against a real broken setup and a sound one.
 mod doctor;
+// Other agents behind token-agent: ssh-agent and gpg-agent upstreams, session binds passed on, [[listing]].
+mod upstream;
