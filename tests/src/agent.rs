@@ -35,12 +35,17 @@ pub struct AgentOptions {
 impl Agent {
     /// Starts token-agent in the foreground (`-d`) with `options`.
     pub fn start(options: AgentOptions) -> anyhow::Result<Self> {
+        Self::start_binary(&agent_binary()?, options)
+    }
+
+    /// [`Agent::start`] with the token-agent executable at `binary`.
+    pub fn start_binary(binary: &Path, options: AgentOptions) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("token-agent-test")
             .tempdir()?;
         let socket = dir.path().join("agent.sock");
         let log = dir.path().join("agent.log");
-        let mut command = Command::new(agent_binary()?);
+        let mut command = Command::new(binary);
         command.arg("-d").arg("-a").arg(&socket);
         command.args(&options.args);
         let config = dir.path().join("config.toml");

@@ -21,13 +21,33 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 /// The `token-agent` binary of this workspace, built on first use if a
-/// `cargo test` run did not build it already.
+/// `cargo test` run did not build it already, with the PKCS#11 helper beside it.
 pub fn agent_binary() -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
-        .get_or_init(|| find_or_build("token-agent", "token-agent").map_err(|e| format!("{e:#}")))
+        .get_or_init(|| {
+            build(
+                &[
+                    "-p",
+                    "token-agent",
+                    "--bin",
+                    "token-agent",
+                    "--bin",
+                    "token-agent-pkcs11-helper",
+                ],
+                "token-agent",
+            )
+            .map_err(|e| format!("{e:#}"))
+        })
         .clone()
         .map_err(anyhow::Error::msg)
+}
+
+/// `token-agent-pkcs11-helper`, the process the agent loads each PKCS#11
+/// module in, built with [`agent_binary`].
+pub fn pkcs11_helper_binary() -> anyhow::Result<PathBuf> {
+    let agent = agent_binary()?;
+    Ok(agent.with_file_name("token-agent-pkcs11-helper"))
 }
 
 /// A binary of this test crate (`scripted-pinentry`, `agent-bench`).

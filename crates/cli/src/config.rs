@@ -613,9 +613,10 @@ impl Default for Pkcs11Section {
 }
 
 impl Pkcs11Section {
-    /// The backend's options; helpers are this executable in `--pkcs11-helper` mode.
+    /// The backend's options; helpers are token-agent-pkcs11-helper beside
+    /// this executable, or this executable in `--pkcs11-helper` mode.
     pub(crate) fn options(&self) -> token_agent_pkcs11::Pkcs11Options {
-        let helper = token_agent_pkcs11::HelperCommand::current_exe().unwrap_or_else(|_| {
+        let helper = token_agent_pkcs11::HelperCommand::for_agent().unwrap_or_else(|_| {
             token_agent_pkcs11::HelperCommand {
                 program: PathBuf::from("token-agent"),
                 args: vec!["--pkcs11-helper".into()],

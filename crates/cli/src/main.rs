@@ -37,7 +37,8 @@ fn main() -> ExitCode {
     let first = std::env::args_os().nth(1);
     match first.as_deref().and_then(std::ffi::OsStr::to_str) {
         // Hidden helper mode: the agent runs each PKCS#11 module in a child
-        // `token-agent --pkcs11-helper`, speaking token_agent_pkcs11::proto on stdio.
+        // token-agent-pkcs11-helper, speaking token_agent_pkcs11::proto on
+        // stdio, or in `token-agent --pkcs11-helper` where that is missing.
         Some("--pkcs11-helper") => token_agent_pkcs11::helper::run(),
         // Hidden helper mode: each sk middleware (`ssh-add -S`) runs in a child
         // `token-agent --sk-helper`, loaded there and never in the agent.

@@ -23,6 +23,9 @@ use crate::proto::{Failure, Op, Pin, PinState, Reply, Scheme, TokenState};
 /// The backend's name, in every [`KeyRef`] it issues.
 pub const NAME: &str = "pkcs11";
 
+/// How long a scanner may take to exit once it has listed.
+const SCANNER_EXIT: Duration = Duration::from_secs(1);
+
 /// How long cached PINs live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinCache {
@@ -132,9 +135,6 @@ struct Module {
     runtime: bool,
     pin: PinSource,
     helper: Mutex<Option<Arc<Helper>>>,
-    /// A second helper that only re-initializes the module and lists, for
-    /// modules without slot events (see [`Inner::refresh`]).
-    scanner: Mutex<Option<Arc<Helper>>>,
     /// Whether the module reports slot events itself.
     slot_events: AtomicBool,
     tokens: Mutex<Vec<TokenState>>,
@@ -492,7 +492,6 @@ impl Module {
             runtime,
             pin,
             helper: Mutex::new(None),
-            scanner: Mutex::new(None),
             slot_events: AtomicBool::new(false),
             tokens: Mutex::new(Vec::new()),
             removed: Mutex::new(HashSet::new()),
@@ -507,10 +506,7 @@ impl Module {
 
     fn unload(&self) {
         self.unloaded.store(true, Ordering::SeqCst);
-        for helper in [lock(&self.helper).take(), lock(&self.scanner).take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(helper) = lock(&self.helper).take() {
             helper.kill();
         }
         lock(&self.tokens).clear();
@@ -674,30 +670,27 @@ impl Inner {
         result
     }
 
-    /// The tokens a freshly initialized module sees, or None if the scanner fails.
+    /// The tokens a freshly initialized module sees, or None if scanning
+    /// fails. The scanner is a helper that exists only for the scan: it
+    /// initializes the module, lists, and exits, so a module costs one
+    /// resident process (its signing helper) between polls.
     fn scan(&self, module: &Module) -> Option<Vec<TokenState>> {
-        let mut slot = lock(&module.scanner);
-        let scanner = match slot.as_ref().filter(|h| !h.is_dead()) {
-            Some(scanner) => scanner.clone(),
-            None => {
-                let scanner =
-                    Helper::spawn(&self.options.helper, self.runtime.get(), || {}).ok()?;
-                let load = Op::Load {
-                    path: module.path.clone(),
-                    parallel: self.options.parallel_signatures,
-                };
-                scanner.call(load, self.options.call_timeout).ok()?;
-                *slot = Some(scanner.clone());
-                scanner
+        let scanner = match Helper::spawn(&self.options.helper, self.runtime.get(), || {}) {
+            Ok(scanner) => scanner,
+            Err(err) => {
+                tracing::debug!(module = module.path, %err, "cannot start a scanner");
+                return None;
             }
         };
-        drop(slot);
-        match scanner.call(Op::Rescan, self.options.call_timeout) {
+        let scan = Op::Scan {
+            path: module.path.clone(),
+        };
+        let result = scanner.call(scan, self.options.call_timeout);
+        scanner.close(SCANNER_EXIT);
+        match result {
             Ok(Reply::Tokens(tokens)) => Some(tokens),
             other => {
-                tracing::debug!(module = module.path, ?other, "rescanning the module failed");
-                lock(&module.scanner).take();
-                scanner.kill();
+                tracing::debug!(module = module.path, ?other, "scanning the module failed");
                 None
             }
         }

@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
@@ -38,15 +38,62 @@ pub struct HelperCommand {
     pub env: Vec<(OsString, OsString)>,
 }
 
+/// The helper binary's name; it is installed next to `token-agent`.
+pub const HELPER_BINARY: &str = "token-agent-pkcs11-helper";
+
 impl HelperCommand {
-    /// The running executable with `--pkcs11-helper`: how the token-agent binary starts its helpers.
+    /// The running executable with `--pkcs11-helper`: the whole agent binary
+    /// serves as the helper.
     pub fn current_exe() -> std::io::Result<Self> {
-        Ok(Self {
-            program: std::env::current_exe()?,
+        Ok(Self::agent_mode(std::env::current_exe()?))
+    }
+
+    /// The helper for the running agent: see [`HelperCommand::beside`].
+    pub fn for_agent() -> std::io::Result<Self> {
+        Ok(Self::beside(&std::env::current_exe()?))
+    }
+
+    /// The helper for the agent executable `agent`: [`HELPER_BINARY`] in
+    /// the same folder (where cargo builds and installs it) or in
+    /// `../libexec/token-agent/` from it (the Debian package), which maps
+    /// only the helper's code; without one, `agent --pkcs11-helper`, which
+    /// works the same but maps the whole agent binary in every helper.
+    pub fn beside(agent: &Path) -> Self {
+        let folder = agent.parent().unwrap_or(Path::new("/"));
+        let candidates = [
+            folder.join(HELPER_BINARY),
+            folder.join("../libexec/token-agent").join(HELPER_BINARY),
+        ];
+        match candidates.into_iter().find(|path| is_executable(path)) {
+            Some(program) => Self {
+                program,
+                args: Vec::new(),
+                env: Vec::new(),
+            },
+            None => {
+                tracing::info!(
+                    agent = %agent.display(),
+                    "no {HELPER_BINARY} beside the agent; PKCS#11 modules run in \
+                     `token-agent --pkcs11-helper`, which takes more memory per module"
+                );
+                Self::agent_mode(agent.to_owned())
+            }
+        }
+    }
+
+    fn agent_mode(agent: PathBuf) -> Self {
+        Self {
+            program: agent,
             args: vec!["--pkcs11-helper".into()],
             env: Vec::new(),
-        })
+        }
     }
+}
+
+/// Whether `path` is a file someone may execute.
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Why a call did not get an answer from the module.
@@ -275,6 +322,17 @@ impl Helper {
         }
     }
 
+    /// Ends a helper that has nothing in flight: it reads the end of its
+    /// requests and exits, or is killed if it has not within `limit`.
+    pub(crate) fn close(&self, limit: Duration) {
+        let _ = self.requests.shutdown(std::net::Shutdown::Write);
+        let deadline = std::time::Instant::now() + limit;
+        while !self.is_dead() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.kill();
+    }
+
     /// How the helper ended, waiting briefly for the reader to learn it.
     fn wait_exit(&self) -> String {
         for _ in 0..100 {
@@ -358,5 +416,49 @@ struct Forget<'a> {
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
         lock(self.pending).remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn file(path: &Path, mode: u32) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn the_helper_binary_is_found_beside_the_agent_or_in_libexec() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("bin/token-agent");
+        file(&agent, 0o755);
+
+        // None: the agent serves as its own helper.
+        let command = HelperCommand::beside(&agent);
+        assert_eq!(command.program, agent);
+        assert_eq!(command.args, ["--pkcs11-helper"]);
+
+        // Where the Debian package puts it; a file no one may run does not count.
+        let libexec = dir.path().join("libexec/token-agent").join(HELPER_BINARY);
+        file(&libexec, 0o644);
+        assert_eq!(HelperCommand::beside(&agent).program, agent);
+        std::fs::set_permissions(&libexec, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let command = HelperCommand::beside(&agent);
+        assert_eq!(
+            command.program,
+            dir.path()
+                .join("bin/../libexec/token-agent")
+                .join(HELPER_BINARY)
+        );
+        assert!(command.args.is_empty());
+
+        // Beside the agent (cargo's target folder, cargo install) comes first.
+        let beside = dir.path().join("bin").join(HELPER_BINARY);
+        file(&beside, 0o755);
+        assert_eq!(HelperCommand::beside(&agent).program, beside);
     }
 }

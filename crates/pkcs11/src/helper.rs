@@ -1,4 +1,5 @@
-//! The helper process: `token-agent --pkcs11-helper` runs one PKCS#11 module
+//! The helper process: `token-agent-pkcs11-helper` (or `token-agent
+//! --pkcs11-helper`) runs one PKCS#11 module
 //! and answers the agent's [`Request`]s on standard input and output.
 //!
 //! The module's code runs only here, so when it crashes, hangs or scribbles
@@ -298,7 +299,7 @@ impl Helper {
         match op {
             Op::Load { path, .. } => self.load(&path),
             Op::List => self.list().map(Reply::Tokens),
-            Op::Rescan => self.rescan().map(Reply::Tokens),
+            Op::Scan { path } => self.scan(&path).map(Reply::Tokens),
             Op::Login { slot, pin } => self.login(slot, pin.as_ref()).map(|()| Reply::Done),
             Op::Logout => {
                 self.logout();
@@ -341,16 +342,14 @@ impl Helper {
         Ok(Reply::Loaded { slot_events })
     }
 
-    fn rescan(&self) -> Result<Vec<TokenState>, Failure> {
-        let path = lock(&self.path)
-            .clone()
-            .ok_or_else(|| Failure::Protocol("no module loaded".into()))?;
-        lock(&self.pools).clear();
-        lock(&self.keys).clear();
-        if let Some(old) = lock(&self.context).take() {
-            let _ = old.finalize();
+    /// Initializes the module at `path` and lists its tokens, watching no
+    /// slots: this helper exists for this one scan.
+    fn scan(&self, path: &str) -> Result<Vec<TokenState>, Failure> {
+        if lock(&self.context).is_some() {
+            return Err(Failure::Protocol("a module is already loaded".into()));
         }
-        *lock(&self.context) = Some(initialize(&path)?);
+        *lock(&self.context) = Some(initialize(path)?);
+        *lock(&self.path) = Some(path.to_owned());
         self.list()
     }
 

@@ -10,8 +10,10 @@
 //!
 //! # Isolation
 //!
-//! Each module runs in a helper child process: the token-agent binary started
-//! with a hidden `--pkcs11-helper` flag calls [`helper::run`], loads the module
+//! Each module runs in a helper child process: `token-agent-pkcs11-helper`
+//! (a small binary that only calls [`helper::run`], found by
+//! [`HelperCommand::beside`]; or the token-agent binary started with a hidden
+//! `--pkcs11-helper` flag, which does the same) loads the module
 //! with `cryptoki` and speaks the small binary protocol of [`proto`] over a
 //! socketpair on its standard input and output. Requests are pipelined: the
 //! agent writes each straight from the signing task, the helper serves them
@@ -43,7 +45,7 @@
 //! use token_agent_core::{Backend, IdentitySink};
 //! use token_agent_pkcs11::{HelperCommand, ModuleConfig, PinSource, Pkcs11Backend, Pkcs11Options};
 //!
-//! let mut options = Pkcs11Options::new(HelperCommand::current_exe().unwrap());
+//! let mut options = Pkcs11Options::new(HelperCommand::for_agent().unwrap());
 //! options.modules.push(ModuleConfig {
 //!     path: "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so".into(),
 //!     pin: PinSource::Prompt,
@@ -61,4 +63,4 @@ mod keys;
 pub mod proto;
 
 pub use backend::{ModuleConfig, PinCache, PinSource, Pkcs11Backend, Pkcs11Options, NAME};
-pub use client::HelperCommand;
+pub use client::{HelperCommand, HELPER_BINARY};

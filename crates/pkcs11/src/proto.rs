@@ -1,6 +1,6 @@
 //! The protocol between the agent and its PKCS#11 helper processes.
 //!
-//! The agent starts `token-agent --pkcs11-helper` with two socketpairs: a
+//! The agent starts a helper (`token-agent-pkcs11-helper`) with two socketpairs: a
 //! SOCK_SEQPACKET one on its standard input for requests (one record each,
 //! at most [`MAX_REQUEST`] bytes, so that several helper threads can read
 //! it at once) and a stream one on its standard output for answers. Each
@@ -54,10 +54,14 @@ pub enum Op {
     },
     /// Every slot with a token, and the keys on it (C_GetSlotList, C_GetTokenInfo, C_FindObjects).
     List,
-    /// C_Finalize and C_Initialize the module anew, then [`Op::List`]. Only
-    /// for a helper that holds no sessions (the agent's scanner): it finds
-    /// tokens that modules like SoftHSM only see when initialized.
-    Rescan,
+    /// C_Initialize the module at `path` in a helper that has none loaded,
+    /// then [`Op::List`], and nothing else: the agent's scanner, a helper
+    /// that exists only for one scan, finds tokens that modules like SoftHSM
+    /// only see when initialized anew.
+    Scan {
+        /// The module's path, already checked against the allowlist.
+        path: String,
+    },
     /// C_Login as the user. `pin: None` logs in through the token's protected
     /// authentication path (a PIN pad).
     Login {
@@ -94,7 +98,7 @@ impl Op {
         match self {
             Self::Load { .. } => "C_Initialize",
             Self::List => "C_FindObjects",
-            Self::Rescan => "C_Initialize",
+            Self::Scan { .. } => "C_Initialize",
             Self::Login { .. } => "C_Login",
             Self::Logout => "C_Logout",
             Self::Sign { .. } => "C_Sign",
@@ -464,7 +468,10 @@ impl Message for Request {
                 out.u32(*parallel);
             }
             Op::List => out.u8(2),
-            Op::Rescan => out.u8(3),
+            Op::Scan { path } => {
+                out.u8(3);
+                out.str(path);
+            }
             Op::Login { slot, pin } => {
                 out.u8(4);
                 out.u64(*slot);
@@ -498,7 +505,9 @@ impl Message for Request {
                 parallel: input.u32()?,
             },
             2 => Op::List,
-            3 => Op::Rescan,
+            3 => Op::Scan {
+                path: input.string()?,
+            },
             4 => Op::Login {
                 slot: input.u64()?,
                 pin: Option::decode(input)?,
@@ -813,7 +822,9 @@ mod tests {
                 parallel: 3,
             },
             Op::List,
-            Op::Rescan,
+            Op::Scan {
+                path: "/usr/lib/y.so".into(),
+            },
             Op::Login { slot: 9, pin: None },
             Op::Logout,
             Op::Sign {

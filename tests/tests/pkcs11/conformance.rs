@@ -2,16 +2,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use token_agent_core::Backend;
-use token_agent_e2e::agent_binary;
 use token_agent_e2e::conformance::{self, Published};
+use token_agent_e2e::pkcs11_helper_binary;
 use token_agent_e2e::softhsm::{KeyKind, SoftHsm, MODULE, PIN};
 use token_agent_pkcs11::{HelperCommand, ModuleConfig, PinSource, Pkcs11Backend, Pkcs11Options};
 use token_agent_prompt::{Asked, Scripted, ScriptedAnswer};
 
 fn backend(hsm: &SoftHsm) -> anyhow::Result<Pkcs11Backend> {
     let mut options = Pkcs11Options::new(HelperCommand {
-        program: agent_binary()?,
-        args: vec!["--pkcs11-helper".into()],
+        program: pkcs11_helper_binary()?,
+        args: Vec::new(),
         env: hsm
             .env()
             .into_iter()

@@ -81,16 +81,27 @@ fn start_agent_with_env(
     program: &Path,
     extra: Vec<(String, String)>,
 ) -> anyhow::Result<Agent> {
+    Agent::start(agent_options(hsm, args, config, program, extra))
+}
+
+/// The options [`start_agent_with_env`] starts token-agent with.
+fn agent_options(
+    hsm: &SoftHsm,
+    args: &[&str],
+    config: &str,
+    program: &Path,
+    extra: Vec<(String, String)>,
+) -> AgentOptions {
     let mut env = hsm.env();
     env.extend(extra);
     env.push(("SSH_ASKPASS".into(), program.display().to_string()));
     env.push(("SSH_ASKPASS_REQUIRE".into(), "force".into()));
     env.push(("TOKEN_AGENT_LOG".into(), "trace".into()));
-    Agent::start(AgentOptions {
+    AgentOptions {
         args: args.iter().map(|a| (*a).to_owned()).collect(),
         env,
         config: Some(format!("[prompt]\npin_prompt = \"askpass\"\n{config}")),
-    })
+    }
 }
 
 /// Waits until `ssh-add -L` lists exactly `count` keys, returning them.
