@@ -173,3 +173,81 @@ pub fn percentile(sorted: &[Duration], pct: usize) -> Duration {
     let index = (sorted.len() * pct / 100).min(sorted.len() - 1);
     sorted[index]
 }
+
+/// The resident memory of a process and all its descendants, at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TreeMemory {
+    /// How many processes the tree has.
+    pub processes: usize,
+    /// The sum of their VmRSS, in KiB (shared pages counted in each).
+    pub rss_kib: u64,
+    /// The sum of their PSS, in KiB (shared pages split among the processes mapping them).
+    pub pss_kib: u64,
+}
+
+/// [`TreeMemory`] of `pid` and its descendants now.
+pub fn tree_memory(pid: u32) -> anyhow::Result<TreeMemory> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let name = entry?.file_name();
+        let Some(child) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // The parent is the second field after the command name, which is in
+        // parentheses and may itself hold spaces and parentheses.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(parent) = parent {
+            parents.push((child, parent));
+        }
+    }
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while next < tree.len() {
+        let parent = tree[next];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        next += 1;
+    }
+    let mut memory = TreeMemory::default();
+    for process in tree {
+        // A process may end between listing and reading: it then uses nothing.
+        let field = |file: &str, name: &str| -> Option<u64> {
+            let text = std::fs::read_to_string(format!("/proc/{process}/{file}")).ok()?;
+            let line = text.lines().find(|line| line.starts_with(name))?;
+            line[name.len()..].split_whitespace().next()?.parse().ok()
+        };
+        let (Some(rss), Some(pss)) = (field("status", "VmRSS:"), field("smaps_rollup", "Pss:"))
+        else {
+            continue;
+        };
+        memory.processes += 1;
+        memory.rss_kib += rss;
+        memory.pss_kib += pss;
+    }
+    Ok(memory)
+}
+
+/// Samples [`tree_memory`] every 100 ms for `seconds`: the median sample
+/// (by RSS) and the largest.
+pub fn sample_tree_memory(pid: u32, seconds: u64) -> anyhow::Result<(TreeMemory, TreeMemory)> {
+    let mut samples = Vec::new();
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        samples.push(tree_memory(pid)?);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    samples.sort_by_key(|m| m.rss_kib);
+    let median = samples.get(samples.len() / 2).copied().unwrap_or_default();
+    let largest = samples.last().copied().unwrap_or_default();
+    Ok((median, largest))
+}

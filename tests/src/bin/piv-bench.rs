@@ -54,12 +54,16 @@ fn main() -> anyhow::Result<()> {
 
     let direct = sign_directly(args.signs)?;
 
+    // The variable, not the configuration's log_level: the harness sets
+    // TOKEN_AGENT_LOG=debug for tests, and it wins over the file.
     let agent = Agent::start(AgentOptions {
-        env: vec![(
-            "PCSCLITE_CSOCK_NAME".into(),
-            rig.socket().display().to_string(),
-        )],
-        config: Some("log_level = \"warn\"\n".into()),
+        env: vec![
+            (
+                "PCSCLITE_CSOCK_NAME".into(),
+                rig.socket().display().to_string(),
+            ),
+            ("TOKEN_AGENT_LOG".into(), "warn".into()),
+        ],
         ..AgentOptions::default()
     })?;
     let keys = wait_for_keys(agent.socket(), 2, Duration::from_secs(10))?;

@@ -4,6 +4,8 @@
 //! side by side in one run.
 //!
 //! Scenarios, each for `--seconds`:
+//! - resident memory (RSS and PSS) of each agent with its helpers, with one
+//!   module loaded, idle and after signing;
 //! - P-256 and RSA-2048 signatures per second and p50/p99 latency with 1 and
 //!   8 clients, next to the direct ceiling with 1 and 2 threads, and next to
 //!   the floor (see [`floor`]): what a minimal relay through a helper process
@@ -113,6 +115,9 @@ fn main() -> anyhow::Result<()> {
         args.seconds, args.rounds
     );
     println!();
+    if !args.signatures_only {
+        memory(&env, &askpass, args.seconds)?;
+    }
     println!("## Signatures");
     println!();
     if args.rounds > 1 {
@@ -218,6 +223,56 @@ fn main() -> anyhow::Result<()> {
         held.p99_us,
         held.held_for.as_secs_f64()
     );
+    Ok(())
+}
+
+/// Resident memory of each agent with its helpers, with the bench token's
+/// module loaded and nothing else: idle (sampled across several token
+/// polls), then after `seconds` of P-256 and RSA signatures from 8 clients.
+/// Fresh agents, so the other scenarios' modules do not count.
+fn memory(env: &[(String, String)], askpass: &Path, seconds: u64) -> anyhow::Result<()> {
+    let token = Agent::start(AgentOptions {
+        env: env.to_vec(),
+        config: Some("[prompt]\npin_prompt = \"askpass\"\n".into()),
+        ..AgentOptions::default()
+    })?;
+    let openssh = Agent::start_openssh(env)?;
+    let agents = [("token-agent", &token), ("OpenSSH ssh-agent", &openssh)];
+    for (_, agent) in agents {
+        add_provider(agent, Path::new(MODULE), askpass)?;
+    }
+    println!("## Memory with one PKCS#11 module loaded (agent and its helpers)");
+    println!();
+    println!(
+        "Sampled every 100 ms for 5 s: the median sample and the largest \
+         (a token scan's short-lived process, for token-agent)."
+    );
+    println!();
+    println!(
+        "| agent | when | processes | RSS KiB (median) | PSS KiB (median) | RSS KiB (largest) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let show = |name: &str, when: &str, agent: &Agent| -> anyhow::Result<()> {
+        let pid = agent.pid().context("agent not running")?;
+        let (median, largest) = bench::sample_tree_memory(pid, 5)?;
+        println!(
+            "| {name} | {when} | {} | {} | {} | {} |",
+            median.processes, median.rss_kib, median.pss_kib, largest.rss_kib
+        );
+        Ok(())
+    };
+    for (name, agent) in agents {
+        show(name, "idle", agent)?;
+    }
+    for (name, agent) in agents {
+        for prefix in ["ecdsa-sha2-nistp256", "ssh-rsa"] {
+            let flags = if prefix == "ssh-rsa" { 2 } else { 0 };
+            let request = sign_request(&key_blob(agent, prefix, "bench")?, flags);
+            run(agent.socket(), &request, 8, seconds)?;
+        }
+        show(name, "after signing", agent)?;
+    }
+    println!();
     Ok(())
 }
 
