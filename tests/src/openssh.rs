@@ -293,3 +293,49 @@ impl Drop for Sshd {
         let _ = self.child.wait();
     }
 }
+
+/// Two servers that accept the key `key`: `ssh-add -H FILE -h allowed.test KEY`
+/// on `agent` (FILE, written in `dir`, names them allowed.test and
+/// other.test) restricts it to the first. Check with [`ensure_only_allowed`].
+pub fn restrict_to_one_of_two(
+    agent: &Agent,
+    key: &Path,
+    dir: &Path,
+) -> anyhow::Result<(Sshd, Sshd)> {
+    let authorized = std::fs::read_to_string(key.with_extension("pub"))?;
+    let allowed = Sshd::start(&authorized, None)?;
+    let other = Sshd::start(&authorized, None)?;
+    // ssh-add -h finds the host's key by name in a known_hosts file.
+    let hosts = dir.join("restrict_hosts");
+    std::fs::write(
+        &hosts,
+        format!(
+            "allowed.test {}\nother.test {}\n",
+            allowed.host_public(),
+            other.host_public()
+        ),
+    )?;
+    crate::check(
+        agent.ssh_add([
+            "-H".as_ref(),
+            hosts.as_os_str(),
+            "-h".as_ref(),
+            "allowed.test".as_ref(),
+            key.as_os_str(),
+        ])?,
+        "ssh-add -h",
+    )?;
+    Ok((allowed, other))
+}
+
+/// Fails unless a login through `agent` gets in to `allowed` and not to `other`.
+pub fn ensure_only_allowed(allowed: &Sshd, other: &Sshd, agent: &Agent) -> anyhow::Result<()> {
+    let login = allowed.login(agent)?;
+    allowed.ensure_logged_in(&login, &agent.log_text())?;
+    let login = other.login(agent)?;
+    anyhow::ensure!(
+        !crate::stdout(&login).contains("logged-in"),
+        "the restricted key logged in to another host"
+    );
+    Ok(())
+}

@@ -2,8 +2,8 @@ use std::path::Path;
 use std::process::Command;
 
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
-use token_agent_e2e::openssh::Sshd;
-use token_agent_e2e::{check, sign_file, stdout};
+use token_agent_e2e::openssh::{ensure_only_allowed, restrict_to_one_of_two, Sshd};
+use token_agent_e2e::{check, sign_file};
 
 /// Signs `message` with the agent's key for `public` and verifies it with ssh-keygen.
 fn sign_and_verify(agent: &Agent, public: &Path, message: &Path) -> anyhow::Result<()> {
@@ -105,41 +105,13 @@ fn a_destination_restricted_key_signs_only_for_its_host() -> anyhow::Result<()> 
     let agent = Agent::start(AgentOptions::default())?;
     let key = agent.dir().join("id");
     keygen(&key, "ed25519", "restricted")?;
-    let authorized = std::fs::read_to_string(key.with_extension("pub"))?;
-    let allowed = Sshd::start(&authorized, None)?;
-    let other = Sshd::start(&authorized, None)?;
-    // ssh-add -h finds the host's key by name in a known_hosts file.
-    let hosts = agent.dir().join("restrict_hosts");
-    std::fs::write(
-        &hosts,
-        format!(
-            "allowed.test {}\nother.test {}\n",
-            allowed.host_public(),
-            other.host_public()
-        ),
-    )?;
-    check(
-        agent.ssh_add([
-            "-H".as_ref(),
-            hosts.as_os_str(),
-            "-h".as_ref(),
-            "allowed.test".as_ref(),
-            key.as_os_str(),
-        ])?,
-        "ssh-add -h",
-    )?;
+    let (allowed, other) = restrict_to_one_of_two(&agent, &key, agent.dir())?;
     // Only the agent can sign from here on.
     std::fs::remove_file(&key)?;
     // Local use still lists the key.
     assert_eq!(agent.listed()?.len(), 1);
 
-    let login = allowed.login(&agent)?;
-    allowed.ensure_logged_in(&login, &agent.log_text())?;
-    let login = other.login(&agent)?;
-    assert!(
-        !stdout(&login).contains("logged-in"),
-        "the restricted key logged in to another host"
-    );
+    ensure_only_allowed(&allowed, &other, &agent)?;
     // Signing arbitrary data locally (no session bind) is refused too.
     let message = agent.dir().join("message.txt");
     std::fs::write(&message, "data")?;

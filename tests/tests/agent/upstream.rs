@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
 use token_agent_e2e::gpg::GpgAgent;
-use token_agent_e2e::openssh::{OpenSsh, Sshd};
+use token_agent_e2e::openssh::{ensure_only_allowed, restrict_to_one_of_two, OpenSsh, Sshd};
 use token_agent_e2e::{check, sign_file, stderr, stdout, wait_for, write_script};
 
 /// token-agent with `upstreams` behind it (through -A) and `config`.
@@ -186,36 +186,9 @@ fn issue_16_the_upstreams_confirm_and_destination_constraints_still_apply() -> a
     // session binds of ssh's connection to token-agent, so it signs for
     // that host only. (Without the binds it would take the connection for
     // local use and sign for any host.)
-    let (restricted, restricted_public) = key(dir.path(), "restricted")?;
-    let authorized = format!("{restricted_public}\n");
-    let allowed = Sshd::start(&authorized, None)?;
-    let other = Sshd::start(&authorized, None)?;
-    let hosts = dir.path().join("restrict_hosts");
-    std::fs::write(
-        &hosts,
-        format!(
-            "allowed.test {}\nother.test {}\n",
-            allowed.host_public(),
-            other.host_public()
-        ),
-    )?;
-    check(
-        upstream.ssh_add([
-            "-H".as_ref(),
-            hosts.as_os_str(),
-            "-h".as_ref(),
-            "allowed.test".as_ref(),
-            restricted.as_os_str(),
-        ])?,
-        "ssh-add -h",
-    )?;
-    let login = allowed.login(&agent)?;
-    allowed.ensure_logged_in(&login, &agent.log_text())?;
-    let login = other.login(&agent)?;
-    assert!(
-        !stdout(&login).contains("logged-in"),
-        "the upstream's restricted key logged in to another host"
-    );
+    let (restricted, _) = key(dir.path(), "restricted")?;
+    let (allowed, other) = restrict_to_one_of_two(&upstream, &restricted, dir.path())?;
+    ensure_only_allowed(&allowed, &other, &agent)?;
     Ok(())
 }
 
