@@ -3,7 +3,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
-use token_agent_e2e::openssh::Sshd;
+use token_agent_e2e::openssh::restrict_to_one_of_two;
 use token_agent_e2e::wire::{self, RawClient};
 use token_agent_e2e::{agent_binary, check, sign_file, stdout, wait_for, write_script};
 
@@ -158,21 +158,7 @@ fn issue_14_a_destination_refusal_names_the_hop() -> anyhow::Result<()> {
     let agent = Agent::start(AgentOptions::default())?;
     let key = agent.dir().join("id");
     keygen(&key, "ed25519", "restricted")?;
-    let authorized = std::fs::read_to_string(key.with_extension("pub"))?;
-    let allowed = Sshd::start(&authorized, None)?;
-    let other = Sshd::start(&authorized, None)?;
-    let hosts = agent.dir().join("hosts");
-    std::fs::write(&hosts, format!("allowed.test {}\n", allowed.host_public()))?;
-    check(
-        agent.ssh_add([
-            "-H".as_ref(),
-            hosts.as_os_str(),
-            "-h".as_ref(),
-            "allowed.test".as_ref(),
-            key.as_os_str(),
-        ])?,
-        "ssh-add -h",
-    )?;
+    let (_allowed, other) = restrict_to_one_of_two(&agent, &key, agent.dir())?;
     // A login elsewhere never sees the key: OpenSSH's agent hides it too.
     let login = other.login(&agent)?;
     assert!(!stdout(&login).contains("logged-in"));
