@@ -733,11 +733,11 @@ impl Inner {
         if lock(&module.removed).contains(key.handle()) {
             return Err(Error::KeyNotFound);
         }
-        let tokens = lock(&module.tokens).clone();
-        let Some(token) = tokens
-            .into_iter()
+        let token = lock(&module.tokens)
+            .iter()
             .find(|t| t.serial == serial && t.label == label)
-        else {
+            .cloned();
+        let Some(token) = token else {
             return Err(Error::DeviceRemoved {
                 device: DeviceInfo::new(format!("{label} #{serial}")).with_serial(serial),
             });
