@@ -25,3 +25,5 @@ mod forwarding;
 mod doctor;
 // Other agents behind token-agent: ssh-agent and gpg-agent upstreams, session binds passed on, [[listing]].
 mod upstream;
+// How the binaries are linked for a small resident set: day-to-day code first, packed relocations.
+mod layout;

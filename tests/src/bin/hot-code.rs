@@ -1,0 +1,394 @@
+//! hot-code: writes the linker scripts (crates/cli/hot-code/*.ld) that put the
+//! code token-agent and its PKCS#11 helper run day to day at the start of
+//! their text, so that the pages they keep resident hold that code and little
+//! else. The kernel maps 64 KiB around each page a process first touches: with
+//! the functions that run scattered over the whole binary, almost all of it
+//! ends up resident.
+//!
+//! It runs the release agent under valgrind's callgrind (the helpers too),
+//! drives it through a day's work with OpenSSH's tools (a SoftHSM token added
+//! with `ssh-add -s`, software keys of each type, with a lifetime and with a
+//! confirmation, signatures with every key, removal, lock and unlock, status),
+//! and writes, for each binary, every function that ran as a section pattern
+//! whose symbol hashes are wildcards, so a script stays right across rebuilds
+//! and dependency updates that do not rename functions. Code missing from a
+//! script still runs: it is only laid out among the rest.
+//!
+//! `cargo build --release -p token-agent && cargo run --release -p token-agent-e2e --bin hot-code`
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
+use token_agent_e2e::bench;
+use token_agent_e2e::softhsm::{KeyKind, SoftHsm, MODULE, PIN};
+use token_agent_e2e::wire::RawClient;
+use token_agent_e2e::{check, write_script};
+
+/// The binaries a script is written for.
+const BINARIES: [&str; 2] = ["token-agent", "token-agent-pkcs11-helper"];
+
+/// Write the linker scripts that cluster the agent's day-to-day code.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The release agent (its helper is the token-agent-pkcs11-helper beside it).
+    #[arg(long, default_value = "target/release/token-agent")]
+    agent: PathBuf,
+    /// Where the scripts go.
+    #[arg(long, default_value = "crates/cli/hot-code")]
+    out: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let agent = std::fs::canonicalize(&args.agent)
+        .with_context(|| format!("no agent at {}", args.agent.display()))?;
+    let dir = tempfile::tempdir()?;
+    let profiles = dir.path().join("profiles");
+    std::fs::create_dir(&profiles)?;
+    run_a_day(&agent, dir.path(), &profiles)?;
+
+    let mut ran: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for entry in std::fs::read_dir(&profiles)? {
+        let path = entry?.path();
+        if !path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("callgrind."))
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        let Some(binary) = BINARIES.iter().find(|b| command_is(&text, b)) else {
+            continue;
+        };
+        ran.entry(binary).or_default().extend(functions_in(&text));
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let folder = agent.parent().context("the agent has no folder")?;
+    for binary in BINARIES {
+        let defined = defined_functions(&folder.join(binary))?;
+        let functions: BTreeSet<&String> = ran
+            .get(binary)
+            .with_context(|| format!("no profile of {binary}: did it run under valgrind?"))?
+            .iter()
+            .filter(|f| defined.contains(*f))
+            .collect();
+        let patterns: BTreeSet<String> = functions.iter().filter_map(|f| pattern(f)).collect();
+        let script = args.out.join(format!("{binary}.ld"));
+        std::fs::write(&script, linker_script(binary, &patterns))?;
+        println!(
+            "{}: {} functions ran, {} patterns",
+            script.display(),
+            functions.len(),
+            patterns.len()
+        );
+    }
+    Ok(())
+}
+
+/// Starts `agent` under callgrind, with its profiles in `profiles`, and uses it.
+fn run_a_day(agent: &Path, dir: &Path, profiles: &Path) -> anyhow::Result<()> {
+    check(
+        std::process::Command::new("valgrind")
+            .arg("--version")
+            .output()
+            .context("cannot run valgrind (install valgrind)")?,
+        "valgrind --version",
+    )?;
+    let hsm = SoftHsm::new()?;
+    hsm.token("day", &[KeyKind::P256, KeyKind::Rsa2048])?;
+    let askpass = dir.join("askpass");
+    // PINs, lock passwords, and "yes" to confirmations.
+    write_script(
+        &askpass,
+        &format!("if [ \"$SSH_ASKPASS_PROMPT\" = confirm ]; then echo yes; else echo {PIN}; fi"),
+    )?;
+    let wrapper = dir.join("token-agent-under-callgrind");
+    write_script(
+        &wrapper,
+        &format!(
+            "exec valgrind --tool=callgrind --demangle=no --trace-children=yes \
+             --callgrind-out-file={profiles}/callgrind.%p --log-file={profiles}/valgrind.%p \
+             {agent} \"$@\"",
+            profiles = profiles.display(),
+            agent = agent.display(),
+        ),
+    )?;
+    let mut env = hsm.env();
+    env.extend([
+        ("SSH_ASKPASS".to_owned(), askpass.display().to_string()),
+        ("SSH_ASKPASS_REQUIRE".to_owned(), "force".to_owned()),
+        ("DISPLAY".to_owned(), ":0".to_owned()),
+        // What a user's agent logs, not the tests' debug level.
+        ("TOKEN_AGENT_LOG".to_owned(), "info".to_owned()),
+    ]);
+    env.retain(|(key, _)| key != "RUST_BACKTRACE");
+    let mut day = Agent::start_binary(
+        &wrapper,
+        AgentOptions {
+            env,
+            config: Some("[prompt]\npin_prompt = \"askpass\"\n".to_owned()),
+            ..AgentOptions::default()
+        },
+    )?;
+    let ssh_add = |args: &[&str]| -> anyhow::Result<()> {
+        check(
+            day.command("ssh-add")
+                .args(args)
+                .env("SSH_ASKPASS", &askpass)
+                .env("SSH_ASKPASS_REQUIRE", "force")
+                .env("DISPLAY", ":0")
+                .output()?,
+            &format!("ssh-add {}", args.join(" ")),
+        )?;
+        Ok(())
+    };
+    ssh_add(&["-l"]).ok();
+    ssh_add(&["-s", MODULE])?;
+    let mut keys = Vec::new();
+    for (kind, flags) in [
+        ("ed25519", &[][..]),
+        ("ecdsa-256", &["-t", "600"][..]),
+        ("rsa-2048", &["-c"][..]),
+    ] {
+        let key = dir.join(kind);
+        keygen(&key, kind, kind)?;
+        let mut args: Vec<&str> = flags.to_vec();
+        let path = key.display().to_string();
+        args.push(&path);
+        ssh_add(&args)?;
+        keys.push(key);
+    }
+    ssh_add(&["-l"])?;
+    let message = dir.join("message");
+    std::fs::write(&message, "a day's work\n")?;
+    for (i, public) in day.listed()?.iter().enumerate() {
+        let file = dir.join(format!("listed-{i}.pub"));
+        std::fs::write(&file, format!("{public}\n"))?;
+        let _ = std::fs::remove_file(dir.join("message.sig"));
+        check(
+            day.command("ssh-keygen")
+                .args(["-Y", "sign", "-n", "file", "-f"])
+                .arg(&file)
+                .arg(&message)
+                .env("SSH_ASKPASS", &askpass)
+                .env("SSH_ASKPASS_REQUIRE", "force")
+                .env("DISPLAY", ":0")
+                .output()?,
+            "ssh-keygen -Y sign",
+        )
+        .with_context(|| format!("the agent's log:\n{}", day.log_text()))?;
+    }
+    // Eight at once with the first key (the token's): the paths of a busy agent.
+    let first = dir.join("listed-0.pub");
+    let signers = (0..8)
+        .map(|i| {
+            let message = dir.join(format!("message-{i}"));
+            std::fs::write(&message, "at once\n")?;
+            Ok(day
+                .command("ssh-keygen")
+                .args(["-Y", "sign", "-n", "file", "-f"])
+                .arg(&first)
+                .arg(&message)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for mut signer in signers {
+        anyhow::ensure!(
+            signer.wait()?.success(),
+            "a concurrent ssh-keygen -Y sign failed"
+        );
+    }
+    // What the benchmarks do: many lists and signatures on 1 and 8 connections.
+    let mut client = RawClient::connect(day.socket())?;
+    let reply = client
+        .request(&[11])?
+        .context("the agent closed the connection")?;
+    for (blob, _) in bench::parse_identities(&reply)? {
+        for clients in [1, 8] {
+            bench::run(day.socket(), &[11], clients, 2)?;
+            bench::run(
+                day.socket(),
+                &bench::sign_request(&blob, &[0x5a; 180], 2),
+                clients,
+                2,
+            )?;
+        }
+    }
+    check(
+        day.command(agent)
+            .args(["status", "--socket"])
+            .arg(day.socket())
+            .output()?,
+        "token-agent status",
+    )?;
+    ssh_add(&["-d", &format!("{}.pub", keys[0].display())])?;
+    ssh_add(&["-x"])?;
+    ssh_add(&["-X"])?;
+    // The token scanner's polls.
+    std::thread::sleep(Duration::from_secs(12));
+    ssh_add(&["-D"])?;
+    day.stop()?;
+    // The helpers write their profiles once they see the agent gone.
+    std::thread::sleep(Duration::from_secs(3));
+    Ok(())
+}
+
+/// Whether the callgrind profile `text` is of a process running `binary`.
+fn command_is(text: &str, binary: &str) -> bool {
+    text.lines()
+        .find_map(|line| line.strip_prefix("cmd: "))
+        .and_then(|command| command.split_whitespace().next())
+        .is_some_and(|program| Path::new(program).file_name() == Some(binary.as_ref()))
+}
+
+/// The function symbols `binary` defines (`nm --defined-only`).
+fn defined_functions(binary: &Path) -> anyhow::Result<BTreeSet<String>> {
+    let output = check(
+        std::process::Command::new("nm")
+            .arg("--defined-only")
+            .arg(binary)
+            .output()
+            .context("cannot run nm (install binutils)")?,
+        "nm --defined-only",
+    )?;
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, kind, name) = (fields.next()?, fields.next()?, fields.next()?);
+            matches!(kind, "t" | "T" | "w" | "W").then(|| name.to_owned())
+        })
+        .collect())
+}
+
+/// The symbols of the functions that ran in the profile `text`, in any
+/// object: callgrind attributes code in a section of its own (`.text.hot`)
+/// to no object, so the caller keeps those its binary defines. In
+/// callgrind's compressed format `fn=(N) name` names an id the first time,
+/// and later lines give the id alone.
+fn functions_in(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeMap::new();
+    let mut ran = BTreeSet::new();
+    for line in text.lines() {
+        let Some((key @ ("fn" | "cfn"), value)) = line.split_once('=') else {
+            continue;
+        };
+        let Some((id, name)) = compressed(value) else {
+            continue;
+        };
+        if let Some(name) = name {
+            names.insert(id, name);
+        }
+        if key == "fn" {
+            if let Some(name) = names.get(id) {
+                ran.insert((*name).to_owned());
+            }
+        }
+    }
+    ran
+}
+
+/// `(N) name` or `(N)`.
+fn compressed(value: &str) -> Option<(&str, Option<&str>)> {
+    let rest = value.strip_prefix('(')?;
+    let (id, rest) = rest.split_once(')')?;
+    let name = rest.strip_prefix(' ').filter(|n| !n.is_empty());
+    Some((id, name))
+}
+
+/// The section pattern for the function `symbol`: its hashes (a legacy
+/// Rust symbol's `17h<16 hex digits>E`, a v0 symbol's crate disambiguators
+/// `Cs<base 62>_`) as wildcards. None for what has no symbol.
+fn pattern(symbol: &str) -> Option<String> {
+    if symbol.starts_with("0x") || symbol.starts_with('(') {
+        return None;
+    }
+    let legacy = symbol
+        .strip_suffix('E')
+        .and_then(|s| {
+            s.get(..s.len().checked_sub(19)?)
+                .map(|head| (head, &s[s.len() - 19..]))
+        })
+        .filter(|(_, hash)| {
+            hash.starts_with("17h") && hash[3..].bytes().all(|b| b.is_ascii_hexdigit())
+        });
+    if let Some((head, _)) = legacy {
+        return Some(format!("{head}17h*"));
+    }
+    if !symbol.starts_with("_R") {
+        return Some(symbol.to_owned());
+    }
+    let mut out = String::with_capacity(symbol.len());
+    let mut rest = symbol;
+    while let Some(at) = rest.find("Cs") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let digits = after.bytes().take_while(u8::is_ascii_alphanumeric).count();
+        if digits > 0 && after[digits..].starts_with('_') {
+            out.push_str("Cs*_");
+            rest = &after[digits + 1..];
+        } else {
+            out.push_str("Cs");
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// A linker script that puts the sections of `patterns` first in the text.
+fn linker_script(binary: &str, patterns: &BTreeSet<String>) -> String {
+    let mut script = format!(
+        "/* The functions {binary} ran in a day's work, first in its text: written by\n   \
+         `cargo run --release -p token-agent-e2e --bin hot-code`; do not edit. */\n\
+         SECTIONS\n{{\n  .text.hot :\n  {{\n"
+    );
+    for pattern in patterns {
+        // Cold code (panics, first-time initialization) is in .text.unlikely.*.
+        script.push_str(&format!(
+            "    *(.text.{pattern} .text.unlikely.{pattern})\n"
+        ));
+    }
+    script.push_str("  }\n}\nINSERT BEFORE .text;\n");
+    script
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_become_wildcards() {
+        assert_eq!(
+            pattern("_ZN3std4sync9once_lock17OnceLock$LT$T$GT$10initialize17h61531c289dd5648fE")
+                .unwrap(),
+            "_ZN3std4sync9once_lock17OnceLock$LT$T$GT$10initialize17h*"
+        );
+        assert_eq!(
+            pattern("_RNvMs4_NtCslNYArtu3iFV_5alloc7raw_vecNtB5_11RawVecInner11finish_growCsjrHSEGnQ3l9_3std")
+                .unwrap(),
+            "_RNvMs4_NtCs*_5alloc7raw_vecNtB5_11RawVecInner11finish_growCs*_3std"
+        );
+        assert_eq!(pattern("main").unwrap(), "main");
+        assert_eq!(pattern("0x0000000000193d30"), None);
+        assert_eq!(pattern("(below main)"), None);
+    }
+
+    #[test]
+    fn profiles_name_their_functions_once() {
+        let text = "cmd:  /x/token-agent -d\nob=(1) /x/token-agent\nfn=(1) a\ncfn=(2) b\n\
+                    cfn=(4) d\nob=(2) ???\nfn=(3) c\nob=(1)\nfn=(2)\n";
+        assert!(command_is(text, "token-agent"));
+        assert!(!command_is(text, "token-agent-pkcs11-helper"));
+        let ran: Vec<_> = functions_in(text).into_iter().collect();
+        assert_eq!(ran, ["a", "b", "c"]);
+    }
+}
