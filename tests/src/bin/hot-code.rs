@@ -304,9 +304,13 @@ fn compressed(value: &str) -> Option<(&str, Option<&str>)> {
     Some((id, name))
 }
 
-/// The section pattern for the function `symbol`: its hashes (a legacy
-/// Rust symbol's `17h<16 hex digits>E`, a v0 symbol's crate disambiguators
-/// `Cs<base 62>_`) as wildcards. None for what has no symbol.
+/// The section pattern for the function `symbol`: what changes when the
+/// toolchain or a dependency does becomes a wildcard (a legacy Rust symbol's
+/// hash `17h<16 hex digits>E`; in a v0 symbol the crate disambiguators
+/// `Cs<base 62>_`, and the back-references `B<base 62>_`, which are offsets
+/// into the symbol and move when a disambiguator's length does). None for
+/// what has no symbol. A wildcard only widens a pattern: it still matches
+/// the symbol, even where it replaced part of a name.
 fn pattern(symbol: &str) -> Option<String> {
     if symbol.starts_with("0x") || symbol.starts_with('(') {
         return None;
@@ -327,16 +331,24 @@ fn pattern(symbol: &str) -> Option<String> {
         return Some(symbol.to_owned());
     }
     let mut out = String::with_capacity(symbol.len());
-    let mut rest = symbol;
-    while let Some(at) = rest.find("Cs") {
+    let mut rest = &symbol[2..];
+    out.push_str("_R");
+    while let Some(at) = rest.find(['C', 'B']) {
         out.push_str(&rest[..at]);
-        let after = &rest[at + 2..];
+        let tag = if rest[at..].starts_with("Cs") {
+            "Cs"
+        } else {
+            &rest[at..=at]
+        };
+        let after = &rest[at + tag.len()..];
         let digits = after.bytes().take_while(u8::is_ascii_alphanumeric).count();
-        if digits > 0 && after[digits..].starts_with('_') {
-            out.push_str("Cs*_");
+        let wildcard = tag != "C" && after[digits..].starts_with('_');
+        if wildcard {
+            out.push_str(tag);
+            out.push_str("*_");
             rest = &after[digits + 1..];
         } else {
-            out.push_str("Cs");
+            out.push_str(tag);
             rest = after;
         }
     }
@@ -375,7 +387,7 @@ mod tests {
         assert_eq!(
             pattern("_RNvMs4_NtCslNYArtu3iFV_5alloc7raw_vecNtB5_11RawVecInner11finish_growCsjrHSEGnQ3l9_3std")
                 .unwrap(),
-            "_RNvMs4_NtCs*_5alloc7raw_vecNtB5_11RawVecInner11finish_growCs*_3std"
+            "_RNvMs4_NtCs*_5alloc7raw_vecNtB*_11RawVecInner11finish_growCs*_3std"
         );
         assert_eq!(pattern("main").unwrap(), "main");
         assert_eq!(pattern("0x0000000000193d30"), None);
