@@ -112,7 +112,9 @@ fn run_a_day(agent: &Path, dir: &Path, profiles: &Path) -> anyhow::Result<()> {
     write_script(
         &wrapper,
         &format!(
-            "exec valgrind --tool=callgrind --demangle=no --trace-children=yes \
+            // Backtraces are captured only when a developer asks for them.
+            "unset RUST_BACKTRACE RUST_LIB_BACKTRACE\n\
+             exec valgrind --tool=callgrind --demangle=no --trace-children=yes \
              --callgrind-out-file={profiles}/callgrind.%p --log-file={profiles}/valgrind.%p \
              {agent} \"$@\"",
             profiles = profiles.display(),
@@ -127,7 +129,6 @@ fn run_a_day(agent: &Path, dir: &Path, profiles: &Path) -> anyhow::Result<()> {
         // What a user's agent logs, not the tests' debug level.
         ("TOKEN_AGENT_LOG".to_owned(), "info".to_owned()),
     ]);
-    env.retain(|(key, _)| key != "RUST_BACKTRACE");
     let mut day = Agent::start_binary(
         &wrapper,
         AgentOptions {
@@ -136,14 +137,18 @@ fn run_a_day(agent: &Path, dir: &Path, profiles: &Path) -> anyhow::Result<()> {
             ..AgentOptions::default()
         },
     )?;
+    // OpenSSH's tools, answered by the askpass program.
+    let tool = |program: &str| {
+        let mut command = day.command(program);
+        command
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0");
+        command
+    };
     let ssh_add = |args: &[&str]| -> anyhow::Result<()> {
         check(
-            day.command("ssh-add")
-                .args(args)
-                .env("SSH_ASKPASS", &askpass)
-                .env("SSH_ASKPASS_REQUIRE", "force")
-                .env("DISPLAY", ":0")
-                .output()?,
+            tool("ssh-add").args(args).output()?,
             &format!("ssh-add {}", args.join(" ")),
         )?;
         Ok(())
@@ -172,13 +177,10 @@ fn run_a_day(agent: &Path, dir: &Path, profiles: &Path) -> anyhow::Result<()> {
         std::fs::write(&file, format!("{public}\n"))?;
         let _ = std::fs::remove_file(dir.join("message.sig"));
         check(
-            day.command("ssh-keygen")
+            tool("ssh-keygen")
                 .args(["-Y", "sign", "-n", "file", "-f"])
                 .arg(&file)
                 .arg(&message)
-                .env("SSH_ASKPASS", &askpass)
-                .env("SSH_ASKPASS_REQUIRE", "force")
-                .env("DISPLAY", ":0")
                 .output()?,
             "ssh-keygen -Y sign",
         )
