@@ -59,7 +59,14 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
     let activated = matches!(place, Place::Inherited(_));
     let certificates = load_certificates(&config.certificates)?;
     let policy = policy(options, &config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread runs the front end: its work per request is a few
+    // microseconds of parsing and routing, and everything slow runs
+    // elsewhere (helper processes, device threads, software signatures on
+    // blocking threads). On one thread a helper's answer wakes the client's
+    // task where it is read, with no handoff between threads, and the
+    // agent maps no libm (the multi-threaded scheduler's statistics call
+    // `pow`) and no second worker's stack.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
