@@ -9,6 +9,8 @@
 //! drives it through a day's work with OpenSSH's tools (a SoftHSM token added
 //! with `ssh-add -s`, software keys of each type, with a lifetime and with a
 //! confirmation, signatures with every key, removal, lock and unlock, status),
+//! ending the signing helper with SIGTERM, on which valgrind writes its
+//! profile (unloading a module kills it with SIGKILL, which leaves none),
 //! and writes, for each binary, every function that ran as a section pattern
 //! whose symbol hashes are wildcards, so a script stays right across rebuilds
 //! and dependency updates that do not rename functions. Code missing from a
@@ -32,6 +34,16 @@ use token_agent_e2e::{check, write_script};
 
 /// The binaries a script is written for.
 const BINARIES: [&str; 2] = ["token-agent", "token-agent-pkcs11-helper"];
+
+/// Modules (as v0 symbols spell their path) whose code runs under valgrind
+/// in place of code that needs an instruction valgrind's CPU lacks, each
+/// with that code: SHA-256 in software, where the CPU has the SHA
+/// extensions (valgrind 3.19 does not), and the intrinsics it calls, which
+/// are functions of their own at opt-level "s".
+const CPU_PATHS: [(&str, &[&str]); 1] = [(
+    "_4sha26sha2564soft",
+    &["_4sha26sha2563x86", "_4core9core_arch3x863sha"],
+)];
 
 /// Write the linker scripts that cluster the agent's day-to-day code.
 #[derive(Debug, Parser)]
@@ -72,12 +84,22 @@ fn main() -> anyhow::Result<()> {
     let folder = agent.parent().context("the agent has no folder")?;
     for binary in BINARIES {
         let defined = defined_functions(&folder.join(binary))?;
-        let functions: BTreeSet<&String> = ran
+        let mut functions: BTreeSet<&String> = ran
             .get(binary)
             .with_context(|| format!("no profile of {binary}: did it run under valgrind?"))?
             .iter()
             .filter(|f| defined.contains(*f))
             .collect();
+        // Code the CPU runs where valgrind's emulated CPU took another path.
+        for (under_valgrind, on_the_cpu) in CPU_PATHS {
+            if functions.iter().any(|f| f.contains(under_valgrind)) {
+                functions.extend(
+                    defined
+                        .iter()
+                        .filter(|f| on_the_cpu.iter().any(|path| f.contains(path))),
+                );
+            }
+        }
         let patterns: BTreeSet<String> = functions.iter().filter_map(|f| pattern(f)).collect();
         let script = args.out.join(format!("{binary}.ld"));
         std::fs::write(&script, linker_script(binary, &patterns))?;
@@ -236,11 +258,64 @@ fn run_a_day(agent: &Path, dir: &Path, profiles: &Path) -> anyhow::Result<()> {
     ssh_add(&["-X"])?;
     // The token scanner's polls.
     std::thread::sleep(Duration::from_secs(12));
+    // Unloading a module kills its helper with SIGKILL, which leaves no
+    // profile: end the signing helper first with SIGTERM, on which valgrind
+    // still writes it, and wait until it has.
+    let helpers = end_helpers(profiles)?;
+    anyhow::ensure!(helpers > 0, "no signing helper ran under valgrind");
     ssh_add(&["-D"])?;
     day.stop()?;
     // The helpers write their profiles once they see the agent gone.
     std::thread::sleep(Duration::from_secs(3));
     Ok(())
+}
+
+/// Sends SIGTERM to every helper still running under valgrind (as its log
+/// in `profiles` names it) and waits until each has written its profile;
+/// how many there were.
+fn end_helpers(profiles: &Path) -> anyhow::Result<usize> {
+    let mut ended = Vec::new();
+    for entry in std::fs::read_dir(profiles)? {
+        let path = entry?.path();
+        let Some(pid) = path
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_prefix("valgrind."))
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let log = std::fs::read_to_string(&path)?;
+        let helper = log
+            .lines()
+            .find_map(|line| line.split_once("Command: ").map(|(_, command)| command))
+            .and_then(|command| command.split_whitespace().next())
+            .is_some_and(|program| Path::new(program).file_name() == Some(BINARIES[1].as_ref()));
+        let pid = nix::unistd::Pid::from_raw(pid);
+        if helper && nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
+            ended.push(profiles.join(format!("callgrind.{pid}")));
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for profile in &ended {
+        // Written in full when valgrind's log says the process ended.
+        let log = profile.with_file_name(
+            profile
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .replace("callgrind.", "valgrind."),
+        );
+        while !std::fs::read_to_string(&log)?.contains("Collected") {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{} did not end on SIGTERM",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::ensure!(profile.exists(), "no profile at {}", profile.display());
+    }
+    Ok(ended.len())
 }
 
 /// Whether the callgrind profile `text` is of a process running `binary`.
