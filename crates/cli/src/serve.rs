@@ -63,9 +63,8 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
     // microseconds of parsing and routing, and everything slow runs
     // elsewhere (helper processes, device threads, software signatures on
     // blocking threads). On one thread a helper's answer wakes the client's
-    // task where it is read, with no handoff between threads, and the
-    // agent maps no libm (the multi-threaded scheduler's statistics call
-    // `pow`) and no second worker's stack.
+    // task where it is read, with no handoff between threads, and no second
+    // worker keeps a stack and a malloc arena.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

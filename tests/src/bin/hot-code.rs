@@ -292,20 +292,13 @@ fn end_helpers(profiles: &Path) -> anyhow::Result<usize> {
             .is_some_and(|program| Path::new(program).file_name() == Some(BINARIES[1].as_ref()));
         let pid = nix::unistd::Pid::from_raw(pid);
         if helper && nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
-            ended.push(profiles.join(format!("callgrind.{pid}")));
+            ended.push((path, profiles.join(format!("callgrind.{pid}"))));
         }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    for profile in &ended {
-        // Written in full when valgrind's log says the process ended.
-        let log = profile.with_file_name(
-            profile
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-                .replace("callgrind.", "valgrind."),
-        );
-        while !std::fs::read_to_string(&log)?.contains("Collected") {
+    for (log, profile) in &ended {
+        // Written in full when valgrind's log gives the totals.
+        while !std::fs::read_to_string(log)?.contains("Collected") {
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
                 "{} did not end on SIGTERM",
