@@ -13,7 +13,7 @@ use token_agent_prompt::{Askpass, Bridge, NoticeConfig, Notifier, PinSource, Pin
 use token_agent_server::provider::ProviderAllowlist;
 use token_agent_server::{listener, Policy, Router, SoftwareKeys};
 use tokio::net::UnixListener;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::args::{Options, SocketPlace};
 use crate::config::{self, Config, PinPrompt};
@@ -70,6 +70,10 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // The handlers come first: a session may send SIGTERM as soon as it
+        // reads the socket's path, and the default action would leave the
+        // socket (and its directory) behind.
+        let signals = Signals::install()?;
         let (socket, socket_path, _guard) = listen(place)?;
         check_upstreams(&policy.upstreams.sockets, &socket_path)?;
         let router = Router::new(backends(&config), prompter(&config), policy, certificates);
@@ -86,7 +90,7 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
             announce(options, role, &socket_path)?;
         }
         crate::session_lock::follow(&router, config.desktop.on_lock);
-        let shutdown = shutdown_signal(role, options.parent_pid, router.clone())?;
+        let shutdown = signals.until_shutdown(role, options.parent_pid, router.clone());
         listener::serve(socket, router, listener::Access::current(), shutdown).await;
         tracing::info!("token-agent stopped");
         Ok::<_, anyhow::Error>(())
@@ -325,39 +329,48 @@ fn announce(options: &Options, role: Role, socket: &Path) -> anyhow::Result<()> 
     stdout.flush().context("cannot write to stdout")
 }
 
-/// Completes on SIGTERM, on SIGINT in the foreground, or when the parent
-/// running COMMAND exits. SIGHUP makes every backend forget cached PINs and
-/// let go of its tokens, and SIGUSR1 removes every key clients added (as
-/// OpenSSH 10's `keydrop_handler`, even while locked); the agent goes on.
-fn shutdown_signal(
-    role: Role,
-    parent: Option<i32>,
-    router: Arc<Router>,
-) -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let mut usr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
-    let foreground = matches!(role, Role::Foreground { .. });
-    Ok(async move {
+/// The signals the agent acts on, caught from the start.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+    usr1: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+            usr1: signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?,
+        })
+    }
+
+    /// Completes on SIGTERM, on SIGINT in the foreground, or when the parent
+    /// running COMMAND exits. SIGHUP makes every backend forget cached PINs and
+    /// let go of its tokens, and SIGUSR1 removes every key clients added (as
+    /// OpenSSH 10's `keydrop_handler`, even while locked); the agent goes on.
+    async fn until_shutdown(mut self, role: Role, parent: Option<i32>, router: Arc<Router>) {
+        let foreground = matches!(role, Role::Foreground { .. });
         let mut parent_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                _ = term.recv() => {
+                _ = self.term.recv() => {
                     tracing::info!("SIGTERM: shutting down");
                     return;
                 }
-                _ = int.recv() => {
+                _ = self.int.recv() => {
                     if foreground {
                         tracing::info!("SIGINT: shutting down");
                         return;
                     }
                 }
-                _ = hup.recv() => {
+                _ = self.hup.recv() => {
                     tracing::info!("SIGHUP: forgetting cached PINs and releasing tokens");
                     router.forget_secrets();
                 }
-                _ = usr1.recv() => {
+                _ = self.usr1.recv() => {
                     let removed = router.drop_all_keys().await;
                     tracing::info!(removed, "SIGUSR1: removed every key clients added");
                 }
@@ -371,7 +384,7 @@ fn shutdown_signal(
                 }
             }
         }
-    })
+    }
 }
 
 fn parent_alive(pid: i32) -> bool {
