@@ -33,6 +33,7 @@
 
 #![forbid(unsafe_code)]
 
+mod connection;
 pub mod constraints;
 pub mod forwarding;
 pub mod listener;

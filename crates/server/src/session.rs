@@ -18,9 +18,10 @@ use tokio::net::UnixStream;
 use tracing::Instrument;
 use zeroize::Zeroizing;
 
+use crate::connection::Connection;
 use crate::constraints::{Constraints, SessionBindings};
 use crate::listing;
-use crate::proto::frame::{read_frame, write_frame, FrameError};
+use crate::proto::frame::FrameError;
 use crate::proto::key::{KeyOrCertificate, PrivateKey};
 use crate::proto::message::{self, decode_request, ListedIdentity, Reply, Request};
 use crate::router::{Refusal, Router};
@@ -34,8 +35,15 @@ const SESSION_BIND: &str = "session-bind@openssh.com";
 const EXTENSIONS: &[&str] = &["query", SESSION_BIND, status::EXTENSION];
 
 /// Serves one connection until the client closes it or breaks the framing.
-pub(crate) async fn serve(router: Arc<Router>, mut stream: UnixStream, peer: Peer) {
+pub(crate) async fn serve(router: Arc<Router>, stream: UnixStream, peer: Peer) {
     let span = tracing::debug_span!("client", pid = peer.pid, exe = ?peer.exe);
+    let mut connection = match Connection::new(stream) {
+        Ok(connection) => connection,
+        Err(err) => {
+            tracing::warn!(%err, pid = peer.pid, "cannot serve a connection");
+            return;
+        }
+    };
     let upstreams = router.upstreams().links();
     let mut session = Session {
         router,
@@ -48,7 +56,7 @@ pub(crate) async fn serve(router: Arc<Router>, mut stream: UnixStream, peer: Pee
         // Frames can carry private keys and passwords: wipe the buffer when done.
         let mut body = Zeroizing::new(Vec::new());
         loop {
-            match read_frame(&mut stream, &mut body).await {
+            match connection.read_frame(&mut body).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(FrameError::TooLong(len)) => {
@@ -62,7 +70,7 @@ pub(crate) async fn serve(router: Arc<Router>, mut stream: UnixStream, peer: Pee
             }
             let reply = session.handle_frame(&body).await;
             body.fill(0);
-            if let Err(err) = write_frame(&mut stream, &reply).await {
+            if let Err(err) = connection.write_frame(&reply).await {
                 tracing::debug!(%err, "could not answer; the client went away");
                 break;
             }
