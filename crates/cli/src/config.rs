@@ -153,7 +153,7 @@ closed when the device answers.",
         section: "pkcs11",
         name: "parallel_signatures",
         example: "0",
-        meaning: "The most signatures one module makes at once; 0 (default) means one per CPU.",
+        meaning: "The most signatures one module makes at once; 0 (default) means as many as clients ask for at once, up to 64.",
     },
     Key {
         section: "pkcs11.modules",
@@ -570,7 +570,7 @@ pub(crate) struct Pkcs11Section {
     /// Milliseconds between looks for tokens coming and going.
     #[serde(default = "default_poll_interval")]
     pub(crate) poll_interval_ms: u64,
-    /// The most signatures one module makes at once; 0 means one per CPU.
+    /// The most signatures one module makes at once; 0: as many as clients ask for, up to 64.
     #[serde(default)]
     pub(crate) parallel_signatures: u32,
 }

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::io::{BufReader, Write};
+use std::io::{BufReader, IoSlice, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,6 +17,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{setsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use token_agent_core::lock;
 use token_agent_helper::describe_exit;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -23,8 +25,8 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use crate::proto::{
-    decode_body, encode_frame, frame_len, read_frame, Failure, Op, Reply, Request, Response,
-    EVENT_ID, MAX_REQUEST,
+    decode_body, encode_frame, frame_len, read_frame, Failure, Op, OpenLane, Reply, Request,
+    Response, EVENT_ID, MAX_REQUEST,
 };
 
 /// How to start a helper: the program (the token-agent binary) and its arguments.
@@ -111,6 +113,20 @@ pub(crate) enum CallError {
 /// soon as they come, so a full socket buffer means it stopped working.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most lanes (threads signing at once) a helper gets: enough for every
+/// client of a busy agent, and for other keys to go on signing while a
+/// module hangs in many calls at once.
+pub(crate) const MAX_LANES: usize = 64;
+
+/// How a helper's lanes open and close.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LanePolicy {
+    /// The most lanes open at once (1 to [`MAX_LANES`]).
+    pub(crate) max: usize,
+    /// How long a lane other than the first may go without a request
+    /// before the helper retires it (and its thread).
+    pub(crate) idle: Duration,
+}
 /// Who waits for an answer: an async task or a blocked thread.
 enum Waiter {
     Task(oneshot::Sender<Response>),
@@ -121,18 +137,48 @@ type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
 
 /// One running helper process.
 ///
-/// The agent talks to it over two socketpairs. Requests are written
-/// straight from the calling task or thread (one SOCK_SEQPACKET record each,
-/// no lock); a task on the runtime (or a thread) takes each answer off the
-/// other socket and wakes whoever waits for it. Calls are pipelined: many can
-/// be outstanding at once, and the helper answers them in any order.
+/// The agent talks to it over a control socket, lanes and one answer
+/// socket (see [`crate::proto`]). Each request goes to an idle lane, the
+/// lowest first: one client's signatures then keep to one helper thread
+/// (whose caches are warm, and which the kernel wakes on the CPU it last
+/// ran on), while many clients at once each get a thread, so the module
+/// signs on every CPU and its own locks never leave a CPU idle while
+/// requests wait. When every lane is busy a new one is opened, up to
+/// [`LanePolicy::max`]; past that a request waits behind the least busy
+/// lane. Lanes other than the first retire after [`LanePolicy::idle`]
+/// without a request.
+/// Requests are written straight from the calling task or thread (one
+/// SOCK_SEQPACKET record each); a task on the runtime (or a thread) takes
+/// each answer off the answer socket and wakes whoever waits for it. Calls
+/// are pipelined: many can be outstanding at once, and the helper answers
+/// them in any order.
 pub(crate) struct Helper {
     pid: Pid,
-    /// Where requests go: a SOCK_SEQPACKET socket, one record per request.
-    requests: UnixStream,
+    /// Where lanes are opened: a SOCK_SEQPACKET socket.
+    control: UnixStream,
+    lanes: Arc<Mutex<Lanes>>,
+    policy: LanePolicy,
     pending: Pending,
     exit: Arc<Mutex<Option<String>>>,
     next_id: AtomicU64,
+}
+
+/// The open lanes and the requests in flight on each.
+#[derive(Default)]
+struct Lanes {
+    open: Vec<Lane>,
+    /// The lane each unanswered request went to, by request id.
+    in_flight: HashMap<u64, u64>,
+    next_lane: u64,
+}
+
+struct Lane {
+    /// Lane 0 stays for the helper's life; the others retire when idle.
+    id: u64,
+    /// A SOCK_SEQPACKET socket, one record per request.
+    socket: Arc<UnixStream>,
+    /// Requests sent on it and not answered yet.
+    busy: usize,
 }
 
 impl fmt::Debug for Helper {
@@ -144,35 +190,32 @@ impl fmt::Debug for Helper {
 }
 
 impl Helper {
-    /// Starts a helper; `on_event` runs whenever the module reports a slot
-    /// event. With a `runtime`, answers are read by a task on it, which
-    /// wakes the waiting task directly; without one, by a thread.
+    /// Starts a helper whose lanes follow `policy`; `on_event` runs
+    /// whenever the module reports a slot event. With a `runtime`, answers
+    /// are read by a task on it, which wakes the waiting task directly;
+    /// without one, by a thread.
     pub(crate) fn spawn(
         command: &HelperCommand,
         runtime: Option<&Handle>,
+        policy: LanePolicy,
         on_event: impl Fn() + Send + Sync + 'static,
     ) -> std::io::Result<Arc<Self>> {
-        // One socketpair per direction. Requests go as SOCK_SEQPACKET
-        // records, which several helper threads can read at once and which
-        // several callers can write at once without a lock, with blocking
-        // writes bounded by a timeout; answers are a stream, read by the
-        // runtime, which needs its socket non-blocking.
-        let (requests, helper_input) = socketpair(
+        // Lanes arrive as SOCK_SEQPACKET records with a descriptor each;
+        // answers are a stream, read by the runtime, which needs its socket
+        // non-blocking.
+        let (control, helper_control) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
-        // A record must fit the send buffer; the kernel caps this at what
-        // it allows (net.core.wmem_max, 2 x 208 KiB by default).
-        let _ = setsockopt(&requests, sockopt::SndBuf, &(2 * MAX_REQUEST));
-        let requests = UnixStream::from(requests);
+        let control = UnixStream::from(control);
         let (answers, helper_output) = UnixStream::pair()?;
         let mut builder = Command::new(&command.program);
         builder
             .args(&command.args)
             .envs(command.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::from(helper_input))
+            .stdin(Stdio::from(helper_control))
             .stdout(Stdio::from(std::os::fd::OwnedFd::from(helper_output)))
             .stderr(Stdio::inherit());
         let mut child = builder.spawn()?;
@@ -180,9 +223,11 @@ impl Helper {
         // here, or the agent would never see the helper's end of output.
         drop(builder);
         let pid = Pid::from_raw(i32::try_from(child.id()).map_err(std::io::Error::other)?);
-        requests.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        control.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let lanes = Arc::new(Mutex::new(Lanes::default()));
         let answers_to = Answers {
             pending: Arc::default(),
+            lanes: lanes.clone(),
             exit: Arc::default(),
             on_event: Box::new(on_event),
         };
@@ -222,13 +267,25 @@ impl Helper {
                     })?;
             }
         }
-        Ok(Arc::new(Self {
+        let helper = Arc::new(Self {
             pid,
-            requests,
+            control,
+            lanes,
+            policy: LanePolicy {
+                max: policy.max.clamp(1, MAX_LANES),
+                idle: policy.idle,
+            },
             pending,
             exit,
             next_id: AtomicU64::new(EVENT_ID + 1),
-        }))
+        });
+        // Lane 0, which stays: the helper serves nothing without it.
+        let first = helper.open_lane(&mut lock(&helper.lanes));
+        if let Err(err) = first {
+            helper.kill();
+            return Err(err);
+        }
+        Ok(helper)
     }
 
     /// Whether the helper process has ended.
@@ -272,34 +329,56 @@ impl Helper {
         }
     }
 
-    /// Registers `waiter` and writes the request; the request's id.
+    /// Registers `waiter` and writes the request on a lane; the request's id.
     fn send(&self, op: Op, waiter: Waiter) -> Result<u64, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.pending).insert(id, waiter);
-        if let Some(how) = lock(&self.exit).clone() {
-            lock(&self.pending).remove(&id);
-            return Err(CallError::Died(how));
-        }
-        let written = encode_frame(&Request { id, op }).and_then(|frame| {
+        let frame = encode_frame(&Request { id, op }).and_then(|frame| {
             if frame.len() > MAX_REQUEST {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
                     format!("a request of {} bytes is too large", frame.len()),
                 ));
             }
-            // One write is one whole record, or an error.
-            (&self.requests).write(&frame).map(|_| ())
+            Ok(frame)
         });
-        if let Err(err) = written {
-            if err.kind() == std::io::ErrorKind::InvalidInput
-                || err.raw_os_error() == Some(nix::libc::EMSGSIZE)
-            {
-                lock(&self.pending).remove(&id);
+        let frame = frame.map_err(|err| {
+            CallError::Failed(Failure::Protocol(format!(
+                "cannot send the request to the helper: {err}"
+            )))
+        })?;
+        lock(&self.pending).insert(id, waiter);
+        if let Some(how) = lock(&self.exit).clone() {
+            lock(&self.pending).remove(&id);
+            return Err(CallError::Died(how));
+        }
+        loop {
+            let (lane, socket) = match self.take_lane(id) {
+                Ok(lane) => lane,
+                Err(err) => {
+                    lock(&self.pending).remove(&id);
+                    self.kill();
+                    return Err(CallError::Died(lock(&self.exit).clone().unwrap_or_else(
+                        || format!("cannot open a lane to the helper ({err})"),
+                    )));
+                }
+            };
+            // One write is one whole record, or an error.
+            let Err(err) = (&*socket).write(&frame) else {
+                return Ok(id);
+            };
+            self.release(id);
+            if lane != 0 && lane_retired(&err) {
+                // The helper retired this idle lane just now (or could not
+                // start its thread): nothing of this request reached it.
+                lock(&self.lanes).open.retain(|l| l.id != lane);
+                continue;
+            }
+            lock(&self.pending).remove(&id);
+            if err.raw_os_error() == Some(nix::libc::EMSGSIZE) {
                 return Err(CallError::Failed(Failure::Protocol(format!(
                     "cannot send the request to the helper: {err}"
                 ))));
             }
-            lock(&self.pending).remove(&id);
             // A helper that stopped reading is as good as hung.
             if err.kind() == std::io::ErrorKind::WouldBlock {
                 self.kill();
@@ -312,7 +391,68 @@ impl Helper {
                     .unwrap_or_else(|| format!("stopped reading requests ({err})")),
             ));
         }
-        Ok(id)
+    }
+
+    /// The lane request `id` goes to, counted busy until it is answered:
+    /// the lowest idle one, a new one when all are busy (up to
+    /// [`LanePolicy::max`]), else the least busy.
+    fn take_lane(&self, id: u64) -> std::io::Result<(u64, Arc<UnixStream>)> {
+        let mut lanes = lock(&self.lanes);
+        let busy: Vec<usize> = lanes.open.iter().map(|l| l.busy).collect();
+        let index = match choose_lane(&busy, self.policy.max) {
+            Some(index) => index,
+            None => self.open_lane(&mut lanes)?,
+        };
+        let lane = &mut lanes.open[index];
+        lane.busy += 1;
+        let taken = (lane.id, lane.socket.clone());
+        lanes.in_flight.insert(id, taken.0);
+        Ok(taken)
+    }
+
+    /// Forgets that request `id` is in flight (it was not sent).
+    fn release(&self, id: u64) {
+        lock(&self.lanes).answered(id);
+    }
+
+    /// Opens a lane: a socketpair whose helper end goes over the control
+    /// socket. Returns its index in `lanes.open`.
+    fn open_lane(&self, lanes: &mut Lanes) -> std::io::Result<usize> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        // A record must fit the send buffer; the kernel caps this at what
+        // it allows (net.core.wmem_max, 2 x 208 KiB by default).
+        let _ = setsockopt(&ours, sockopt::SndBuf, &(2 * MAX_REQUEST));
+        let ours = UnixStream::from(ours);
+        ours.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let id = lanes.next_lane;
+        let record = OpenLane {
+            retire_after: (id != 0).then_some(self.policy.idle),
+        }
+        .encode();
+        let fds = [theirs.as_fd()];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut ancillary = SendAncillaryBuffer::new(&mut space);
+        if !ancillary.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(std::io::Error::other("no room for the lane's descriptor"));
+        }
+        rustix::net::sendmsg(
+            &self.control,
+            &[IoSlice::new(&record)],
+            &mut ancillary,
+            SendFlags::NOSIGNAL,
+        )?;
+        lanes.next_lane += 1;
+        lanes.open.push(Lane {
+            id,
+            socket: Arc::new(ours),
+            busy: 0,
+        });
+        Ok(lanes.open.len() - 1)
     }
 
     /// Kills the helper (SIGKILL): it hung, or it is no longer wanted.
@@ -325,7 +465,7 @@ impl Helper {
     /// Ends a helper that has nothing in flight: it reads the end of its
     /// requests and exits, or is killed if it has not within `limit`.
     pub(crate) fn close(&self, limit: Duration) {
-        let _ = self.requests.shutdown(std::net::Shutdown::Write);
+        let _ = self.control.shutdown(std::net::Shutdown::Write);
         let deadline = std::time::Instant::now() + limit;
         while !self.is_dead() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
@@ -362,9 +502,47 @@ impl Drop for Helper {
     }
 }
 
+/// Where the next request goes, given how many requests each open lane
+/// has: the first idle lane; `None` (open a new one) when all are busy
+/// and fewer than `max` are open; else the least busy (the first of them).
+fn choose_lane(busy: &[usize], max: usize) -> Option<usize> {
+    if let Some(idle) = busy.iter().position(|&b| b == 0) {
+        return Some(idle);
+    }
+    if busy.len() < max {
+        return None;
+    }
+    busy.iter()
+        .enumerate()
+        .min_by_key(|&(_, b)| *b)
+        .map(|(index, _)| index)
+}
+
+/// Whether a failed write on a lane other than lane 0 means the helper
+/// retired it (shut it down for reading after it was idle), or dropped it.
+fn lane_retired(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(nix::libc::EPIPE | nix::libc::ECONNREFUSED | nix::libc::ECONNRESET)
+    )
+}
+
+impl Lanes {
+    /// Request `id` was answered (or never sent): its lane has one less.
+    fn answered(&mut self, id: u64) {
+        let Some(lane) = self.in_flight.remove(&id) else {
+            return;
+        };
+        if let Some(lane) = self.open.iter_mut().find(|l| l.id == lane) {
+            lane.busy = lane.busy.saturating_sub(1);
+        }
+    }
+}
+
 /// Where the helper's answers go.
 struct Answers {
     pending: Pending,
+    lanes: Arc<Mutex<Lanes>>,
     exit: Arc<Mutex<Option<String>>>,
     on_event: Box<dyn Fn() + Send + Sync>,
 }
@@ -376,6 +554,7 @@ impl Answers {
             (self.on_event)();
             return;
         }
+        lock(&self.lanes).answered(response.id);
         let waiter = lock(&self.pending).remove(&response.id);
         match waiter {
             Some(Waiter::Task(sender)) => {
@@ -429,6 +608,20 @@ mod tests {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn requests_take_the_first_idle_lane_then_a_new_one_then_the_least_busy() {
+        // No lane yet: open one.
+        assert_eq!(choose_lane(&[], 4), None);
+        // One client at a time keeps to lane 0.
+        assert_eq!(choose_lane(&[0, 0, 0], 4), Some(0));
+        assert_eq!(choose_lane(&[1, 0, 0], 4), Some(1));
+        // All busy: a new lane while there may be more.
+        assert_eq!(choose_lane(&[1, 1, 1], 4), None);
+        // At the limit: behind the least busy one.
+        assert_eq!(choose_lane(&[2, 1, 3, 1], 4), Some(1));
+        assert_eq!(choose_lane(&[1], 1), Some(0));
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! The helper process: `token-agent-pkcs11-helper` (or `token-agent
 //! --pkcs11-helper`) runs one PKCS#11 module
-//! and answers the agent's [`Request`]s on standard input and output.
+//! and answers the agent's [`Request`]s (see [`crate::proto`] for the wire).
 //!
 //! The module's code runs only here, so when it crashes, hangs or scribbles
 //! over memory, the agent loses a child it can restart, not itself or its
-//! secrets. Requests are served on a pool of worker threads (see [`run`]), so
-//! one signature that waits for a PIN pad (or a module that hangs in
-//! `C_Sign`) does not hold up listing or signing with another key.
+//! secrets. Requests come on lanes, each served by a thread of its own (see
+//! [`run`]), so one signature that waits for a PIN pad (or a module that
+//! hangs in `C_Sign`) does not hold up listing or signing on another lane.
 //!
 //! Sessions come from a small pool per slot: tokens that take several
 //! sessions (SoftHSM does) sign in parallel, one session per concurrent
@@ -16,11 +16,10 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::io::{self, IoSliceMut, Read};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -29,6 +28,7 @@ use cryptoki::mechanism::Mechanism as CkMechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::{Limit, Slot};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use secrecy::SecretString;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 use ssh_encoding::Encode;
@@ -37,38 +37,28 @@ use zeroize::Zeroize;
 
 use crate::keys;
 use crate::proto::{
-    decode_frame, write_frame, Failure, KeyInfo, Op, Pin, PinState, Reply, Request, Response,
-    Scheme, TokenState, EVENT_ID, MAX_REQUEST,
+    decode_frame, write_frame, Failure, KeyInfo, Op, OpenLane, Pin, PinState, Reply, Request,
+    Response, Scheme, TokenState, EVENT_ID, MAX_REQUEST,
 };
 
 /// Idle sessions kept per slot.
 const POOL_SIZE: usize = 16;
 
-/// The most threads serving requests. Requests beyond them wait for a
-/// thread to finish; only a module hanging in that many calls at once gets
-/// there.
-const MAX_WORKERS: usize = 64;
-
 /// How much lower than the agent's the helper's scheduling priority is.
 const HELPER_NICENESS: i32 = 5;
 
-/// How long every worker may be busy without any request finishing before
-/// another worker is started: the module is hanging, or people are typing
-/// PINs on PIN pads, and the other requests must not wait for them.
-const STUCK_AFTER: Duration = Duration::from_millis(100);
-
-/// Serves requests on standard input until it closes, then exits the process
-/// (threads stuck in a hung module are not waited for).
+/// Serves the lanes the agent opens until it closes the control socket
+/// (standard input), then exits the process (threads stuck in a hung module
+/// are not waited for).
 ///
-/// Standard input is a SOCK_SEQPACKET socket, so each read takes exactly
-/// one request and any number of worker threads can wait on it at once: the
-/// kernel hands each request to one waiting worker, with no lock between
-/// them and no thread handoff. There are as many workers as signatures may
-/// run at once (see `Op::Load`'s `parallel`), so a busy helper signs
-/// without its threads sleeping between requests. A watchdog starts another
-/// worker when all of them have been busy for 100 ms without any
-/// request finishing, so a module that hangs (or a PIN pad that waits for a
-/// person) never holds up the next request for long.
+/// The main thread only takes lanes off the control socket and starts a
+/// thread for each: it never calls the module, so a lane can be opened while
+/// every other one is stuck in it. The agent decides which lane a request
+/// goes to (an idle one, the lowest first, so that one client's signatures
+/// keep to one thread with warm caches; a new one when all are busy), so
+/// the helper runs as many signatures at once as the agent has waiting,
+/// with no lock or thread handoff between lanes. A lane's thread reads one
+/// request, answers it on standard output and reads the next.
 pub fn run() -> ! {
     // PINs pass through this process: no core dumps, no ptrace by the
     // user's other processes.
@@ -88,150 +78,131 @@ pub fn run() -> ! {
     if let Err(err) = rustix::process::nice(HELPER_NICENESS) {
         eprintln!("token-agent pkcs11 helper: cannot lower its priority: {err}");
     }
-    let (input, output) = match standard_streams() {
+    let (control, output) = match standard_streams() {
         Ok(streams) => streams,
         Err(err) => {
             eprintln!("token-agent pkcs11 helper: cannot use standard input and output: {err}");
             std::process::exit(2);
         }
     };
-    let workers = Arc::new(Workers {
-        input,
-        idle: AtomicUsize::new(0),
-        started: AtomicUsize::new(1),
-        finished: AtomicU64::new(0),
-        helper: Arc::new(Helper::new(output)),
-    });
-    let watched = workers.clone();
-    let watchdog = std::thread::Builder::new()
-        .name("pkcs11-watchdog".into())
-        .spawn(move || watched.watch());
-    if let Err(err) = watchdog {
-        eprintln!("token-agent pkcs11 helper: cannot start the watchdog: {err}");
+    let helper = Arc::new(Helper::new(output));
+    loop {
+        let (lane, open) = match receive_lane(&control) {
+            Ok(Some(lane)) => lane,
+            // The agent closed the control socket: it is done with us, or gone.
+            Ok(None) => std::process::exit(0),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                eprintln!("token-agent pkcs11 helper: cannot read the control socket: {err}");
+                std::process::exit(2);
+            }
+        };
+        let served = helper.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pkcs11-lane".into())
+            .spawn(move || serve_lane(&served, File::from(lane), open));
+        if let Err(err) = spawned {
+            // The lane is dropped with the closure: the agent's requests on
+            // it fail at once, and it sends them on another lane.
+            eprintln!("token-agent pkcs11 helper: cannot start a lane's thread: {err}");
+        }
     }
-    workers.serve()
 }
 
-/// The agent's end of the helper: stdin for requests, stdout for answers,
-/// duplicated and used as plain files (`io::stdin()` and `io::stdout()`
-/// buffer, which would split records and frames). Standard input then reads
-/// /dev/null and standard output points at standard error, so a module that
-/// reads or prints (some log to stdout) cannot steal requests or corrupt
-/// answers: what it prints lands in the agent's log.
-fn standard_streams() -> io::Result<(File, File)> {
-    let input = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+/// The agent's end of the helper: stdin, the control socket, and stdout
+/// for answers, duplicated and used as plain files (`io::stdin()` and
+/// `io::stdout()` buffer, which would split records and frames). Standard
+/// input then reads /dev/null and standard output points at standard error,
+/// so a module that reads or prints (some log to stdout) cannot steal lanes
+/// or corrupt answers: what it prints lands in the agent's log.
+fn standard_streams() -> io::Result<(OwnedFd, File)> {
+    let control = io::stdin().as_fd().try_clone_to_owned()?;
     let output = File::from(io::stdout().as_fd().try_clone_to_owned()?);
     let null = File::open("/dev/null")?;
     nix::unistd::dup2(null.as_raw_fd(), io::stdin().as_raw_fd()).map_err(io::Error::from)?;
     nix::unistd::dup2(io::stderr().as_raw_fd(), io::stdout().as_raw_fd())
         .map_err(io::Error::from)?;
-    Ok((input, output))
+    Ok((control, output))
 }
 
-/// The threads that serve requests.
-struct Workers {
-    /// The requests: one record per read.
-    input: File,
-    /// Workers waiting for a request.
-    idle: AtomicUsize,
-    /// Workers started, never more than [`MAX_WORKERS`].
-    started: AtomicUsize,
-    /// Requests answered so far.
-    finished: AtomicU64,
-    helper: Arc<Helper>,
+/// The next lane on the control socket and how it was opened; `None` when
+/// the agent closed the socket.
+fn receive_lane(control: &OwnedFd) -> io::Result<Option<(OwnedFd, OpenLane)>> {
+    let mut record = [0u8; OpenLane::LEN + 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        control,
+        &mut [IoSliceMut::new(&mut record)],
+        &mut ancillary,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    if received.bytes == 0 {
+        return Ok(None);
+    }
+    let lane = ancillary.drain().find_map(|message| match message {
+        RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+        _ => None,
+    });
+    let open = OpenLane::decode(&record[..received.bytes.min(record.len())])?;
+    match lane {
+        Some(lane) => Ok(Some((lane, open))),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a control record came without a socket",
+        )),
+    }
 }
 
-impl Workers {
-    fn serve(self: &Arc<Self>) -> ! {
-        // Only what a read filled is touched (and zeroized: it may hold a
-        // PIN), so the rest of the buffer never becomes resident.
-        let mut buffer = vec![0u8; MAX_REQUEST];
-        loop {
-            self.idle.fetch_add(1, Ordering::SeqCst);
-            let read = (&self.input).read(&mut buffer);
-            self.idle.fetch_sub(1, Ordering::SeqCst);
-            let len = match read {
-                Ok(0) => std::process::exit(0),
-                Ok(len) => len,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => {
-                    eprintln!("token-agent pkcs11 helper: cannot read a request: {err}");
-                    std::process::exit(2);
+/// Answers the requests of one lane until the agent closes it, or until it
+/// has waited as long as `open` allows for a request.
+fn serve_lane(helper: &Arc<Helper>, lane: File, open: OpenLane) {
+    let retires = open.retire_after.is_some();
+    if let Err(err) = rustix::net::sockopt::set_socket_timeout(
+        &lane,
+        rustix::net::sockopt::Timeout::Recv,
+        open.retire_after,
+    ) {
+        eprintln!("token-agent pkcs11 helper: a lane cannot time out: {err}");
+    }
+    // Only what a read filled is touched (and zeroized: it may hold a
+    // PIN), so the rest of the buffer never becomes resident.
+    let mut buffer = vec![0u8; MAX_REQUEST];
+    loop {
+        let len = match (&lane).read(&mut buffer) {
+            // Closed by the agent, or shut down below and drained.
+            Ok(0) => return,
+            Ok(len) => len,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) if retires && err.kind() == io::ErrorKind::WouldBlock => {
+                // Idle for as long as it may be: refuse further requests (the agent's
+                // sends fail with EPIPE and go to another lane), then answer
+                // what is already queued; the read after it returns 0.
+                if let Err(err) = rustix::net::shutdown(&lane, rustix::net::Shutdown::Read) {
+                    eprintln!("token-agent pkcs11 helper: cannot retire a lane: {err}");
+                    return;
                 }
-            };
-            let request = decode_frame::<Request>(&buffer[..len]);
-            buffer[..len].zeroize();
-            let request = match request {
-                Ok(request) => request,
-                Err(err) => {
-                    eprintln!("token-agent pkcs11 helper: bad request from the agent: {err}");
-                    std::process::exit(2);
-                }
-            };
-            if let Op::Load { parallel, .. } = &request.op {
-                self.grow_to(permits(*parallel));
+                continue;
             }
-            let result = self.helper.handle(request.op);
-            self.helper.send(&Response {
-                id: request.id,
-                result,
-            });
-            self.finished.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    /// Starts workers until there are `count`.
-    fn grow_to(self: &Arc<Self>, count: usize) {
-        while self.started.load(Ordering::SeqCst) < count.min(MAX_WORKERS) {
-            if !self.start_another() {
-                return;
+            Err(err) => {
+                eprintln!("token-agent pkcs11 helper: cannot read a request: {err}");
+                std::process::exit(2);
             }
-        }
-    }
-
-    /// Starts one more worker, unless there are [`MAX_WORKERS`] already.
-    fn start_another(self: &Arc<Self>) -> bool {
-        let started = self
-            .started
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < MAX_WORKERS).then_some(n + 1)
-            });
-        if started.is_err() {
-            return false;
-        }
-        let workers = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("pkcs11-worker".into())
-            .spawn(move || workers.serve());
-        if let Err(err) = spawned {
-            // Serving goes on with the workers there are.
-            self.started.fetch_sub(1, Ordering::SeqCst);
-            eprintln!("token-agent pkcs11 helper: cannot start a worker thread: {err}");
-            return false;
-        }
-        true
-    }
-
-    /// Starts another worker whenever all of them have been busy for
-    /// [`STUCK_AFTER`] while no request finished.
-    fn watch(self: &Arc<Self>) {
-        let mut last = self.finished.load(Ordering::SeqCst);
-        loop {
-            std::thread::sleep(STUCK_AFTER);
-            let finished = self.finished.load(Ordering::SeqCst);
-            if finished == last && self.idle.load(Ordering::SeqCst) == 0 {
-                self.start_another();
+        };
+        let request = decode_frame::<Request>(&buffer[..len]);
+        buffer[..len].zeroize();
+        let request = match request {
+            Ok(request) => request,
+            Err(err) => {
+                eprintln!("token-agent pkcs11 helper: bad request from the agent: {err}");
+                std::process::exit(2);
             }
-            last = finished;
-        }
-    }
-}
-
-/// The number of workers for `parallel` signatures at once (0: one per CPU).
-fn permits(parallel: u32) -> usize {
-    match parallel {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n as usize,
+        };
+        let result = helper.handle(request.op);
+        helper.send(&Response {
+            id: request.id,
+            result,
+        });
     }
 }
 

@@ -16,10 +16,13 @@
 //! `--pkcs11-helper` flag, which does the same) loads the module
 //! with `cryptoki` and speaks the small binary protocol of [`proto`] over a
 //! socketpair on its standard input and output. Requests are pipelined: the
-//! agent writes each straight from the signing task, the helper serves them
-//! on a pool of threads and keeps sessions and key handles between them, and
-//! the answers are read on the agent's runtime, so a signature costs little
-//! more than the module's own `C_Sign`. Helpers run at a lower scheduling
+//! agent writes each straight from the signing task onto a *lane* of the
+//! helper, a socket with a thread of its own (one client's signatures keep
+//! to one lane; more lanes open while every open one is busy, so many
+//! clients sign on every CPU and a module stuck in one call still serves
+//! the next), the helper keeps sessions and key handles between requests,
+//! and the answers are read on the agent's runtime, so a signature costs
+//! little more than the module's own `C_Sign`. Helpers run at a lower scheduling
 //! priority than the agent, so a module computing signatures never delays
 //! the agent's answers to other requests. A module that crashes or hangs costs a
 //! helper, not the agent: every call has a time limit (a long one while a PIN

@@ -1,15 +1,23 @@
 //! The protocol between the agent and its PKCS#11 helper processes.
 //!
-//! The agent starts a helper (`token-agent-pkcs11-helper`) with two socketpairs: a
-//! SOCK_SEQPACKET one on its standard input for requests (one record each,
-//! at most [`MAX_REQUEST`] bytes, so that several helper threads can read
-//! it at once) and a stream one on its standard output for answers. Each
-//! message is a frame: a 4-byte big-endian length, then that many bytes of a
-//! [`Message`] in a plain binary encoding. The agent sends [`Request`]s, each with an id; the
-//! helper answers each with a [`Response`] carrying the same id, in any order
-//! (it works on several requests at once), and may send a [`Response`] with id
-//! [`EVENT_ID`] unasked when `C_WaitForSlotEvent` reports a token inserted or
-//! removed.
+//! The agent starts a helper (`token-agent-pkcs11-helper`) with a
+//! SOCK_SEQPACKET socket on its standard input, the *control* socket, and a
+//! stream socket on its standard output for answers. Requests travel on
+//! *lanes*: SOCK_SEQPACKET socketpairs whose helper end the agent passes over
+//! the control socket (SCM_RIGHTS), each in one [`OpenLane`] record; the
+//! helper serves each lane on a thread of its own, which reads one request
+//! at a time, each a record of at most [`MAX_REQUEST`] bytes. A lane opened
+//! to retire is shut down for reading by the helper once it has waited that
+//! long for a request: what the agent sent before is still answered, and what
+//! it sends after fails with EPIPE, so no request is lost. The helper exits
+//! when the control socket closes.
+//!
+//! Each message is a frame: a 4-byte big-endian length, then that many bytes
+//! of a [`Message`] in a plain binary encoding. The agent sends [`Request`]s,
+//! each with an id; the helper answers each with a [`Response`] carrying the
+//! same id, in any order (its lanes work at once), and may send a
+//! [`Response`] with id [`EVENT_ID`] unasked when `C_WaitForSlotEvent`
+//! reports a token inserted or removed.
 //!
 //! PINs travel inside [`Op::Login`] and [`Op::Sign`] as [`Pin`], whose `Debug`
 //! prints `"<redacted>"` and whose memory is zeroized on drop; the frame
@@ -30,6 +38,52 @@ pub const MAX_REQUEST: usize = 320 * 1024;
 /// The id of unsolicited slot-event messages from the helper.
 pub const EVENT_ID: u64 = 0;
 
+/// A control record: open the lane whose socket comes with it (SCM_RIGHTS).
+///
+/// On the wire, 5 bytes: 0 and a zero `u32` for a lane that stays as long
+/// as the helper runs, or 1 and the milliseconds (big-endian `u32`, at
+/// least 1) a lane waits for a request before the helper retires it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenLane {
+    /// How long the lane may wait for a request; `None`: for ever.
+    pub retire_after: Option<std::time::Duration>,
+}
+
+impl OpenLane {
+    /// The record's size.
+    pub const LEN: usize = 5;
+
+    /// The record.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut record = [0u8; Self::LEN];
+        if let Some(idle) = self.retire_after {
+            record[0] = 1;
+            let millis = u32::try_from(idle.as_millis()).unwrap_or(u32::MAX).max(1);
+            record[1..].copy_from_slice(&millis.to_be_bytes());
+        }
+        record
+    }
+
+    /// Reads a record, refusing any other shape.
+    pub fn decode(record: &[u8]) -> io::Result<Self> {
+        let Some((&kind, millis)) = record.split_first() else {
+            return Err(invalid("an empty control record".into()));
+        };
+        let millis = <[u8; 4]>::try_from(millis)
+            .map(u32::from_be_bytes)
+            .map_err(|_| invalid(format!("a control record of {} bytes", record.len())))?;
+        match (kind, millis) {
+            (0, 0) => Ok(Self { retire_after: None }),
+            (1, millis) if millis > 0 => Ok(Self {
+                retire_after: Some(std::time::Duration::from_millis(u64::from(millis))),
+            }),
+            _ => Err(invalid(format!(
+                "a control record of kind {kind} with {millis} ms"
+            ))),
+        }
+    }
+}
+
 pub use token_agent_helper::Pin;
 
 /// One request from the agent.
@@ -48,9 +102,6 @@ pub enum Op {
     Load {
         /// The module's path, already checked against the allowlist.
         path: String,
-        /// The most signatures the module makes at once (see
-        /// [`Pkcs11Options::parallel_signatures`](crate::Pkcs11Options::parallel_signatures)).
-        parallel: u32,
     },
     /// Every slot with a token, and the keys on it (C_GetSlotList, C_GetTokenInfo, C_FindObjects).
     List,
@@ -338,10 +389,6 @@ impl Encoder<'_> {
         self.u8(u8::from(value));
     }
 
-    fn u32(&mut self, value: u32) {
-        self.0.extend_from_slice(&value.to_be_bytes());
-    }
-
     fn u64(&mut self, value: u64) {
         self.0.extend_from_slice(&value.to_be_bytes());
     }
@@ -462,10 +509,9 @@ impl Message for Request {
     fn encode(&self, out: &mut Encoder<'_>) {
         out.u64(self.id);
         match &self.op {
-            Op::Load { path, parallel } => {
+            Op::Load { path } => {
                 out.u8(1);
                 out.str(path);
-                out.u32(*parallel);
             }
             Op::List => out.u8(2),
             Op::Scan { path } => {
@@ -502,7 +548,6 @@ impl Message for Request {
         let op = match input.u8()? {
             1 => Op::Load {
                 path: input.string()?,
-                parallel: input.u32()?,
             },
             2 => Op::List,
             3 => Op::Scan {
@@ -802,6 +847,27 @@ mod tests {
     }
 
     #[test]
+    fn lane_records_round_trip_and_odd_ones_are_refused() {
+        for lane in [
+            OpenLane { retire_after: None },
+            OpenLane {
+                retire_after: Some(std::time::Duration::from_millis(250)),
+            },
+        ] {
+            assert_eq!(OpenLane::decode(&lane.encode()).unwrap(), lane);
+        }
+        for bad in [
+            &[][..],
+            &[0],
+            &[0, 0, 0, 0, 1],
+            &[1, 0, 0, 0, 0],
+            &[2, 0, 0, 0, 0],
+        ] {
+            assert!(OpenLane::decode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn oversized_frames_are_refused() {
         let mut frame = (u32::MAX).to_be_bytes().to_vec();
         frame.extend_from_slice(b"{}");
@@ -819,7 +885,6 @@ mod tests {
         let ops = vec![
             Op::Load {
                 path: "/usr/lib/x.so".into(),
-                parallel: 3,
             },
             Op::List,
             Op::Scan {

@@ -11,6 +11,8 @@ mod policy;
 mod hotplug;
 // Modules that crash or hang in C_Sign: the agent survives and says so.
 mod isolation;
+// The helper's lanes, driven directly: retiring when idle, no request lost, one stuck lane.
+mod lanes;
 // The agent follows the desktop session's lock over a private D-Bus daemon.
 mod desktop;
 // The [forwarding] policy's per-backend rules cover token keys.
