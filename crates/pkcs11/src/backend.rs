@@ -228,16 +228,20 @@ impl Backend for Pkcs11Backend {
         let located = self.inner.locate(key)?;
         let device = device(&located.token);
         let (scheme, finish) = prepare(&located.public, request)?;
-        let subject = PromptSubject {
-            key: Some(located.comment.clone()),
-            fingerprint: Some(token_agent_core::fingerprint(
-                &located.public,
-                ssh_key::HashAlg::Sha256,
-            )),
-            device: Some(device.clone()),
-            ..PromptSubject::default()
-        }
-        .with_context(context);
+        // Only a PIN prompt or a PIN-pad notice shows it: most signatures
+        // need neither, and the fingerprint is a hash of the key.
+        let subject = || {
+            PromptSubject {
+                key: Some(located.comment.clone()),
+                fingerprint: Some(token_agent_core::fingerprint(
+                    &located.public,
+                    ssh_key::HashAlg::Sha256,
+                )),
+                device: Some(device.clone()),
+                ..PromptSubject::default()
+            }
+            .with_context(context)
+        };
         let inner = &self.inner;
         let mut logged_in = false;
         let mut context_pin: Option<(Option<SecretString>, bool)> = None;
@@ -257,7 +261,7 @@ impl Backend for Pkcs11Backend {
             let _notice = pad.then(|| {
                 prompter.notify(&Notice {
                     kind: NoticeKind::PinPad,
-                    subject: subject.clone(),
+                    subject: subject(),
                 })
             });
             let op = Op::Sign {
@@ -284,7 +288,7 @@ impl Backend for Pkcs11Backend {
                 }
                 Err(CallError::Failed(Failure::NotLoggedIn)) if !logged_in => {
                     inner
-                        .login(&located.module, &located.token, &subject, &*prompter)
+                        .login(&located.module, &located.token, &subject(), &*prompter)
                         .await?;
                     logged_in = true;
                 }
@@ -296,7 +300,13 @@ impl Backend for Pkcs11Backend {
                         // at every signature: that is what the attribute
                         // is for, so the cached PIN is not used for it.
                         let (pin, _) = inner
-                            .pin_for(&located.module, &located.token, &subject, &*prompter, false)
+                            .pin_for(
+                                &located.module,
+                                &located.token,
+                                &subject(),
+                                &*prompter,
+                                false,
+                            )
                             .await?;
                         (Some(pin), false)
                     });
