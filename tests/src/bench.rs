@@ -79,6 +79,124 @@ pub fn run(
     Ok(summarize(all, seconds))
 }
 
+/// One of the agents [`interleaved`] compares: its socket and the request
+/// its clients send.
+#[derive(Debug, Clone)]
+pub struct Contender {
+    /// The agent's socket.
+    pub socket: std::path::PathBuf,
+    /// The request each client sends back to back.
+    pub request: Vec<u8>,
+}
+
+/// `clients` connections to each contender send its request back to back,
+/// the contenders taking turns in `slices` slices of `slice` each (A B C A
+/// B C ...), so that a machine whose speed drifts over seconds slows them
+/// all alike. Connections are kept across slices (an agent that starts a
+/// helper per connection pays for it once, before measuring), and every
+/// client of every contender sends one request before the first slice. One
+/// result per contender, over all its slices.
+pub fn interleaved(
+    contenders: &[Contender],
+    clients: usize,
+    slice: Duration,
+    slices: usize,
+) -> anyhow::Result<Vec<Throughput>> {
+    let mut results = Vec::new();
+    let mut turns = Vec::new();
+    for contender in contenders {
+        // The contender's clients and this thread meet at the start and the
+        // end of each of its turns.
+        let turn = Arc::new(Barrier::new(clients + 1));
+        let deadline = Arc::new(std::sync::Mutex::new(Instant::now()));
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let (turn, deadline) = (turn.clone(), deadline.clone());
+                let (socket, request) = (contender.socket.clone(), contender.request.clone());
+                std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+                    let ready = (|| -> anyhow::Result<RawClient> {
+                        let mut client = RawClient::connect(&socket)?;
+                        expect_ok(&client.request(&request)?.context("agent closed")?)?;
+                        Ok(client)
+                    })();
+                    let mut latencies = Vec::new();
+                    let mut failure = None;
+                    let mut client = match ready {
+                        Ok(client) => Some(client),
+                        Err(err) => {
+                            failure = Some(err);
+                            None
+                        }
+                    };
+                    // Every contender is connected and warm before any slice.
+                    turn.wait();
+                    for _ in 0..slices {
+                        turn.wait();
+                        let end = *deadline.lock().unwrap_or_else(|e| e.into_inner());
+                        while let Some(agent) = client.as_mut().filter(|_| Instant::now() < end) {
+                            let start = Instant::now();
+                            let reply = agent.request(&request).and_then(|r| {
+                                r.ok_or_else(|| std::io::ErrorKind::UnexpectedEof.into())
+                            });
+                            match reply
+                                .map_err(anyhow::Error::from)
+                                .and_then(|r| expect_ok(&r))
+                            {
+                                Ok(()) => latencies.push(start.elapsed()),
+                                Err(err) => {
+                                    failure = Some(err);
+                                    client = None;
+                                }
+                            }
+                        }
+                        // Every turn is waited out, so that a failed client
+                        // never leaves the others at the barrier.
+                        turn.wait();
+                    }
+                    match failure {
+                        Some(err) => Err(err),
+                        None => Ok(latencies),
+                    }
+                })
+            })
+            .collect();
+        turns.push((turn, deadline, handles));
+    }
+    for (turn, _, _) in &turns {
+        turn.wait();
+    }
+    for _ in 0..slices {
+        for (turn, deadline, _) in &turns {
+            *deadline.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + slice;
+            turn.wait();
+            turn.wait();
+        }
+    }
+    let measured = slice * u32::try_from(slices).unwrap_or(u32::MAX);
+    for (_, _, handles) in turns {
+        let mut all = Vec::new();
+        for handle in handles {
+            all.extend(
+                handle
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
+            );
+        }
+        results.push(summarize_over(all, measured));
+    }
+    Ok(results)
+}
+
+/// Summarizes the latencies of a run that lasted `measured`.
+pub fn summarize_over(mut all: Vec<Duration>, measured: Duration) -> Throughput {
+    all.sort();
+    Throughput {
+        per_second: all.len() as f64 / measured.as_secs_f64().max(f64::EPSILON),
+        p50_us: percentile(&all, 50).as_micros(),
+        p99_us: percentile(&all, 99).as_micros(),
+    }
+}
+
 /// Listing while another client's signature is held.
 #[derive(Debug, Clone, Copy)]
 pub struct Held {

@@ -22,10 +22,23 @@ use anyhow::{bail, Context};
 
 /// The `token-agent` binary of this workspace, built on first use if a
 /// `cargo test` run did not build it already, with the PKCS#11 helper beside it.
+/// `TOKEN_AGENT_BINARY` names another one to run instead (an older build
+/// to compare a benchmark with), with its helper beside it.
 pub fn agent_binary() -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
+            if let Some(binary) = std::env::var_os("TOKEN_AGENT_BINARY") {
+                let binary = PathBuf::from(binary);
+                return if binary.is_file() {
+                    Ok(binary)
+                } else {
+                    Err(format!(
+                        "TOKEN_AGENT_BINARY={} is not a file",
+                        binary.display()
+                    ))
+                };
+            }
             build(
                 &[
                     "-p",

@@ -10,12 +10,16 @@
 //!   8 clients, next to the direct ceiling with 1 and 2 threads, and next to
 //!   the floor (see [`floor`]): what a minimal relay through a helper process
 //!   reaches on this machine, which tells the cost of the process boundary
-//!   itself from the cost of token-agent's own work;
+//!   itself from the cost of token-agent's own work. The floor, token-agent
+//!   and OpenSSH's agent sign in turns of a quarter of `--seconds` each (see
+//!   [`interleaved`]), and each agent's signatures per second are shown
+//!   against the floor's of the same run;
 //! - list p99 alone, and while another client signs continuously;
 //! - list p50/p99 while one signature is held by a module that hangs in C_Sign.
 //!
 //! `--rounds N` repeats the signature scenarios and shows, for each row, the
-//! round with the median ratio to its ceiling and the range of the ratios.
+//! round with the median ratio to its ceiling and the range of the ratios,
+//! and the median and range of the ratio to the floor.
 
 #![forbid(unsafe_code)]
 
@@ -32,7 +36,9 @@ use cryptoki::session::UserType;
 use sha2::Digest;
 use token_agent_core::RsaHash;
 use token_agent_e2e::agent::{Agent, AgentOptions};
-use token_agent_e2e::bench::{self, expect_ok, held_run, run, summarize, Throughput};
+use token_agent_e2e::bench::{
+    self, expect_ok, held_run, interleaved, run, summarize, Contender, Throughput,
+};
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
 use token_agent_e2e::wire::RawClient;
 use token_agent_e2e::{check, write_script};
@@ -75,6 +81,11 @@ enum BenchKey {
 
 /// The data of each signature: a session id and a user-auth request's worth.
 const DATA: [u8; 180] = [0x5a; 180];
+
+/// How many turns each agent gets in a signature scenario: the floor,
+/// token-agent and OpenSSH's agent sign in turn (see [`interleaved`]), so
+/// that this machine's drift in speed slows them alike.
+const SLICES: u32 = 4;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -150,6 +161,7 @@ fn main() -> anyhow::Result<()> {
                 "1 thread",
                 ceiling_1,
                 1.0,
+                None,
             );
             rows.add(
                 name,
@@ -157,9 +169,10 @@ fn main() -> anyhow::Result<()> {
                 "2 threads",
                 ceiling_2,
                 1.0,
+                None,
             );
             let blob = key_blob(&token, prefix, "bench")?;
-            let paths = [
+            let contenders = [
                 (FLOOR, floor.socket.as_path(), blob.clone()),
                 ("token-agent", token.socket(), blob),
                 (
@@ -168,13 +181,29 @@ fn main() -> anyhow::Result<()> {
                     key_blob(&openssh, prefix, "bench")?,
                 ),
             ];
-            for (path, socket, blob) in paths {
-                let request = sign_request(&blob, flags);
-                for &clients in &args.clients {
-                    let result = run(socket, &request, clients, args.seconds)?;
-                    let base = if clients == 1 { &ceiling_1 } else { &ceiling_2 };
+            let interleave: Vec<Contender> = contenders
+                .iter()
+                .map(|(_, socket, blob)| Contender {
+                    socket: socket.to_path_buf(),
+                    request: sign_request(blob, flags),
+                })
+                .collect();
+            for &clients in &args.clients {
+                let slice = Duration::from_secs(args.seconds) / SLICES;
+                let results = interleaved(&interleave, clients, slice, SLICES as usize)?;
+                let base = if clients == 1 { &ceiling_1 } else { &ceiling_2 };
+                let floor_rate = results[0].per_second;
+                for ((path, _, _), result) in contenders.iter().zip(results) {
+                    let against_floor = (*path != FLOOR).then(|| result.per_second / floor_rate);
                     let ratio = result.per_second / base.per_second;
-                    rows.add(name, path, &clients.to_string(), result, ratio);
+                    rows.add(
+                        name,
+                        path,
+                        &clients.to_string(),
+                        result,
+                        ratio,
+                        against_floor,
+                    );
                 }
             }
         }
@@ -293,6 +322,9 @@ struct Row {
     clients: String,
     /// Each round's result and its ratio to the ceiling.
     rounds: Vec<(Throughput, f64)>,
+    /// Each round's signatures per second against the floor's in the same
+    /// interleaved run.
+    against_floor: Vec<f64>,
 }
 
 impl Rows {
@@ -307,6 +339,7 @@ impl Rows {
         clients: &str,
         result: Throughput,
         ratio: f64,
+        against_floor: Option<f64>,
     ) {
         if self.next == self.rows.len() {
             self.rows.push(Row {
@@ -314,24 +347,37 @@ impl Rows {
                 path,
                 clients: clients.to_owned(),
                 rounds: Vec::new(),
+                against_floor: Vec::new(),
             });
         }
-        self.rows[self.next].rounds.push((result, ratio));
+        let row = &mut self.rows[self.next];
+        row.rounds.push((result, ratio));
+        row.against_floor.extend(against_floor);
         self.next += 1;
     }
 
     fn print(&self) {
         println!(
-            "| key | path | clients | sign/s | p50 µs | p99 µs | ratio to ceiling | ratio range |"
+            "| key | path | clients | sign/s | p50 µs | p99 µs | ratio to ceiling | ratio range \
+             | against the floor | range |"
         );
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         for row in &self.rows {
             let mut rounds = row.rounds.clone();
             rounds.sort_by(|a, b| a.1.total_cmp(&b.1));
             let (median, ratio) = rounds[rounds.len() / 2];
             let (low, high) = (rounds[0].1, rounds[rounds.len() - 1].1);
+            let mut floor = row.against_floor.clone();
+            floor.sort_by(f64::total_cmp);
+            let (against, range) = match (floor.first(), floor.last()) {
+                (Some(low), Some(high)) => (
+                    format!("{:.2}x", floor[floor.len() / 2]),
+                    format!("{low:.2}–{high:.2}"),
+                ),
+                _ => (String::new(), String::new()),
+            };
             println!(
-                "| {} | {} | {} | {:.0} | {} | {} | {ratio:.2} | {low:.2}–{high:.2} |",
+                "| {} | {} | {} | {:.0} | {} | {} | {ratio:.2} | {low:.2}–{high:.2} | {against} | {range} |",
                 row.key, row.path, row.clients, median.per_second, median.p50_us, median.p99_us
             );
         }
