@@ -364,13 +364,14 @@ impl Session {
                 return Reply::Failure.encode();
             }
         };
-        let fingerprint = self.router.fingerprint(&key_data);
-        tracing::debug!(key = %fingerprint, flags = flags.bits(), len = data.len(), "sign request");
+        // A hash and base64 per request: computed only where it is shown.
+        let fingerprint = || self.router.fingerprint(&key_data);
+        tracing::debug!(key = %fingerprint(), flags = flags.bits(), len = data.len(), "sign request");
         let request = SignRequest { data, flags };
         if self.router.snapshot().find(blob).is_none() {
             if let Some(owner) = self.upstreams.owner(blob) {
                 return self
-                    .sign_upstream(owner, blob, &key_data, fingerprint, &request, frame)
+                    .sign_upstream(owner, blob, &key_data, fingerprint(), &request, frame)
                     .await;
             }
         }
@@ -381,7 +382,7 @@ impl Session {
         {
             Ok((entry, signature, context)) => {
                 tracing::info!(
-                    key = %fingerprint,
+                    key = %fingerprint(),
                     comment = entry.identity.comment(),
                     backend = entry.identity.key().backend(),
                     device = entry.identity.device().map(|d| d.label()),
@@ -398,8 +399,8 @@ impl Session {
             Err(refusal) => {
                 let entry = self.router.snapshot().find(blob).cloned();
                 let key = match &entry {
-                    Some(entry) => format!("{} {fingerprint}", entry.identity.comment()),
-                    None => fingerprint,
+                    Some(entry) => format!("{} {}", entry.identity.comment(), fingerprint()),
+                    None => fingerprint(),
                 };
                 let subject = entry.map(|e| self.router.subject(&e).with_context(&self.context()));
                 self.refuse("sign", Some(key), subject, &refusal);
