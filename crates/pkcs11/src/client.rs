@@ -214,6 +214,7 @@ impl Helper {
         let mut builder = Command::new(&command.program);
         builder
             .args(&command.args)
+            .env("GLIBC_TUNABLES", glibc_tunables())
             .envs(command.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::from(helper_control))
             .stdout(Stdio::from(std::os::fd::OwnedFd::from(helper_output)))
@@ -502,6 +503,30 @@ impl Drop for Helper {
     }
 }
 
+/// The glibc settings a helper runs with, before any the agent was given
+/// (later settings win, so the person's own stay in force).
+///
+/// A burst of clients opens a lane, a thread, each (up to 64), and by
+/// default glibc gives every thread that allocates a malloc arena of its
+/// own (up to 8 per CPU), kept at its high-water mark for the life of the
+/// process, and keeps the stacks of threads that ended for reuse. Only as
+/// many threads as CPUs allocate at once, so as many arenas serve them as
+/// well; and a lane that retires has nothing worth caching. Measured with
+/// SoftHSM on 2 CPUs after bursts of 8 and 32 clients signing with P-256
+/// and RSA: about 200 KiB less resident for each setting, with signatures
+/// per second within the noise (0.95x to 1.01x in three interleaved runs
+/// of pkcs11-bench's 8-client scenario).
+fn glibc_tunables() -> String {
+    let arenas = std::thread::available_parallelism()
+        .map_or(2, usize::from)
+        .max(2);
+    let ours = format!("glibc.malloc.arena_max={arenas}:glibc.pthread.stack_cache_size=0");
+    match std::env::var("GLIBC_TUNABLES") {
+        Ok(theirs) if !theirs.is_empty() => format!("{ours}:{theirs}"),
+        _ => ours,
+    }
+}
+
 /// Where the next request goes, given how many requests each open lane
 /// has: the first idle lane; `None` (open a new one) when all are busy
 /// and fewer than `max` are open; else the least busy (the first of them).
@@ -608,6 +633,19 @@ mod tests {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn helpers_run_with_one_arena_per_cpu_and_no_stack_cache() {
+        let tunables = glibc_tunables();
+        assert!(
+            tunables.starts_with("glibc.malloc.arena_max="),
+            "{tunables}"
+        );
+        assert!(
+            tunables.contains(":glibc.pthread.stack_cache_size=0"),
+            "{tunables}"
+        );
     }
 
     #[test]

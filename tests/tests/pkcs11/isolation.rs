@@ -6,7 +6,8 @@ use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
 use token_agent_e2e::{agent_binary, check, pkcs11_helper_binary, sign_file};
 
 use crate::{
-    add_provider, agent_options, askpass, sign_and_verify, start_agent, try_sign, wait_listed,
+    add_provider, agent_options, askpass, helpers, sign_and_verify, start_agent, try_sign,
+    wait_listed,
 };
 
 /// An agent serving a configured SoftHSM token "good" and the token "bad"
@@ -128,44 +129,6 @@ fn a_module_that_prints_and_reads_cannot_disturb_its_helper() -> anyhow::Result<
     Ok(())
 }
 
-/// The executable and arguments of each of the agent's helper processes.
-fn helpers(agent: &Agent) -> anyhow::Result<Vec<(std::path::PathBuf, Vec<String>)>> {
-    let pid = agent.pid().unwrap_or(0).to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let dir = entry?.path();
-        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
-            continue;
-        };
-        let parent = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
-        if parent != Some(pid.as_str()) {
-            continue;
-        }
-        let (Ok(exe), Ok(cmdline)) = (
-            std::fs::read_link(dir.join("exe")),
-            std::fs::read(dir.join("cmdline")),
-        ) else {
-            continue;
-        };
-        let is_ours = exe
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("token-agent"));
-        if is_ours {
-            let args = cmdline
-                .split(|b| *b == 0)
-                .skip(1)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            found.push((exe, args));
-        }
-    }
-    Ok(found)
-}
-
 #[test]
 fn modules_run_in_the_helper_binary_or_in_the_agent_binary_without_it() -> anyhow::Result<()> {
     let hsm = SoftHsm::new()?;
@@ -179,7 +142,7 @@ fn modules_run_in_the_helper_binary_or_in_the_agent_binary_without_it() -> anyho
     let running = helpers(&agent)?;
     assert!(!running.is_empty(), "{}", agent.log_text());
     let helper = pkcs11_helper_binary()?.canonicalize()?;
-    for (exe, args) in &running {
+    for (_, exe, args) in &running {
         assert_eq!(exe, &helper);
         assert!(args.is_empty(), "{args:?}");
     }
@@ -198,7 +161,7 @@ fn modules_run_in_the_helper_binary_or_in_the_agent_binary_without_it() -> anyho
     sign_and_verify(&agent, &listed[0], "alone")?;
     let running = helpers(&agent)?;
     assert!(!running.is_empty(), "{}", agent.log_text());
-    for (exe, args) in &running {
+    for (_, exe, args) in &running {
         assert_eq!(exe, &binary.canonicalize()?);
         assert_eq!(args, &["--pkcs11-helper"]);
     }

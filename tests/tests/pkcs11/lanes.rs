@@ -293,3 +293,91 @@ fn a_control_record_without_a_socket_ends_the_helper_with_a_reason() -> anyhow::
     assert!(stderr.contains("came without a socket"), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn many_clients_at_once_sign_on_lanes_of_one_helper() -> anyhow::Result<()> {
+    use signature::Verifier;
+    use ssh_encoding::Decode;
+    use token_agent_e2e::bench::{parse_identities, sign_request};
+    use token_agent_e2e::wire::RawClient;
+
+    let hsm = SoftHsm::new()?;
+    hsm.token("burst", &[KeyKind::P256])?;
+    let config = format!("[[pkcs11.modules]]\npath = \"{MODULE}\"\n");
+    let agent = crate::start_agent(&hsm, &[], &config, PIN)?;
+    crate::wait_listed(&agent, 1, Duration::from_secs(20))?;
+    let listed = RawClient::connect(agent.socket())?
+        .request(&[11])?
+        .context("the agent closed")?;
+    let (blob, _) = parse_identities(&listed)?
+        .into_iter()
+        .next()
+        .context("no key listed")?;
+    let key = ssh_key::public::KeyData::decode(&mut blob.as_slice())?;
+    let running = crate::helpers(&agent)?;
+    let &[(helper, _, _)] = running.as_slice() else {
+        anyhow::bail!("helpers: {running:?}");
+    };
+    let threads = || -> anyhow::Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{helper}/task"))?.count())
+    };
+    let at_rest = threads()?;
+
+    // 8 clients sign their own data back to back for a second; each
+    // signature is checked against the key.
+    let clients: Vec<_> = (0..8)
+        .map(|client| {
+            let (socket, blob, key) = (agent.socket().to_owned(), blob.clone(), key.clone());
+            std::thread::spawn(move || -> anyhow::Result<usize> {
+                let mut agent = RawClient::connect(&socket)?;
+                let started = Instant::now();
+                let mut signed = 0;
+                while started.elapsed() < Duration::from_secs(1) {
+                    let data = format!("client {client}, signature {signed}");
+                    let reply = agent
+                        .request(&sign_request(&blob, data.as_bytes(), 0))?
+                        .context("the agent closed")?;
+                    let (&kind, mut body) = reply.split_first().context("an empty reply")?;
+                    anyhow::ensure!(kind == 14, "reply {kind} to signature {signed}");
+                    let signature =
+                        ssh_key::Signature::decode(&mut <Vec<u8>>::decode(&mut body)?.as_slice())?;
+                    key.verify(data.as_bytes(), &signature)?;
+                    signed += 1;
+                }
+                Ok(signed)
+            })
+        })
+        .collect();
+    let mut most_threads = 0;
+    while clients.iter().any(|c| !c.is_finished()) {
+        most_threads = most_threads.max(threads()?);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for client in clients {
+        let signed = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
+        assert!(signed > 0);
+    }
+    // Lanes opened while every open one was busy.
+    assert!(
+        most_threads > at_rest,
+        "the helper had {at_rest} threads at rest and at most {most_threads} while signing"
+    );
+
+    // Lanes' memory stays bounded: the helper runs with an arena per CPU
+    // (glibc rewrites the variable in place as it reads it, so only its
+    // first setting still shows in /proc; the client's unit tests check the
+    // whole of it).
+    let environment = std::fs::read(format!("/proc/{helper}/environ"))?;
+    let tunables = environment
+        .split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(b"GLIBC_TUNABLES="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .context("the helper has no GLIBC_TUNABLES")?;
+    assert!(
+        tunables.starts_with("glibc.malloc.arena_max="),
+        "{tunables}"
+    );
+    Ok(())
+}

@@ -157,3 +157,48 @@ fn try_sign(agent: &Agent, line: &str, name: &str) -> anyhow::Result<Output> {
     let _ = std::fs::remove_file(message.with_extension("txt.sig"));
     Ok(sign_file(agent.command("ssh-keygen"), &public, &message).output()?)
 }
+
+/// The pid, executable and arguments of each of the agent's helper processes.
+fn helpers(agent: &Agent) -> anyhow::Result<Vec<(u32, PathBuf, Vec<String>)>> {
+    let pid = agent.pid().unwrap_or(0).to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let dir = entry?.path();
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if parent != Some(pid.as_str()) {
+            continue;
+        }
+        let (Ok(exe), Ok(cmdline)) = (
+            std::fs::read_link(dir.join("exe")),
+            std::fs::read(dir.join("cmdline")),
+        ) else {
+            continue;
+        };
+        let is_ours = exe
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("token-agent"));
+        if is_ours {
+            let args = cmdline
+                .split(|b| *b == 0)
+                .skip(1)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let Some(child) = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse().ok())
+            else {
+                continue;
+            };
+            found.push((child, exe, args));
+        }
+    }
+    Ok(found)
+}
