@@ -43,8 +43,11 @@ const KEPT_CAPACITY: usize = 4 * READ_CHUNK;
 #[derive(Debug)]
 pub(crate) struct Connection {
     socket: AsyncFd<UnixStream>,
-    /// Bytes read and not yet taken as a frame.
+    /// Where reads land: zeroed once when allocated, so a read needs no
+    /// clearing first. The first `filled` bytes are read and not yet taken
+    /// as a frame.
     input: Zeroizing<Vec<u8>>,
+    filled: usize,
 }
 
 impl Connection {
@@ -55,6 +58,7 @@ impl Connection {
         Ok(Self {
             socket: register(socket, Interest::READABLE)?,
             input: Zeroizing::new(Vec::new()),
+            filled: 0,
         })
     }
 
@@ -63,25 +67,26 @@ impl Connection {
     /// [`MAX_FRAME_LEN`] is refused before its body is read.
     pub(crate) async fn read_frame(&mut self, body: &mut Vec<u8>) -> Result<bool, FrameError> {
         loop {
-            let wanted = match self.input.first_chunk::<4>() {
+            let pending = &self.input[..self.filled];
+            let wanted = match pending.first_chunk::<4>() {
                 Some(prefix) => {
                     let len = u32::from_be_bytes(*prefix);
                     let len_usize = usize::try_from(len).map_err(|_| FrameError::TooLong(len))?;
                     if len_usize > MAX_FRAME_LEN {
                         return Err(FrameError::TooLong(len));
                     }
-                    if self.input.len() >= 4 + len_usize {
+                    if pending.len() >= 4 + len_usize {
                         body.clear();
-                        body.extend_from_slice(&self.input[4..4 + len_usize]);
+                        body.extend_from_slice(&pending[4..4 + len_usize]);
                         self.consume(4 + len_usize);
                         return Ok(true);
                     }
-                    4 + len_usize - self.input.len()
+                    4 + len_usize - pending.len()
                 }
-                None => 4 - self.input.len(),
+                None => 4 - pending.len(),
             };
             if self.fill(wanted.max(READ_CHUNK)).await? == 0 {
-                return if self.input.is_empty() {
+                return if self.filled == 0 {
                     Ok(false)
                 } else {
                     Err(FrameError::Truncated)
@@ -110,48 +115,44 @@ impl Connection {
         Ok(())
     }
 
-    /// Reads up to `room` more bytes into the input; the count (0: end of stream).
+    /// Reads at least `room` more bytes' worth into the input (what the
+    /// socket holds, up to the buffer's end); the count (0: end of stream).
     async fn fill(&mut self, room: usize) -> io::Result<usize> {
-        let start = self.input.len();
-        // Grown by hand, not by `resize` on a full vector, which would move
-        // the bytes and leave a copy behind in the old allocation.
-        if self.input.capacity() < start + room {
-            let mut grown = Zeroizing::new(Vec::with_capacity(start + room));
-            grown.extend_from_slice(&self.input);
+        if self.input.len() < self.filled + room {
+            // A new buffer rather than a grown one, which would move the
+            // bytes and leave a copy behind in the old allocation; the old
+            // one is wiped as it is dropped.
+            let mut grown = Zeroizing::new(vec![0u8; self.filled + room]);
+            grown[..self.filled].copy_from_slice(&self.input[..self.filled]);
             self.input = grown;
         }
-        self.input.resize(start + room, 0);
-        let read = loop {
-            let mut guard = match self.socket.readable().await {
-                Ok(guard) => guard,
-                Err(err) => break Err(err),
-            };
-            match self.socket.get_ref().read(&mut self.input[start..]) {
+        let free = self.input.len() - self.filled;
+        loop {
+            let mut guard = self.socket.readable().await?;
+            match self.socket.get_ref().read(&mut self.input[self.filled..]) {
                 Ok(n) => {
-                    if n < room {
+                    if n < free {
                         // The socket is drained: wait for the next edge
                         // rather than read again for EAGAIN.
                         guard.clear_ready();
                     }
-                    break Ok(n);
+                    self.filled += n;
+                    return Ok(n);
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => break Err(err),
+                Err(err) => return Err(err),
             }
-        };
-        let filled = start + *read.as_ref().unwrap_or(&0);
-        self.input.truncate(filled);
-        read
+        }
     }
 
-    /// Takes the first `n` bytes out of the input, wiping them.
+    /// Takes the first `n` bytes out of the input, wiping what they leave.
     fn consume(&mut self, n: usize) {
-        let rest = self.input.len() - n;
-        self.input.copy_within(n.., 0);
-        self.input[rest..].zeroize();
-        self.input.truncate(rest);
-        if rest == 0 && self.input.capacity() > KEPT_CAPACITY {
+        let rest = self.filled - n;
+        self.input.copy_within(n..self.filled, 0);
+        self.input[rest..self.filled].zeroize();
+        self.filled = rest;
+        if rest == 0 && self.input.len() > KEPT_CAPACITY {
             // Dropping the old buffer wipes all of it.
             self.input = Zeroizing::new(Vec::new());
         }
@@ -282,7 +283,11 @@ mod tests {
         assert!(connection.read_frame(&mut body).await.unwrap());
         assert_eq!(body, b"secret-password");
         // What is left is the next frame, and nothing of the first.
-        assert_eq!(&connection.input[..], &frame(b"next")[..]);
+        let next = frame(b"next");
+        assert_eq!(&connection.input[..connection.filled], &next[..]);
+        assert!(connection.input[connection.filled..]
+            .iter()
+            .all(|&b| b == 0));
     }
 
     #[tokio::test]
@@ -291,6 +296,6 @@ mod tests {
         client.write_all(&frame(&[1u8; 200_000])).unwrap();
         let mut body = Vec::new();
         assert!(connection.read_frame(&mut body).await.unwrap());
-        assert!(connection.input.capacity() <= KEPT_CAPACITY);
+        assert!(connection.input.len() <= KEPT_CAPACITY);
     }
 }
