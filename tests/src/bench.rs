@@ -68,15 +68,7 @@ pub fn run(
             })
         })
         .collect();
-    let mut all = Vec::new();
-    for handle in handles {
-        all.extend(
-            handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
-        );
-    }
-    Ok(summarize(all, seconds))
+    Ok(summarize(join_latencies(handles)?, seconds))
 }
 
 /// One of the agents [`interleaved`] compares: its socket and the request
@@ -174,17 +166,24 @@ pub fn interleaved(
     }
     let measured = slice * u32::try_from(slices).unwrap_or(u32::MAX);
     for (_, _, handles) in turns {
-        let mut all = Vec::new();
-        for handle in handles {
-            all.extend(
-                handle
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("client thread panicked"))??,
-            );
-        }
-        results.push(summarize_over(all, measured));
+        results.push(summarize_over(join_latencies(handles)?, measured));
     }
     Ok(results)
+}
+
+/// Every latency the threads of `handles` measured, once they all ended.
+pub fn join_latencies(
+    handles: Vec<std::thread::JoinHandle<anyhow::Result<Vec<Duration>>>>,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut all = Vec::new();
+    for handle in handles {
+        all.extend(
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))??,
+        );
+    }
+    Ok(all)
 }
 
 /// Summarizes the latencies of a run that lasted `measured`.

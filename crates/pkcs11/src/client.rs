@@ -4,8 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::io::{BufReader, IoSlice, Write};
-use std::os::fd::AsFd;
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,9 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
-use nix::sys::socket::{setsockopt, socketpair, sockopt, AddressFamily, SockFlag, SockType};
+use nix::sys::socket::{setsockopt, sockopt};
 use nix::unistd::Pid;
-use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use token_agent_core::lock;
 use token_agent_helper::describe_exit;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -25,8 +23,8 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use crate::proto::{
-    decode_body, encode_frame, frame_len, read_frame, Failure, Op, OpenLane, Reply, Request,
-    Response, EVENT_ID, MAX_REQUEST,
+    decode_body, encode_frame, frame_len, read_frame, seqpacket_pair, Failure, Op, OpenLane, Reply,
+    Request, Response, EVENT_ID, MAX_REQUEST,
 };
 
 /// How to start a helper: the program (the token-agent binary) and its arguments.
@@ -203,12 +201,7 @@ impl Helper {
         // Lanes arrive as SOCK_SEQPACKET records with a descriptor each;
         // answers are a stream, read by the runtime, which needs its socket
         // non-blocking.
-        let (control, helper_control) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (control, helper_control) = seqpacket_pair()?;
         let control = UnixStream::from(control);
         let (answers, helper_output) = UnixStream::pair()?;
         let mut builder = Command::new(&command.program);
@@ -419,34 +412,17 @@ impl Helper {
     /// Opens a lane: a socketpair whose helper end goes over the control
     /// socket. Returns its index in `lanes.open`.
     fn open_lane(&self, lanes: &mut Lanes) -> std::io::Result<usize> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (ours, theirs) = seqpacket_pair()?;
         // A record must fit the send buffer; the kernel caps this at what
         // it allows (net.core.wmem_max, 2 x 208 KiB by default).
         let _ = setsockopt(&ours, sockopt::SndBuf, &(2 * MAX_REQUEST));
         let ours = UnixStream::from(ours);
         ours.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let id = lanes.next_lane;
-        let record = OpenLane {
+        OpenLane {
             retire_after: (id != 0).then_some(self.policy.idle),
         }
-        .encode();
-        let fds = [theirs.as_fd()];
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut ancillary = SendAncillaryBuffer::new(&mut space);
-        if !ancillary.push(SendAncillaryMessage::ScmRights(&fds)) {
-            return Err(std::io::Error::other("no room for the lane's descriptor"));
-        }
-        rustix::net::sendmsg(
-            &self.control,
-            &[IoSlice::new(&record)],
-            &mut ancillary,
-            SendFlags::NOSIGNAL,
-        )?;
+        .send(&self.control, theirs)?;
         lanes.next_lane += 1;
         lanes.open.push(Lane {
             id,

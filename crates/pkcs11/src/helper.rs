@@ -16,8 +16,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, IoSliceMut, Read};
-use std::mem::MaybeUninit;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
@@ -28,7 +27,6 @@ use cryptoki::mechanism::Mechanism as CkMechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::{Limit, Slot};
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use secrecy::SecretString;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 use ssh_encoding::Encode;
@@ -87,7 +85,7 @@ pub fn run() -> ! {
     };
     let helper = Arc::new(Helper::new(output));
     loop {
-        let (lane, open) = match receive_lane(&control) {
+        let (lane, open) = match OpenLane::receive(&control) {
             Ok(Some(lane)) => lane,
             // The agent closed the control socket: it is done with us, or gone.
             Ok(None) => std::process::exit(0),
@@ -123,35 +121,6 @@ fn standard_streams() -> io::Result<(OwnedFd, File)> {
     nix::unistd::dup2(io::stderr().as_raw_fd(), io::stdout().as_raw_fd())
         .map_err(io::Error::from)?;
     Ok((control, output))
-}
-
-/// The next lane on the control socket and how it was opened; `None` when
-/// the agent closed the socket.
-fn receive_lane(control: &OwnedFd) -> io::Result<Option<(OwnedFd, OpenLane)>> {
-    let mut record = [0u8; OpenLane::LEN + 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut ancillary = RecvAncillaryBuffer::new(&mut space);
-    let received = rustix::net::recvmsg(
-        control,
-        &mut [IoSliceMut::new(&mut record)],
-        &mut ancillary,
-        RecvFlags::CMSG_CLOEXEC,
-    )?;
-    if received.bytes == 0 {
-        return Ok(None);
-    }
-    let lane = ancillary.drain().find_map(|message| match message {
-        RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-        _ => None,
-    });
-    let open = OpenLane::decode(&record[..received.bytes.min(record.len())])?;
-    match lane {
-        Some(lane) => Ok(Some((lane, open))),
-        None => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "a control record came without a socket",
-        )),
-    }
 }
 
 /// Answers the requests of one lane until the agent closes it, or until it

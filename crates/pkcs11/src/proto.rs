@@ -23,8 +23,14 @@
 //! prints `"<redacted>"` and whose memory is zeroized on drop; the frame
 //! buffers that held them are zeroized too.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
 
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 use zeroize::Zeroizing;
 
 /// The largest frame either side accepts: far above any key list or signature.
@@ -37,6 +43,17 @@ pub const MAX_REQUEST: usize = 320 * 1024;
 
 /// The id of unsolicited slot-event messages from the helper.
 pub const EVENT_ID: u64 = 0;
+
+/// A SOCK_SEQPACKET socketpair, close-on-exec: what the control socket and
+/// each lane are.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )?)
+}
 
 /// A control record: open the lane whose socket comes with it (SCM_RIGHTS).
 ///
@@ -52,6 +69,52 @@ pub struct OpenLane {
 impl OpenLane {
     /// The record's size.
     pub const LEN: usize = 5;
+
+    /// Sends this record on `control` with `lane`, the helper's end of the
+    /// lane's socketpair.
+    pub fn send(&self, control: impl AsFd, lane: impl AsFd) -> io::Result<()> {
+        let record = self.encode();
+        let fds = [lane.as_fd()];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut ancillary = SendAncillaryBuffer::new(&mut space);
+        if !ancillary.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(io::Error::other("no room for the lane's descriptor"));
+        }
+        rustix::net::sendmsg(
+            control,
+            &[IoSlice::new(&record)],
+            &mut ancillary,
+            SendFlags::NOSIGNAL,
+        )?;
+        Ok(())
+    }
+
+    /// The next lane on `control` and how it was opened; `None` when the
+    /// other end closed it. A record without a socket, or not of this
+    /// shape, is an error.
+    pub fn receive(control: impl AsFd) -> io::Result<Option<(OwnedFd, Self)>> {
+        let mut record = [0u8; Self::LEN + 1];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+        let received = rustix::net::recvmsg(
+            control,
+            &mut [IoSliceMut::new(&mut record)],
+            &mut ancillary,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        if received.bytes == 0 {
+            return Ok(None);
+        }
+        let lane = ancillary.drain().find_map(|message| match message {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        });
+        let open = Self::decode(&record[..received.bytes.min(record.len())])?;
+        match lane {
+            Some(lane) => Ok(Some((lane, open))),
+            None => Err(invalid("a control record came without a socket".into())),
+        }
+    }
 
     /// The record.
     pub fn encode(&self) -> [u8; Self::LEN] {

@@ -37,7 +37,7 @@ use sha2::Digest;
 use token_agent_core::RsaHash;
 use token_agent_e2e::agent::{Agent, AgentOptions};
 use token_agent_e2e::bench::{
-    self, expect_ok, held_run, interleaved, run, summarize, Contender, Throughput,
+    self, expect_ok, held_run, interleaved, join_latencies, run, summarize, Contender, Throughput,
 };
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
 use token_agent_e2e::wire::RawClient;
@@ -510,14 +510,7 @@ fn ceiling(
             })
         })
         .collect();
-    let mut all = Vec::new();
-    for handle in handles {
-        all.extend(
-            handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("signing thread panicked"))??,
-        );
-    }
+    let all = join_latencies(handles)?;
     drop(login);
     context.finalize()?;
     Ok(summarize(all, seconds))

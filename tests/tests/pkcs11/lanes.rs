@@ -1,20 +1,16 @@
 //! The helper's lanes, spoken to directly as the agent speaks to them
 //! (`token_agent_pkcs11::proto`): the real helper binary, SoftHSM behind it.
 
-use std::io::{BufReader, ErrorKind, IoSlice, Read, Write};
-use std::mem::MaybeUninit;
-use std::os::fd::AsFd;
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use token_agent_e2e::pkcs11_helper_binary;
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
 use token_agent_pkcs11::proto::{
-    encode_frame, read_frame, Op, OpenLane, Pin, Reply, Request, Response, Scheme,
+    encode_frame, read_frame, seqpacket_pair, Op, OpenLane, Pin, Reply, Request, Response, Scheme,
 };
 
 /// A helper process and the agent's ends of its sockets.
@@ -28,12 +24,7 @@ struct Helper {
 impl Helper {
     /// Starts the helper binary with SoftHSM's tokens of `hsm`.
     fn start(hsm: &SoftHsm) -> anyhow::Result<Self> {
-        let (control, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (control, theirs) = seqpacket_pair()?;
         let (answers, output) = UnixStream::pair()?;
         answers.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut command = Command::new(pkcs11_helper_binary()?);
@@ -54,23 +45,8 @@ impl Helper {
 
     /// Opens a lane: the agent's end of it.
     fn open_lane(&self, retire_after: Option<Duration>) -> anyhow::Result<UnixStream> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
-        let record = OpenLane { retire_after }.encode();
-        let fds = [theirs.as_fd()];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut ancillary = SendAncillaryBuffer::new(&mut space);
-        anyhow::ensure!(ancillary.push(SendAncillaryMessage::ScmRights(&fds)));
-        rustix::net::sendmsg(
-            &self.control,
-            &[IoSlice::new(&record)],
-            &mut ancillary,
-            SendFlags::NOSIGNAL,
-        )?;
+        let (ours, theirs) = seqpacket_pair()?;
+        OpenLane { retire_after }.send(&self.control, theirs)?;
         Ok(UnixStream::from(ours))
     }
 
@@ -138,6 +114,17 @@ impl Helper {
     }
 }
 
+/// A helper with SoftHSM's module loaded and logged in to a token with a
+/// P-256 key: the SoftHSM (kept for its files), the helper, lane 0, the
+/// token's slot and the key's CKA_ID.
+fn loaded_helper() -> anyhow::Result<(SoftHsm, Helper, UnixStream, u64, Vec<u8>)> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("lanes", &[KeyKind::P256])?;
+    let mut helper = Helper::start(&hsm)?;
+    let (lane, slot, key) = helper.loaded(MODULE, "lanes")?;
+    Ok((hsm, helper, lane, slot, key))
+}
+
 impl Drop for Helper {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -170,10 +157,7 @@ fn eventually(mut condition: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Re
 
 #[test]
 fn an_idle_lane_retires_and_refuses_later_requests_while_lane_0_stays() -> anyhow::Result<()> {
-    let hsm = SoftHsm::new()?;
-    hsm.token("lanes", &[KeyKind::P256])?;
-    let mut helper = Helper::start(&hsm)?;
-    let (first, slot, key) = helper.loaded(MODULE, "lanes")?;
+    let (_hsm, mut helper, first, slot, key) = loaded_helper()?;
     let extra = helper.open_lane(Some(Duration::from_millis(200)))?;
     assert!(matches!(
         helper.call(&extra, sign(slot, &key))?,
@@ -197,10 +181,7 @@ fn an_idle_lane_retires_and_refuses_later_requests_while_lane_0_stays() -> anyho
 
 #[test]
 fn no_request_is_lost_when_a_lane_retires_as_it_arrives() -> anyhow::Result<()> {
-    let hsm = SoftHsm::new()?;
-    hsm.token("lanes", &[KeyKind::P256])?;
-    let mut helper = Helper::start(&hsm)?;
-    let (_first, slot, key) = helper.loaded(MODULE, "lanes")?;
+    let (_hsm, mut helper, _first, slot, key) = loaded_helper()?;
     // Requests sent around the moment each lane gives up: every one either
     // fails to send (the lane is gone, as the agent then sends it on another
     // lane) or is answered.
@@ -260,10 +241,7 @@ fn a_lane_stuck_in_the_module_does_not_hold_up_another() -> anyhow::Result<()> {
 
 #[test]
 fn the_helper_exits_when_the_control_socket_closes() -> anyhow::Result<()> {
-    let hsm = SoftHsm::new()?;
-    hsm.token("lanes", &[KeyKind::P256])?;
-    let mut helper = Helper::start(&hsm)?;
-    let (_lane, _, _) = helper.loaded(MODULE, "lanes")?;
+    let (_hsm, mut helper, _lane, _, _) = loaded_helper()?;
     helper.control.shutdown(std::net::Shutdown::Write)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
