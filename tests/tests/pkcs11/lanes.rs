@@ -182,18 +182,29 @@ fn an_idle_lane_retires_and_refuses_later_requests_while_lane_0_stays() -> anyho
 #[test]
 fn no_request_is_lost_when_a_lane_retires_as_it_arrives() -> anyhow::Result<()> {
     let (_hsm, mut helper, _first, slot, key) = loaded_helper()?;
-    // Requests sent around the moment each lane gives up: every one either
-    // fails to send (the lane is gone, as the agent then sends it on another
-    // lane) or is answered.
-    let idle = Duration::from_millis(30);
+    // Every request either fails to send (the lane is gone, and the agent
+    // then sends it on another lane) or is answered. Rounds of three: one
+    // sent at once, which the lane answers; one sent once the lane's thread
+    // has ended, which fails; and one sent within 3 ms of the moment the lane
+    // gives up, which may go either way but must not be lost.
+    let idle = Duration::from_millis(250);
     let (mut answered, mut refused) = (0, 0);
     let mut lane = helper.open_lane(Some(idle))?;
-    for round in 0u32..60 {
-        // 27 to 33 ms after the last answer.
-        let jitter = Duration::from_micros(u64::from(round % 13) * 500);
-        std::thread::sleep(idle + jitter - Duration::from_millis(3));
+    for round in 0u32..30 {
+        match round % 3 {
+            0 => {}
+            1 => assert!(eventually(|| Ok(helper.threads()? == 2))?),
+            _ => std::thread::sleep(
+                idle + Duration::from_micros(u64::from(round % 13) * 500)
+                    - Duration::from_millis(3),
+            ),
+        }
         match helper.send(&lane, sign(slot, &key)) {
             Ok(id) => {
+                anyhow::ensure!(
+                    round % 3 != 1,
+                    "round {round}: a retired lane took a request"
+                );
                 let response = helper.answer()?;
                 assert_eq!(response.id, id);
                 assert!(matches!(response.result, Ok(Reply::Signature(_))));
@@ -206,11 +217,8 @@ fn no_request_is_lost_when_a_lane_retires_as_it_arrives() -> anyhow::Result<()> 
             }
         }
     }
-    assert_eq!(answered + refused, 60);
-    assert!(
-        answered > 0 && refused > 0,
-        "{answered} answered, {refused} refused"
-    );
+    assert_eq!(answered + refused, 30);
+    assert!(answered >= 10, "{answered} answered, {refused} refused");
     Ok(())
 }
 
@@ -222,9 +230,10 @@ fn a_lane_stuck_in_the_module_does_not_hold_up_another() -> anyhow::Result<()> {
     let hang = build_shim(modules.path(), Shim::Hang, &hsm)?;
     let mut helper = Helper::start(&hsm)?;
     let (first, slot, key) = helper.loaded(&hang.display().to_string(), "stuck")?;
-    let held = helper.send(&first, sign(slot, &key))?;
-    // C_Sign never returns on lane 0; a second lane lists, logs in and
-    // answers while it hangs.
+    helper.send(&first, sign(slot, &key))?;
+    // C_Sign never returns on lane 0; a second and a third lane answer
+    // while it hangs (`call` checks each answer is for its own request, so
+    // an answer to the held signature would fail it).
     let second = helper.open_lane(Some(Duration::from_secs(30)))?;
     let started = Instant::now();
     assert!(matches!(helper.call(&second, Op::List)?, Reply::Tokens(t) if t.len() == 1));
@@ -235,7 +244,6 @@ fn a_lane_stuck_in_the_module_does_not_hold_up_another() -> anyhow::Result<()> {
     );
     let third = helper.open_lane(Some(Duration::from_secs(30)))?;
     assert!(matches!(helper.call(&third, Op::List)?, Reply::Tokens(_)));
-    assert_ne!(held, 0);
     Ok(())
 }
 
@@ -281,7 +289,10 @@ fn many_clients_at_once_sign_on_lanes_of_one_helper() -> anyhow::Result<()> {
 
     let hsm = SoftHsm::new()?;
     hsm.token("burst", &[KeyKind::P256])?;
-    let config = format!("[[pkcs11.modules]]\npath = \"{MODULE}\"\n");
+    // Few token polls: each starts a short-lived scanner helper beside the
+    // signing one.
+    let config =
+        format!("[pkcs11]\npoll_interval_ms = 600000\n[[pkcs11.modules]]\npath = \"{MODULE}\"\n");
     let agent = crate::start_agent(&hsm, &[], &config, PIN)?;
     crate::wait_listed(&agent, 1, Duration::from_secs(20))?;
     let listed = RawClient::connect(agent.socket())?
@@ -292,10 +303,16 @@ fn many_clients_at_once_sign_on_lanes_of_one_helper() -> anyhow::Result<()> {
         .next()
         .context("no key listed")?;
     let key = ssh_key::public::KeyData::decode(&mut blob.as_slice())?;
-    let running = crate::helpers(&agent)?;
-    let &[(helper, _, _)] = running.as_slice() else {
-        anyhow::bail!("helpers: {running:?}");
-    };
+    // The signing helper, once a scanner started with the agent has gone.
+    let mut running = Vec::new();
+    anyhow::ensure!(
+        eventually(|| {
+            running = crate::helpers(&agent)?;
+            Ok(running.len() == 1)
+        })?,
+        "helpers: {running:?}"
+    );
+    let helper = running[0].0;
     let threads = || -> anyhow::Result<usize> {
         Ok(std::fs::read_dir(format!("/proc/{helper}/task"))?.count())
     };
@@ -334,7 +351,8 @@ fn many_clients_at_once_sign_on_lanes_of_one_helper() -> anyhow::Result<()> {
     for client in clients {
         let signed = client
             .join()
-            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
+            .map_err(|_| anyhow::anyhow!("a client panicked"))?
+            .with_context(|| format!("agent log:\n{}", agent.log_text()))?;
         assert!(signed > 0);
     }
     // Lanes opened while every open one was busy.
