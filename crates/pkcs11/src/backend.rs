@@ -122,7 +122,22 @@ struct Inner {
     /// The runtime that reads helpers' answers (the one `start` ran on).
     runtime: OnceLock<tokio::runtime::Handle>,
     pins: Mutex<HashMap<TokenId, CachedPin>>,
+    /// One login at a time per token (see [`LoginGate`]).
+    logins: Mutex<HashMap<TokenId, Arc<LoginGate>>>,
     wake: (Mutex<bool>, Condvar),
+}
+
+/// Signatures that find their token logged out log in one at a time: the
+/// first asks for the PIN and logs in, and those that waited behind it see
+/// that a login happened meanwhile and sign without asking. Without it,
+/// every signature that arrived before the first login finished asked the
+/// person for the PIN again (eight clients at once: eight PIN questions)
+/// and logged in again.
+#[derive(Default)]
+struct LoginGate {
+    turn: tokio::sync::Mutex<()>,
+    /// Logins that succeeded through this gate.
+    logins: std::sync::atomic::AtomicU64,
 }
 
 /// A token, as the agent names it across slot renumbering: module, serial, label.
@@ -182,6 +197,7 @@ impl Pkcs11Backend {
                 sink: OnceLock::new(),
                 runtime: OnceLock::new(),
                 pins: Mutex::new(HashMap::new()),
+                logins: Mutex::new(HashMap::new()),
                 wake: (Mutex::new(false), Condvar::new()),
             }),
         }
@@ -243,9 +259,11 @@ impl Backend for Pkcs11Backend {
             .with_context(context)
         };
         let inner = &self.inner;
+        let gate = inner.login_gate(&located.module, &located.token);
         let mut logged_in = false;
         let mut context_pin: Option<(Option<SecretString>, bool)> = None;
         loop {
+            let logins_before = gate.logins.load(Ordering::SeqCst);
             let (pin, pad) = match &context_pin {
                 Some((pin, pad)) => (
                     pin.as_ref().map(|p| Pin::new(p.expose_secret().to_owned())),
@@ -287,9 +305,13 @@ impl Backend for Pkcs11Backend {
                     })
                 }
                 Err(CallError::Failed(Failure::NotLoggedIn)) if !logged_in => {
-                    inner
-                        .login(&located.module, &located.token, &subject(), &*prompter)
-                        .await?;
+                    let _turn = gate.turn.lock().await;
+                    if gate.logins.load(Ordering::SeqCst) == logins_before {
+                        inner
+                            .login(&located.module, &located.token, &subject(), &*prompter)
+                            .await?;
+                        gate.logins.fetch_add(1, Ordering::SeqCst);
+                    }
                     logged_in = true;
                 }
                 Err(CallError::Failed(Failure::ContextLoginRequired)) if context_pin.is_none() => {
@@ -546,6 +568,7 @@ impl Inner {
         lock(&self.modules).retain(|m| !Arc::ptr_eq(m, module));
         module.unload();
         lock(&self.pins).retain(|token, _| token.module != module.path);
+        lock(&self.logins).retain(|token, _| token.module != module.path);
         self.publish();
         tracing::info!(provider = module.path, "unloaded PKCS#11 provider");
     }
@@ -881,6 +904,14 @@ impl Inner {
             lock(&self.pins).remove(&token_id(module, token));
         }
         result
+    }
+
+    /// The gate logins to `token` go through.
+    fn login_gate(&self, module: &Module, token: &TokenState) -> Arc<LoginGate> {
+        lock(&self.logins)
+            .entry(token_id(module, token))
+            .or_default()
+            .clone()
     }
 
     /// A PIN for `token`: the cached one (when `use_cache` allows), or one

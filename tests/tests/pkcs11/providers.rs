@@ -389,3 +389,57 @@ fn issue_13_sigusr1_removes_provider_keys_and_the_provider_loads_again() -> anyh
     sign_and_verify(&agent, &listed[0], "after-sigusr1")?;
     Ok(())
 }
+
+#[test]
+fn issue_18_signatures_that_arrive_together_ask_for_the_pin_once() -> anyhow::Result<()> {
+    use std::sync::{Arc, Barrier};
+
+    use anyhow::Context;
+    use token_agent_e2e::bench::{parse_identities, sign_request};
+    use token_agent_e2e::wire::RawClient;
+
+    let hsm = SoftHsm::new()?;
+    hsm.token("together", &[KeyKind::P256])?;
+    // An askpass that counts the questions it is asked.
+    let asked = hsm.dir().join("asked");
+    let program = hsm.dir().join("counting-askpass");
+    token_agent_e2e::write_script(
+        &program,
+        &format!("echo asked >> '{}'\necho '{PIN}'", asked.display()),
+    )?;
+    let config = format!("[[pkcs11.modules]]\npath = \"{MODULE}\"\n");
+    let agent = crate::start_agent_asking(&hsm, &[], &config, &program)?;
+    wait_listed(&agent, 1, Duration::from_secs(20))?;
+    let listed = RawClient::connect(agent.socket())?
+        .request(&[11])?
+        .context("the agent closed")?;
+    let (blob, _) = parse_identities(&listed)?
+        .into_iter()
+        .next()
+        .context("no key listed")?;
+
+    // Eight clients send their first signature at the same moment, before
+    // the token is logged in.
+    let start = Arc::new(Barrier::new(8));
+    let clients: Vec<_> = (0..8)
+        .map(|client| {
+            let (socket, blob, start) = (agent.socket().to_owned(), blob.clone(), start.clone());
+            std::thread::spawn(move || -> anyhow::Result<u8> {
+                let mut agent = RawClient::connect(&socket)?;
+                let request = sign_request(&blob, format!("client {client}").as_bytes(), 0);
+                start.wait();
+                let reply = agent.request(&request)?.context("the agent closed")?;
+                reply.first().copied().context("an empty reply")
+            })
+        })
+        .collect();
+    for client in clients {
+        let kind = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
+        assert_eq!(kind, 14, "a signature failed:\n{}", agent.log_text());
+    }
+    let questions = std::fs::read_to_string(&asked)?.lines().count();
+    assert_eq!(questions, 1, "{}", agent.log_text());
+    Ok(())
+}
