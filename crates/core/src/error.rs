@@ -8,7 +8,7 @@
 use crate::identity::DeviceInfo;
 
 /// Why a backend could not do what was asked.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The backend does not implement this operation (for instance loading a
@@ -115,7 +115,7 @@ fn tries_suffix(tries_left: Option<u32>) -> String {
 }
 
 /// Why a person could not be asked, or did not agree.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum PromptError {
     /// The person closed the dialog or pressed Cancel.

@@ -128,16 +128,38 @@ struct Inner {
 }
 
 /// Signatures that find their token logged out log in one at a time: the
-/// first asks for the PIN and logs in, and those that waited behind it see
-/// that a login happened meanwhile and sign without asking. Without it,
-/// every signature that arrived before the first login finished asked the
-/// person for the PIN again (eight clients at once: eight PIN questions)
-/// and logged in again.
+/// first asks for the PIN and logs in, and those that waited behind it take
+/// the outcome of that attempt instead of asking again. Without it, every
+/// signature that arrived before the first login finished asked the person
+/// for the PIN and logged in again (eight clients at once: eight PIN
+/// questions), and after a wrong PIN or a Cancel each of them asked again:
+/// a burst of requests could spend every try the card has.
 #[derive(Default)]
 struct LoginGate {
-    turn: tokio::sync::Mutex<()>,
-    /// Logins that succeeded through this gate.
-    logins: std::sync::atomic::AtomicU64,
+    /// Held while a login is tried; holds the outcome of the latest attempt.
+    turn: tokio::sync::Mutex<Option<Result<(), Error>>>,
+    /// Attempts made through this gate, read before a signature is tried.
+    attempts: std::sync::atomic::AtomicU64,
+}
+
+impl LoginGate {
+    /// Logs in with `login` unless an attempt was made since the caller
+    /// read `attempts_before`; then that attempt's outcome is the caller's.
+    async fn log_in<F>(&self, attempts_before: u64, login: F) -> Result<(), Error>
+    where
+        F: std::future::Future<Output = Result<(), Error>>,
+    {
+        let mut turn = self.turn.lock().await;
+        if self.attempts.load(Ordering::SeqCst) != attempts_before {
+            if let Some(outcome) = turn.as_ref() {
+                return outcome.clone();
+            }
+        }
+        let outcome = login.await;
+        *turn = Some(outcome.clone());
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        outcome
+    }
 }
 
 /// A token, as the agent names it across slot renumbering: module, serial, label.
@@ -263,7 +285,7 @@ impl Backend for Pkcs11Backend {
         let mut logged_in = false;
         let mut context_pin: Option<(Option<SecretString>, bool)> = None;
         loop {
-            let logins_before = gate.logins.load(Ordering::SeqCst);
+            let attempts_before = gate.attempts.load(Ordering::SeqCst);
             let (pin, pad) = match &context_pin {
                 Some((pin, pad)) => (
                     pin.as_ref().map(|p| Pin::new(p.expose_secret().to_owned())),
@@ -305,13 +327,11 @@ impl Backend for Pkcs11Backend {
                     })
                 }
                 Err(CallError::Failed(Failure::NotLoggedIn)) if !logged_in => {
-                    let _turn = gate.turn.lock().await;
-                    if gate.logins.load(Ordering::SeqCst) == logins_before {
-                        inner
-                            .login(&located.module, &located.token, &subject(), &*prompter)
-                            .await?;
-                        gate.logins.fetch_add(1, Ordering::SeqCst);
-                    }
+                    gate.log_in(
+                        attempts_before,
+                        inner.login(&located.module, &located.token, &subject(), &*prompter),
+                    )
+                    .await?;
                     logged_in = true;
                 }
                 Err(CallError::Failed(Failure::ContextLoginRequired)) if context_pin.is_none() => {

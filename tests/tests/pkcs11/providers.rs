@@ -390,25 +390,34 @@ fn issue_13_sigusr1_removes_provider_keys_and_the_provider_loads_again() -> anyh
     Ok(())
 }
 
-#[test]
-fn issue_18_signatures_that_arrive_together_ask_for_the_pin_once() -> anyhow::Result<()> {
-    use std::sync::{Arc, Barrier};
-
+/// An agent with SoftHSM's module configured, whose askpass counts the
+/// questions it is asked in `asked` and answers with the lines of `answers`
+/// in turn (the last one from then on); the blob of the token's key.
+fn counting_agent(
+    hsm: &SoftHsm,
+    answers: &[&str],
+) -> anyhow::Result<(token_agent_e2e::agent::Agent, std::path::PathBuf, Vec<u8>)> {
     use anyhow::Context;
-    use token_agent_e2e::bench::{parse_identities, sign_request};
+    use token_agent_e2e::bench::parse_identities;
     use token_agent_e2e::wire::RawClient;
 
-    let hsm = SoftHsm::new()?;
-    hsm.token("together", &[KeyKind::P256])?;
-    // An askpass that counts the questions it is asked.
     let asked = hsm.dir().join("asked");
     let program = hsm.dir().join("counting-askpass");
-    token_agent_e2e::write_script(
-        &program,
-        &format!("echo asked >> '{}'\necho '{PIN}'", asked.display()),
-    )?;
+    let mut script = format!(
+        "echo asked >> '{}'\nn=$(wc -l < '{}')\n",
+        asked.display(),
+        asked.display()
+    );
+    for (turn, answer) in answers.iter().enumerate().take(answers.len() - 1) {
+        script += &format!(
+            "[ \"$n\" -eq {} ] && {{ echo '{answer}'; exit; }}\n",
+            turn + 1
+        );
+    }
+    script += &format!("echo '{}'", answers[answers.len() - 1]);
+    token_agent_e2e::write_script(&program, &script)?;
     let config = format!("[[pkcs11.modules]]\npath = \"{MODULE}\"\n");
-    let agent = crate::start_agent_asking(&hsm, &[], &config, &program)?;
+    let agent = crate::start_agent_asking(hsm, &[], &config, &program)?;
     wait_listed(&agent, 1, Duration::from_secs(20))?;
     let listed = RawClient::connect(agent.socket())?
         .request(&[11])?
@@ -417,13 +426,26 @@ fn issue_18_signatures_that_arrive_together_ask_for_the_pin_once() -> anyhow::Re
         .into_iter()
         .next()
         .context("no key listed")?;
+    Ok((agent, asked, blob))
+}
 
-    // Eight clients send their first signature at the same moment, before
-    // the token is logged in.
-    let start = Arc::new(Barrier::new(8));
-    let clients: Vec<_> = (0..8)
+/// What the agent answers `clients` clients that ask for a signature with
+/// `blob` at the same moment: each reply's message number.
+fn sign_together(
+    agent: &token_agent_e2e::agent::Agent,
+    blob: &[u8],
+    clients: usize,
+) -> anyhow::Result<Vec<u8>> {
+    use std::sync::{Arc, Barrier};
+
+    use anyhow::Context;
+    use token_agent_e2e::bench::sign_request;
+    use token_agent_e2e::wire::RawClient;
+
+    let start = Arc::new(Barrier::new(clients));
+    let clients: Vec<_> = (0..clients)
         .map(|client| {
-            let (socket, blob, start) = (agent.socket().to_owned(), blob.clone(), start.clone());
+            let (socket, blob, start) = (agent.socket().to_owned(), blob.to_vec(), start.clone());
             std::thread::spawn(move || -> anyhow::Result<u8> {
                 let mut agent = RawClient::connect(&socket)?;
                 let request = sign_request(&blob, format!("client {client}").as_bytes(), 0);
@@ -433,13 +455,45 @@ fn issue_18_signatures_that_arrive_together_ask_for_the_pin_once() -> anyhow::Re
             })
         })
         .collect();
-    for client in clients {
-        let kind = client
-            .join()
-            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
-        assert_eq!(kind, 14, "a signature failed:\n{}", agent.log_text());
-    }
+    clients
+        .into_iter()
+        .map(|client| {
+            client
+                .join()
+                .map_err(|_| anyhow::anyhow!("a client panicked"))?
+        })
+        .collect()
+}
+
+#[test]
+fn issue_18_signatures_that_arrive_together_ask_for_the_pin_once() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("together", &[KeyKind::P256])?;
+    let (agent, asked, blob) = counting_agent(&hsm, &[PIN])?;
+    // Eight clients send their first signature at the same moment, before
+    // the token is logged in.
+    let replies = sign_together(&agent, &blob, 8)?;
+    assert_eq!(replies, [14; 8], "{}", agent.log_text());
     let questions = std::fs::read_to_string(&asked)?.lines().count();
     assert_eq!(questions, 1, "{}", agent.log_text());
+    Ok(())
+}
+
+#[test]
+fn issue_18_a_wrong_pin_fails_the_signatures_that_waited_for_it() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("together", &[KeyKind::P256])?;
+    let (agent, asked, blob) = counting_agent(&hsm, &["99999999", PIN])?;
+    // One wrong PIN fails all eight: none of them asks again, which would
+    // spend another of the card's tries each.
+    let replies = sign_together(&agent, &blob, 8)?;
+    assert_eq!(replies, [5; 8], "{}", agent.log_text());
+    assert_eq!(std::fs::read_to_string(&asked)?.lines().count(), 1);
+    let log = agent.log_text();
+    assert_eq!(log.matches("PKCS#11 login failed").count(), 1, "{log}");
+    // A signature asked after that asks again, and the right PIN signs.
+    let replies = sign_together(&agent, &blob, 1)?;
+    assert_eq!(replies, [14], "{}", agent.log_text());
+    assert_eq!(std::fs::read_to_string(&asked)?.lines().count(), 2);
     Ok(())
 }
