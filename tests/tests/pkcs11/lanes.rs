@@ -284,7 +284,7 @@ fn a_control_record_without_a_socket_ends_the_helper_with_a_reason() -> anyhow::
 fn many_clients_at_once_sign_on_lanes_of_one_helper() -> anyhow::Result<()> {
     use signature::Verifier;
     use ssh_encoding::Decode;
-    use token_agent_e2e::bench::{parse_identities, sign_request};
+    use token_agent_e2e::bench::sign_request;
     use token_agent_e2e::wire::RawClient;
 
     let hsm = SoftHsm::new()?;
@@ -294,14 +294,7 @@ fn many_clients_at_once_sign_on_lanes_of_one_helper() -> anyhow::Result<()> {
     let config =
         format!("[pkcs11]\npoll_interval_ms = 600000\n[[pkcs11.modules]]\npath = \"{MODULE}\"\n");
     let agent = crate::start_agent(&hsm, &[], &config, PIN)?;
-    crate::wait_listed(&agent, 1, Duration::from_secs(20))?;
-    let listed = RawClient::connect(agent.socket())?
-        .request(&[11])?
-        .context("the agent closed")?;
-    let (blob, _) = parse_identities(&listed)?
-        .into_iter()
-        .next()
-        .context("no key listed")?;
+    let blob = crate::only_key_blob(&agent)?;
     let key = ssh_key::public::KeyData::decode(&mut blob.as_slice())?;
     // The signing helper, once a scanner started with the agent has gone.
     let mut running = Vec::new();

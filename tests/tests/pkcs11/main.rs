@@ -121,6 +121,23 @@ fn wait_listed(agent: &Agent, count: usize, limit: Duration) -> anyhow::Result<V
     Ok(last)
 }
 
+/// The blob of the agent's one key, once it is listed.
+fn only_key_blob(agent: &Agent) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    use token_agent_e2e::bench::parse_identities;
+    use token_agent_e2e::wire::RawClient;
+
+    wait_listed(agent, 1, Duration::from_secs(20))?;
+    let listed = RawClient::connect(agent.socket())?
+        .request(&[11])?
+        .context("the agent closed")?;
+    let (blob, _) = parse_identities(&listed)?
+        .into_iter()
+        .next()
+        .context("no key listed")?;
+    Ok(blob)
+}
+
 /// Signs a message with the listed key `line` through the agent
 /// (`ssh-keygen -Y sign`) and verifies it (`ssh-keygen -Y verify`).
 fn sign_and_verify(agent: &Agent, line: &str, name: &str) -> anyhow::Result<()> {

@@ -397,10 +397,6 @@ fn counting_agent(
     hsm: &SoftHsm,
     answers: &[&str],
 ) -> anyhow::Result<(token_agent_e2e::agent::Agent, std::path::PathBuf, Vec<u8>)> {
-    use anyhow::Context;
-    use token_agent_e2e::bench::parse_identities;
-    use token_agent_e2e::wire::RawClient;
-
     let asked = hsm.dir().join("asked");
     let program = hsm.dir().join("counting-askpass");
     let mut script = format!(
@@ -418,14 +414,7 @@ fn counting_agent(
     token_agent_e2e::write_script(&program, &script)?;
     let config = format!("[[pkcs11.modules]]\npath = \"{MODULE}\"\n");
     let agent = crate::start_agent_asking(hsm, &[], &config, &program)?;
-    wait_listed(&agent, 1, Duration::from_secs(20))?;
-    let listed = RawClient::connect(agent.socket())?
-        .request(&[11])?
-        .context("the agent closed")?;
-    let (blob, _) = parse_identities(&listed)?
-        .into_iter()
-        .next()
-        .context("no key listed")?;
+    let blob = crate::only_key_blob(&agent)?;
     Ok((agent, asked, blob))
 }
 
