@@ -59,7 +59,7 @@ use token_agent_core::{
 
 pub use slot::{KeyAlgorithm, PinUse, Slot, SlotKey, TouchUse};
 
-use crate::card::{CardError, SignJob};
+use crate::card::{CardError, PinQuestion, SignJob};
 use crate::watch::Registry;
 
 /// The name of this backend, carried by every [`KeyRef`] it issues.
@@ -168,8 +168,14 @@ impl Backend for PivBackend {
             subject: subject.clone(),
         };
 
-        let _session = card.session.lock().await;
+        let questions_before = card.pin_questions.load(Ordering::SeqCst);
+        let mut session = card.session.lock().await;
         let mut pin = None;
+        // Records how this request's PIN question ended.
+        let answered = |session: &mut PinQuestion, failed: Option<&Error>| {
+            session.failed = failed.cloned();
+            card.pin_questions.fetch_add(1, Ordering::SeqCst);
+        };
         loop {
             let job = SignJob {
                 slot,
@@ -182,6 +188,9 @@ impl Backend for PivBackend {
             };
             match card.sign(job).await {
                 Ok(raw) => {
+                    if pin.is_some() {
+                        answered(&mut session, None);
+                    }
                     tracing::debug!(%device, %slot, "signed");
                     return sign::ssh_signature(key.algorithm, request.flags, &raw).ok_or_else(
                         || Error::Device {
@@ -194,6 +203,11 @@ impl Backend for PivBackend {
                     tries,
                     cache_skipped,
                 }) if pin.is_none() => {
+                    if card.pin_questions.load(Ordering::SeqCst) != questions_before {
+                        if let Some(failed) = &session.failed {
+                            return Err(failed.clone());
+                        }
+                    }
                     let mut ask = PinRequest::new(subject.clone());
                     ask.tries_left = tries.map(u32::from);
                     if tries == Some(1) {
@@ -208,9 +222,31 @@ impl Backend for PivBackend {
                             )
                         });
                     }
-                    pin = Some(prompter.pin(&ask).await?);
+                    match prompter.pin(&ask).await {
+                        Ok(given) => pin = Some(given),
+                        Err(err) => {
+                            let err = Error::from(err);
+                            answered(&mut session, Some(&err));
+                            return Err(err);
+                        }
+                    }
                 }
-                Err(e) => return Err(core_error(e, &device, serial)),
+                Err(e) => {
+                    let err = core_error(e, &device, serial);
+                    if pin.is_some() {
+                        // Only a refused PIN is the question's failure: after
+                        // a PIN the card took (a touch not given in time, a
+                        // card pulled out) the next request may ask again.
+                        let refused = matches!(
+                            err,
+                            Error::WrongPin { .. }
+                                | Error::PinBlocked { .. }
+                                | Error::Refused { .. }
+                        );
+                        answered(&mut session, refused.then_some(&err));
+                    }
+                    return Err(err);
+                }
             }
         }
     }

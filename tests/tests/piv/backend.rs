@@ -314,6 +314,94 @@ fn cached_pin_is_not_used_on_the_last_try_and_a_blocked_pin_says_how_to_unblock(
     })
 }
 
+const BURST: u32 = 21_000_091;
+
+#[test]
+fn requests_that_waited_for_a_wrong_pin_or_a_cancel_fail_with_it_and_do_not_ask_again() -> Result<()>
+{
+    if rig_or_child(
+        &[BURST],
+        "backend::requests_that_waited_for_a_wrong_pin_or_a_cancel_fail_with_it_and_do_not_ask_again",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    provision(
+        BURST,
+        &[(0x9a, EccP256, PinPolicy::Once, TouchPolicy::Never)],
+    )?;
+    let started = start_backend(Duration::from_secs(600));
+    block_on(async {
+        let all = wait_keys(&started.published, BURST, 1)?;
+        let key = identity(&all, BURST, "9a")?;
+        // Four requests at once, the PIN not yet given: one question.
+        let four = |prompter: Arc<Scripted>| {
+            let sign = |prompter: Arc<Scripted>| {
+                let (backend, key) = (started.backend.clone(), key.clone());
+                async move {
+                    backend
+                        .sign(key.key(), &request(0), &SignContext::default(), prompter)
+                        .await
+                }
+            };
+            async move {
+                let (a, b, c, d) = tokio::join!(
+                    sign(prompter.clone()),
+                    sign(prompter.clone()),
+                    sign(prompter.clone()),
+                    sign(prompter.clone())
+                );
+                [a, b, c, d]
+            }
+        };
+
+        // A wrong PIN: all four fail with it, one try spent, nobody asked again.
+        let wrong = Arc::new(Scripted::new([
+            ScriptedAnswer::Pin("000000".into()),
+            ScriptedAnswer::Pin(PIN.into()),
+        ]));
+        for result in four(wrong.clone()).await {
+            ensure!(
+                matches!(
+                    result,
+                    Err(Error::WrongPin {
+                        tries_left: Some(2),
+                        ..
+                    })
+                ),
+                "{result:?}"
+            );
+        }
+        ensure!(pin_requests(&wrong).len() == 1);
+
+        // A Cancel ends the next burst the same way.
+        let cancel = Arc::new(Scripted::new([
+            ScriptedAnswer::Cancel,
+            ScriptedAnswer::Pin(PIN.into()),
+        ]));
+        for result in four(cancel.clone()).await {
+            ensure!(matches!(result, Err(Error::Prompt(_))), "{result:?}");
+        }
+        ensure!(pin_requests(&cancel).len() == 1);
+
+        // A request after that asks again; the right PIN serves the whole
+        // burst, the card's tries are back to three.
+        let right = pins(4, PIN);
+        for result in four(right.clone()).await {
+            let signature = result?;
+            conformance::verify(key.public_key(), &request(0).data, &signature)?;
+        }
+        ensure!(pin_requests(&right).len() == 1);
+        let status = format!("{:?}", started.backend.devices());
+        ensure!(status.contains("PIN: 3 tries left"), "{status}");
+        let asked = pins(1, PIN);
+        sign_ok(&started, &key, asked.clone()).await?;
+        ensure!(pin_requests(&asked).is_empty());
+        Ok(())
+    })
+}
+
 const TOUCH: u32 = 21_000_031;
 
 /// Polls the card's control status until it waits for a touch.
