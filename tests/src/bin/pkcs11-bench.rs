@@ -5,7 +5,7 @@
 //!
 //! Scenarios, each for `--seconds`:
 //! - resident memory (RSS and PSS) of each agent with its helpers, with one
-//!   module loaded, idle and after signing;
+//!   module loaded, idle, after signing and after more bursts of signing;
 //! - P-256 and RSA-2048 signatures per second and p50/p99 latency with 1 and
 //!   8 clients, next to the direct ceiling with 1 and 2 threads, and next to
 //!   the floor (see [`floor`]): what a minimal relay through a helper process
@@ -257,7 +257,8 @@ fn main() -> anyhow::Result<()> {
 
 /// Resident memory of each agent with its helpers, with the bench token's
 /// module loaded and nothing else: idle (sampled across several token
-/// polls), then after `seconds` of P-256 and RSA signatures from 8 clients.
+/// polls), then after `seconds` of P-256 and RSA signatures from 8 clients,
+/// and after two more such bursts with pauses between them.
 /// Fresh agents, so the other scenarios' modules do not count.
 fn memory(env: &[(String, String)], askpass: &Path, seconds: u64) -> anyhow::Result<()> {
     let token = Agent::start(AgentOptions {
@@ -293,13 +294,32 @@ fn memory(env: &[(String, String)], askpass: &Path, seconds: u64) -> anyhow::Res
     for (name, agent) in agents {
         show(name, "idle", agent)?;
     }
-    for (name, agent) in agents {
+    // 8 clients sign with P-256, then with RSA, for `seconds` each.
+    let burst = |agent: &Agent| -> anyhow::Result<()> {
         for prefix in ["ecdsa-sha2-nistp256", "ssh-rsa"] {
             let flags = if prefix == "ssh-rsa" { 2 } else { 0 };
             let request = sign_request(&key_blob(agent, prefix, "bench")?, flags);
             run(agent.socket(), &request, 8, seconds)?;
         }
+        Ok(())
+    };
+    for (name, agent) in agents {
+        burst(agent)?;
         show(name, "after signing", agent)?;
+    }
+    // Two more bursts, each after a pause in which token-agent's extra
+    // lanes retire (10 s without a request), and the same pause after the
+    // last: what the agents keep in the long run of bursty use.
+    let pause = Duration::from_secs(11);
+    for _ in 0..2 {
+        std::thread::sleep(pause);
+        for (_, agent) in agents {
+            burst(agent)?;
+        }
+    }
+    std::thread::sleep(pause);
+    for (name, agent) in agents {
+        show(name, "3 bursts later, 11 s after the last", agent)?;
     }
     println!();
     Ok(())
