@@ -766,6 +766,19 @@ fn key_info(
 }
 
 fn private_key(session: &Session, key_id: &[u8]) -> Result<ObjectHandle, OpError> {
+    let logged_out = |session: &Session| -> Result<bool, OpError> {
+        let state = session.get_session_info()?.session_state();
+        Ok(matches!(
+            state,
+            SessionState::RoPublic | SessionState::RwPublic
+        ))
+    };
+    // Private objects stay hidden until the user logs in. The login state
+    // is the token's, shared by every session: another lane may log in
+    // while this one searches, so it is read before the search as well as
+    // after. A key not found while logged out is a login to do, not a key
+    // that is gone.
+    let before = logged_out(session)?;
     let found = session.find_objects(&[
         Attribute::Class(ObjectClass::PRIVATE_KEY),
         Attribute::Id(key_id.to_vec()),
@@ -773,9 +786,7 @@ fn private_key(session: &Session, key_id: &[u8]) -> Result<ObjectHandle, OpError
     if let Some(key) = found.first() {
         return Ok(*key);
     }
-    // Private objects stay hidden until the user logs in.
-    let state = session.get_session_info()?.session_state();
-    if matches!(state, SessionState::RoPublic | SessionState::RwPublic) {
+    if before || logged_out(session)? {
         Err(Failure::NotLoggedIn.into())
     } else {
         Err(Failure::KeyNotFound.into())
