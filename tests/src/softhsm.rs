@@ -191,6 +191,10 @@ pub enum Shim {
     /// The token sits in a reader with a PIN pad: logins take no PIN from
     /// the agent and wait until the PIN is "typed" into the file named.
     PinPad(PathBuf),
+    /// The first search for a private key that finds nothing (not logged
+    /// in) logs the token in with this PIN as it ends: another lane's login
+    /// landing between the search and what the helper does next.
+    LoginRace(String),
 }
 
 /// Compiles `tests/fixtures/pkcs11/shim.c` in `mode` into `dir`, forwarding to
@@ -205,6 +209,10 @@ pub fn build_shim(dir: &Path, mode: Shim, softhsm: &SoftHsm) -> anyhow::Result<P
         Shim::PinPad(file) => (
             format!("-DSHIM_PIN_PAD=\"{}\"", file.display()),
             "libpinpad-pkcs11.so",
+        ),
+        Shim::LoginRace(pin) => (
+            format!("-DSHIM_LOGIN_RACE=\"{pin}\""),
+            "libloginrace-pkcs11.so",
         ),
     };
     let output = dir.join(name);

@@ -395,6 +395,7 @@ fn issue_13_sigusr1_removes_provider_keys_and_the_provider_loads_again() -> anyh
 /// in turn (the last one from then on); the blob of the token's key.
 fn counting_agent(
     hsm: &SoftHsm,
+    module: &Path,
     answers: &[&str],
 ) -> anyhow::Result<(token_agent_e2e::agent::Agent, std::path::PathBuf, Vec<u8>)> {
     let asked = hsm.dir().join("asked");
@@ -412,7 +413,7 @@ fn counting_agent(
     }
     script += &format!("echo '{}'", answers[answers.len() - 1]);
     token_agent_e2e::write_script(&program, &script)?;
-    let config = format!("[[pkcs11.modules]]\npath = \"{MODULE}\"\n");
+    let config = format!("[[pkcs11.modules]]\npath = \"{}\"\n", module.display());
     let agent = crate::start_agent_asking(hsm, &[], &config, &program)?;
     let blob = crate::only_key_blob(&agent)?;
     Ok((agent, asked, blob))
@@ -458,7 +459,7 @@ fn sign_together(
 fn issue_18_signatures_that_arrive_together_ask_for_the_pin_once() -> anyhow::Result<()> {
     let hsm = SoftHsm::new()?;
     hsm.token("together", &[KeyKind::P256])?;
-    let (agent, asked, blob) = counting_agent(&hsm, &[PIN])?;
+    let (agent, asked, blob) = counting_agent(&hsm, Path::new(MODULE), &[PIN])?;
     // Eight clients send their first signature at the same moment, before
     // the token is logged in.
     let replies = sign_together(&agent, &blob, 8)?;
@@ -472,7 +473,7 @@ fn issue_18_signatures_that_arrive_together_ask_for_the_pin_once() -> anyhow::Re
 fn issue_18_a_wrong_pin_fails_the_signatures_that_waited_for_it() -> anyhow::Result<()> {
     let hsm = SoftHsm::new()?;
     hsm.token("together", &[KeyKind::P256])?;
-    let (agent, asked, blob) = counting_agent(&hsm, &["99999999", PIN])?;
+    let (agent, asked, blob) = counting_agent(&hsm, Path::new(MODULE), &["99999999", PIN])?;
     // One wrong PIN fails all eight: none of them asks again, which would
     // spend another of the card's tries each.
     let replies = sign_together(&agent, &blob, 8)?;
@@ -484,5 +485,22 @@ fn issue_18_a_wrong_pin_fails_the_signatures_that_waited_for_it() -> anyhow::Res
     let replies = sign_together(&agent, &blob, 1)?;
     assert_eq!(replies, [14], "{}", agent.log_text());
     assert_eq!(std::fs::read_to_string(&asked)?.lines().count(), 2);
+    Ok(())
+}
+
+#[test]
+fn issue_18_a_login_by_another_lane_during_the_key_search_is_not_a_missing_key(
+) -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("race", &[KeyKind::P256])?;
+    let modules = tempfile::Builder::new().prefix("race").tempdir()?;
+    // The search for the private key finds nothing (the token is not logged
+    // in yet), and the token is logged in before the helper asks why, as
+    // when another lane's login lands just then: the signature logs in
+    // (already done) and signs, instead of calling the key gone.
+    let shim = build_shim(modules.path(), Shim::LoginRace(PIN.into()), &hsm)?;
+    let (agent, _, blob) = counting_agent(&hsm, &shim, &[PIN])?;
+    let replies = sign_together(&agent, &blob, 1)?;
+    assert_eq!(replies, [14], "{}", agent.log_text());
     Ok(())
 }
