@@ -5,9 +5,9 @@ use std::time::Duration;
 use anyhow::Context;
 use token_agent_e2e::agent::Agent;
 use token_agent_e2e::softhsm::{KeyKind, SoftHsm, MODULE, PIN};
-use token_agent_e2e::{check, wait_for, write_script};
+use token_agent_e2e::{check, wait_for};
 
-use crate::{sign_and_verify, start_agent_with_env, wait_listed};
+use crate::{counting_askpass, sign_and_verify, start_agent_with_env, wait_listed};
 
 /// A private D-Bus daemon (`dbus-daemon --session`), stopped when dropped.
 struct Bus {
@@ -57,12 +57,7 @@ impl Drop for Bus {
 /// on_lock = on_lock`, both buses on `bus` and session id "t1"; its askpass
 /// answers the PIN and counts how often it was asked.
 fn agent(hsm: &SoftHsm, bus: &Bus, on_lock: &str) -> anyhow::Result<(Agent, impl Fn() -> usize)> {
-    let asked = hsm.dir().join("asked");
-    let program = hsm.dir().join("counting-askpass");
-    write_script(
-        &program,
-        &format!("echo asked >> '{}'\necho '{PIN}'", asked.display()),
-    )?;
+    let (program, questions) = counting_askpass(hsm.dir(), &[PIN])?;
     let config =
         format!("[[pkcs11.modules]]\npath = \"{MODULE}\"\n[desktop]\non_lock = \"{on_lock}\"\n");
     let env = vec![
@@ -81,11 +76,6 @@ fn agent(hsm: &SoftHsm, bus: &Bus, on_lock: &str) -> anyhow::Result<(Agent, impl
         "the agent does not follow the bus:\n{}",
         agent.log_text()
     );
-    let questions = move || {
-        std::fs::read_to_string(&asked)
-            .map(|text| text.lines().count())
-            .unwrap_or(0)
-    };
     Ok((agent, questions))
 }
 

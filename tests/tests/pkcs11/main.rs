@@ -35,6 +35,34 @@ fn askpass(dir: &Path, pin: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// An askpass program in `dir` that answers with `answers` in turn (the
+/// last one from then on), and how many questions it has been asked so far.
+fn counting_askpass(
+    dir: &Path,
+    answers: &[&str],
+) -> anyhow::Result<(PathBuf, impl Fn() -> usize + Send + 'static)> {
+    let (last, earlier) = answers
+        .split_last()
+        .ok_or_else(|| anyhow::anyhow!("an askpass needs an answer"))?;
+    let asked = dir.join("asked");
+    let program = dir.join("counting-askpass");
+    let mut script = format!("echo asked >> '{0}'\nn=$(wc -l < '{0}')\n", asked.display());
+    for (turn, answer) in earlier.iter().enumerate() {
+        script += &format!(
+            "[ \"$n\" -eq {} ] && {{ echo '{answer}'; exit; }}\n",
+            turn + 1
+        );
+    }
+    script += &format!("echo '{last}'");
+    write_script(&program, &script)?;
+    let questions = move || {
+        std::fs::read_to_string(&asked)
+            .map(|text| text.lines().count())
+            .unwrap_or(0)
+    };
+    Ok((program, questions))
+}
+
 /// `ssh-add -s module`, answering ssh-add's PIN question with `pin` through SSH_ASKPASS.
 fn add_provider(agent: &Agent, module: &Path, pin: &str) -> anyhow::Result<Output> {
     add_provider_with(agent, &[], module, pin)

@@ -390,33 +390,19 @@ fn issue_13_sigusr1_removes_provider_keys_and_the_provider_loads_again() -> anyh
     Ok(())
 }
 
-/// An agent with SoftHSM's module configured, whose askpass counts the
-/// questions it is asked in `asked` and answers with the lines of `answers`
-/// in turn (the last one from then on); the blob of the token's key.
+/// An agent with `module` configured whose askpass answers with `answers`
+/// (see [`crate::counting_askpass`]): the agent, how many questions the
+/// askpass was asked so far, and the blob of the token's one key.
 fn counting_agent(
     hsm: &SoftHsm,
     module: &Path,
     answers: &[&str],
-) -> anyhow::Result<(token_agent_e2e::agent::Agent, std::path::PathBuf, Vec<u8>)> {
-    let asked = hsm.dir().join("asked");
-    let program = hsm.dir().join("counting-askpass");
-    let mut script = format!(
-        "echo asked >> '{}'\nn=$(wc -l < '{}')\n",
-        asked.display(),
-        asked.display()
-    );
-    for (turn, answer) in answers.iter().enumerate().take(answers.len() - 1) {
-        script += &format!(
-            "[ \"$n\" -eq {} ] && {{ echo '{answer}'; exit; }}\n",
-            turn + 1
-        );
-    }
-    script += &format!("echo '{}'", answers[answers.len() - 1]);
-    token_agent_e2e::write_script(&program, &script)?;
+) -> anyhow::Result<(token_agent_e2e::agent::Agent, impl Fn() -> usize, Vec<u8>)> {
+    let (program, questions) = crate::counting_askpass(hsm.dir(), answers)?;
     let config = format!("[[pkcs11.modules]]\npath = \"{}\"\n", module.display());
     let agent = crate::start_agent_asking(hsm, &[], &config, &program)?;
     let blob = crate::only_key_blob(&agent)?;
-    Ok((agent, asked, blob))
+    Ok((agent, questions, blob))
 }
 
 /// What the agent answers `clients` clients that ask for a signature with
@@ -459,13 +445,12 @@ fn sign_together(
 fn issue_18_signatures_that_arrive_together_ask_for_the_pin_once() -> anyhow::Result<()> {
     let hsm = SoftHsm::new()?;
     hsm.token("together", &[KeyKind::P256])?;
-    let (agent, asked, blob) = counting_agent(&hsm, Path::new(MODULE), &[PIN])?;
+    let (agent, questions, blob) = counting_agent(&hsm, Path::new(MODULE), &[PIN])?;
     // Eight clients send their first signature at the same moment, before
     // the token is logged in.
     let replies = sign_together(&agent, &blob, 8)?;
     assert_eq!(replies, [14; 8], "{}", agent.log_text());
-    let questions = std::fs::read_to_string(&asked)?.lines().count();
-    assert_eq!(questions, 1, "{}", agent.log_text());
+    assert_eq!(questions(), 1, "{}", agent.log_text());
     Ok(())
 }
 
@@ -473,18 +458,18 @@ fn issue_18_signatures_that_arrive_together_ask_for_the_pin_once() -> anyhow::Re
 fn issue_18_a_wrong_pin_fails_the_signatures_that_waited_for_it() -> anyhow::Result<()> {
     let hsm = SoftHsm::new()?;
     hsm.token("together", &[KeyKind::P256])?;
-    let (agent, asked, blob) = counting_agent(&hsm, Path::new(MODULE), &["99999999", PIN])?;
+    let (agent, questions, blob) = counting_agent(&hsm, Path::new(MODULE), &["99999999", PIN])?;
     // One wrong PIN fails all eight: none of them asks again, which would
     // spend another of the card's tries each.
     let replies = sign_together(&agent, &blob, 8)?;
     assert_eq!(replies, [5; 8], "{}", agent.log_text());
-    assert_eq!(std::fs::read_to_string(&asked)?.lines().count(), 1);
+    assert_eq!(questions(), 1);
     let log = agent.log_text();
     assert_eq!(log.matches("PKCS#11 login failed").count(), 1, "{log}");
     // A signature asked after that asks again, and the right PIN signs.
     let replies = sign_together(&agent, &blob, 1)?;
     assert_eq!(replies, [14], "{}", agent.log_text());
-    assert_eq!(std::fs::read_to_string(&asked)?.lines().count(), 2);
+    assert_eq!(questions(), 2);
     Ok(())
 }
 
