@@ -38,11 +38,15 @@ const BINARIES: [&str; 2] = ["token-agent", "token-agent-pkcs11-helper"];
 /// Modules (as v0 symbols spell their path) whose code runs under valgrind
 /// in place of code that needs an instruction valgrind's CPU lacks, each
 /// with that code: SHA-256 in software, where the CPU has the SHA
-/// extensions (valgrind 3.19 does not), and the intrinsics it calls, which
-/// are functions of their own at opt-level "s".
+/// extensions (valgrind 3.19 does not), and the intrinsics it calls (SHA and
+/// SSSE3), which are functions of their own at opt-level "s".
 const CPU_PATHS: [(&str, &[&str]); 1] = [(
     "_4sha26sha2564soft",
-    &["_4sha26sha2563x86", "_4core9core_arch3x863sha"],
+    &[
+        "_4sha26sha2563x86",
+        "_4core9core_arch3x863sha",
+        "_4core9core_arch3x865ssse3",
+    ],
 )];
 
 /// Write the linker scripts that cluster the agent's day-to-day code.
