@@ -39,6 +39,7 @@
 
 #![forbid(unsafe_code)]
 
+mod attempts;
 mod backend;
 mod error;
 mod identity;
@@ -47,6 +48,7 @@ mod refusal;
 mod sign;
 mod sync;
 
+pub use attempts::{PinAttempts, Ticket};
 pub use backend::{AddKey, Backend, IdentitySink, ProviderRequest};
 pub use error::{Error, PromptError};
 pub use identity::{fingerprint, DeviceInfo, FingerprintHash, Identity, KeyRef};

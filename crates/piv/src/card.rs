@@ -38,23 +38,13 @@ pub(crate) struct Card {
     jobs: Sender<Job>,
     /// Held by a sign request from its first job to its last, so that the PIN
     /// asked in between is used for that request and two requests do not both
-    /// ask. It holds how the last PIN question ended.
-    pub(crate) session: tokio::sync::Mutex<PinQuestion>,
-    /// PIN questions asked for this card: a request reads it before it waits
-    /// for the session, to tell whether one was asked while it waited.
-    pub(crate) pin_questions: std::sync::atomic::AtomicU64,
+    /// ask.
+    pub(crate) session: tokio::sync::Mutex<()>,
+    /// How the PIN questions asked under `session` ended: requests that
+    /// waited for the session while one was asked take its failure.
+    pub(crate) pin_attempts: token_agent_core::PinAttempts,
     /// What the worker last learned of the PIN and PUK, for `token-agent status`.
     pub(crate) status: Arc<std::sync::Mutex<CardStatus>>,
-}
-
-/// How the last PIN question for a card ended. Requests that waited for the
-/// session while it was asked take its failure (a wrong PIN, a Cancel)
-/// instead of asking again: one Cancel ends a burst of requests, and a
-/// burst cannot spend every try the card has.
-#[derive(Debug, Default)]
-pub(crate) struct PinQuestion {
-    /// The failure, or None when the PIN was accepted.
-    pub(crate) failed: Option<token_agent_core::Error>,
 }
 
 /// The PIN and PUK state as last read from the card (at open, and whenever
@@ -171,8 +161,8 @@ pub(crate) fn open(reader: &str, pin_idle: Duration) -> Result<Card, String> {
         device,
         keys,
         jobs,
-        session: tokio::sync::Mutex::new(PinQuestion::default()),
-        pin_questions: std::sync::atomic::AtomicU64::new(0),
+        session: tokio::sync::Mutex::new(()),
+        pin_attempts: token_agent_core::PinAttempts::default(),
         status,
     })
 }

@@ -59,7 +59,7 @@ use token_agent_core::{
 
 pub use slot::{KeyAlgorithm, PinUse, Slot, SlotKey, TouchUse};
 
-use crate::card::{CardError, PinQuestion, SignJob};
+use crate::card::{CardError, SignJob};
 use crate::watch::Registry;
 
 /// The name of this backend, carried by every [`KeyRef`] it issues.
@@ -168,14 +168,9 @@ impl Backend for PivBackend {
             subject: subject.clone(),
         };
 
-        let questions_before = card.pin_questions.load(Ordering::SeqCst);
-        let mut session = card.session.lock().await;
+        let ticket = card.pin_attempts.ticket();
+        let _session = card.session.lock().await;
         let mut pin = None;
-        // Records how this request's PIN question ended.
-        let answered = |session: &mut PinQuestion, failed: Option<&Error>| {
-            session.failed = failed.cloned();
-            card.pin_questions.fetch_add(1, Ordering::SeqCst);
-        };
         loop {
             let job = SignJob {
                 slot,
@@ -189,7 +184,7 @@ impl Backend for PivBackend {
             match card.sign(job).await {
                 Ok(raw) => {
                     if pin.is_some() {
-                        answered(&mut session, None);
+                        card.pin_attempts.record(&Ok(()));
                     }
                     tracing::debug!(%device, %slot, "signed");
                     return sign::ssh_signature(key.algorithm, request.flags, &raw).ok_or_else(
@@ -203,10 +198,11 @@ impl Backend for PivBackend {
                     tries,
                     cache_skipped,
                 }) if pin.is_none() => {
-                    if card.pin_questions.load(Ordering::SeqCst) != questions_before {
-                        if let Some(failed) = &session.failed {
-                            return Err(failed.clone());
-                        }
+                    // Only a failure is taken over: when the card took
+                    // another request's PIN and still wants one for this
+                    // request (a key whose PIN policy is "always"), it asks.
+                    if let Some(Err(failed)) = card.pin_attempts.since(ticket) {
+                        return Err(failed);
                     }
                     let mut ask = PinRequest::new(subject.clone());
                     ask.tries_left = tries.map(u32::from);
@@ -226,7 +222,7 @@ impl Backend for PivBackend {
                         Ok(given) => pin = Some(given),
                         Err(err) => {
                             let err = Error::from(err);
-                            answered(&mut session, Some(&err));
+                            card.pin_attempts.record(&Err(err.clone()));
                             return Err(err);
                         }
                     }
@@ -243,7 +239,8 @@ impl Backend for PivBackend {
                                 | Error::PinBlocked { .. }
                                 | Error::Refused { .. }
                         );
-                        answered(&mut session, refused.then_some(&err));
+                        card.pin_attempts
+                            .record(&if refused { Err(err.clone()) } else { Ok(()) });
                     }
                     return Err(err);
                 }

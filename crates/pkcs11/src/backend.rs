@@ -13,8 +13,8 @@ use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, EcdsaCurve};
 use token_agent_core::{
     lock, Backend, DeviceInfo, DeviceStatus, Error, Identity, IdentitySink, KeyRef, Notice,
-    NoticeKind, PinRequest, PromptSubject, Prompter, ProviderRequest, RsaHash, SignContext,
-    SignRequest, SshSignature,
+    NoticeKind, PinAttempts, PinRequest, PromptSubject, Prompter, ProviderRequest, RsaHash,
+    SignContext, SignRequest, SshSignature, Ticket,
 };
 
 use crate::client::{CallError, Helper, HelperCommand, LanePolicy, MAX_LANES};
@@ -136,28 +136,25 @@ struct Inner {
 /// a burst of requests could spend every try the card has.
 #[derive(Default)]
 struct LoginGate {
-    /// Held while a login is tried; holds the outcome of the latest attempt.
-    turn: tokio::sync::Mutex<Option<Result<(), Error>>>,
-    /// Attempts made through this gate, read before a signature is tried.
-    attempts: std::sync::atomic::AtomicU64,
+    /// Held while a login is tried.
+    turn: tokio::sync::Mutex<()>,
+    /// How the logins tried through this gate ended.
+    attempts: PinAttempts,
 }
 
 impl LoginGate {
-    /// Logs in with `login` unless an attempt was made since the caller
-    /// read `attempts_before`; then that attempt's outcome is the caller's.
-    async fn log_in<F>(&self, attempts_before: u64, login: F) -> Result<(), Error>
+    /// Logs in with `login` unless an attempt was made since `ticket` was
+    /// taken; then that attempt's outcome is the caller's.
+    async fn log_in<F>(&self, ticket: Ticket, login: F) -> Result<(), Error>
     where
         F: std::future::Future<Output = Result<(), Error>>,
     {
-        let mut turn = self.turn.lock().await;
-        if self.attempts.load(Ordering::SeqCst) != attempts_before {
-            if let Some(outcome) = turn.as_ref() {
-                return outcome.clone();
-            }
+        let _turn = self.turn.lock().await;
+        if let Some(outcome) = self.attempts.since(ticket) {
+            return outcome;
         }
         let outcome = login.await;
-        *turn = Some(outcome.clone());
-        self.attempts.fetch_add(1, Ordering::SeqCst);
+        self.attempts.record(&outcome);
         outcome
     }
 }
@@ -285,7 +282,7 @@ impl Backend for Pkcs11Backend {
         let mut logged_in = false;
         let mut context_pin: Option<(Option<SecretString>, bool)> = None;
         loop {
-            let attempts_before = gate.attempts.load(Ordering::SeqCst);
+            let ticket = gate.attempts.ticket();
             let (pin, pad) = match &context_pin {
                 Some((pin, pad)) => (
                     pin.as_ref().map(|p| Pin::new(p.expose_secret().to_owned())),
@@ -328,7 +325,7 @@ impl Backend for Pkcs11Backend {
                 }
                 Err(CallError::Failed(Failure::NotLoggedIn)) if !logged_in => {
                     gate.log_in(
-                        attempts_before,
+                        ticket,
                         inner.login(&located.module, &located.token, &subject(), &*prompter),
                     )
                     .await?;
