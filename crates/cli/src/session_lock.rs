@@ -17,10 +17,8 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
+use token_agent_dbus::{Connection, MatchRule};
 use token_agent_server::Router;
-use zbus::message::Type;
-use zbus::{Connection, MatchRule, MessageStream};
 
 use crate::config::OnLock;
 
@@ -48,69 +46,58 @@ async fn follow_logind(
     router: &Router,
     on_lock: OnLock,
     session: Option<&str>,
-) -> zbus::Result<()> {
+) -> token_agent_dbus::Result<()> {
     let bus = Connection::system().await?;
-    let mut sessions = MatchRule::builder()
-        .msg_type(Type::Signal)
-        .interface("org.freedesktop.login1.Session")?;
+    let sessions = MatchRule::signal().interface("org.freedesktop.login1.Session");
     let path = session.map(session_path);
-    sessions = match &path {
-        Some(path) => sessions.path(path.as_str())?,
-        None => sessions.path_namespace("/org/freedesktop/login1/session")?,
+    let sessions = match &path {
+        Some(path) => sessions.path(path),
+        None => sessions.path_namespace("/org/freedesktop/login1/session"),
     };
-    let sleep = MatchRule::builder()
-        .msg_type(Type::Signal)
-        .interface("org.freedesktop.login1.Manager")?
-        .member("PrepareForSleep")?
-        .build();
-    let sessions = MessageStream::for_match_rule(sessions.build(), &bus, None).await?;
-    let sleep = MessageStream::for_match_rule(sleep, &bus, None).await?;
+    let sleep = MatchRule::signal()
+        .interface("org.freedesktop.login1.Manager")
+        .member("PrepareForSleep");
+    let mut events = bus.subscribe(vec![sessions, sleep]).await?;
     tracing::info!(
         session = path.as_deref().unwrap_or("any"),
         "following the session lock through logind"
     );
-    let mut events = futures_util::stream::select(sessions, sleep);
     while let Some(message) = events.next().await {
-        let Ok(message) = message else { continue };
-        let header = message.header();
-        match header.member().map(|m| m.as_str()) {
+        match message.member() {
             Some("Lock") => apply(router, on_lock, true, "the session locked"),
             Some("Unlock") => apply(router, on_lock, false, "the session unlocked"),
-            Some("PrepareForSleep") if message.body().deserialize::<bool>().unwrap_or(false) => {
+            Some("PrepareForSleep") if message.bool_argument().unwrap_or(false) => {
                 apply(router, on_lock, true, "the machine goes to sleep");
             }
             _ => {}
         }
     }
+    tracing::warn!("the system bus closed: no longer following logind's session lock");
     Ok(())
 }
 
-async fn follow_screensaver(router: &Router, on_lock: OnLock) -> zbus::Result<()> {
+async fn follow_screensaver(router: &Router, on_lock: OnLock) -> token_agent_dbus::Result<()> {
     let bus = Connection::session().await?;
-    let active_changed = |interface: &'static str| {
-        Ok::<_, zbus::Error>(
-            MatchRule::builder()
-                .msg_type(Type::Signal)
-                .interface(interface)?
-                .member("ActiveChanged")?
-                .build(),
-        )
+    let active_changed = |interface: &str| {
+        MatchRule::signal()
+            .interface(interface)
+            .member("ActiveChanged")
     };
-    let freedesktop =
-        MessageStream::for_match_rule(active_changed("org.freedesktop.ScreenSaver")?, &bus, None)
-            .await?;
-    let gnome =
-        MessageStream::for_match_rule(active_changed("org.gnome.ScreenSaver")?, &bus, None).await?;
+    let mut events = bus
+        .subscribe(vec![
+            active_changed("org.freedesktop.ScreenSaver"),
+            active_changed("org.gnome.ScreenSaver"),
+        ])
+        .await?;
     tracing::info!("following the screensaver");
-    let mut events = futures_util::stream::select(freedesktop, gnome);
     while let Some(message) = events.next().await {
-        let Ok(message) = message else { continue };
-        match message.body().deserialize::<bool>() {
+        match message.bool_argument() {
             Ok(true) => apply(router, on_lock, true, "the screensaver locked the screen"),
             Ok(false) => apply(router, on_lock, false, "the screensaver was dismissed"),
-            Err(_) => {}
+            Err(err) => tracing::debug!(%err, "an ActiveChanged signal without its boolean"),
         }
     }
+    tracing::warn!("the session bus closed: no longer following the screensaver");
     Ok(())
 }
 

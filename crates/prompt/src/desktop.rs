@@ -6,12 +6,9 @@
 //! 0); `CloseNotification` withdraws it when the device answers. The session
 //! bus is the one `DBUS_SESSION_BUS_ADDRESS` names, or `$XDG_RUNTIME_DIR/bus`.
 
-use std::collections::HashMap;
-
+use token_agent_dbus::{Body, Connection};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
-use zbus::zvariant::Value;
-use zbus::Connection;
 
 const SERVICE: &str = "org.freedesktop.Notifications";
 const PATH: &str = "/org/freedesktop/Notifications";
@@ -72,30 +69,30 @@ impl Drop for Shown {
 }
 
 async fn notify(bus: &Connection, summary: &str, body: &str) -> Option<u32> {
-    let mut hints: HashMap<&str, Value<'_>> = HashMap::new();
-    // Normal urgency; a device category so desktops may group it.
-    hints.insert("urgency", Value::U8(1));
-    hints.insert("category", Value::from("device"));
-    let actions: Vec<&str> = Vec::new();
-    let reply = bus
-        .call_method(
-            Some(SERVICE),
-            PATH,
-            Some(SERVICE),
-            "Notify",
-            &(
-                "token-agent",
-                0u32,
-                "security-high",
-                summary,
-                body,
-                actions,
-                hints,
-                0i32,
-            ),
-        )
-        .await;
-    match reply.and_then(|reply| reply.body().deserialize::<u32>()) {
+    let arguments = Body::new()
+        .str("token-agent")
+        // replaces_id: a new notice.
+        .u32(0)
+        .str("security-high")
+        .str(summary)
+        .str(body)
+        // No actions.
+        .array("s", |_| {})
+        // Hints: normal urgency; a device category so desktops may group it.
+        .array("{sv}", |hints| {
+            hints.structure(|hint| {
+                hint.str("urgency");
+                hint.variant("y", |value| value.u8(1));
+            });
+            hints.structure(|hint| {
+                hint.str("category");
+                hint.variant("s", |value| value.str("device"));
+            });
+        })
+        // expire_timeout: never by itself.
+        .i32(0);
+    let reply = bus.call(SERVICE, PATH, SERVICE, "Notify", &arguments).await;
+    match reply.and_then(|reply| reply.u32_argument()) {
         Ok(id) => Some(id),
         Err(err) => {
             tracing::warn!(%err, "cannot show a desktop notification (org.freedesktop.Notifications)");
@@ -106,12 +103,12 @@ async fn notify(bus: &Connection, summary: &str, body: &str) -> Option<u32> {
 
 async fn close(bus: &Connection, id: u32) {
     let reply = bus
-        .call_method(
-            Some(SERVICE),
+        .call(
+            SERVICE,
             PATH,
-            Some(SERVICE),
+            SERVICE,
             "CloseNotification",
-            &(id,),
+            &Body::new().u32(id),
         )
         .await;
     if let Err(err) = reply {

@@ -51,7 +51,7 @@ pub struct Notifier {
     /// The session bus, connected at the first notice that needs it; tried
     /// again at the next notice while there is none (a desktop session may
     /// start after the agent).
-    bus: Arc<Mutex<Option<zbus::Connection>>>,
+    bus: Arc<Mutex<Option<token_agent_dbus::Connection>>>,
 }
 
 impl Notifier {
