@@ -34,9 +34,16 @@ const SESSION_BIND: &str = "session-bind@openssh.com";
 /// The extensions this agent implements, answered to "query".
 const EXTENSIONS: &[&str] = &["query", SESSION_BIND, status::EXTENSION];
 
+/// A client's executable as a log field: its path, or no field when unknown.
+fn exe_field(peer: &Peer) -> Option<tracing::field::DisplayValue<std::path::Display<'_>>> {
+    peer.exe
+        .as_deref()
+        .map(|exe| tracing::field::display(exe.display()))
+}
+
 /// Serves one connection until the client closes it or breaks the framing.
 pub(crate) async fn serve(router: Arc<Router>, stream: UnixStream, peer: Peer) {
-    let span = tracing::debug_span!("client", pid = peer.pid, exe = ?peer.exe);
+    let span = tracing::debug_span!("client", pid = peer.pid, exe = exe_field(&peer));
     let mut connection = match Connection::new(stream) {
         Ok(connection) => connection,
         Err(err) => {
@@ -387,7 +394,7 @@ impl Session {
                     backend = entry.identity.key().backend(),
                     device = entry.identity.device().map(|d| d.label()),
                     client = %context.peer,
-                    exe = ?context.peer.exe,
+                    exe = exe_field(&context.peer),
                     uid = context.peer.uid,
                     destination = context.destination.as_ref().map(ToString::to_string),
                     forwarded = context.forwarded,
@@ -577,7 +584,7 @@ impl Session {
                 key,
                 upstream = %socket,
                 client = %peer,
-                exe = ?peer.exe,
+                exe = exe_field(&peer),
                 uid = peer.uid,
                 forwarded = forwarded_use,
                 "signed through upstream agent"
