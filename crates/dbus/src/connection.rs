@@ -157,6 +157,12 @@ impl Connection {
         &self.name
     }
 
+    /// Whether the connection has closed (the bus went away, or broke the
+    /// protocol): calls on it fail, and a new connection is needed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.state().closed
+    }
+
     /// Calls `member` of `interface` on object `path` of `destination`, and
     /// waits for the reply. An error reply is [`Error::Remote`].
     pub async fn call(

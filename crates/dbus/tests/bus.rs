@@ -211,8 +211,10 @@ async fn a_bus_that_goes_away_ends_subscriptions_and_fails_calls() -> anyhow::Re
     let mut signals = bus
         .subscribe(vec![MatchRule::signal().interface("org.example.Lock")])
         .await?;
+    assert!(!bus.is_closed());
     daemon.child.kill().await?;
     assert!(signals.next().await.is_none());
+    assert!(bus.is_closed());
     let call = bus
         .call(
             "org.freedesktop.DBus",

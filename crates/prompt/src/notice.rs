@@ -50,7 +50,7 @@ pub struct Notifier {
     runtime: Handle,
     /// The session bus, connected at the first notice that needs it; tried
     /// again at the next notice while there is none (a desktop session may
-    /// start after the agent).
+    /// start after the agent) or it has closed.
     bus: Arc<Mutex<Option<token_agent_dbus::Connection>>>,
 }
 
@@ -86,7 +86,12 @@ impl Notifier {
             let Some(command) = &config.command else {
                 let bus = {
                     let mut bus = bus.lock().await;
-                    if bus.is_none() {
+                    // Connected again when the session bus went away (a
+                    // desktop restarted) since the last notice.
+                    if bus
+                        .as_ref()
+                        .is_none_or(token_agent_dbus::Connection::is_closed)
+                    {
                         *bus = desktop::session_bus().await;
                     }
                     bus.clone()

@@ -340,9 +340,19 @@ struct SessionBus {
 
 impl SessionBus {
     fn start() -> anyhow::Result<Self> {
+        Self::listening(None)
+    }
+
+    /// A bus listening on `address` (`unix:path=...`), or where the session
+    /// configuration says.
+    fn listening(address: Option<&str>) -> anyhow::Result<Self> {
         use std::io::BufRead;
-        let mut daemon = std::process::Command::new("dbus-daemon")
-            .args(["--session", "--nofork", "--nopidfile", "--print-address=1"])
+        let mut command = std::process::Command::new("dbus-daemon");
+        command.args(["--session", "--nofork", "--nopidfile", "--print-address=1"]);
+        if let Some(address) = address {
+            command.arg(format!("--address={address}"));
+        }
+        let mut daemon = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -361,6 +371,103 @@ impl Drop for SessionBus {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
     }
+}
+
+/// The fake notification server on `bus`, recording into `record`; killed
+/// when dropped.
+struct FakeNotifications {
+    server: std::process::Child,
+    record: std::path::PathBuf,
+}
+
+impl FakeNotifications {
+    fn start(bus: &SessionBus, record: std::path::PathBuf) -> anyhow::Result<Self> {
+        let server =
+            std::process::Command::new(token_agent_e2e::test_binary("fake-notifications")?)
+                .arg(&record)
+                .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+                .stdin(std::process::Stdio::null())
+                .spawn()?;
+        let fake = Self { server, record };
+        ensure!(
+            wait_for(Duration::from_secs(10), || fake
+                .lines()
+                .iter()
+                .any(|l| l == "ready")),
+            "the fake notification server did not start"
+        );
+        Ok(fake)
+    }
+
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for FakeNotifications {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Signs `message` with `file` while the agent waits for a touch, touching
+/// once `noticed` holds or after 5 s; whether it held.
+fn sign_with_touch(
+    agent: &SimAgent,
+    file: &std::path::Path,
+    message: &std::path::Path,
+    noticed: impl Fn() -> bool,
+) -> anyhow::Result<bool> {
+    ensure!(agent.control("presence wait")? == "ok");
+    std::thread::scope(|scope| -> anyhow::Result<bool> {
+        let signer = scope.spawn(|| sign_file(agent, file, message));
+        let shown = wait_for(Duration::from_secs(5), &noticed);
+        let touched = wait_for(Duration::from_secs(1), || {
+            agent.control("touch").is_ok_and(|answer| answer == "ok")
+        });
+        let signed = signer
+            .join()
+            .map_err(|_| anyhow::anyhow!("signer panicked"))??;
+        ensure!(touched, "nothing waited for a touch");
+        check(signed, "ssh-keygen -Y sign after a touch")?;
+        Ok(shown)
+    })
+}
+
+#[test]
+fn touch_notices_reach_a_session_bus_that_restarted() -> anyhow::Result<()> {
+    let token = Token::new(None)?;
+    let address = format!("unix:path={}", token.dir().join("bus").display());
+    let file = token.enroll("id_desktop", &[])?;
+    let message = token.dir().join("message");
+    std::fs::write(&message, "touch me\n")?;
+    let agent = SimAgent::start_with_env(
+        &token,
+        "[notice]\ndelay_ms = 0\n",
+        &[],
+        &[("DBUS_SESSION_BUS_ADDRESS", address.as_str())],
+    )?;
+    check(agent.ssh_add(&[&file.display().to_string()])?, "ssh-add")?;
+    for run in ["first", "second"] {
+        // A new bus at the same address each time, as after a desktop's restart.
+        let bus = SessionBus::listening(Some(&address))?;
+        let fake = FakeNotifications::start(&bus, token.dir().join(run))?;
+        let shown = sign_with_touch(&agent, &file, &message, || {
+            fake.lines().iter().any(|l| l.starts_with("notify "))
+        })?;
+        ensure!(
+            shown,
+            "no Notify on the {run} bus: {:?}\n{}",
+            fake.lines(),
+            agent.log_text()
+        );
+    }
+    Ok(())
 }
 
 #[test]
