@@ -63,22 +63,25 @@ impl Daemon {
     }
 }
 
+/// Asks the bus for its id (`org.freedesktop.DBus.GetId`).
+async fn bus_id(bus: &Connection) -> token_agent_dbus::Result<token_agent_dbus::Message> {
+    bus.call(
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "GetId",
+        &Body::new(),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn calls_get_their_replies_and_errors() -> anyhow::Result<()> {
     let daemon = Daemon::path().await?;
     let bus = Connection::connect(&daemon.address).await?;
     assert!(bus.unique_name().starts_with(':'), "{}", bus.unique_name());
 
-    let id = bus
-        .call(
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
-            "GetId",
-            &Body::new(),
-        )
-        .await?
-        .str_argument()?;
+    let id = bus_id(&bus).await?.str_argument()?;
     assert_eq!(id.len(), 32, "{id}");
 
     let missing = bus
@@ -215,15 +218,7 @@ async fn a_bus_that_goes_away_ends_subscriptions_and_fails_calls() -> anyhow::Re
     daemon.child.kill().await?;
     assert!(signals.next().await.is_none());
     assert!(bus.is_closed());
-    let call = bus
-        .call(
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
-            "GetId",
-            &Body::new(),
-        )
-        .await;
+    let call = bus_id(&bus).await;
     assert!(matches!(call, Err(Error::Disconnected)), "{call:?}");
     Ok(())
 }
