@@ -721,9 +721,10 @@ mod tests {
     /// Splits an encoded message into header and body as the connection
     /// reads it.
     fn parse(bytes: &[u8]) -> Result<Option<Message>> {
-        let fixed: [u8; FIXED_HEADER] = bytes[..FIXED_HEADER]
-            .try_into()
-            .map_err(|_| malformed("short"))?;
+        let fixed: [u8; FIXED_HEADER] = bytes
+            .get(..FIXED_HEADER)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| malformed("short header"))?;
         let sizes = sizes(&fixed)?;
         let header_end = FIXED_HEADER + sizes.fields;
         let body_start = header_end + sizes.padding;
@@ -1000,18 +1001,7 @@ mod tests {
     }
 
     fn damaged(bytes: &[u8]) -> Result<()> {
-        let fixed: [u8; FIXED_HEADER] = bytes
-            .get(..FIXED_HEADER)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| malformed("short"))?;
-        let sizes = sizes(&fixed)?;
-        let header = bytes
-            .get(..FIXED_HEADER + sizes.fields)
-            .ok_or_else(|| malformed("short"))?;
-        let body = bytes
-            .get(FIXED_HEADER + sizes.fields + sizes.padding..)
-            .map(<[u8]>::to_vec);
-        if let Some(message) = Message::parse(header, body, sizes.body)? {
+        if let Some(message) = parse(bytes)? {
             let _ = message.bool_argument();
             let _ = message.u32_argument();
             let _ = message.str_argument();
