@@ -31,7 +31,7 @@ use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
 };
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// The largest frame either side accepts: far above any key list or signature.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
@@ -362,9 +362,11 @@ pub fn write_frame(out: &mut impl Write, message: &impl Message) -> io::Result<(
 }
 
 /// `message` as one frame, length prefix included. The buffer is zeroized
-/// when dropped because it may hold a PIN.
+/// when dropped because it may hold a PIN, and so is every smaller buffer
+/// it grew out of (see [`Encoder`]). It starts large enough for the
+/// signature request of a user authentication with most keys.
 pub fn encode_frame(message: &impl Message) -> io::Result<Zeroizing<Vec<u8>>> {
-    let mut frame = Zeroizing::new(Vec::with_capacity(128));
+    let mut frame = Zeroizing::new(Vec::with_capacity(512));
     frame.extend_from_slice(&[0; 4]);
     message.encode(&mut Encoder(&mut frame));
     let len = u32::try_from(frame.len() - 4)
@@ -444,8 +446,22 @@ pub trait Message: Sized {
 pub struct Encoder<'a>(&'a mut Vec<u8>);
 
 impl Encoder<'_> {
+    /// Appends `bytes`. A frame may hold a PIN, and `Vec`'s own growth
+    /// frees the old buffer as it is: when the frame must grow, the old
+    /// buffer is wiped first.
+    fn put(&mut self, bytes: &[u8]) {
+        if self.0.capacity() - self.0.len() < bytes.len() {
+            let wanted = (self.0.len() + bytes.len()).max(2 * self.0.capacity());
+            let mut grown = Vec::with_capacity(wanted);
+            grown.extend_from_slice(self.0);
+            std::mem::swap(self.0, &mut grown);
+            grown.zeroize();
+        }
+        self.0.extend_from_slice(bytes);
+    }
+
     fn u8(&mut self, value: u8) {
-        self.0.push(value);
+        self.put(&[value]);
     }
 
     fn bool(&mut self, value: bool) {
@@ -453,19 +469,19 @@ impl Encoder<'_> {
     }
 
     fn u64(&mut self, value: u64) {
-        self.0.extend_from_slice(&value.to_be_bytes());
+        self.put(&value.to_be_bytes());
     }
 
     fn count(&mut self, count: usize) {
         // Frames are bounded by MAX_FRAME, far below 4 GiB, and write_frame
         // refuses a larger one, so a saturated length never goes out.
         let count = u32::try_from(count).unwrap_or(u32::MAX);
-        self.0.extend_from_slice(&count.to_be_bytes());
+        self.put(&count.to_be_bytes());
     }
 
     fn bytes(&mut self, value: &[u8]) {
         self.count(value.len());
-        self.0.extend_from_slice(value);
+        self.put(value);
     }
 
     fn str(&mut self, value: &str) {
@@ -1036,6 +1052,43 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert_eq!(format!("{back:?}"), format!("{response:?}"));
+        }
+    }
+
+    #[test]
+    fn frames_that_outgrow_their_buffer_keep_every_byte() {
+        // Messages of every length around the buffer's first sizes (512,
+        // 1024, 2048), each with a PIN after it: the buffer grows by copying
+        // into a new one (and wiping the old), at any point of the encoding.
+        for len in 400..2200 {
+            let message: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let request = Request {
+                id: len as u64,
+                op: Op::Sign {
+                    slot: 3,
+                    key_id: vec![9; len % 7],
+                    scheme: Scheme::EcdsaSha256,
+                    message: message.clone(),
+                    context_pin: Some(Pin::new("24680".into())),
+                    context_pin_pad: false,
+                },
+            };
+            let frame = encode_frame(&request).unwrap();
+            let back: Request = decode_frame(&frame).unwrap();
+            let Op::Sign {
+                message: back_message,
+                context_pin: Some(pin),
+                key_id,
+                ..
+            } = back.op
+            else {
+                panic!("not a sign request: {back:?}");
+            };
+            assert_eq!(
+                (back.id, back_message, key_id),
+                (request.id, message, vec![9; len % 7])
+            );
+            assert_eq!(pin.expose(), "24680");
         }
     }
 
