@@ -18,7 +18,7 @@ use token_agent_core::{
 };
 
 use crate::client::{CallError, Helper, HelperCommand, LanePolicy, MAX_LANES};
-use crate::proto::{Failure, Op, Pin, PinState, Reply, Scheme, TokenState};
+use crate::proto::{Failure, KeyInfo, Op, Pin, PinState, Reply, Scheme, TokenState};
 
 /// The backend's name, in every [`KeyRef`] it issues.
 pub const NAME: &str = "pkcs11";
@@ -179,7 +179,9 @@ struct Module {
     helper: Mutex<Option<Arc<Helper>>>,
     /// Whether the module reports slot events itself.
     slot_events: AtomicBool,
-    tokens: Mutex<Vec<TokenState>>,
+    /// The tokens present, each shared with the signatures that use it
+    /// (a signature looks its token up without copying it).
+    tokens: Mutex<Vec<Arc<TokenState>>>,
     /// Keys (by [`KeyRef`] handle) of a module loaded with `ssh-add -s` that
     /// a client removed (`ssh-add -d`) or whose lifetime (`ssh-add -t`) ran
     /// out. OpenSSH drops such keys from its table while the provider stays
@@ -195,10 +197,16 @@ struct Module {
 /// Where a key is.
 struct Located {
     module: Arc<Module>,
-    token: TokenState,
+    token: Arc<TokenState>,
+    /// The key's index in `token.keys`.
+    key: usize,
     public: KeyData,
-    id: Vec<u8>,
-    comment: String,
+}
+
+impl Located {
+    fn key(&self) -> &KeyInfo {
+        &self.token.keys[self.key]
+    }
 }
 
 impl Pkcs11Backend {
@@ -261,24 +269,24 @@ impl Backend for Pkcs11Backend {
         prompter: Arc<dyn Prompter>,
     ) -> Result<SshSignature, Error> {
         let located = self.inner.locate(key)?;
-        let device = device(&located.token);
         let (scheme, finish) = prepare(&located.public, request)?;
         // Only a PIN prompt or a PIN-pad notice shows it: most signatures
         // need neither, and the fingerprint is a hash of the key.
         let subject = || {
             PromptSubject {
-                key: Some(located.comment.clone()),
+                key: Some(comment(&located.token, &located.key().label)),
                 fingerprint: Some(token_agent_core::fingerprint(
                     &located.public,
                     ssh_key::HashAlg::Sha256,
                 )),
-                device: Some(device.clone()),
+                device: Some(device(&located.token)),
                 ..PromptSubject::default()
             }
             .with_context(context)
         };
         let inner = &self.inner;
-        let gate = inner.login_gate(&located.module, &located.token);
+        let token = token_id(&located.module, &located.token);
+        let gate = inner.login_gate(&token);
         let mut logged_in = false;
         let mut context_pin: Option<(Option<SecretString>, bool)> = None;
         loop {
@@ -303,7 +311,7 @@ impl Backend for Pkcs11Backend {
             });
             let op = Op::Sign {
                 slot: located.token.slot,
-                key_id: located.id.clone(),
+                key_id: located.key().id.clone(),
                 scheme,
                 message: request.data.clone(),
                 context_pin: pin,
@@ -311,23 +319,26 @@ impl Backend for Pkcs11Backend {
             };
             match inner.call(&located.module, op, limit).await {
                 Ok(Reply::Signature(raw)) => {
-                    inner.touch_pin(&located.module, &located.token);
-                    return finish(&raw).ok_or_else(|| Error::Device {
-                        device,
+                    inner.touch_pin(&token);
+                    return finish.signature(&raw).ok_or_else(|| Error::Device {
+                        device: device(&located.token),
                         message: "the module returned a malformed signature".into(),
                     });
                 }
                 Ok(other) => {
                     return Err(Error::Device {
-                        device,
+                        device: device(&located.token),
                         message: format!("unexpected answer from the helper: {other:?}"),
                     })
                 }
+                // The login paths' futures are boxed: inline, they would
+                // make every signature's future (allocated and copied per
+                // request) several times larger for what few signatures do.
                 Err(CallError::Failed(Failure::NotLoggedIn)) if !logged_in => {
-                    gate.log_in(
+                    Box::pin(gate.log_in(
                         ticket,
                         inner.login(&located.module, &located.token, &subject(), &*prompter),
-                    )
+                    ))
                     .await?;
                     logged_in = true;
                 }
@@ -338,15 +349,14 @@ impl Backend for Pkcs11Backend {
                         // CKA_ALWAYS_AUTHENTICATE asks for the person
                         // at every signature: that is what the attribute
                         // is for, so the cached PIN is not used for it.
-                        let (pin, _) = inner
-                            .pin_for(
-                                &located.module,
-                                &located.token,
-                                &subject(),
-                                &*prompter,
-                                false,
-                            )
-                            .await?;
+                        let (pin, _) = Box::pin(inner.pin_for(
+                            &located.module,
+                            &located.token,
+                            &subject(),
+                            &*prompter,
+                            false,
+                        ))
+                        .await?;
                         (Some(pin), false)
                     });
                 }
@@ -419,7 +429,7 @@ impl Backend for Pkcs11Backend {
 
     async fn remove_key(&self, key: &KeyRef) -> Result<(), Error> {
         let (path, ..) = parse_key_ref(key.handle()).ok_or(Error::KeyNotFound)?;
-        let module = self.inner.module(&path).ok_or(Error::KeyNotFound)?;
+        let module = self.inner.module(path).ok_or(Error::KeyNotFound)?;
         if !module.runtime {
             return Err(Error::Refused {
                 reason: format!(
@@ -698,7 +708,8 @@ impl Inner {
         let tokens = result.as_ref().cloned().unwrap_or_default();
         let changed = {
             let mut current = lock(&module.tokens);
-            let changed = *current != tokens;
+            let changed = current.len() != tokens.len()
+                || current.iter().zip(&tokens).any(|(c, n)| **c != *n);
             if changed {
                 for gone in current
                     .iter()
@@ -724,7 +735,7 @@ impl Inner {
                         "PKCS#11 token present"
                     );
                 }
-                current.clone_from(&tokens);
+                *current = tokens.iter().cloned().map(Arc::new).collect();
             }
             changed
         };
@@ -797,7 +808,7 @@ impl Inner {
 
     fn locate(&self, key: &KeyRef) -> Result<Located, Error> {
         let (path, serial, label, id) = parse_key_ref(key.handle()).ok_or(Error::KeyNotFound)?;
-        let module = self.module(&path).ok_or(Error::KeyNotFound)?;
+        let module = self.module(path).ok_or(Error::KeyNotFound)?;
         if lock(&module.removed).contains(key.handle()) {
             return Err(Error::KeyNotFound);
         }
@@ -810,20 +821,18 @@ impl Inner {
                 device: DeviceInfo::new(format!("{label} #{serial}")).with_serial(serial),
             });
         };
-        let info = token
+        let index = token
             .keys
             .iter()
-            .find(|k| k.id == id)
+            .position(|k| k.id == id)
             .ok_or(Error::KeyNotFound)?;
-        let public =
-            KeyData::decode(&mut info.public_key.as_slice()).map_err(|_| Error::KeyNotFound)?;
-        let comment = comment(&token, &info.label);
+        let public = KeyData::decode(&mut token.keys[index].public_key.as_slice())
+            .map_err(|_| Error::KeyNotFound)?;
         Ok(Located {
             module,
             token,
+            key: index,
             public,
-            id,
-            comment,
         })
     }
 
@@ -924,11 +933,12 @@ impl Inner {
     }
 
     /// The gate logins to `token` go through.
-    fn login_gate(&self, module: &Module, token: &TokenState) -> Arc<LoginGate> {
-        lock(&self.logins)
-            .entry(token_id(module, token))
-            .or_default()
-            .clone()
+    fn login_gate(&self, token: &TokenId) -> Arc<LoginGate> {
+        let mut logins = lock(&self.logins);
+        match logins.get(token) {
+            Some(gate) => gate.clone(),
+            None => logins.entry(token.clone()).or_default().clone(),
+        }
     }
 
     /// A PIN for `token`: the cached one (when `use_cache` allows), or one
@@ -1015,8 +1025,8 @@ impl Inner {
         }
     }
 
-    fn touch_pin(&self, module: &Module, token: &TokenState) {
-        if let Some(cached) = lock(&self.pins).get_mut(&token_id(module, token)) {
+    fn touch_pin(&self, token: &TokenId) {
+        if let Some(cached) = lock(&self.pins).get_mut(token) {
             cached.used = Instant::now();
         }
     }
@@ -1092,7 +1102,25 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
     }
 }
 
-type Finish = Box<dyn Fn(&[u8]) -> Option<SshSignature> + Send + Sync>;
+/// How the module's output becomes an SSH signature.
+#[derive(Clone, Copy)]
+enum Finish {
+    Rsa(RsaHash),
+    Ecdsa(EcdsaCurve),
+    Ed25519,
+}
+
+impl Finish {
+    fn signature(self, raw: &[u8]) -> Option<SshSignature> {
+        match self {
+            Self::Rsa(hash) => Some(SshSignature::rsa(hash, raw)),
+            Self::Ecdsa(curve) => SshSignature::ecdsa_fixed(curve, raw),
+            Self::Ed25519 => ssh_key::Signature::new(Algorithm::Ed25519, raw.to_vec())
+                .ok()
+                .and_then(|s| SshSignature::try_from(&s).ok()),
+        }
+    }
+}
 
 /// The signature scheme and how to turn the module's output into an SSH signature.
 fn prepare(public: &KeyData, request: &SignRequest) -> Result<(Scheme, Finish), Error> {
@@ -1104,10 +1132,7 @@ fn prepare(public: &KeyData, request: &SignRequest) -> Result<(Scheme, Finish), 
                 RsaHash::Sha256 => Scheme::RsaSha256,
                 RsaHash::Sha512 => Scheme::RsaSha512,
             };
-            Ok((
-                scheme,
-                Box::new(move |raw| Some(SshSignature::rsa(hash, raw))),
-            ))
+            Ok((scheme, Finish::Rsa(hash)))
         }
         Algorithm::Ecdsa { curve } => {
             let scheme = match curve {
@@ -1115,19 +1140,9 @@ fn prepare(public: &KeyData, request: &SignRequest) -> Result<(Scheme, Finish), 
                 EcdsaCurve::NistP384 => Scheme::EcdsaSha384,
                 EcdsaCurve::NistP521 => Scheme::EcdsaSha512,
             };
-            Ok((
-                scheme,
-                Box::new(move |raw| SshSignature::ecdsa_fixed(curve, raw)),
-            ))
+            Ok((scheme, Finish::Ecdsa(curve)))
         }
-        Algorithm::Ed25519 => Ok((
-            Scheme::Ed25519,
-            Box::new(|raw| {
-                ssh_key::Signature::new(Algorithm::Ed25519, raw.to_vec())
-                    .ok()
-                    .and_then(|s| SshSignature::try_from(&s).ok())
-            }),
-        )),
+        Algorithm::Ed25519 => Ok((Scheme::Ed25519, Finish::Ed25519)),
         other => Err(Error::InvalidKey {
             reason: format!("PKCS#11 keys of type {other} are not supported"),
         }),
@@ -1201,14 +1216,12 @@ fn key_ref(module: &Module, token: &TokenState, id: &[u8]) -> KeyRef {
     KeyRef::new(NAME, handle)
 }
 
-fn parse_key_ref(handle: &[u8]) -> Option<(String, String, String, Vec<u8>)> {
+/// The module path, serial, label and CKA_ID of a [`key_ref`] handle.
+fn parse_key_ref(handle: &[u8]) -> Option<(&str, &str, &str, &[u8])> {
     let mut parts = handle.splitn(4, |b| *b == 0);
-    let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).ok();
-    let path = text(parts.next()?)?;
-    let serial = text(parts.next()?)?;
-    let label = text(parts.next()?)?;
-    let id = parts.next()?.to_vec();
-    Some((path, serial, label, id))
+    let mut text = || std::str::from_utf8(parts.next()?).ok();
+    let (path, serial, label) = (text()?, text()?, text()?);
+    Some((path, serial, label, parts.next()?))
 }
 
 #[cfg(test)]
@@ -1234,11 +1247,8 @@ mod tests {
         let module = Module::new("/usr/lib/x.so".into(), true, PinSource::Prompt);
         let key = key_ref(&module, &token(), &[0, 1, 0]);
         let (path, serial, label, id) = parse_key_ref(key.handle()).unwrap();
-        assert_eq!(
-            (path.as_str(), serial.as_str(), label.as_str()),
-            ("/usr/lib/x.so", "0123", "alice")
-        );
-        assert_eq!(id, vec![0, 1, 0]);
+        assert_eq!((path, serial, label), ("/usr/lib/x.so", "0123", "alice"));
+        assert_eq!(id, [0, 1, 0]);
     }
 
     #[test]

@@ -298,7 +298,8 @@ impl Helper {
         };
         match tokio::time::timeout(limit, receiver).await {
             Ok(Ok(response)) => response.result.map_err(CallError::Failed),
-            Ok(Err(_)) => Err(CallError::Died(self.exit_async().await)),
+            // Boxed: the rare path's timer would enlarge every call's future.
+            Ok(Err(_)) => Err(CallError::Died(Box::pin(self.exit_async()).await)),
             Err(_) => {
                 drop(forget);
                 self.kill();
@@ -392,8 +393,8 @@ impl Helper {
     /// [`LanePolicy::max`]), else the least busy.
     fn take_lane(&self, id: u64) -> std::io::Result<(u64, Arc<UnixStream>)> {
         let mut lanes = lock(&self.lanes);
-        let busy: Vec<usize> = lanes.open.iter().map(|l| l.busy).collect();
-        let index = match choose_lane(&busy, self.policy.max) {
+        let busy = lanes.open.iter().map(|l| l.busy);
+        let index = match choose_lane(busy, self.policy.max) {
             Some(index) => index,
             None => self.open_lane(&mut lanes)?,
         };
@@ -525,16 +526,15 @@ fn glibc_tunables() -> String {
 /// Where the next request goes, given how many requests each open lane
 /// has: the first idle lane; `None` (open a new one) when all are busy
 /// and fewer than `max` are open; else the least busy (the first of them).
-fn choose_lane(busy: &[usize], max: usize) -> Option<usize> {
-    if let Some(idle) = busy.iter().position(|&b| b == 0) {
+fn choose_lane(busy: impl ExactSizeIterator<Item = usize> + Clone, max: usize) -> Option<usize> {
+    if let Some(idle) = busy.clone().position(|b| b == 0) {
         return Some(idle);
     }
     if busy.len() < max {
         return None;
     }
-    busy.iter()
-        .enumerate()
-        .min_by_key(|&(_, b)| *b)
+    busy.enumerate()
+        .min_by_key(|&(_, b)| b)
         .map(|(index, _)| index)
 }
 
@@ -650,15 +650,15 @@ mod tests {
     #[test]
     fn requests_take_the_first_idle_lane_then_a_new_one_then_the_least_busy() {
         // No lane yet: open one.
-        assert_eq!(choose_lane(&[], 4), None);
+        assert_eq!(choose_lane([].into_iter(), 4), None);
         // One client at a time keeps to lane 0.
-        assert_eq!(choose_lane(&[0, 0, 0], 4), Some(0));
-        assert_eq!(choose_lane(&[1, 0, 0], 4), Some(1));
+        assert_eq!(choose_lane([0, 0, 0].into_iter(), 4), Some(0));
+        assert_eq!(choose_lane([1, 0, 0].into_iter(), 4), Some(1));
         // All busy: a new lane while there may be more.
-        assert_eq!(choose_lane(&[1, 1, 1], 4), None);
+        assert_eq!(choose_lane([1, 1, 1].into_iter(), 4), None);
         // At the limit: behind the least busy one.
-        assert_eq!(choose_lane(&[2, 1, 3, 1], 4), Some(1));
-        assert_eq!(choose_lane(&[1], 1), Some(0));
+        assert_eq!(choose_lane([2, 1, 3, 1].into_iter(), 4), Some(1));
+        assert_eq!(choose_lane([1].into_iter(), 1), Some(0));
     }
 
     #[test]
