@@ -87,17 +87,18 @@ pub struct Entry {
 /// Every identity of every backend, at one moment.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    entries: Vec<Entry>,
+    /// Shared, so a request keeps its entry without copying it.
+    entries: Vec<Arc<Entry>>,
 }
 
 impl Snapshot {
     /// All entries, in backend order.
-    pub fn entries(&self) -> &[Entry] {
+    pub fn entries(&self) -> &[Arc<Entry>] {
         &self.entries
     }
 
     /// The entry a client names by `blob`.
-    pub fn find(&self, blob: &[u8]) -> Option<&Entry> {
+    pub fn find(&self, blob: &[u8]) -> Option<&Arc<Entry>> {
         self.entries.iter().find(|e| e.blob == blob)
     }
 }
@@ -359,7 +360,7 @@ impl Router {
     }
 
     /// The entries a client with `bindings` may see (none while locked).
-    pub fn list(&self, bindings: &SessionBindings) -> Vec<Entry> {
+    pub fn list(&self, bindings: &SessionBindings) -> Vec<Arc<Entry>> {
         if self.lock.is_locked() {
             return Vec::new();
         }
@@ -384,7 +385,7 @@ impl Router {
         request: SignRequest,
         context: SignContext,
         bindings: &SessionBindings,
-    ) -> Result<(Entry, SshSignature, SignContext), Refusal> {
+    ) -> Result<(Arc<Entry>, SshSignature, SignContext), Refusal> {
         if self.lock.is_locked() {
             return Err(Refusal::Locked);
         }
@@ -615,7 +616,7 @@ impl Router {
     }
 
     /// Removes the key a client names by `blob` (`ssh-add -d`).
-    pub async fn remove(&self, blob: &[u8]) -> Result<Entry, Refusal> {
+    pub async fn remove(&self, blob: &[u8]) -> Result<Arc<Entry>, Refusal> {
         if self.lock.is_locked() {
             return Err(Refusal::Locked);
         }
@@ -1037,7 +1038,7 @@ impl Router {
                 let gated = gate.and_then(|g| g.constraints.clone());
                 let own = constraints.get(&blob).cloned().or(gated.clone());
                 let mut push = |identity: Identity, blob: Vec<u8>, paired: bool| {
-                    if entries.iter().any(|e: &Entry| e.blob == blob) {
+                    if entries.iter().any(|e: &Arc<Entry>| e.blob == blob) {
                         return;
                     }
                     let constraints = constraints
@@ -1045,12 +1046,12 @@ impl Router {
                         .cloned()
                         .or(gated.clone())
                         .or(own.clone());
-                    entries.push(Entry {
+                    entries.push(Arc::new(Entry {
                         identity,
                         blob,
                         constraints,
                         paired,
-                    });
+                    }));
                 };
                 if identity.certificate().is_some() {
                     push(identity.clone(), blob, false);
@@ -1286,7 +1287,7 @@ mod tests {
             "the key was listed without its confirm constraint while the provider loaded"
         );
         let entry = router.snapshot().entries()[0].clone();
-        assert!(entry.constraints.is_some_and(|c| c.confirm));
+        assert!(entry.constraints.as_ref().is_some_and(|c| c.confirm));
     }
 
     /// A backend that takes sk keys and records the middleware it was given.
