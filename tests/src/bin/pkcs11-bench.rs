@@ -20,6 +20,10 @@
 //! `--rounds N` repeats the signature scenarios and shows, for each row, the
 //! round with the median ratio to its ceiling and the range of the ratios,
 //! and the median and range of the ratio to the floor.
+//!
+//! token-agent runs at log level `warn` unless `--agent-log` says otherwise:
+//! `--agent-log info` measures the audit line every signature writes at the
+//! agent's own default level.
 
 #![forbid(unsafe_code)]
 
@@ -62,6 +66,11 @@ struct Args {
     /// Measure signatures only, not listing (for profiling one scenario).
     #[arg(long)]
     signatures_only: bool,
+    /// token-agent's log filter (TOKEN_AGENT_LOG). `info`, the level the
+    /// agent logs at unless told otherwise, adds the audit line each
+    /// signature writes.
+    #[arg(long, default_value = "warn")]
+    agent_log: String,
     /// Internal: serve as the floor's relay on this socket.
     #[arg(long, hide = true)]
     floor_relay: Option<std::path::PathBuf>,
@@ -107,7 +116,7 @@ fn main() -> anyhow::Result<()> {
     let mut env = hsm.env();
     env.push(("SSH_ASKPASS".into(), askpass.display().to_string()));
     env.push(("SSH_ASKPASS_REQUIRE".into(), "force".into()));
-    env.push(("TOKEN_AGENT_LOG".into(), "warn".into()));
+    env.push(("TOKEN_AGENT_LOG".into(), args.agent_log.clone()));
     let allow = format!("/usr/lib*/*,{}/*", modules.path().display());
     let token = Agent::start(AgentOptions {
         args: vec!["-P".into(), allow],
