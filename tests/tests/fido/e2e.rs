@@ -474,125 +474,77 @@ fn touch_notices_reach_a_session_bus_that_restarted() -> anyhow::Result<()> {
 fn issue_17_a_touch_shows_a_desktop_notification_closed_when_touched() -> anyhow::Result<()> {
     let bus = SessionBus::start()?;
     let token = Token::new(None)?;
-    let record = token.dir().join("notifications");
-    let mut server =
-        std::process::Command::new(token_agent_e2e::test_binary("fake-notifications")?)
-            .arg(&record)
-            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
-            .stdin(std::process::Stdio::null())
-            .spawn()?;
-    let lines = || -> Vec<String> {
-        std::fs::read_to_string(&record)
-            .unwrap_or_default()
+    let fake = FakeNotifications::start(&bus, token.dir().join("notifications"))?;
+    let file = token.enroll("id_desktop", &[])?;
+    // No [notice] command: the notice goes to the desktop.
+    let agent = SimAgent::start_with_env(
+        &token,
+        "[notice]\ndelay_ms = 0\n",
+        &[],
+        &[("DBUS_SESSION_BUS_ADDRESS", bus.address.as_str())],
+    )?;
+    check(agent.ssh_add(&[&file.display().to_string()])?, "ssh-add")?;
+    let message = token.dir().join("message");
+    std::fs::write(&message, "touch me\n")?;
+    let shown = sign_with_touch(&agent, &file, &message, || {
+        fake.lines().iter().any(|l| l.starts_with("notify "))
+    })?;
+    ensure!(
+        shown,
+        "no Notify while the key waited: {:?}\n{}",
+        fake.lines(),
+        agent.log_text()
+    );
+    let notify = fake
+        .lines()
+        .into_iter()
+        .find(|l| l.starts_with("notify "))
+        .context("no Notify")?;
+    let id = notify
+        .split_whitespace()
+        .nth(1)
+        .context("no id")?
+        .to_owned();
+    ensure!(
+        notify.contains("token-agent: ")
+            && notify.contains(" Touch ")
+            && notify.contains("(expires 0)"),
+        "{notify}"
+    );
+    ensure!(
+        wait_for(Duration::from_secs(5), || fake
             .lines()
-            .map(str::to_owned)
-            .collect()
-    };
-    let result = (|| -> anyhow::Result<()> {
-        ensure!(
-            wait_for(Duration::from_secs(10), || lines()
-                .iter()
-                .any(|l| l == "ready")),
-            "the fake notification server did not start"
-        );
-        let file = token.enroll("id_desktop", &[])?;
-        // No [notice] command: the notice goes to the desktop.
-        let agent = SimAgent::start_with_env(
-            &token,
-            "[notice]\ndelay_ms = 0\n",
-            &[],
-            &[("DBUS_SESSION_BUS_ADDRESS", bus.address.as_str())],
-        )?;
-        check(agent.ssh_add(&[&file.display().to_string()])?, "ssh-add")?;
-        let message = token.dir().join("message");
-        std::fs::write(&message, "touch me\n")?;
-        ensure!(agent.control("presence wait")? == "ok");
-        std::thread::scope(|scope| -> anyhow::Result<()> {
-            let signer = scope.spawn(|| sign_file(&agent, &file, &message));
-            let shown = wait_for(Duration::from_secs(5), || {
-                lines().iter().any(|l| l.starts_with("notify "))
-            });
-            let touched = wait_for(Duration::from_secs(1), || {
-                agent.control("touch").is_ok_and(|answer| answer == "ok")
-            });
-            let signed = signer
-                .join()
-                .map_err(|_| anyhow::anyhow!("signer panicked"))??;
-            ensure!(
-                shown,
-                "no Notify while the key waited: {:?}\n{}",
-                lines(),
-                agent.log_text()
-            );
-            ensure!(touched, "nothing waited for a touch");
-            check(signed, "ssh-keygen -Y sign after a touch")?;
-            Ok(())
-        })?;
-        let notify = lines()
-            .into_iter()
-            .find(|l| l.starts_with("notify "))
-            .context("no Notify")?;
-        let id = notify
-            .split_whitespace()
-            .nth(1)
-            .context("no id")?
-            .to_owned();
-        ensure!(
-            notify.contains("token-agent: ")
-                && notify.contains(" Touch ")
-                && notify.contains("(expires 0)"),
-            "{notify}"
-        );
-        ensure!(
-            wait_for(Duration::from_secs(5), || lines()
-                .contains(&format!("close {id}"))),
-            "the notification was not closed after the touch: {:?}",
-            lines()
-        );
+            .contains(&format!("close {id}"))),
+        "the notification was not closed after the touch: {:?}",
+        fake.lines()
+    );
 
-        // A [notice] command keeps precedence: it runs, and nothing goes to the desktop.
-        let ran = token.dir().join("command-ran");
-        let config = format!(
-            "[notice]\ndelay_ms = 0\ncommand = \"echo \\\"$TOKEN_AGENT_NOTICE_KIND\\\" >> '{}'\"\n",
-            ran.display()
-        );
-        let agent = SimAgent::start_with_env(
-            &token,
-            &config,
-            &[],
-            &[("DBUS_SESSION_BUS_ADDRESS", bus.address.as_str())],
-        )?;
-        check(agent.ssh_add(&[&file.display().to_string()])?, "ssh-add")?;
-        let before = lines().len();
-        ensure!(agent.control("presence wait")? == "ok");
-        std::thread::scope(|scope| -> anyhow::Result<()> {
-            let signer = scope.spawn(|| sign_file(&agent, &file, &message));
-            let noticed = wait_for(Duration::from_secs(5), || ran.exists());
-            let touched = wait_for(Duration::from_secs(1), || {
-                agent.control("touch").is_ok_and(|answer| answer == "ok")
-            });
-            let signed = signer
-                .join()
-                .map_err(|_| anyhow::anyhow!("signer panicked"))??;
-            ensure!(
-                noticed,
-                "the notice command did not run:\n{}",
-                agent.log_text()
-            );
-            ensure!(touched, "nothing waited for a touch");
-            check(signed, "ssh-keygen -Y sign after a touch")?;
-            Ok(())
-        })?;
-        std::thread::sleep(Duration::from_millis(200));
-        ensure!(
-            lines().len() == before,
-            "a desktop notification beside the command: {:?}",
-            lines()
-        );
-        ensure!(std::fs::read_to_string(&ran)?.trim() == "touch");
-        Ok(())
-    })();
-    let _ = server.kill();
-    let _ = server.wait();
-    result
+    // A [notice] command keeps precedence: it runs, and nothing goes to the desktop.
+    let ran = token.dir().join("command-ran");
+    let config = format!(
+        "[notice]\ndelay_ms = 0\ncommand = \"echo \\\"$TOKEN_AGENT_NOTICE_KIND\\\" >> '{}'\"\n",
+        ran.display()
+    );
+    let agent = SimAgent::start_with_env(
+        &token,
+        &config,
+        &[],
+        &[("DBUS_SESSION_BUS_ADDRESS", bus.address.as_str())],
+    )?;
+    check(agent.ssh_add(&[&file.display().to_string()])?, "ssh-add")?;
+    let before = fake.lines().len();
+    let noticed = sign_with_touch(&agent, &file, &message, || ran.exists())?;
+    ensure!(
+        noticed,
+        "the notice command did not run:\n{}",
+        agent.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    ensure!(
+        fake.lines().len() == before,
+        "a desktop notification beside the command: {:?}",
+        fake.lines()
+    );
+    ensure!(std::fs::read_to_string(&ran)?.trim() == "touch");
+    Ok(())
 }
