@@ -21,7 +21,7 @@
 //!
 //! PINs travel inside [`Op::Login`] and [`Op::Sign`] as [`Pin`], whose `Debug`
 //! prints `"<redacted>"` and whose memory is zeroized on drop; the frame
-//! buffers that held them are zeroized too.
+//! buffers that held them are zeroized too (see [`Frame`]).
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
@@ -361,20 +361,54 @@ pub fn write_frame(out: &mut impl Write, message: &impl Message) -> io::Result<(
     out.flush()
 }
 
-/// `message` as one frame, length prefix included. The buffer is zeroized
-/// when dropped because it may hold a PIN, and so is every smaller buffer
-/// it grew out of (see [`Encoder`]). It starts large enough for the
-/// signature request of a user authentication with most keys.
-pub fn encode_frame(message: &impl Message) -> io::Result<Zeroizing<Vec<u8>>> {
-    let mut frame = Zeroizing::new(Vec::with_capacity(512));
-    frame.extend_from_slice(&[0; 4]);
+/// `message` as one frame, length prefix included. It starts large enough
+/// for the signature request of a user authentication with most keys.
+pub fn encode_frame(message: &impl Message) -> io::Result<Frame> {
+    let mut frame = Frame {
+        bytes: Vec::with_capacity(512),
+        secret: false,
+    };
+    frame.bytes.extend_from_slice(&[0; 4]);
     message.encode(&mut Encoder(&mut frame));
-    let len = u32::try_from(frame.len() - 4)
+    let len = u32::try_from(frame.bytes.len() - 4)
         .ok()
         .filter(|len| (*len as usize) <= MAX_FRAME)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
-    frame[..4].copy_from_slice(&len.to_be_bytes());
+    frame.bytes[..4].copy_from_slice(&len.to_be_bytes());
     Ok(frame)
+}
+
+/// An encoded frame. One that holds a secret (a [`Pin`]) is zeroized when
+/// dropped, and so is every smaller buffer it grew out of after the secret
+/// was written (see [`Encoder`]); the others, most of them signature
+/// requests, are freed as they are: wiping them would only cost time.
+#[derive(Debug)]
+pub struct Frame {
+    bytes: Vec<u8>,
+    secret: bool,
+}
+
+impl Frame {
+    /// Whether a secret was written into the frame.
+    pub fn holds_secret(&self) -> bool {
+        self.secret
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        if self.secret {
+            self.bytes.zeroize();
+        }
+    }
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream. A frame must hold
@@ -443,21 +477,23 @@ pub trait Message: Sized {
 
 /// Where messages are encoded.
 #[derive(Debug)]
-pub struct Encoder<'a>(&'a mut Vec<u8>);
+pub struct Encoder<'a>(&'a mut Frame);
 
 impl Encoder<'_> {
-    /// Appends `bytes`. A frame may hold a PIN, and `Vec`'s own growth
-    /// frees the old buffer as it is: when the frame must grow, the old
-    /// buffer is wiped first.
+    /// Appends `bytes`. `Vec`'s own growth frees the old buffer as it is:
+    /// when a frame that holds a secret must grow, the old buffer is wiped.
     fn put(&mut self, bytes: &[u8]) {
-        if self.0.capacity() - self.0.len() < bytes.len() {
-            let wanted = (self.0.len() + bytes.len()).max(2 * self.0.capacity());
+        let frame = &mut self.0.bytes;
+        if frame.capacity() - frame.len() < bytes.len() {
+            let wanted = (frame.len() + bytes.len()).max(2 * frame.capacity());
             let mut grown = Vec::with_capacity(wanted);
-            grown.extend_from_slice(self.0);
-            std::mem::swap(self.0, &mut grown);
-            grown.zeroize();
+            grown.extend_from_slice(frame);
+            std::mem::swap(frame, &mut grown);
+            if self.0.secret {
+                grown.zeroize();
+            }
         }
-        self.0.extend_from_slice(bytes);
+        self.0.bytes.extend_from_slice(bytes);
     }
 
     fn u8(&mut self, value: u8) {
@@ -486,6 +522,12 @@ impl Encoder<'_> {
 
     fn str(&mut self, value: &str) {
         self.bytes(value.as_bytes());
+    }
+
+    /// Appends a secret: the frame is wiped when dropped.
+    fn secret(&mut self, value: &str) {
+        self.0.secret = true;
+        self.str(value);
     }
 }
 
@@ -559,7 +601,7 @@ fn unknown_tag(what: &str, tag: u8) -> io::Error {
 
 impl Message for Pin {
     fn encode(&self, out: &mut Encoder<'_>) {
-        out.str(self.expose());
+        out.secret(self.expose());
     }
 
     fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
@@ -1089,6 +1131,36 @@ mod tests {
                 (request.id, message, vec![9; len % 7])
             );
             assert_eq!(pin.expose(), "24680");
+        }
+    }
+
+    #[test]
+    fn only_frames_with_a_pin_are_marked_secret() {
+        let sign = |context_pin: Option<Pin>| Op::Sign {
+            slot: 1,
+            key_id: vec![1],
+            scheme: Scheme::EcdsaSha256,
+            message: vec![0x5a; 2000],
+            context_pin,
+            context_pin_pad: false,
+        };
+        let cases = [
+            (sign(None), false),
+            (sign(Some(Pin::new("2468".into()))), true),
+            (
+                Op::Login {
+                    slot: 1,
+                    pin: Some(Pin::new("123456".into())),
+                },
+                true,
+            ),
+            (Op::Login { slot: 1, pin: None }, false),
+            (Op::List, false),
+        ];
+        for (op, secret) in cases {
+            let what = format!("{op:?}");
+            let frame = encode_frame(&Request { id: 1, op }).unwrap();
+            assert_eq!(frame.holds_secret(), secret, "{what}");
         }
     }
 
