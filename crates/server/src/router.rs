@@ -381,7 +381,6 @@ impl Router {
     pub async fn sign(
         &self,
         blob: &[u8],
-        key_data: &KeyData,
         request: SignRequest,
         context: SignContext,
         bindings: &SessionBindings,
@@ -396,6 +395,8 @@ impl Router {
             }
             None => return Err(Refusal::UnknownKey),
         };
+        // The key the blob names: the entry's, for a certificate too.
+        let key_data = entry.identity.public_key();
         self.policy
             .websafe
             .check(entry.identity.public_key(), key_data, &request.data)?;

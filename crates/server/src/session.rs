@@ -6,6 +6,7 @@
 //! closes the connection before its body is read.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -364,32 +365,37 @@ impl Session {
         flags: SignFlags,
         frame: &[u8],
     ) -> Vec<u8> {
-        let key_data = match named_key(blob) {
-            Ok(key) => key,
-            Err(err) => {
-                tracing::debug!(%err, "refusing to sign for a malformed key blob");
-                return Reply::Failure.encode();
-            }
-        };
-        // A hash and base64 per request: computed only where it is shown.
-        let fingerprint = || self.router.fingerprint(&key_data);
-        tracing::debug!(key = %fingerprint(), flags = flags.bits(), len = data.len(), "sign request");
+        tracing::debug!(
+            key = %BlobFingerprint(&self.router, blob),
+            flags = flags.bits(),
+            len = data.len(),
+            "sign request"
+        );
         let request = SignRequest { data, flags };
+        // A listed key's blob is not decoded: its entry holds the key.
         if self.router.snapshot().find(blob).is_none() {
+            let key_data = match named_key(blob) {
+                Ok(key) => key,
+                Err(err) => {
+                    tracing::debug!(%err, "refusing to sign for a malformed key blob");
+                    return Reply::Failure.encode();
+                }
+            };
             if let Some(owner) = self.upstreams.owner(blob) {
+                let fingerprint = self.router.fingerprint(&key_data);
                 return self
-                    .sign_upstream(owner, blob, &key_data, fingerprint(), &request, frame)
+                    .sign_upstream(owner, blob, &key_data, fingerprint, &request, frame)
                     .await;
             }
         }
         match self
             .router
-            .sign(blob, &key_data, request, self.context(), &self.bindings)
+            .sign(blob, request, self.context(), &self.bindings)
             .await
         {
             Ok((entry, signature, context)) => {
                 tracing::info!(
-                    key = %fingerprint(),
+                    key = %self.router.fingerprint(entry.identity.public_key()),
                     comment = entry.identity.comment(),
                     backend = entry.identity.key().backend(),
                     device = entry.identity.device().map(|d| d.label()),
@@ -405,9 +411,10 @@ impl Session {
             }
             Err(refusal) => {
                 let entry = self.router.snapshot().find(blob).cloned();
+                let fingerprint = BlobFingerprint(&self.router, blob).to_string();
                 let key = match &entry {
-                    Some(entry) => format!("{} {}", entry.identity.comment(), fingerprint()),
-                    None => fingerprint(),
+                    Some(entry) => format!("{} {fingerprint}", entry.identity.comment()),
+                    None => fingerprint,
                 };
                 let subject = entry.map(|e| self.router.subject(&e).with_context(&self.context()));
                 self.refuse("sign", Some(key), subject, &refusal);
@@ -734,6 +741,19 @@ fn upstream_reason(err: &CallError) -> String {
 /// The key a client names by `blob`: a public key, or a certificate's key.
 fn named_key(blob: &[u8]) -> Result<KeyData, String> {
     KeyOrCertificate::decode(blob).map(|key| key.key_data().clone())
+}
+
+/// The fingerprint of the key a client names by a blob, worked out only
+/// when shown (most requests name a listed key, whose blob is not decoded).
+struct BlobFingerprint<'a>(&'a Router, &'a [u8]);
+
+impl fmt::Display for BlobFingerprint<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match named_key(self.1) {
+            Ok(key) => f.write_str(&self.0.fingerprint(&key)),
+            Err(_) => f.write_str("(malformed key)"),
+        }
+    }
 }
 
 /// The lifetime, confirm and destination constraints of an add request.
