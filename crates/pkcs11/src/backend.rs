@@ -1,12 +1,13 @@
 //! [`Pkcs11Backend`]: the [`Backend`] over PKCS#11 modules, each in a helper process.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use rustc_hash::FxHashMap;
 use secrecy::{ExposeSecret, SecretString};
 use ssh_encoding::Decode;
 use ssh_key::public::KeyData;
@@ -121,9 +122,9 @@ struct Inner {
     sink: OnceLock<IdentitySink>,
     /// The runtime that reads helpers' answers (the one `start` ran on).
     runtime: OnceLock<tokio::runtime::Handle>,
-    pins: Mutex<HashMap<TokenId, CachedPin>>,
+    pins: Mutex<FxHashMap<TokenId, CachedPin>>,
     /// One login at a time per token (see [`LoginGate`]).
-    logins: Mutex<HashMap<TokenId, Arc<LoginGate>>>,
+    logins: Mutex<FxHashMap<TokenId, Arc<LoginGate>>>,
     wake: (Mutex<bool>, Condvar),
 }
 
@@ -200,7 +201,9 @@ struct Located {
     token: Arc<TokenState>,
     /// The key's index in `token.keys`.
     key: usize,
-    public: KeyData,
+    /// The key's algorithm, from its public key's leading name: all that a
+    /// signature needs of it (prompts decode the whole key).
+    algorithm: Algorithm,
 }
 
 impl Located {
@@ -223,8 +226,8 @@ impl Pkcs11Backend {
                 modules: Mutex::new(modules),
                 sink: OnceLock::new(),
                 runtime: OnceLock::new(),
-                pins: Mutex::new(HashMap::new()),
-                logins: Mutex::new(HashMap::new()),
+                pins: Mutex::default(),
+                logins: Mutex::default(),
                 wake: (Mutex::new(false), Condvar::new()),
             }),
         }
@@ -269,16 +272,15 @@ impl Backend for Pkcs11Backend {
         prompter: Arc<dyn Prompter>,
     ) -> Result<SshSignature, Error> {
         let located = self.inner.locate(key)?;
-        let (scheme, finish) = prepare(&located.public, request)?;
+        let (scheme, finish) = prepare(&located.algorithm, request)?;
         // Only a PIN prompt or a PIN-pad notice shows it: most signatures
-        // need neither, and the fingerprint is a hash of the key.
+        // need neither, and the fingerprint is a hash of the decoded key.
         let subject = || {
             PromptSubject {
                 key: Some(comment(&located.token, &located.key().label)),
-                fingerprint: Some(token_agent_core::fingerprint(
-                    &located.public,
-                    ssh_key::HashAlg::Sha256,
-                )),
+                fingerprint: KeyData::decode(&mut located.key().public_key.as_slice())
+                    .ok()
+                    .map(|public| token_agent_core::fingerprint(&public, ssh_key::HashAlg::Sha256)),
                 device: Some(device(&located.token)),
                 ..PromptSubject::default()
             }
@@ -826,13 +828,12 @@ impl Inner {
             .iter()
             .position(|k| k.id == id)
             .ok_or(Error::KeyNotFound)?;
-        let public = KeyData::decode(&mut token.keys[index].public_key.as_slice())
-            .map_err(|_| Error::KeyNotFound)?;
+        let algorithm = key_algorithm(&token.keys[index].public_key).ok_or(Error::KeyNotFound)?;
         Ok(Located {
             module,
             token,
             key: index,
-            public,
+            algorithm,
         })
     }
 
@@ -1122,9 +1123,17 @@ impl Finish {
     }
 }
 
+/// The algorithm of an encoded public key, read from the name it starts
+/// with: a signature needs no more of the key than that.
+fn key_algorithm(blob: &[u8]) -> Option<Algorithm> {
+    let (len, rest) = blob.split_first_chunk::<4>()?;
+    let name = rest.get(..usize::try_from(u32::from_be_bytes(*len)).ok()?)?;
+    Algorithm::new(std::str::from_utf8(name).ok()?).ok()
+}
+
 /// The signature scheme and how to turn the module's output into an SSH signature.
-fn prepare(public: &KeyData, request: &SignRequest) -> Result<(Scheme, Finish), Error> {
-    match public.algorithm() {
+fn prepare(algorithm: &Algorithm, request: &SignRequest) -> Result<(Scheme, Finish), Error> {
+    match algorithm {
         Algorithm::Rsa { .. } => {
             let hash = request.flags.rsa_hash();
             let scheme = match hash {
@@ -1140,7 +1149,7 @@ fn prepare(public: &KeyData, request: &SignRequest) -> Result<(Scheme, Finish), 
                 EcdsaCurve::NistP384 => Scheme::EcdsaSha384,
                 EcdsaCurve::NistP521 => Scheme::EcdsaSha512,
             };
-            Ok((scheme, Finish::Ecdsa(curve)))
+            Ok((scheme, Finish::Ecdsa(*curve)))
         }
         Algorithm::Ed25519 => Ok((Scheme::Ed25519, Finish::Ed25519)),
         other => Err(Error::InvalidKey {
@@ -1307,6 +1316,30 @@ mod tests {
     }
 
     #[test]
+    fn key_algorithms_are_read_from_the_encoded_key() {
+        use ssh_encoding::Encode;
+        let keys = [
+            KeyData::Rsa(ssh_key::public::RsaPublicKey {
+                e: ssh_key::Mpint::from_positive_bytes(&[1, 0, 1]).unwrap(),
+                n: ssh_key::Mpint::from_positive_bytes(&[0xc1; 256]).unwrap(),
+            }),
+            KeyData::Ecdsa(ssh_key::public::EcdsaPublicKey::from_sec1_bytes(&[4; 65]).unwrap()),
+            KeyData::Ed25519(ssh_key::public::Ed25519PublicKey([7; 32])),
+        ];
+        for key in keys {
+            let mut blob = Vec::new();
+            key.encode(&mut blob).unwrap();
+            assert_eq!(key_algorithm(&blob), Some(key.algorithm()));
+            // A blob cut short of the whole name names no algorithm.
+            let name_end = 4 + u32::from_be_bytes(blob[..4].try_into().unwrap()) as usize;
+            for cut in 0..name_end {
+                assert_eq!(key_algorithm(&blob[..cut]), None, "{cut} bytes");
+            }
+        }
+        assert_eq!(key_algorithm(b"\0\0\0\x07ssh-foo"), None);
+    }
+
+    #[test]
     fn rsa_schemes_follow_the_request_flags() {
         let public = KeyData::Rsa(ssh_key::public::RsaPublicKey {
             e: ssh_key::Mpint::from_positive_bytes(&[1, 0, 1]).unwrap(),
@@ -1321,7 +1354,7 @@ mod tests {
                 data: b"abc".to_vec(),
                 flags: token_agent_core::SignFlags::from_bits(flags),
             };
-            assert_eq!(prepare(&public, &request).unwrap().0, scheme);
+            assert_eq!(prepare(&public.algorithm(), &request).unwrap().0, scheme);
         }
     }
 }

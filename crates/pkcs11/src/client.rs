@@ -1,7 +1,6 @@
 //! The agent's side of a helper process: start it, send requests, wait for
 //! answers with a time limit, and tell how it died.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::io::{BufReader, Write};
@@ -16,6 +15,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::unistd::Pid;
+use rustc_hash::FxHashMap;
 use token_agent_core::lock;
 use token_agent_helper::describe_exit;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -131,7 +131,7 @@ enum Waiter {
     Thread(SyncSender<Response>),
 }
 
-type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
+type Pending = Arc<Mutex<FxHashMap<u64, Waiter>>>;
 
 /// One running helper process.
 ///
@@ -166,7 +166,7 @@ pub(crate) struct Helper {
 struct Lanes {
     open: Vec<Lane>,
     /// The lane each unanswered request went to, by request id.
-    in_flight: HashMap<u64, u64>,
+    in_flight: FxHashMap<u64, u64>,
     next_lane: u64,
 }
 
