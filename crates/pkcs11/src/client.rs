@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{setsockopt, sockopt};
@@ -20,7 +20,7 @@ use token_agent_core::lock;
 use token_agent_helper::describe_exit;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::proto::{
     decode_body, encode_frame, frame_len, read_frame, seqpacket_pair, Failure, Op, OpenLane, Reply,
@@ -125,13 +125,48 @@ pub(crate) struct LanePolicy {
     /// before the helper retires it (and its thread).
     pub(crate) idle: Duration,
 }
-/// Who waits for an answer: an async task or a blocked thread.
+/// Who waits for an answer: an async task, whose time limit the helper's
+/// [`watch`] task keeps, or a blocked thread, which keeps its own.
 enum Waiter {
-    Task(oneshot::Sender<Response>),
+    Task {
+        /// The answer, or the limit that ran out before it came.
+        answer: oneshot::Sender<Result<Response, Duration>>,
+        /// `None`: a limit too far off to be a point in time.
+        deadline: Option<Instant>,
+        limit: Duration,
+    },
     Thread(SyncSender<Response>),
 }
 
-type Pending = Arc<Mutex<FxHashMap<u64, Waiter>>>;
+type Pending = Arc<Mutex<Calls>>;
+
+/// The calls in flight.
+#[derive(Default)]
+struct Calls {
+    waiters: FxHashMap<u64, Waiter>,
+    /// When the helper's [`watch`] task looks at the deadlines next; `None`
+    /// while it waits for a call. A call with an earlier deadline wakes it.
+    watched_until: Option<Instant>,
+}
+
+impl Calls {
+    /// Adds call `id`. Returns whether its deadline comes before the
+    /// watchdog would look (which then looks by it).
+    fn add(&mut self, id: u64, waiter: Waiter) -> bool {
+        let sooner = match &waiter {
+            Waiter::Task {
+                deadline: Some(deadline),
+                ..
+            } if self.watched_until.is_none_or(|at| *deadline < at) => {
+                self.watched_until = Some(*deadline);
+                true
+            }
+            _ => false,
+        };
+        self.waiters.insert(id, waiter);
+        sooner
+    }
+}
 
 /// One running helper process.
 ///
@@ -158,6 +193,9 @@ pub(crate) struct Helper {
     policy: LanePolicy,
     pending: Pending,
     exit: Arc<Mutex<Option<String>>>,
+    /// Wakes the helper's [`watch`] task (with a runtime; without one, each
+    /// async call keeps its own time).
+    watchdog: Option<Arc<Notify>>,
     next_id: AtomicU64,
 }
 
@@ -219,15 +257,20 @@ impl Helper {
         let pid = Pid::from_raw(i32::try_from(child.id()).map_err(std::io::Error::other)?);
         control.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let lanes = Arc::new(Mutex::new(Lanes::default()));
+        let watchdog = runtime.map(|_| Arc::new(Notify::new()));
         let answers_to = Answers {
             pending: Arc::default(),
             lanes: lanes.clone(),
             exit: Arc::default(),
+            watchdog: watchdog.clone(),
             on_event: Box::new(on_event),
         };
         let (pending, exit) = (answers_to.pending.clone(), answers_to.exit.clone());
         match runtime {
             Some(runtime) => {
+                if let Some(wake) = &watchdog {
+                    runtime.spawn(watch(pending.clone(), exit.clone(), wake.clone(), pid));
+                }
                 answers.set_nonblocking(true)?;
                 let answers = {
                     let _entered = runtime.enter();
@@ -271,6 +314,7 @@ impl Helper {
             },
             pending,
             exit,
+            watchdog,
             next_id: AtomicU64::new(EVENT_ID + 1),
         });
         // Lane 0, which stays: the helper serves nothing without it.
@@ -291,20 +335,31 @@ impl Helper {
     /// the runtime; on a timeout the helper is killed.
     pub(crate) async fn call_async(&self, op: Op, limit: Duration) -> Result<Reply, CallError> {
         let (sender, receiver) = oneshot::channel();
-        let id = self.send(op, Waiter::Task(sender))?;
-        let forget = Forget {
+        let waiter = Waiter::Task {
+            answer: sender,
+            deadline: Instant::now().checked_add(limit),
+            limit,
+        };
+        let id = self.send(op, waiter)?;
+        let _forget = Forget {
             pending: &self.pending,
             id,
         };
-        match tokio::time::timeout(limit, receiver).await {
+        let answer = match &self.watchdog {
+            Some(_) => receiver.await,
+            // Boxed: the timer would enlarge every call's future.
+            None => Box::pin(tokio::time::timeout(limit, receiver))
+                .await
+                .unwrap_or(Ok(Err(limit))),
+        };
+        match answer {
             Ok(Ok(response)) => response.result.map_err(CallError::Failed),
-            // Boxed: the rare path's timer would enlarge every call's future.
-            Ok(Err(_)) => Err(CallError::Died(Box::pin(self.exit_async()).await)),
-            Err(_) => {
-                drop(forget);
+            Ok(Err(limit)) => {
                 self.kill();
                 Err(CallError::TimedOut(limit))
             }
+            // Boxed: the rare path's timer would enlarge every call's future.
+            Err(_) => Err(CallError::Died(Box::pin(self.exit_async()).await)),
         }
     }
 
@@ -317,7 +372,7 @@ impl Helper {
             Ok(response) => response.result.map_err(CallError::Failed),
             Err(RecvTimeoutError::Disconnected) => Err(CallError::Died(self.wait_exit())),
             Err(RecvTimeoutError::Timeout) => {
-                lock(&self.pending).remove(&id);
+                lock(&self.pending).waiters.remove(&id);
                 self.kill();
                 Err(CallError::TimedOut(limit))
             }
@@ -341,16 +396,16 @@ impl Helper {
                 "cannot send the request to the helper: {err}"
             )))
         })?;
-        lock(&self.pending).insert(id, waiter);
+        self.register(id, waiter);
         if let Some(how) = lock(&self.exit).clone() {
-            lock(&self.pending).remove(&id);
+            lock(&self.pending).waiters.remove(&id);
             return Err(CallError::Died(how));
         }
         loop {
             let (lane, socket) = match self.take_lane(id) {
                 Ok(lane) => lane,
                 Err(err) => {
-                    lock(&self.pending).remove(&id);
+                    lock(&self.pending).waiters.remove(&id);
                     self.kill();
                     return Err(CallError::Died(lock(&self.exit).clone().unwrap_or_else(
                         || format!("cannot open a lane to the helper ({err})"),
@@ -368,7 +423,7 @@ impl Helper {
                 lock(&self.lanes).open.retain(|l| l.id != lane);
                 continue;
             }
-            lock(&self.pending).remove(&id);
+            lock(&self.pending).waiters.remove(&id);
             if err.raw_os_error() == Some(nix::libc::EMSGSIZE) {
                 return Err(CallError::Failed(Failure::Protocol(format!(
                     "cannot send the request to the helper: {err}"
@@ -385,6 +440,15 @@ impl Helper {
                     .clone()
                     .unwrap_or_else(|| format!("stopped reading requests ({err})")),
             ));
+        }
+    }
+
+    /// Adds `waiter` to the calls in flight, and wakes the watchdog if its
+    /// deadline comes before the watchdog would look.
+    fn register(&self, id: u64, waiter: Waiter) {
+        let sooner = lock(&self.pending).add(id, waiter);
+        if let (true, Some(watchdog)) = (sooner, &self.watchdog) {
+            watchdog.notify_one();
         }
     }
 
@@ -435,9 +499,7 @@ impl Helper {
 
     /// Kills the helper (SIGKILL): it hung, or it is no longer wanted.
     pub(crate) fn kill(&self) {
-        if !self.is_dead() {
-            let _ = kill(self.pid, Signal::SIGKILL);
-        }
+        kill_helper(self.pid, &self.exit);
     }
 
     /// Ends a helper that has nothing in flight: it reads the end of its
@@ -564,6 +626,7 @@ struct Answers {
     pending: Pending,
     lanes: Arc<Mutex<Lanes>>,
     exit: Arc<Mutex<Option<String>>>,
+    watchdog: Option<Arc<Notify>>,
     on_event: Box<dyn Fn() + Send + Sync>,
 }
 
@@ -575,10 +638,10 @@ impl Answers {
             return;
         }
         lock(&self.lanes).answered(response.id);
-        let waiter = lock(&self.pending).remove(&response.id);
+        let waiter = lock(&self.pending).waiters.remove(&response.id);
         match waiter {
-            Some(Waiter::Task(sender)) => {
-                let _ = sender.send(response);
+            Some(Waiter::Task { answer, .. }) => {
+                let _ = answer.send(Ok(response));
             }
             Some(Waiter::Thread(sender)) => {
                 let _ = sender.send(response);
@@ -592,8 +655,79 @@ impl Answers {
     /// their senders), so each can say what happened.
     fn finish(&self, how: String) {
         *lock(&self.exit) = Some(how);
-        lock(&self.pending).clear();
+        lock(&self.pending).waiters.clear();
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.notify_one();
+        }
     }
+}
+
+/// SIGKILL for helper `pid`, unless it has ended (its pid may be reused).
+fn kill_helper(pid: Pid, exit: &Mutex<Option<String>>) {
+    if lock(exit).is_none() {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+}
+
+/// Keeps the time limits of a helper's async calls until it ends: sleeps
+/// until the earliest deadline of the calls in flight (or, with none, until
+/// a call comes), answers those past it with a timeout and kills the helper.
+///
+/// A call registers no timer of its own. With one call in flight at a time
+/// (one client signing), each call's timer was the runtime's only one, and
+/// tokio wakes its driver for every new earliest timer: an eventfd write
+/// and one more epoll_wait per signature. This task sets a timer about
+/// once per time limit, and is woken only by a call whose deadline comes
+/// before it would look anyway (see [`Helper::register`]).
+async fn watch(pending: Pending, exit: Arc<Mutex<Option<String>>>, wake: Arc<Notify>, pid: Pid) {
+    loop {
+        if lock(&exit).is_some() {
+            return;
+        }
+        let (expired, next) = expire(&pending, Instant::now());
+        if expired {
+            kill_helper(pid, &exit);
+        }
+        match next {
+            Some(deadline) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline.into()) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+/// Answers the async calls in `pending` whose deadline is past at `now`
+/// with their time limit. Returns whether there were any, and the earliest
+/// deadline of the others, which is when the watchdog looks next.
+fn expire(pending: &Pending, now: Instant) -> (bool, Option<Instant>) {
+    let mut calls = lock(pending);
+    let late: Vec<u64> = calls
+        .waiters
+        .iter()
+        .filter(|(_, waiter)| {
+            matches!(waiter, Waiter::Task { deadline: Some(deadline), .. } if *deadline <= now)
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    for id in &late {
+        if let Some(Waiter::Task { answer, limit, .. }) = calls.waiters.remove(id) {
+            let _ = answer.send(Err(limit));
+        }
+    }
+    let next = calls
+        .waiters
+        .values()
+        .filter_map(|waiter| match waiter {
+            Waiter::Task { deadline, .. } => *deadline,
+            Waiter::Thread(_) => None,
+        })
+        .min();
+    calls.watched_until = next;
+    (!late.is_empty(), next)
 }
 
 /// Reads one answer on the runtime.
@@ -614,7 +748,7 @@ struct Forget<'a> {
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        lock(self.pending).remove(&self.id);
+        lock(self.pending).waiters.remove(&self.id);
     }
 }
 
@@ -628,6 +762,73 @@ mod tests {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn task(
+        deadline: Option<Instant>,
+        limit: u64,
+    ) -> (Waiter, oneshot::Receiver<Result<Response, Duration>>) {
+        let (answer, receiver) = oneshot::channel();
+        let limit = Duration::from_secs(limit);
+        (
+            Waiter::Task {
+                answer,
+                deadline,
+                limit,
+            },
+            receiver,
+        )
+    }
+
+    #[test]
+    fn the_watchdog_is_woken_only_for_a_sooner_deadline() {
+        let now = Instant::now();
+        let at = |seconds| Some(now + Duration::from_secs(seconds));
+        let mut calls = Calls::default();
+        // Idle: the first call wakes it; later deadlines do not.
+        assert!(calls.add(1, task(at(30), 30).0));
+        assert!(!calls.add(2, task(at(31), 30).0));
+        assert!(!calls.add(3, task(None, u64::MAX).0));
+        let (thread, _receiver) = mpsc::sync_channel(1);
+        assert!(!calls.add(4, Waiter::Thread(thread)));
+        // A shorter limit (a signature behind a PIN-pad login) does.
+        assert!(calls.add(5, task(at(4), 4).0));
+        assert_eq!(calls.watched_until, at(4));
+    }
+
+    #[test]
+    fn calls_past_their_deadline_are_answered_with_their_limit() {
+        let now = Instant::now();
+        let at = |seconds| Some(now + Duration::from_secs(seconds));
+        let pending = Pending::default();
+        let (late, mut late_answer) = task(at(1), 1);
+        let (later, mut later_answer) = task(at(60), 60);
+        let (soon, _soon_answer) = task(at(5), 5);
+        let (forever, _forever_answer) = task(None, u64::MAX);
+        let (thread, _receiver) = mpsc::sync_channel(1);
+        {
+            let mut calls = lock(&pending);
+            for (id, waiter) in [(1, late), (2, later), (3, soon), (4, forever)] {
+                calls.add(id, waiter);
+            }
+            calls.add(5, Waiter::Thread(thread));
+        }
+        // Before any deadline: nothing is answered; it looks next at the first.
+        assert_eq!(expire(&pending, now), (false, at(1)));
+        assert!(late_answer.try_recv().is_err());
+        // Past the first: that call times out, the others wait on.
+        let (expired, next) = expire(&pending, now + Duration::from_secs(2));
+        assert_eq!((expired, next), (true, at(5)));
+        assert_eq!(
+            late_answer.try_recv().unwrap().unwrap_err(),
+            Duration::from_secs(1)
+        );
+        assert!(later_answer.try_recv().is_err());
+        let calls = lock(&pending);
+        let mut left: Vec<u64> = calls.waiters.keys().copied().collect();
+        left.sort_unstable();
+        assert_eq!(left, [2, 3, 4, 5]);
+        assert_eq!(calls.watched_until, at(5));
     }
 
     #[test]
