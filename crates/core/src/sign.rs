@@ -225,13 +225,14 @@ impl SshSignature {
     /// An ECDSA signature on `curve` from its integers `r` and `s` (big-endian,
     /// unsigned), encoded as RFC 5656 section 3.1.2 asks: two mpints.
     pub fn ecdsa(curve: EcdsaCurve, r: &[u8], s: &[u8]) -> Self {
-        let mut inner = Vec::with_capacity(r.len() + s.len() + 10);
-        push_mpint(&mut inner, r);
-        push_mpint(&mut inner, s);
-        let name = Algorithm::Ecdsa { curve }.to_string();
-        let mut blob = Vec::with_capacity(8 + name.len() + inner.len());
+        let name = Algorithm::Ecdsa { curve };
+        let name = name.as_str();
+        let inner = mpint_len(r) + mpint_len(s);
+        let mut blob = Vec::with_capacity(8 + name.len() + inner);
         push_string(&mut blob, name.as_bytes());
-        push_string(&mut blob, &inner);
+        push_len(&mut blob, inner);
+        push_mpint(&mut blob, r);
+        push_mpint(&mut blob, s);
         Self { blob }
     }
 
@@ -248,7 +249,7 @@ impl SshSignature {
     /// A security-key Ed25519 signature (PROTOCOL.u2f, "SSH U2F signatures"):
     /// the authenticator's 64-byte `signature`, then its `flags` and `counter`.
     pub fn sk_ed25519(signature: &[u8], flags: u8, counter: u32) -> Self {
-        let name = Algorithm::SkEd25519.to_string();
+        let name = Algorithm::SkEd25519.as_str();
         let mut blob = Vec::with_capacity(17 + name.len() + signature.len());
         push_string(&mut blob, name.as_bytes());
         push_string(&mut blob, signature);
@@ -261,13 +262,13 @@ impl SshSignature {
     /// and `s` as two mpints in a string, then `flags` and `counter` outside it.
     /// (`ssh_key::Signature` encodes this one with the trailer inside the string.)
     pub fn sk_ecdsa(r: &[u8], s: &[u8], flags: u8, counter: u32) -> Self {
-        let mut inner = Vec::with_capacity(r.len() + s.len() + 10);
-        push_mpint(&mut inner, r);
-        push_mpint(&mut inner, s);
-        let name = Algorithm::SkEcdsaSha2NistP256.to_string();
-        let mut blob = Vec::with_capacity(17 + name.len() + inner.len());
+        let name = Algorithm::SkEcdsaSha2NistP256.as_str();
+        let inner = mpint_len(r) + mpint_len(s);
+        let mut blob = Vec::with_capacity(13 + name.len() + inner);
         push_string(&mut blob, name.as_bytes());
-        push_string(&mut blob, &inner);
+        push_len(&mut blob, inner);
+        push_mpint(&mut blob, r);
+        push_mpint(&mut blob, s);
         blob.push(flags);
         blob.extend_from_slice(&counter.to_be_bytes());
         Self { blob }
@@ -318,25 +319,41 @@ impl fmt::Debug for SshSignature {
     }
 }
 
-/// Appends an SSH mpint (RFC 4251 section 5) of the unsigned big-endian `value`.
-fn push_mpint(out: &mut Vec<u8>, value: &[u8]) {
+/// The unsigned big-endian `value` as an SSH mpint (RFC 4251 section 5)
+/// holds it: without leading zeros, and whether a zero goes first (when the
+/// top bit is set).
+fn mpint_digits(value: &[u8]) -> (&[u8], bool) {
     let trimmed = match value.iter().position(|b| *b != 0) {
         Some(first) => &value[first..],
         None => &[],
     };
-    let pad = trimmed.first().is_some_and(|b| b & 0x80 != 0);
-    let len = trimmed.len() + usize::from(pad);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
+    (trimmed, trimmed.first().is_some_and(|b| b & 0x80 != 0))
+}
+
+/// The encoded length of [`push_mpint`]'s mpint, its length prefix included.
+fn mpint_len(value: &[u8]) -> usize {
+    let (digits, pad) = mpint_digits(value);
+    4 + usize::from(pad) + digits.len()
+}
+
+/// Appends an SSH mpint of the unsigned big-endian `value`.
+fn push_mpint(out: &mut Vec<u8>, value: &[u8]) {
+    let (digits, pad) = mpint_digits(value);
+    push_len(out, usize::from(pad) + digits.len());
     if pad {
         out.push(0);
     }
-    out.extend_from_slice(trimmed);
+    out.extend_from_slice(digits);
 }
 
 fn push_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    // Lengths here are of signatures and algorithm names, far below u32::MAX.
-    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    push_len(out, bytes.len());
     out.extend_from_slice(bytes);
+}
+
+fn push_len(out: &mut Vec<u8>, len: usize) {
+    // Lengths here are of signatures and algorithm names, far below u32::MAX.
+    out.extend_from_slice(&(len as u32).to_be_bytes());
 }
 
 #[cfg(test)]
