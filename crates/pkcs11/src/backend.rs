@@ -173,6 +173,21 @@ struct CachedPin {
     used: Instant,
 }
 
+/// A token present, with the id its login gate and cached PIN go by,
+/// made once when it is listed rather than at each signature.
+struct Token {
+    state: TokenState,
+    id: TokenId,
+}
+
+impl std::ops::Deref for Token {
+    type Target = TokenState;
+
+    fn deref(&self) -> &TokenState {
+        &self.state
+    }
+}
+
 struct Module {
     path: String,
     runtime: bool,
@@ -182,7 +197,7 @@ struct Module {
     slot_events: AtomicBool,
     /// The tokens present, each shared with the signatures that use it
     /// (a signature looks its token up without copying it).
-    tokens: Mutex<Vec<Arc<TokenState>>>,
+    tokens: Mutex<Vec<Arc<Token>>>,
     /// Keys (by [`KeyRef`] handle) of a module loaded with `ssh-add -s` that
     /// a client removed (`ssh-add -d`) or whose lifetime (`ssh-add -t`) ran
     /// out. OpenSSH drops such keys from its table while the provider stays
@@ -198,7 +213,7 @@ struct Module {
 /// Where a key is.
 struct Located {
     module: Arc<Module>,
-    token: Arc<TokenState>,
+    token: Arc<Token>,
     /// The key's index in `token.keys`.
     key: usize,
     /// The key's algorithm, from its public key's leading name: all that a
@@ -287,8 +302,8 @@ impl Backend for Pkcs11Backend {
             .with_context(context)
         };
         let inner = &self.inner;
-        let token = token_id(&located.module, &located.token);
-        let gate = inner.login_gate(&token);
+        let token = &located.token.id;
+        let gate = inner.login_gate(token);
         let mut logged_in = false;
         let mut context_pin: Option<(Option<SecretString>, bool)> = None;
         loop {
@@ -321,7 +336,7 @@ impl Backend for Pkcs11Backend {
             };
             match inner.call(&located.module, op, limit).await {
                 Ok(Reply::Signature(raw)) => {
-                    inner.touch_pin(&token);
+                    inner.touch_pin(token);
                     return finish.signature(&raw).ok_or_else(|| Error::Device {
                         device: device(&located.token),
                         message: "the module returned a malformed signature".into(),
@@ -477,11 +492,7 @@ impl Backend for Pkcs11Backend {
                 });
             }
             for token in tokens {
-                let id = TokenId {
-                    module: module.path.clone(),
-                    serial: token.serial.clone(),
-                    label: token.label.clone(),
-                };
+                let id = &token.id;
                 let mut details = vec![
                     format!("module {} ({origin})", module.path),
                     match token.keys.len() {
@@ -501,7 +512,7 @@ impl Backend for Pkcs11Backend {
                 });
                 details.push(if !token.login_required {
                     "no login needed".to_owned()
-                } else if pins.contains_key(&id) {
+                } else if pins.contains_key(id) {
                     "logged in, PIN cached".to_owned()
                 } else {
                     "login asked at the next signature".to_owned()
@@ -711,7 +722,7 @@ impl Inner {
         let changed = {
             let mut current = lock(&module.tokens);
             let changed = current.len() != tokens.len()
-                || current.iter().zip(&tokens).any(|(c, n)| **c != *n);
+                || current.iter().zip(&tokens).any(|(c, n)| c.state != *n);
             if changed {
                 for gone in current
                     .iter()
@@ -723,7 +734,7 @@ impl Inner {
                         module = module.path,
                         "PKCS#11 token removed"
                     );
-                    lock(&self.pins).remove(&token_id(module, gone));
+                    lock(&self.pins).remove(&gone.id);
                 }
                 for new in tokens
                     .iter()
@@ -737,7 +748,15 @@ impl Inner {
                         "PKCS#11 token present"
                     );
                 }
-                *current = tokens.iter().cloned().map(Arc::new).collect();
+                *current = tokens
+                    .iter()
+                    .map(|state| {
+                        Arc::new(Token {
+                            id: token_id(module, state),
+                            state: state.clone(),
+                        })
+                    })
+                    .collect();
             }
             changed
         };
