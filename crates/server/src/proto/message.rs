@@ -472,8 +472,15 @@ fn reserved(reader: &mut &[u8], what: &str) -> Result<(), String> {
     }
 }
 
+/// A `string` field, copied out (ssh-encoding's own decoding zeroes a new
+/// buffer before it copies into it).
 fn bytes(reader: &mut &[u8], what: &str) -> Result<Vec<u8>, String> {
-    Vec::<u8>::decode(reader).map_err(|e| format!("{what}: {e}"))
+    let len = usize::decode(reader).map_err(|e| format!("{what}: {e}"))?;
+    let (field, rest) = reader
+        .split_at_checked(len)
+        .ok_or_else(|| format!("{what}: {}", ssh_encoding::Error::Length))?;
+    *reader = rest;
+    Ok(field.to_vec())
 }
 
 fn text(reader: &mut &[u8], what: &str) -> Result<String, String> {
