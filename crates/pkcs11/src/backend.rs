@@ -173,11 +173,12 @@ struct CachedPin {
     used: Instant,
 }
 
-/// A token present, with the id its login gate and cached PIN go by,
-/// made once when it is listed rather than at each signature.
+/// A token present, with the id its cached PIN goes by and its login gate,
+/// both found once when it is listed rather than at each signature.
 struct Token {
     state: TokenState,
     id: TokenId,
+    gate: Arc<LoginGate>,
 }
 
 impl std::ops::Deref for Token {
@@ -302,8 +303,7 @@ impl Backend for Pkcs11Backend {
             .with_context(context)
         };
         let inner = &self.inner;
-        let token = &located.token.id;
-        let gate = inner.login_gate(token);
+        let (token, gate) = (&located.token.id, &located.token.gate);
         let mut logged_in = false;
         let mut context_pin: Option<(Option<SecretString>, bool)> = None;
         loop {
@@ -445,13 +445,14 @@ impl Backend for Pkcs11Backend {
     }
 
     async fn remove_key(&self, key: &KeyRef) -> Result<(), Error> {
-        let (path, ..) = parse_key_ref(key.handle()).ok_or(Error::KeyNotFound)?;
-        let module = self.inner.module(path).ok_or(Error::KeyNotFound)?;
+        let [path, ..] = parse_key_ref(key.handle()).ok_or(Error::KeyNotFound)?;
+        let module = self.inner.module_at(path).ok_or(Error::KeyNotFound)?;
         if !module.runtime {
             return Err(Error::Refused {
                 reason: format!(
-                    "this key is on a token of the PKCS#11 module {path}, which comes from \
-                     the configuration; remove the module there"
+                    "this key is on a token of the PKCS#11 module {}, which comes from \
+                     the configuration; remove the module there",
+                    module.path
                 ),
             });
         }
@@ -601,7 +602,15 @@ impl Inner {
     }
 
     fn module(&self, path: &str) -> Option<Arc<Module>> {
-        lock(&self.modules).iter().find(|m| m.path == path).cloned()
+        self.module_at(path.as_bytes())
+    }
+
+    /// The module loaded from `path`, given as bytes (of a key's handle).
+    fn module_at(&self, path: &[u8]) -> Option<Arc<Module>> {
+        lock(&self.modules)
+            .iter()
+            .find(|m| m.path.as_bytes() == path)
+            .cloned()
     }
 
     fn unload(&self, module: &Arc<Module>) {
@@ -751,8 +760,10 @@ impl Inner {
                 *current = tokens
                     .iter()
                     .map(|state| {
+                        let id = token_id(module, state);
                         Arc::new(Token {
-                            id: token_id(module, state),
+                            gate: self.login_gate(&id),
+                            id,
                             state: state.clone(),
                         })
                     })
@@ -828,16 +839,20 @@ impl Inner {
     }
 
     fn locate(&self, key: &KeyRef) -> Result<Located, Error> {
-        let (path, serial, label, id) = parse_key_ref(key.handle()).ok_or(Error::KeyNotFound)?;
-        let module = self.module(path).ok_or(Error::KeyNotFound)?;
+        let [path, serial, label, id] = parse_key_ref(key.handle()).ok_or(Error::KeyNotFound)?;
+        let module = self.module_at(path).ok_or(Error::KeyNotFound)?;
         if lock(&module.removed).contains(key.handle()) {
             return Err(Error::KeyNotFound);
         }
         let token = lock(&module.tokens)
             .iter()
-            .find(|t| t.serial == serial && t.label == label)
+            .find(|t| t.serial.as_bytes() == serial && t.label.as_bytes() == label)
             .cloned();
         let Some(token) = token else {
+            let (label, serial) = (
+                String::from_utf8_lossy(label),
+                String::from_utf8_lossy(serial),
+            );
             return Err(Error::DeviceRemoved {
                 device: DeviceInfo::new(format!("{label} #{serial}")).with_serial(serial),
             });
@@ -1244,12 +1259,12 @@ fn key_ref(module: &Module, token: &TokenState, id: &[u8]) -> KeyRef {
     KeyRef::new(NAME, handle)
 }
 
-/// The module path, serial, label and CKA_ID of a [`key_ref`] handle.
-fn parse_key_ref(handle: &[u8]) -> Option<(&str, &str, &str, &[u8])> {
+/// The module path, serial, label and CKA_ID of a [`key_ref`] handle, as
+/// bytes: a signature compares them with what it knows, which needs no
+/// UTF-8 check.
+fn parse_key_ref(handle: &[u8]) -> Option<[&[u8]; 4]> {
     let mut parts = handle.splitn(4, |b| *b == 0);
-    let mut text = || std::str::from_utf8(parts.next()?).ok();
-    let (path, serial, label) = (text()?, text()?, text()?);
-    Some((path, serial, label, parts.next()?))
+    Some([parts.next()?, parts.next()?, parts.next()?, parts.next()?])
 }
 
 #[cfg(test)]
@@ -1274,8 +1289,11 @@ mod tests {
     fn key_refs_round_trip_with_nul_in_the_id() {
         let module = Module::new("/usr/lib/x.so".into(), true, PinSource::Prompt);
         let key = key_ref(&module, &token(), &[0, 1, 0]);
-        let (path, serial, label, id) = parse_key_ref(key.handle()).unwrap();
-        assert_eq!((path, serial, label), ("/usr/lib/x.so", "0123", "alice"));
+        let [path, serial, label, id] = parse_key_ref(key.handle()).unwrap();
+        assert_eq!(
+            [path, serial, label],
+            [&b"/usr/lib/x.so"[..], b"0123", b"alice"]
+        );
         assert_eq!(id, [0, 1, 0]);
     }
 
