@@ -397,9 +397,7 @@ impl Router {
         };
         // The key the blob names: the entry's, for a certificate too.
         let key_data = entry.identity.public_key();
-        self.policy
-            .websafe
-            .check(entry.identity.public_key(), key_data, &request.data)?;
+        self.policy.websafe.check(key_data, &request.data)?;
         let mut context = context;
         if let Some(c) = &entry.constraints {
             if c.expired(Instant::now()) {

@@ -76,18 +76,17 @@ impl Websafe {
         &self.allowlist
     }
 
-    /// Checks that the key `key` (an identity's plain public key) may sign
-    /// `data`, which a client asked to sign with `requested` (the key it
-    /// named, for the user authentication check). Keys that are not sk keys
-    /// always may.
-    pub fn check(&self, key: &KeyData, requested: &KeyData, data: &[u8]) -> Result<(), WebOrigin> {
+    /// Checks that the key `key` (an identity's plain public key, which a
+    /// client names by it or by a certificate of it) may sign `data`. Keys
+    /// that are not sk keys always may.
+    pub fn check(&self, key: &KeyData, data: &[u8]) -> Result<(), WebOrigin> {
         let Some(application) = application(key) else {
             return Ok(());
         };
         if !self.restrict || pattern::matches_list(application, &self.allowlist) {
             return Ok(());
         }
-        if userauth::parse(data, requested).is_some() {
+        if userauth::parse(data, key).is_some() {
             tracing::debug!(
                 application,
                 "signed data is a public key user authentication request"
@@ -173,16 +172,16 @@ mod tests {
     #[test]
     fn ssh_applications_sign_anything_by_default() {
         let key = sk_key("ssh:");
-        Websafe::default().check(&key, &key, WEB_CHALLENGE).unwrap();
+        Websafe::default().check(&key, WEB_CHALLENGE).unwrap();
         let key = sk_key("ssh:work");
-        Websafe::default().check(&key, &key, WEB_CHALLENGE).unwrap();
+        Websafe::default().check(&key, WEB_CHALLENGE).unwrap();
     }
 
     #[test]
     fn web_applications_sign_only_ssh_data() {
         let policy = Websafe::default();
         let key = sk_key("example.org");
-        let refused = policy.check(&key, &key, WEB_CHALLENGE).unwrap_err();
+        let refused = policy.check(&key, WEB_CHALLENGE).unwrap_err();
         assert_eq!(refused.application, "example.org");
         let text = refused.to_string();
         assert!(
@@ -190,11 +189,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("-O no-restrict-websafe"), "{text}");
-        policy.check(&key, &key, &userauth(&key)).unwrap();
-        policy.check(&key, &key, &sshsig(b"file")).unwrap();
+        policy.check(&key, &userauth(&key)).unwrap();
+        policy.check(&key, &sshsig(b"file")).unwrap();
         // A user authentication request for another key is not this key's login.
         let other = sk_key("other.example");
-        assert!(policy.check(&key, &key, &userauth(&other)).is_err());
+        assert!(policy.check(&key, &userauth(&other)).is_err());
     }
 
     #[test]
@@ -214,7 +213,7 @@ mod tests {
     fn no_restrict_websafe_allows_everything() {
         let key = sk_key("example.org");
         Websafe::new(false, None)
-            .check(&key, &key, WEB_CHALLENGE)
+            .check(&key, WEB_CHALLENGE)
             .unwrap();
     }
 
@@ -223,25 +222,25 @@ mod tests {
         let policy = Websafe::new(true, Some("ssh:*,example.org,*.example.com".into()));
         for application in ["ssh:", "example.org", "login.example.com"] {
             let key = sk_key(application);
-            policy.check(&key, &key, WEB_CHALLENGE).unwrap();
+            policy.check(&key, WEB_CHALLENGE).unwrap();
         }
         let key = sk_key("example.net");
-        assert!(policy.check(&key, &key, WEB_CHALLENGE).is_err());
+        assert!(policy.check(&key, WEB_CHALLENGE).is_err());
         // The list replaces ssh:*, and a negation denies.
         let policy = Websafe::new(true, Some("example.org".into()));
         let key = sk_key("ssh:");
-        assert!(policy.check(&key, &key, WEB_CHALLENGE).is_err());
-        policy.check(&key, &key, &sshsig(b"file")).unwrap();
+        assert!(policy.check(&key, WEB_CHALLENGE).is_err());
+        policy.check(&key, &sshsig(b"file")).unwrap();
         let policy = Websafe::new(true, Some("ssh:*,!ssh:web".into()));
         let key = sk_key("ssh:web");
-        assert!(policy.check(&key, &key, WEB_CHALLENGE).is_err());
+        assert!(policy.check(&key, WEB_CHALLENGE).is_err());
     }
 
     #[test]
     fn other_keys_are_never_restricted() {
         let key = KeyData::Ed25519(Ed25519PublicKey([7; 32]));
         Websafe::new(true, Some(String::new()))
-            .check(&key, &key, WEB_CHALLENGE)
+            .check(&key, WEB_CHALLENGE)
             .unwrap();
     }
 }
