@@ -56,7 +56,9 @@ pub use prompt::{
     ConfirmRequest, Notice, NoticeGuard, NoticeKind, PinKind, PinRequest, PromptSubject, Prompter,
 };
 pub use refusal::{DeviceStatus, RefusalKind};
-pub use sign::{Destination, Peer, RsaHash, SignContext, SignFlags, SignRequest, SshSignature};
+pub use sign::{
+    read_string, Destination, Peer, RsaHash, SignContext, SignFlags, SignRequest, SshSignature,
+};
 pub use sync::lock;
 
 /// Re-exported so backends name the same `SecretString` as the prompters.

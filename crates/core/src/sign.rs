@@ -290,11 +290,7 @@ impl SshSignature {
 
     /// The algorithm name the blob starts with.
     pub fn algorithm(&self) -> &str {
-        self.blob
-            .get(..4)
-            .and_then(|len| <[u8; 4]>::try_from(len).ok())
-            .map(|len| u32::from_be_bytes(len) as usize)
-            .and_then(|len| self.blob.get(4..4 + len))
+        read_string(&mut self.blob.as_slice())
             .and_then(|name| std::str::from_utf8(name).ok())
             .unwrap_or("")
     }
@@ -351,6 +347,15 @@ fn push_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// Reads an SSH `string` (RFC 4251 section 5: a u32 length, then the
+/// bytes) off the front of `buf`; `None` when `buf` is shorter than it says.
+pub fn read_string<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (len, rest) = buf.split_first_chunk::<4>()?;
+    let (string, rest) = rest.split_at_checked(usize::try_from(u32::from_be_bytes(*len)).ok()?)?;
+    *buf = rest;
+    Some(string)
+}
+
 fn push_len(out: &mut Vec<u8>, len: usize) {
     // Lengths here are of signatures and algorithm names, far below u32::MAX.
     out.extend_from_slice(&(len as u32).to_be_bytes());
@@ -404,6 +409,19 @@ mod tests {
         assert_eq!(&inner[..5], &[0, 0, 0, 33, 0]);
         assert_eq!(&inner[inner.len() - 5..], &[0, 0, 0, 1, 7]);
         assert!(SshSignature::ecdsa_fixed(EcdsaCurve::NistP256, &[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn strings_are_read_off_the_front_or_not_at_all() {
+        let mut buf: &[u8] = &[0, 0, 0, 2, b'h', b'i', 0, 0, 0, 0, 7];
+        assert_eq!(read_string(&mut buf), Some(&b"hi"[..]));
+        assert_eq!(read_string(&mut buf), Some(&b""[..]));
+        assert_eq!(buf, [7]);
+        for short in [&[0, 0, 0][..], &[0, 0, 0, 3, b'a', b'b']] {
+            let mut rest = short;
+            assert_eq!(read_string(&mut rest), None);
+            assert_eq!(rest, short, "a failed read consumes nothing");
+        }
     }
 
     #[test]

@@ -1159,9 +1159,8 @@ impl Finish {
 
 /// The algorithm of an encoded public key, read from the name it starts
 /// with: a signature needs no more of the key than that.
-fn key_algorithm(blob: &[u8]) -> Option<Algorithm> {
-    let (len, rest) = blob.split_first_chunk::<4>()?;
-    let name = rest.get(..usize::try_from(u32::from_be_bytes(*len)).ok()?)?;
+fn key_algorithm(mut blob: &[u8]) -> Option<Algorithm> {
+    let name = token_agent_core::read_string(&mut blob)?;
     Algorithm::new(std::str::from_utf8(name).ok()?).ok()
 }
 

@@ -63,6 +63,7 @@ use ed25519_dalek::{Signer as _, Verifier as _};
 use ml_dsa::common::getrandom::SysRng;
 use ml_dsa::{EncodedVerifyingKey, ExpandedSigningKey, MlDsa44, Seed, Signature, VerifyingKey};
 use sha2::{Digest, Sha512};
+use token_agent_core::read_string;
 use zeroize::Zeroizing;
 
 /// The SSH key type and signature algorithm name.
@@ -443,18 +444,6 @@ fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
     let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(bytes);
-}
-
-/// Reads an RFC 4251 §5 `string` off the front of `buf`.
-fn read_string<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let (len, rest) = buf.split_first_chunk::<4>()?;
-    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
-    if rest.len() < len {
-        return None;
-    }
-    let (string, rest) = rest.split_at(len);
-    *buf = rest;
-    Some(string)
 }
 
 #[cfg(test)]
