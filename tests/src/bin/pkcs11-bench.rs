@@ -14,12 +14,16 @@
 //!   and OpenSSH's agent sign in turns of a quarter of `--seconds` each (see
 //!   [`interleaved`]), and each agent's signatures per second are shown
 //!   against the floor's of the same run;
-//! - list p99 alone, and while another client signs continuously;
+//! - list p99 alone, and while another client signs continuously, in turns
+//!   of a quarter of `--seconds` each (alone, signing, alone, ...), so that
+//!   the machine's drift in speed touches both alike;
 //! - list p50/p99 while one signature is held by a module that hangs in C_Sign.
 //!
 //! `--rounds N` repeats the signature scenarios and shows, for each row, the
 //! round with the median ratio to its ceiling and the range of the ratios,
-//! and the median and range of the ratio to the floor.
+//! and the median and range of the ratio to the floor; and it repeats the
+//! listing scenario, showing the round with the median ratio of list p99
+//! while signing to list p99 alone, and the range of that ratio.
 //!
 //! token-agent runs at log level `warn` unless `--agent-log` says otherwise:
 //! `--agent-log info` measures the audit line every signature writes at the
@@ -226,19 +230,34 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("## Listing");
     println!();
+    if args.rounds > 1 {
+        println!("Each row is the round with the median ratio; the range is over all rounds.");
+        println!();
+    }
     println!(
-        "| agent | list p99 alone µs | list p99 while another client signs P-256 µs | ratio |"
+        "| agent | list p99 alone µs | list p99 while another client signs P-256 µs | ratio | ratio range |"
     );
-    println!("| --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- |");
     for (agent_name, agent) in [("token-agent", &token), ("OpenSSH ssh-agent", &openssh)] {
-        let alone = run(agent.socket(), &[11], 1, args.seconds)?;
         let blob = key_blob(agent, "ecdsa-sha2-nistp256", "bench")?;
-        let busy = list_while_signing(agent.socket(), &sign_request(&blob, 0), args.seconds)?;
-        println!(
-            "| {agent_name} | {} | {} | {:.2} |",
-            alone.p99_us,
-            busy.p99_us,
+        let mut rounds = list_while_signing(
+            agent.socket(),
+            &sign_request(&blob, 0),
+            args.seconds,
+            args.rounds,
+        )?;
+        let ratio = |(alone, busy): &(Throughput, Throughput)| {
             busy.p99_us as f64 / alone.p99_us.max(1) as f64
+        };
+        rounds.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+        let median = rounds[rounds.len() / 2];
+        println!(
+            "| {agent_name} | {} | {} | {:.2} | {:.2}–{:.2} |",
+            median.0.p99_us,
+            median.1.p99_us,
+            ratio(&median),
+            ratio(&rounds[0]),
+            ratio(&rounds[rounds.len() - 1])
         );
     }
 
@@ -451,26 +470,119 @@ fn sign_request(blob: &[u8], flags: u32) -> Vec<u8> {
     bench::sign_request(blob, &DATA, flags)
 }
 
-/// List latency while another client signs back to back.
-fn list_while_signing(socket: &Path, sign: &[u8], seconds: u64) -> anyhow::Result<Throughput> {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+/// What the signer of [`list_while_signing`] is told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signer {
+    Sign,
+    Pause,
+    Stop,
+}
+
+/// What the signer of [`list_while_signing`] is told, and whether it is
+/// between signatures.
+type Control = (std::sync::Mutex<(Signer, bool)>, std::sync::Condvar);
+
+fn lock(control: &Control) -> std::sync::MutexGuard<'_, (Signer, bool)> {
+    control
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// List latency alone and while another client signs back to back, one pair
+/// per round. Each round takes turns of a `SLICES`th of `seconds` (alone,
+/// signing, alone, signing, ...): a machine whose speed drifts over seconds
+/// slows both halves of a round alike. The signer finishes the signature it
+/// is in before a turn alone begins.
+fn list_while_signing(
+    socket: &Path,
+    sign: &[u8],
+    seconds: u64,
+    rounds: u32,
+) -> anyhow::Result<Vec<(Throughput, Throughput)>> {
+    let control: Arc<Control> = Arc::new((
+        std::sync::Mutex::new((Signer::Pause, false)),
+        std::sync::Condvar::new(),
+    ));
     let signer = {
-        let (stop, socket, sign) = (stop.clone(), socket.to_owned(), sign.to_vec());
+        let (control, socket, sign) = (control.clone(), socket.to_owned(), sign.to_vec());
         std::thread::spawn(move || -> anyhow::Result<()> {
-            let mut client = RawClient::connect(&socket)?;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let result = (|| -> anyhow::Result<()> {
+                let mut client = RawClient::connect(&socket)?;
                 expect_ok(&client.request(&sign)?.context("agent closed")?)?;
-            }
-            Ok(())
+                loop {
+                    {
+                        let mut state = lock(&control);
+                        state.1 = true;
+                        control.1.notify_all();
+                        while state.0 == Signer::Pause {
+                            state = control
+                                .1
+                                .wait(state)
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        }
+                        if state.0 == Signer::Stop {
+                            return Ok(());
+                        }
+                        state.1 = false;
+                    }
+                    expect_ok(&client.request(&sign)?.context("agent closed")?)?;
+                }
+            })();
+            // Whatever happened, the lister is not left waiting for it.
+            *lock(&control) = (Signer::Stop, true);
+            control.1.notify_all();
+            result
         })
     };
-    std::thread::sleep(Duration::from_millis(100));
-    let result = run(socket, &[11], 1, seconds);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    signer
+    let tell = |order: Signer| {
+        let mut state = lock(&control);
+        if state.0 != Signer::Stop {
+            state.0 = order;
+        }
+        control.1.notify_all();
+        // Turns alone start once the signature in flight has ended.
+        while order == Signer::Pause && state.0 == Signer::Pause && !state.1 {
+            state = control
+                .1
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    };
+    let listed = (|| -> anyhow::Result<Vec<(Throughput, Throughput)>> {
+        let mut client = RawClient::connect(socket)?;
+        expect_ok(&client.request(&[11])?.context("agent closed")?)?;
+        let slice = Duration::from_secs(seconds) / SLICES;
+        let mut results = Vec::new();
+        for _ in 0..rounds {
+            let (mut alone, mut busy) = (Vec::new(), Vec::new());
+            for _ in 0..SLICES {
+                for (order, latencies) in [(Signer::Pause, &mut alone), (Signer::Sign, &mut busy)] {
+                    tell(order);
+                    let end = Instant::now() + slice;
+                    while Instant::now() < end {
+                        let start = Instant::now();
+                        let reply = client.request(&[11])?.context("agent closed")?;
+                        latencies.push(start.elapsed());
+                        expect_ok(&reply)?;
+                    }
+                }
+            }
+            let measured = slice * SLICES;
+            results.push((
+                bench::summarize_over(alone, measured),
+                bench::summarize_over(busy, measured),
+            ));
+        }
+        Ok(results)
+    })();
+    tell(Signer::Stop);
+    let signed = signer
         .join()
-        .map_err(|_| anyhow::anyhow!("signer panicked"))??;
-    result
+        .map_err(|_| anyhow::anyhow!("signer panicked"))?;
+    let results = listed?;
+    signed?;
+    Ok(results)
 }
 
 /// SoftHSM (as SOFTHSM2_CONF says) initialized, and a session logged in to
