@@ -6,16 +6,15 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use token_agent_core::{push_string, read_string};
 
 use crate::wire::{RawClient, IDENTITIES_ANSWER, SIGN_RESPONSE};
 
 /// SSH_AGENTC_SIGN_REQUEST for the key `blob` over `data` with `flags`.
 pub fn sign_request(blob: &[u8], data: &[u8], flags: u32) -> Vec<u8> {
     let mut out = vec![13u8];
-    out.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(0).to_be_bytes());
-    out.extend_from_slice(blob);
-    out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(0).to_be_bytes());
-    out.extend_from_slice(data);
+    push_string(&mut out, blob);
+    push_string(&mut out, data);
     out.extend_from_slice(&flags.to_be_bytes());
     out
 }
@@ -250,25 +249,15 @@ pub fn parse_identities(reply: &[u8]) -> anyhow::Result<Vec<(Vec<u8>, String)>> 
     let mut rest = reply
         .strip_prefix(&[IDENTITIES_ANSWER])
         .context("not an identities answer")?;
-    let mut take = |len: usize| -> anyhow::Result<Vec<u8>> {
-        if rest.len() < len {
-            bail!("truncated identities answer");
-        }
-        let (head, tail) = rest.split_at(len);
-        rest = tail;
-        Ok(head.to_vec())
-    };
-    let take_u32 = |take: &mut dyn FnMut(usize) -> anyhow::Result<Vec<u8>>| {
-        let bytes: [u8; 4] = take(4)?.try_into().unwrap_or_default();
-        Ok::<_, anyhow::Error>(u32::from_be_bytes(bytes) as usize)
-    };
-    let count = take_u32(&mut take)?;
+    let (count, tail) = rest
+        .split_first_chunk::<4>()
+        .context("truncated identities answer")?;
+    rest = tail;
     let mut identities = Vec::new();
-    for _ in 0..count {
-        let len = take_u32(&mut take)?;
-        let blob = take(len)?;
-        let len = take_u32(&mut take)?;
-        let comment = String::from_utf8_lossy(&take(len)?).into_owned();
+    for _ in 0..u32::from_be_bytes(*count) {
+        let mut take = || read_string(&mut rest).context("truncated identities answer");
+        let blob = take()?.to_vec();
+        let comment = String::from_utf8_lossy(take()?).into_owned();
         identities.push((blob, comment));
     }
     Ok(identities)

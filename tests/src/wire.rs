@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use signature::Signer;
 use ssh_encoding::Encode;
+use token_agent_core::push_string;
 
 use crate::agent::keygen;
 
@@ -21,12 +22,6 @@ pub const IDENTITIES_ANSWER: u8 = 12;
 pub const SIGN_RESPONSE: u8 = 14;
 /// SSH_AGENTC_EXTENSION.
 pub const EXTENSION: u8 = 27;
-
-/// Appends an SSH string (uint32 length, bytes) to `out`.
-pub fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(bytes);
-}
 
 /// A session-bind@openssh.com request, signed by a fresh ed25519 host key
 /// made in `dir`, as ssh sends it on a connection it forwards (`forwarded`)
@@ -44,10 +39,10 @@ pub fn session_bind(dir: &Path, forwarded: bool) -> anyhow::Result<Vec<u8>> {
     let mut signature_blob = Vec::new();
     signature.encode(&mut signature_blob)?;
     let mut body = vec![EXTENSION];
-    put_string(&mut body, b"session-bind@openssh.com");
-    put_string(&mut body, &key_blob);
-    put_string(&mut body, &session_id);
-    put_string(&mut body, &signature_blob);
+    push_string(&mut body, b"session-bind@openssh.com");
+    push_string(&mut body, &key_blob);
+    push_string(&mut body, &session_id);
+    push_string(&mut body, &signature_blob);
     body.push(u8::from(forwarded));
     Ok(body)
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::Value;
+use token_agent_core::{push_string, read_string};
 use token_agent_server::status::EXTENSION;
 
 /// Show the running agent: devices, keys with their constraints, and the
@@ -70,7 +71,7 @@ fn ask(socket: &std::path::Path) -> anyhow::Result<Value> {
         .with_context(|| format!("cannot connect to the agent at {}", socket.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut body = vec![27u8];
-    put_string(&mut body, EXTENSION.as_bytes());
+    push_string(&mut body, EXTENSION.as_bytes());
     let mut frame = u32::try_from(body.len())?.to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
     stream.write_all(&frame)?;
@@ -93,24 +94,12 @@ fn ask(socket: &std::path::Path) -> anyhow::Result<Value> {
             socket.display()
         ),
     };
-    let name = take_string(&mut rest).context("a malformed answer")?;
+    let name = read_string(&mut rest).context("a malformed answer")?;
     if name != EXTENSION.as_bytes() {
         bail!("the agent answered another extension");
     }
-    let json = take_string(&mut rest).context("a malformed answer")?;
+    let json = read_string(&mut rest).context("a malformed answer")?;
     serde_json::from_slice(json).context("the agent's answer is not JSON")
-}
-
-fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(bytes);
-}
-
-fn take_string<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let len = u32::from_be_bytes(input.get(..4)?.try_into().ok()?) as usize;
-    let body = input.get(4..4usize.checked_add(len)?)?;
-    *input = &input[4 + len..];
-    Some(body)
 }
 
 /// The document in words.

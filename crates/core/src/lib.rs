@@ -57,7 +57,8 @@ pub use prompt::{
 };
 pub use refusal::{DeviceStatus, RefusalKind};
 pub use sign::{
-    read_string, Destination, Peer, RsaHash, SignContext, SignFlags, SignRequest, SshSignature,
+    push_string, read_string, Destination, Peer, RsaHash, SignContext, SignFlags, SignRequest,
+    SshSignature,
 };
 pub use sync::lock;
 

@@ -342,7 +342,9 @@ fn push_mpint(out: &mut Vec<u8>, value: &[u8]) {
     out.extend_from_slice(digits);
 }
 
-fn push_string(out: &mut Vec<u8>, bytes: &[u8]) {
+/// Appends an SSH `string` (RFC 4251 section 5: a u32 length, then the
+/// bytes): what [`read_string`] reads.
+pub fn push_string(out: &mut Vec<u8>, bytes: &[u8]) {
     push_len(out, bytes.len());
     out.extend_from_slice(bytes);
 }
@@ -357,8 +359,9 @@ pub fn read_string<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
 }
 
 fn push_len(out: &mut Vec<u8>, len: usize) {
-    // Lengths here are of signatures and algorithm names, far below u32::MAX.
-    out.extend_from_slice(&(len as u32).to_be_bytes());
+    // Lengths here are of signatures, keys, names and messages, far below
+    // u32::MAX; one above would saturate, and never wrap to a short length.
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
 }
 
 #[cfg(test)]

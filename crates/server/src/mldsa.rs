@@ -63,7 +63,7 @@ use ed25519_dalek::{Signer as _, Verifier as _};
 use ml_dsa::common::getrandom::SysRng;
 use ml_dsa::{EncodedVerifyingKey, ExpandedSigningKey, MlDsa44, Seed, Signature, VerifyingKey};
 use sha2::{Digest, Sha512};
-use token_agent_core::read_string;
+use token_agent_core::{push_string, read_string};
 use zeroize::Zeroizing;
 
 /// The SSH key type and signature algorithm name.
@@ -206,8 +206,8 @@ impl PublicKey {
     /// and `.pub` files carry it in base64.
     pub fn key_blob(&self) -> Vec<u8> {
         let mut blob = Vec::with_capacity(8 + ALGORITHM.len() + PUBLIC_KEY_LEN);
-        put_string(&mut blob, ALGORITHM.as_bytes());
-        put_string(&mut blob, &self.bytes[..]);
+        push_string(&mut blob, ALGORITHM.as_bytes());
+        push_string(&mut blob, &self.bytes[..]);
         blob
     }
 
@@ -314,8 +314,8 @@ impl Keypair {
     /// `string pk`, `string sk`.
     pub fn to_openssh_private(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(Vec::with_capacity(8 + PUBLIC_KEY_LEN + PRIVATE_KEY_LEN));
-        put_string(&mut out, &self.public.bytes[..]);
-        put_string(&mut out, self.seeds.as_flattened());
+        push_string(&mut out, &self.public.bytes[..]);
+        push_string(&mut out, self.seeds.as_flattened());
         out
     }
 
@@ -325,8 +325,8 @@ impl Keypair {
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, Error> {
         let raw = self.sign_raw(msg)?;
         let mut blob = Vec::with_capacity(8 + ALGORITHM.len() + SIGNATURE_LEN);
-        put_string(&mut blob, ALGORITHM.as_bytes());
-        put_string(&mut blob, &raw[..]);
+        push_string(&mut blob, ALGORITHM.as_bytes());
+        push_string(&mut blob, &raw[..]);
         Ok(blob)
     }
 
@@ -438,14 +438,6 @@ fn message_representative(msg: &[u8]) -> Vec<u8> {
     m_prime
 }
 
-/// An RFC 4251 §5 `string`: u32 length, then the bytes.
-fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    // Every caller passes a few KiB at most, far below u32::MAX.
-    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(bytes);
-}
-
 #[cfg(test)]
 mod tests {
     use ssh_key::private::KeypairData;
@@ -487,10 +479,10 @@ mod tests {
     /// namespace, string reserved, string hash_algorithm, string H(message).
     fn sshsig_signed_data(namespace: &str, msg: &[u8]) -> Vec<u8> {
         let mut data = b"SSHSIG".to_vec();
-        put_string(&mut data, namespace.as_bytes());
-        put_string(&mut data, b"");
-        put_string(&mut data, b"sha512");
-        put_string(&mut data, &Sha512::digest(msg));
+        push_string(&mut data, namespace.as_bytes());
+        push_string(&mut data, b"");
+        push_string(&mut data, b"sha512");
+        push_string(&mut data, &Sha512::digest(msg));
         data
     }
 
@@ -501,8 +493,8 @@ mod tests {
         assert_eq!(sig.hash_alg(), HashAlg::Sha512);
         assert_eq!(sig.algorithm().as_str(), ALGORITHM);
         let mut blob = Vec::new();
-        put_string(&mut blob, sig.algorithm().as_str().as_bytes());
-        put_string(&mut blob, sig.signature_bytes());
+        push_string(&mut blob, sig.algorithm().as_str().as_bytes());
+        push_string(&mut blob, sig.signature_bytes());
         Ok(blob)
     }
 
@@ -519,8 +511,8 @@ mod tests {
         assert_eq!(PublicKey::from_key_blob(&pub_file_blob()?)?, *key.public());
 
         let mut expected = Vec::new();
-        put_string(&mut expected, &pk);
-        put_string(&mut expected, &sk);
+        push_string(&mut expected, &pk);
+        push_string(&mut expected, &sk);
         assert_eq!(key.to_openssh_private()[..], expected[..]);
         Ok(())
     }
@@ -666,8 +658,8 @@ mod tests {
         assert!(matches!(err, Err(Error::MalformedSignature)), "{err:?}");
 
         let mut short_sig = Vec::new();
-        put_string(&mut short_sig, ALGORITHM.as_bytes());
-        put_string(&mut short_sig, &blob[blob.len() - SIGNATURE_LEN..][..100]);
+        push_string(&mut short_sig, ALGORITHM.as_bytes());
+        push_string(&mut short_sig, &blob[blob.len() - SIGNATURE_LEN..][..100]);
         let err = verify(key.public(), MESSAGE, &short_sig);
         assert!(
             matches!(err, Err(Error::SignatureLength { len: 100 })),
@@ -675,8 +667,8 @@ mod tests {
         );
 
         let mut other = Vec::new();
-        put_string(&mut other, b"ssh-ed25519");
-        put_string(&mut other, &[0; 64]);
+        push_string(&mut other, b"ssh-ed25519");
+        push_string(&mut other, &[0; 64]);
         let err = verify(key.public(), MESSAGE, &other);
         assert!(
             matches!(&err, Err(Error::WrongAlgorithm { found }) if found == "ssh-ed25519"),

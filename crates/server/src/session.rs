@@ -255,7 +255,7 @@ impl Session {
         }
         let document = self.router.status().to_string();
         let mut contents = Vec::with_capacity(4 + document.len());
-        message::put_string(&mut contents, document.as_bytes());
+        token_agent_core::push_string(&mut contents, document.as_bytes());
         Reply::Extension {
             name: status::EXTENSION,
             contents,
@@ -699,7 +699,7 @@ impl Session {
             "query" if contents.is_empty() => {
                 let mut names = Vec::new();
                 for name in EXTENSIONS {
-                    message::put_string(&mut names, name.as_bytes());
+                    token_agent_core::push_string(&mut names, name.as_bytes());
                 }
                 Reply::Extension {
                     name: "query",

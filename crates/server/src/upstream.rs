@@ -516,7 +516,7 @@ impl Link {
         for bind in &binds[self.binds_sent..] {
             let mut frame = Vec::with_capacity(bind.len() + 40);
             frame.push(id::EXTENSION);
-            crate::proto::message::put_string(&mut frame, b"session-bind@openssh.com");
+            token_agent_core::push_string(&mut frame, b"session-bind@openssh.com");
             frame.extend_from_slice(bind);
             round_trip(stream, &frame, &mut reply).await?;
             // An agent that does not know the extension (gpg-agent) refuses
@@ -577,14 +577,14 @@ fn parse_identities(reply: &[u8]) -> Result<Vec<UpstreamKey>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::message::put_string;
+    use token_agent_core::push_string;
 
     fn answer(keys: &[(&[u8], &str)]) -> Vec<u8> {
         let mut out = vec![id::IDENTITIES_ANSWER];
         out.extend_from_slice(&u32::try_from(keys.len()).unwrap().to_be_bytes());
         for (blob, comment) in keys {
-            put_string(&mut out, blob);
-            put_string(&mut out, comment.as_bytes());
+            push_string(&mut out, blob);
+            push_string(&mut out, comment.as_bytes());
         }
         out
     }

@@ -19,6 +19,7 @@ use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use piv_sim::{CardConfig, TouchMode};
 use token_agent_e2e::agent::{Agent, AgentOptions};
+use token_agent_e2e::bench;
 use token_agent_e2e::pcsc::PcscRig;
 use token_agent_e2e::wire::{RawClient, IDENTITIES_ANSWER};
 use yubikey::piv::{AlgorithmId, SlotId};
@@ -143,17 +144,9 @@ fn sign_directly(count: usize) -> anyhow::Result<Vec<Duration>> {
     Ok(times)
 }
 
-fn sign_request(blob: &[u8]) -> Vec<u8> {
-    let mut body = vec![13];
-    push_string(&mut body, blob);
-    push_string(&mut body, b"piv-bench data");
-    body.extend_from_slice(&0u32.to_be_bytes());
-    body
-}
-
 fn sign_through_agent(socket: &Path, blob: &[u8], count: usize) -> anyhow::Result<Vec<Duration>> {
     let mut client = RawClient::connect(socket)?;
-    let request = sign_request(blob);
+    let request = bench::sign_request(blob, b"piv-bench data", 0);
     let mut times = Vec::with_capacity(count);
     for _ in 0..count {
         let start = Instant::now();
@@ -176,7 +169,7 @@ fn list_while_touch_waits(
     let touch = rig.card(0).touch();
     touch.set_mode(TouchMode::Manual);
     let socket_owned = socket.to_path_buf();
-    let request = sign_request(blob);
+    let request = bench::sign_request(blob, b"piv-bench data", 0);
     let signer = thread::spawn(move || -> anyhow::Result<Vec<u8>> {
         let mut client = RawClient::connect(&socket_owned)?;
         client.request(&request)?.context("the agent hung up")
@@ -215,7 +208,10 @@ fn wait_for_keys(socket: &Path, count: usize, limit: Duration) -> anyhow::Result
     let mut client = RawClient::connect(socket)?;
     loop {
         let reply = client.request(&[11])?.context("the agent hung up")?;
-        let keys = parse_identities(&reply)?;
+        let keys: Vec<Vec<u8>> = bench::parse_identities(&reply)?
+            .into_iter()
+            .map(|(blob, _)| blob)
+            .collect();
         if keys.len() == count {
             return Ok(keys);
         }
@@ -226,44 +222,6 @@ fn wait_for_keys(socket: &Path, count: usize, limit: Duration) -> anyhow::Result
         );
         thread::sleep(Duration::from_millis(2));
     }
-}
-
-fn parse_identities(reply: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
-    ensure!(
-        reply.first() == Some(&IDENTITIES_ANSWER),
-        "not an identities answer"
-    );
-    let mut rest = &reply[1..];
-    let count = take_u32(&mut rest)?;
-    let mut keys = Vec::new();
-    for _ in 0..count {
-        let blob = take_string(&mut rest)?;
-        take_string(&mut rest)?;
-        keys.push(blob);
-    }
-    Ok(keys)
-}
-
-fn take_u32(input: &mut &[u8]) -> anyhow::Result<u32> {
-    let bytes: [u8; 4] = input
-        .get(..4)
-        .context("truncated")?
-        .try_into()
-        .context("truncated")?;
-    *input = &input[4..];
-    Ok(u32::from_be_bytes(bytes))
-}
-
-fn take_string(input: &mut &[u8]) -> anyhow::Result<Vec<u8>> {
-    let len = take_u32(input)? as usize;
-    let value = input.get(..len).context("truncated")?.to_vec();
-    *input = &input[len..];
-    Ok(value)
-}
-
-fn push_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    out.extend_from_slice(bytes);
 }
 
 /// "p50 1.2 ms, p99 3.4 ms, max 5.6 ms".

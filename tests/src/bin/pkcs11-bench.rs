@@ -672,19 +672,14 @@ mod floor {
     use cryptoki::mechanism::Mechanism;
     use cryptoki::object::{Attribute, ObjectClass};
     use sha2::Digest;
-    use token_agent_core::RsaHash;
+    use token_agent_core::{read_string, RsaHash};
 
     /// The key blob and data of an SSH_AGENTC_SIGN_REQUEST (13, string
     /// blob, string data, uint32 flags).
     fn sign_request_parts(body: &[u8]) -> Option<(&[u8], &[u8])> {
-        fn string(input: &[u8]) -> Option<(&[u8], &[u8])> {
-            let len = u32::from_be_bytes(input.get(..4)?.try_into().ok()?) as usize;
-            let rest = input.get(4..)?;
-            Some((rest.get(..len)?, rest.get(len..)?))
-        }
-        let rest = body.strip_prefix(&[13])?;
-        let (blob, rest) = string(rest)?;
-        let (data, _) = string(rest)?;
+        let mut rest = body.strip_prefix(&[13])?;
+        let blob = read_string(&mut rest)?;
+        let data = read_string(&mut rest)?;
         Some((blob, data))
     }
 

@@ -326,7 +326,7 @@ fn issue_13_extensions_answer_as_openssh_10() -> anyhow::Result<()> {
         let mut client = RawClient::connect(agent.socket())?;
         // query: SSH_AGENT_EXTENSION_RESPONSE naming session-bind.
         let mut query = vec![wire::EXTENSION];
-        wire::put_string(&mut query, b"query");
+        token_agent_core::push_string(&mut query, b"query");
         client.send(&query)?;
         let reply = client.receive()?.unwrap_or_default();
         assert_eq!(reply.first(), Some(&29), "{name}: {reply:?}");
@@ -336,7 +336,7 @@ fn issue_13_extensions_answer_as_openssh_10() -> anyhow::Result<()> {
         );
         // An unknown extension: SSH_AGENT_FAILURE, as OpenSSH 10.5 answers.
         let mut unknown = vec![wire::EXTENSION];
-        wire::put_string(&mut unknown, b"frobnicate@example.com");
+        token_agent_core::push_string(&mut unknown, b"frobnicate@example.com");
         client.send(&unknown)?;
         assert_eq!(
             client.receive()?.unwrap_or_default(),
@@ -345,8 +345,8 @@ fn issue_13_extensions_answer_as_openssh_10() -> anyhow::Result<()> {
         );
         // A malformed session bind: SSH_AGENT_EXTENSION_FAILURE.
         let mut bind = vec![wire::EXTENSION];
-        wire::put_string(&mut bind, b"session-bind@openssh.com");
-        wire::put_string(&mut bind, b"not a key");
+        token_agent_core::push_string(&mut bind, b"session-bind@openssh.com");
+        token_agent_core::push_string(&mut bind, b"not a key");
         client.send(&bind)?;
         assert_eq!(client.receive()?.unwrap_or_default(), [28], "{name}");
         // The connection still works.
@@ -367,11 +367,11 @@ fn issue_13_unknown_constraints_refuse_the_add() -> anyhow::Result<()> {
         keygen(&v10, &key, "ed25519", "constrained")?;
         let private = ssh_key::PrivateKey::read_openssh_file(&key)?;
         let mut frame = vec![25];
-        wire::put_string(&mut frame, b"ssh-ed25519");
+        token_agent_core::push_string(&mut frame, b"ssh-ed25519");
         ssh_encoding::Encode::encode(private.key_data().ed25519().expect("ed25519"), &mut frame)?;
-        wire::put_string(&mut frame, b"constrained");
+        token_agent_core::push_string(&mut frame, b"constrained");
         frame.push(255);
-        wire::put_string(&mut frame, b"frobnicate@example.com");
+        token_agent_core::push_string(&mut frame, b"frobnicate@example.com");
         let mut client = RawClient::connect(agent.socket())?;
         client.send(&frame)?;
         assert_eq!(

@@ -22,8 +22,8 @@ fn reasons(agent: &Agent) -> anyhow::Result<Vec<String>> {
 fn raw_sign(agent: &Agent, public: &Path) -> anyhow::Result<bool> {
     let blob = ssh_key::PublicKey::read_openssh_file(public)?.to_bytes()?;
     let mut sign = vec![13];
-    wire::put_string(&mut sign, &blob);
-    wire::put_string(&mut sign, b"data");
+    token_agent_core::push_string(&mut sign, &blob);
+    token_agent_core::push_string(&mut sign, b"data");
     sign.extend_from_slice(&0u32.to_be_bytes());
     let mut client = RawClient::connect(agent.socket())?;
     client.send(&sign)?;
@@ -169,8 +169,8 @@ fn issue_14_a_destination_refusal_names_the_hop() -> anyhow::Result<()> {
     assert_eq!(client.receive()?.unwrap_or_default(), [wire::SUCCESS]);
     let blob = ssh_key::PublicKey::read_openssh_file(&key.with_extension("pub"))?.to_bytes()?;
     let mut sign = vec![13];
-    wire::put_string(&mut sign, &blob);
-    wire::put_string(&mut sign, b"not a user authentication");
+    token_agent_core::push_string(&mut sign, &blob);
+    token_agent_core::push_string(&mut sign, b"not a user authentication");
     sign.extend_from_slice(&0u32.to_be_bytes());
     client.send(&sign)?;
     assert_eq!(client.receive()?.unwrap_or_default(), [wire::FAILURE]);
@@ -197,7 +197,7 @@ fn issue_14_a_destination_refusal_names_the_hop() -> anyhow::Result<()> {
 fn issue_14_status_is_refused_on_a_forwarded_connection() -> anyhow::Result<()> {
     let agent = Agent::start(AgentOptions::default())?;
     let mut request = vec![wire::EXTENSION];
-    wire::put_string(&mut request, b"status@token-agent");
+    token_agent_core::push_string(&mut request, b"status@token-agent");
     let mut local = RawClient::connect(agent.socket())?;
     local.send(&request)?;
     assert_eq!(local.receive()?.unwrap_or_default().first(), Some(&29));

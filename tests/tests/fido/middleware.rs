@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use ssh_encoding::Encode;
+use token_agent_core::push_string;
 use token_agent_e2e::agent::{Agent, AgentOptions};
 use token_agent_e2e::openssh::Sshd;
-use token_agent_e2e::wire::{put_string, session_bind, RawClient, FAILURE, SUCCESS};
+use token_agent_e2e::wire::{session_bind, RawClient, FAILURE, SUCCESS};
 use token_agent_e2e::{check, sign_file, stdout};
 
 use crate::support::{allowing, middleware_library, SimAgent, Token, PIN};
@@ -289,10 +290,10 @@ fn add_with_provider(file: &Path, provider: &str) -> anyhow::Result<Vec<u8>> {
     let key = ssh_key::PrivateKey::read_openssh_file(file)?;
     let mut body = vec![ADD_ID_CONSTRAINED];
     key.key_data().encode(&mut body)?;
-    put_string(&mut body, b"forwarded key");
+    push_string(&mut body, b"forwarded key");
     body.push(CONSTRAIN_EXTENSION);
-    put_string(&mut body, b"sk-provider@openssh.com");
-    put_string(&mut body, provider.as_bytes());
+    push_string(&mut body, b"sk-provider@openssh.com");
+    push_string(&mut body, provider.as_bytes());
     Ok(body)
 }
 

@@ -1,5 +1,6 @@
+use token_agent_core::push_string as string;
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
-use token_agent_e2e::wire::{put_string as string, session_bind, RawClient, FAILURE, SUCCESS};
+use token_agent_e2e::wire::{session_bind, RawClient, FAILURE, SUCCESS};
 
 use crate::{add_provider, start_agent};
 

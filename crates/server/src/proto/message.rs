@@ -19,7 +19,7 @@ use secrecy::SecretString;
 use ssh_encoding::{Decode, Reader};
 use ssh_key::certificate::Certificate;
 use ssh_key::public::KeyData;
-use token_agent_core::SshSignature;
+use token_agent_core::{push_string, SshSignature};
 use zeroize::Zeroizing;
 
 use super::key::{self, PrivateKey};
@@ -566,21 +566,21 @@ impl Reply<'_> {
                 out.push(id::IDENTITIES_ANSWER);
                 put_u32(&mut out, identities.len());
                 for id in identities {
-                    put_string(&mut out, id.blob);
-                    put_string(&mut out, id.comment.as_bytes());
+                    push_string(&mut out, id.blob);
+                    push_string(&mut out, id.comment.as_bytes());
                 }
                 out
             }
             Self::Signature(signature) => {
                 let mut out = Vec::with_capacity(5 + signature.as_bytes().len());
                 out.push(id::SIGN_RESPONSE);
-                put_string(&mut out, signature.as_bytes());
+                push_string(&mut out, signature.as_bytes());
                 out
             }
             Self::Extension { name, contents } => {
                 let mut out = Vec::with_capacity(5 + name.len() + contents.len());
                 out.push(id::EXTENSION_RESPONSE);
-                put_string(&mut out, name.as_bytes());
+                push_string(&mut out, name.as_bytes());
                 out.extend_from_slice(contents);
                 out
             }
@@ -591,12 +591,6 @@ impl Reply<'_> {
 /// Appends an SSH `uint32`. Every length here is bounded by the frame limit.
 fn put_u32(out: &mut Vec<u8>, value: usize) {
     out.extend_from_slice(&u32::try_from(value).unwrap_or(u32::MAX).to_be_bytes());
-}
-
-/// Appends an SSH `string`.
-pub(crate) fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    put_u32(out, bytes.len());
-    out.extend_from_slice(bytes);
 }
 
 #[cfg(test)]
@@ -641,15 +635,15 @@ mod tests {
     /// A constrained add of a provider: `string provider`, `string pin`, then `rest`.
     fn smartcard(rest: &[u8]) -> Vec<u8> {
         let mut frame = vec![id::ADD_SMARTCARD_KEY_CONSTRAINED];
-        put_string(&mut frame, b"/usr/lib/p11.so");
-        put_string(&mut frame, b"1234");
+        push_string(&mut frame, b"/usr/lib/p11.so");
+        push_string(&mut frame, b"1234");
         frame.extend_from_slice(rest);
         frame
     }
 
     fn extension(name: &str, contents: &[u8]) -> Vec<u8> {
         let mut out = vec![id::CONSTRAIN_EXTENSION];
-        put_string(&mut out, name.as_bytes());
+        push_string(&mut out, name.as_bytes());
         out.extend_from_slice(contents);
         out
     }
@@ -674,10 +668,10 @@ mod tests {
         let cert = certificate();
         let blob = encode_blob(&cert).unwrap();
         let mut certs = Vec::new();
-        put_string(&mut certs, &blob);
-        put_string(&mut certs, &blob);
+        push_string(&mut certs, &blob);
+        push_string(&mut certs, &blob);
         let mut contents = vec![1];
-        put_string(&mut contents, &certs);
+        push_string(&mut contents, &certs);
         let mut rest = vec![id::CONSTRAIN_LIFETIME, 0, 0, 0, 30];
         rest.extend(extension("associated-certs-v00@openssh.com", &contents));
         let Request::AddSmartcardKey {
@@ -696,10 +690,10 @@ mod tests {
 
         // On a key add, OpenSSH says "not valid here".
         let mut key_add = vec![id::ADD_ID_CONSTRAINED];
-        put_string(&mut key_add, b"ssh-ed25519");
+        push_string(&mut key_add, b"ssh-ed25519");
         let keypair = ssh_key::private::Ed25519Keypair::from_seed(&[3; 32]);
         ssh_encoding::Encode::encode(&keypair, &mut key_add).unwrap();
-        put_string(&mut key_add, b"comment");
+        push_string(&mut key_add, b"comment");
         let plain = key_add.clone();
         key_add.extend(extension("associated-certs-v00@openssh.com", &contents));
         let err = decode_request(&key_add).unwrap_err().to_string();
@@ -728,7 +722,7 @@ mod tests {
             .to_string()
             .contains("unknown constraint 3"));
         let mut provider = Vec::new();
-        put_string(&mut provider, b"/usr/lib/sk.so");
+        push_string(&mut provider, b"/usr/lib/sk.so");
         let sk = extension("sk-provider@openssh.com", &provider);
         assert!(decode_request(&smartcard(&sk))
             .unwrap_err()
@@ -739,11 +733,11 @@ mod tests {
     /// A hop: user, host name, reserved, then keys.
     fn hop(user: &str, host: &str, keys: &[(&KeyData, bool)]) -> Vec<u8> {
         let mut out = Vec::new();
-        put_string(&mut out, user.as_bytes());
-        put_string(&mut out, host.as_bytes());
-        put_string(&mut out, b"");
+        push_string(&mut out, user.as_bytes());
+        push_string(&mut out, host.as_bytes());
+        push_string(&mut out, b"");
         for (key, is_ca) in keys {
-            put_string(&mut out, &encode_blob(*key).unwrap());
+            push_string(&mut out, &encode_blob(*key).unwrap());
             out.push(u8::from(*is_ca));
         }
         out
@@ -753,13 +747,13 @@ mod tests {
         let mut list = Vec::new();
         for (from, to) in records {
             let mut record = Vec::new();
-            put_string(&mut record, from);
-            put_string(&mut record, to);
-            put_string(&mut record, b"");
-            put_string(&mut list, &record);
+            push_string(&mut record, from);
+            push_string(&mut record, to);
+            push_string(&mut record, b"");
+            push_string(&mut list, &record);
         }
         let mut contents = Vec::new();
-        put_string(&mut contents, &list);
+        push_string(&mut contents, &list);
         smartcard(&extension(
             "restrict-destination-v00@openssh.com",
             &contents,
