@@ -28,6 +28,9 @@ pub struct Throughput {
     pub p50_us: u128,
     /// 99th-percentile latency.
     pub p99_us: u128,
+    /// The CPU time the serving processes (the agent and its helpers) spent
+    /// per request, where it was measured.
+    pub cpu_per_request: Option<Duration>,
 }
 
 /// Summarizes the latencies of a run of `seconds`.
@@ -37,6 +40,7 @@ pub fn summarize(mut all: Vec<Duration>, seconds: u64) -> Throughput {
         per_second: all.len() as f64 / seconds.max(1) as f64,
         p50_us: percentile(&all, 50).as_micros(),
         p99_us: percentile(&all, 99).as_micros(),
+        cpu_per_request: None,
     }
 }
 
@@ -78,6 +82,9 @@ pub struct Contender {
     pub socket: std::path::PathBuf,
     /// The request each client sends back to back.
     pub request: Vec<u8>,
+    /// The process that serves it: its CPU time and its descendants'
+    /// during the contender's turns is charged to its requests.
+    pub pid: Option<u32>,
 }
 
 /// `clients` connections to each contender send its request back to back,
@@ -86,7 +93,8 @@ pub struct Contender {
 /// all alike. Connections are kept across slices (an agent that starts a
 /// helper per connection pays for it once, before measuring), and every
 /// client of every contender sends one request before the first slice. One
-/// result per contender, over all its slices.
+/// result per contender, over all its slices, with the CPU time its
+/// processes spent per request where [`Contender::pid`] names them.
 pub fn interleaved(
     contenders: &[Contender],
     clients: usize,
@@ -144,6 +152,11 @@ pub fn interleaved(
                         // never leaves the others at the barrier.
                         turn.wait();
                     }
+                    // The connection stays open until the last turn's CPU
+                    // time is read: an agent may end what served it (the
+                    // floor's helper) as soon as it closes.
+                    turn.wait();
+                    drop(client);
                     match failure {
                         Some(err) => Err(err),
                         None => Ok(latencies),
@@ -156,16 +169,31 @@ pub fn interleaved(
     for (turn, _, _) in &turns {
         turn.wait();
     }
+    let mut cpu = vec![Duration::ZERO; contenders.len()];
     for _ in 0..slices {
-        for (turn, deadline, _) in &turns {
+        for ((turn, deadline, _), (contender, spent)) in
+            turns.iter().zip(contenders.iter().zip(&mut cpu))
+        {
+            // Sampled outside the turn: walking /proc takes a while.
+            let before = contender.pid.map(tree_cpu).transpose()?;
             *deadline.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + slice;
             turn.wait();
             turn.wait();
+            if let (Some(pid), Some(before)) = (contender.pid, before) {
+                *spent += cpu_since(pid, &before)?;
+            }
         }
     }
+    for (turn, _, _) in &turns {
+        turn.wait();
+    }
     let measured = slice * u32::try_from(slices).unwrap_or(u32::MAX);
-    for (_, _, handles) in turns {
-        results.push(summarize_over(join_latencies(handles)?, measured));
+    for ((_, _, handles), (contender, spent)) in turns.into_iter().zip(contenders.iter().zip(cpu)) {
+        let latencies = join_latencies(handles)?;
+        let requests = u32::try_from(latencies.len()).unwrap_or(u32::MAX).max(1);
+        let mut result = summarize_over(latencies, measured);
+        result.cpu_per_request = contender.pid.map(|_| spent / requests);
+        results.push(result);
     }
     Ok(results)
 }
@@ -192,6 +220,7 @@ pub fn summarize_over(mut all: Vec<Duration>, measured: Duration) -> Throughput 
         per_second: all.len() as f64 / measured.as_secs_f64().max(f64::EPSILON),
         p50_us: percentile(&all, 50).as_micros(),
         p99_us: percentile(&all, 99).as_micros(),
+        cpu_per_request: None,
     }
 }
 
@@ -293,6 +322,83 @@ pub struct TreeMemory {
 
 /// [`TreeMemory`] of `pid` and its descendants now.
 pub fn tree_memory(pid: u32) -> anyhow::Result<TreeMemory> {
+    let mut memory = TreeMemory::default();
+    for process in tree(pid)? {
+        // A process may end between listing and reading: it then uses nothing.
+        let field = |file: &str, name: &str| -> Option<u64> {
+            let text = std::fs::read_to_string(format!("/proc/{process}/{file}")).ok()?;
+            let line = text.lines().find(|line| line.starts_with(name))?;
+            line[name.len()..].split_whitespace().next()?.parse().ok()
+        };
+        let (Some(rss), Some(pss)) = (field("status", "VmRSS:"), field("smaps_rollup", "Pss:"))
+        else {
+            continue;
+        };
+        memory.processes += 1;
+        memory.rss_kib += rss;
+        memory.pss_kib += pss;
+    }
+    Ok(memory)
+}
+
+/// The CPU time each thread of `pid` and its descendants has run, by
+/// thread id, now: what [`cpu_since`] subtracts.
+#[derive(Debug, Clone, Default)]
+pub struct TreeCpu {
+    threads: Vec<(u32, Duration)>,
+}
+
+/// [`TreeCpu`] of `pid` and its descendants now, from each thread's
+/// `schedstat` (nanoseconds on a CPU).
+pub fn tree_cpu(pid: u32) -> anyhow::Result<TreeCpu> {
+    let mut cpu = TreeCpu::default();
+    for process in tree(pid)? {
+        // A process may end between listing and reading: it then has no threads.
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{process}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let ran = std::fs::read_to_string(format!("/proc/{process}/task/{tid}/schedstat"))
+                .ok()
+                .and_then(|text| text.split_whitespace().next()?.parse().ok());
+            if let Some(nanos) = ran {
+                cpu.threads.push((tid, Duration::from_nanos(nanos)));
+            }
+        }
+    }
+    Ok(cpu)
+}
+
+/// The CPU time the tree of `pid` has used since `before` (see
+/// [`TreeCpu::since`]).
+pub fn cpu_since(pid: u32, before: &TreeCpu) -> anyhow::Result<Duration> {
+    Ok(tree_cpu(pid)?.since(before))
+}
+
+impl TreeCpu {
+    /// The CPU time used between `before` and this sample: each thread's
+    /// time since then, and all of a thread's time if it started since. A
+    /// thread that ended in between is not counted for its last stretch.
+    pub fn since(&self, before: &TreeCpu) -> Duration {
+        self.threads
+            .iter()
+            .map(|(tid, ran)| {
+                let earlier = before
+                    .threads
+                    .iter()
+                    .find(|(t, _)| t == tid)
+                    .map_or(Duration::ZERO, |(_, r)| *r);
+                ran.saturating_sub(earlier)
+            })
+            .sum()
+    }
+}
+
+/// `pid` and its descendants, parents first.
+fn tree(pid: u32) -> anyhow::Result<Vec<u32>> {
     let mut parents = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let name = entry?.file_name();
@@ -324,23 +430,7 @@ pub fn tree_memory(pid: u32) -> anyhow::Result<TreeMemory> {
         );
         next += 1;
     }
-    let mut memory = TreeMemory::default();
-    for process in tree {
-        // A process may end between listing and reading: it then uses nothing.
-        let field = |file: &str, name: &str| -> Option<u64> {
-            let text = std::fs::read_to_string(format!("/proc/{process}/{file}")).ok()?;
-            let line = text.lines().find(|line| line.starts_with(name))?;
-            line[name.len()..].split_whitespace().next()?.parse().ok()
-        };
-        let (Some(rss), Some(pss)) = (field("status", "VmRSS:"), field("smaps_rollup", "Pss:"))
-        else {
-            continue;
-        };
-        memory.processes += 1;
-        memory.rss_kib += rss;
-        memory.pss_kib += pss;
-    }
-    Ok(memory)
+    Ok(tree)
 }
 
 /// Samples [`tree_memory`] every 100 ms for `seconds`: the median sample
@@ -356,4 +446,45 @@ pub fn sample_tree_memory(pid: u32, seconds: u64) -> anyhow::Result<(TreeMemory,
     let median = samples.get(samples.len() / 2).copied().unwrap_or_default();
     let largest = samples.last().copied().unwrap_or_default();
     Ok((median, largest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(threads: &[(u32, u64)]) -> TreeCpu {
+        TreeCpu {
+            threads: threads
+                .iter()
+                .map(|&(tid, ms)| (tid, Duration::from_millis(ms)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn cpu_since_counts_what_each_thread_ran_in_between() {
+        let before = sample(&[(1, 100), (2, 50), (3, 70)]);
+        // 1 ran 20 ms more, 2 did not run, 3 ended, 4 started and ran 5 ms.
+        let now = sample(&[(1, 120), (2, 50), (4, 5)]);
+        assert_eq!(now.since(&before), Duration::from_millis(25));
+        assert_eq!(before.since(&before), Duration::ZERO);
+    }
+
+    #[test]
+    fn tree_cpu_reads_the_process_and_its_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let cpu = tree_cpu(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        let cpu = cpu.unwrap();
+        // The main thread's id is the process id; it has run.
+        assert!(cpu
+            .threads
+            .iter()
+            .any(|(tid, ran)| *tid == std::process::id() && *ran > Duration::ZERO));
+        assert!(cpu.threads.iter().any(|(tid, _)| *tid == child.id()));
+    }
 }

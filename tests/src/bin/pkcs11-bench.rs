@@ -13,7 +13,10 @@
 //!   itself from the cost of token-agent's own work. The floor, token-agent
 //!   and OpenSSH's agent sign in turns of a quarter of `--seconds` each (see
 //!   [`interleaved`]), and each agent's signatures per second are shown
-//!   against the floor's of the same run;
+//!   against the floor's of the same run, with the CPU time each agent's
+//!   processes (agent and helpers; the floor's relay and helpers) spent per
+//!   signature in its turns, which a machine whose wake-up latency varies
+//!   moves far less than the rates;
 //! - list p99 alone, and while another client signs continuously, in turns
 //!   of a quarter of `--seconds` each (alone, signing, alone, ...), so that
 //!   the machine's drift in speed touches both alike;
@@ -186,19 +189,21 @@ fn main() -> anyhow::Result<()> {
             );
             let blob = key_blob(&token, prefix, "bench")?;
             let contenders = [
-                (FLOOR, floor.socket.as_path(), blob.clone()),
-                ("token-agent", token.socket(), blob),
+                (FLOOR, floor.socket.as_path(), blob.clone(), floor.pid()),
+                ("token-agent", token.socket(), blob, token.pid()),
                 (
                     "OpenSSH ssh-agent",
                     openssh.socket(),
                     key_blob(&openssh, prefix, "bench")?,
+                    openssh.pid(),
                 ),
             ];
             let interleave: Vec<Contender> = contenders
                 .iter()
-                .map(|(_, socket, blob)| Contender {
+                .map(|(_, socket, blob, pid)| Contender {
                     socket: socket.to_path_buf(),
                     request: sign_request(blob, flags),
+                    pid: *pid,
                 })
                 .collect();
             for &clients in &args.clients {
@@ -206,7 +211,7 @@ fn main() -> anyhow::Result<()> {
                 let results = interleaved(&interleave, clients, slice, SLICES as usize)?;
                 let base = if clients == 1 { &ceiling_1 } else { &ceiling_2 };
                 let floor_rate = results[0].per_second;
-                for ((path, _, _), result) in contenders.iter().zip(results) {
+                for ((path, _, _, _), result) in contenders.iter().zip(results) {
                     let against_floor = (*path != FLOOR).then(|| result.per_second / floor_rate);
                     let ratio = result.per_second / base.per_second;
                     rows.add(
@@ -407,9 +412,9 @@ impl Rows {
     fn print(&self) {
         println!(
             "| key | path | clients | sign/s | p50 µs | p99 µs | ratio to ceiling | ratio range \
-             | against the floor | range |"
+             | against the floor | range | CPU µs per signature |"
         );
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         for row in &self.rows {
             let mut rounds = row.rounds.clone();
             rounds.sort_by(|a, b| a.1.total_cmp(&b.1));
@@ -424,8 +429,12 @@ impl Rows {
                 ),
                 _ => (String::new(), String::new()),
             };
+            let cpu = median
+                .cpu_per_request
+                .map(|cpu| format!("{:.0}", cpu.as_secs_f64() * 1e6))
+                .unwrap_or_default();
             println!(
-                "| {} | {} | {} | {:.0} | {} | {} | {ratio:.2} | {low:.2}–{high:.2} | {against} | {range} |",
+                "| {} | {} | {} | {:.0} | {} | {} | {ratio:.2} | {low:.2}–{high:.2} | {against} | {range} | {cpu} |",
                 row.key, row.path, row.clients, median.per_second, median.p50_us, median.p99_us
             );
         }
@@ -711,6 +720,11 @@ mod floor {
     }
 
     impl Relay {
+        /// The relay process (its helpers are its children).
+        pub(crate) fn pid(&self) -> Option<u32> {
+            Some(self.child.id())
+        }
+
         /// Starts a relay on `socket` and waits until it listens.
         pub(crate) fn start(socket: &Path, env: &[(String, String)]) -> anyhow::Result<Self> {
             let mut child = Command::new(std::env::current_exe()?)
