@@ -189,7 +189,12 @@ fn main() -> anyhow::Result<()> {
             );
             let blob = key_blob(&token, prefix, "bench")?;
             let contenders = [
-                (FLOOR, floor.socket.as_path(), blob.clone(), floor.pid()),
+                (
+                    FLOOR,
+                    floor.socket.as_path(),
+                    blob.clone(),
+                    Some(floor.pid()),
+                ),
                 ("token-agent", token.socket(), blob, token.pid()),
                 (
                     "OpenSSH ssh-agent",
@@ -488,14 +493,42 @@ enum Signer {
 }
 
 /// What the signer of [`list_while_signing`] is told, and whether it is
-/// between signatures.
-type Control = (std::sync::Mutex<(Signer, bool)>, std::sync::Condvar);
+/// between signatures; `changed` wakes whoever waits for either.
+#[derive(Default)]
+struct Control {
+    state: std::sync::Mutex<SignerState>,
+    changed: std::sync::Condvar,
+}
 
-fn lock(control: &Control) -> std::sync::MutexGuard<'_, (Signer, bool)> {
-    control
-        .0
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+struct SignerState {
+    order: Signer,
+    between_signatures: bool,
+}
+
+impl Default for SignerState {
+    fn default() -> Self {
+        Self {
+            order: Signer::Pause,
+            between_signatures: false,
+        }
+    }
+}
+
+impl Control {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SignerState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn wait<'a>(
+        &self,
+        state: std::sync::MutexGuard<'a, SignerState>,
+    ) -> std::sync::MutexGuard<'a, SignerState> {
+        self.changed
+            .wait(state)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// List latency alone and while another client signs back to back, one pair
@@ -509,10 +542,7 @@ fn list_while_signing(
     seconds: u64,
     rounds: u32,
 ) -> anyhow::Result<Vec<(Throughput, Throughput)>> {
-    let control: Arc<Control> = Arc::new((
-        std::sync::Mutex::new((Signer::Pause, false)),
-        std::sync::Condvar::new(),
-    ));
+    let control = Arc::new(Control::default());
     let signer = {
         let (control, socket, sign) = (control.clone(), socket.to_owned(), sign.to_vec());
         std::thread::spawn(move || -> anyhow::Result<()> {
@@ -521,41 +551,38 @@ fn list_while_signing(
                 expect_ok(&client.request(&sign)?.context("agent closed")?)?;
                 loop {
                     {
-                        let mut state = lock(&control);
-                        state.1 = true;
-                        control.1.notify_all();
-                        while state.0 == Signer::Pause {
-                            state = control
-                                .1
-                                .wait(state)
-                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let mut state = control.lock();
+                        state.between_signatures = true;
+                        control.changed.notify_all();
+                        while state.order == Signer::Pause {
+                            state = control.wait(state);
                         }
-                        if state.0 == Signer::Stop {
+                        if state.order == Signer::Stop {
                             return Ok(());
                         }
-                        state.1 = false;
+                        state.between_signatures = false;
                     }
                     expect_ok(&client.request(&sign)?.context("agent closed")?)?;
                 }
             })();
             // Whatever happened, the lister is not left waiting for it.
-            *lock(&control) = (Signer::Stop, true);
-            control.1.notify_all();
+            *control.lock() = SignerState {
+                order: Signer::Stop,
+                between_signatures: true,
+            };
+            control.changed.notify_all();
             result
         })
     };
     let tell = |order: Signer| {
-        let mut state = lock(&control);
-        if state.0 != Signer::Stop {
-            state.0 = order;
+        let mut state = control.lock();
+        if state.order != Signer::Stop {
+            state.order = order;
         }
-        control.1.notify_all();
+        control.changed.notify_all();
         // Turns alone start once the signature in flight has ended.
-        while order == Signer::Pause && state.0 == Signer::Pause && !state.1 {
-            state = control
-                .1
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while order == Signer::Pause && state.order == Signer::Pause && !state.between_signatures {
+            state = control.wait(state);
         }
     };
     let listed = (|| -> anyhow::Result<Vec<(Throughput, Throughput)>> {
@@ -721,8 +748,8 @@ mod floor {
 
     impl Relay {
         /// The relay process (its helpers are its children).
-        pub(crate) fn pid(&self) -> Option<u32> {
-            Some(self.child.id())
+        pub(crate) fn pid(&self) -> u32 {
+            self.child.id()
         }
 
         /// Starts a relay on `socket` and waits until it listens.

@@ -3,6 +3,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
+use token_agent_e2e::bench::sign_request;
 use token_agent_e2e::openssh::restrict_to_one_of_two;
 use token_agent_e2e::wire::{self, RawClient};
 use token_agent_e2e::{agent_binary, check, sign_file, stdout, wait_for, write_script};
@@ -21,12 +22,8 @@ fn reasons(agent: &Agent) -> anyhow::Result<Vec<String>> {
 /// not ask for a key the agent does not list); true when it was signed.
 fn raw_sign(agent: &Agent, public: &Path) -> anyhow::Result<bool> {
     let blob = ssh_key::PublicKey::read_openssh_file(public)?.to_bytes()?;
-    let mut sign = vec![13];
-    token_agent_core::push_string(&mut sign, &blob);
-    token_agent_core::push_string(&mut sign, b"data");
-    sign.extend_from_slice(&0u32.to_be_bytes());
     let mut client = RawClient::connect(agent.socket())?;
-    client.send(&sign)?;
+    client.send(&sign_request(&blob, b"data", 0))?;
     Ok(client.receive()?.unwrap_or_default().first() == Some(&wire::SIGN_RESPONSE))
 }
 
@@ -168,11 +165,7 @@ fn issue_14_a_destination_refusal_names_the_hop() -> anyhow::Result<()> {
     client.send(&wire::session_bind(agent.dir(), false)?)?;
     assert_eq!(client.receive()?.unwrap_or_default(), [wire::SUCCESS]);
     let blob = ssh_key::PublicKey::read_openssh_file(&key.with_extension("pub"))?.to_bytes()?;
-    let mut sign = vec![13];
-    token_agent_core::push_string(&mut sign, &blob);
-    token_agent_core::push_string(&mut sign, b"not a user authentication");
-    sign.extend_from_slice(&0u32.to_be_bytes());
-    client.send(&sign)?;
+    client.send(&sign_request(&blob, b"not a user authentication", 0))?;
     assert_eq!(client.receive()?.unwrap_or_default(), [wire::FAILURE]);
     let doc = agent.status()?;
     assert_eq!(
