@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
@@ -18,6 +19,7 @@ use crate::ctap::{AuthFlags, Authenticator, CoseAlgorithm, CtapError, GetAsserti
 use crate::middleware::{self, MiddlewareError, MiddlewareOptions, Middlewares};
 use crate::resident;
 use crate::sk::{self, SkKey};
+use crate::turn::PinTurns;
 use crate::worker::Workers;
 
 /// The backend's name, carried by every [`KeyRef`] it issues.
@@ -57,6 +59,10 @@ pub struct FidoBackend {
 struct Inner {
     discovery: Arc<dyn Discovery>,
     workers: Workers,
+    /// Each authenticator's turn at asking for its PIN, by device id.
+    pin_turns: PinTurns,
+    /// The same for the devices behind each middleware, by its path.
+    middleware_pin_turns: PinTurns,
     middlewares: Middlewares,
     keys: Mutex<Keys>,
     sink: OnceLock<IdentitySink>,
@@ -108,6 +114,8 @@ impl FidoBackend {
             inner: Arc::new(Inner {
                 discovery,
                 workers: Workers::default(),
+                pin_turns: PinTurns::default(),
+                middleware_pin_turns: PinTurns::default(),
                 middlewares: Middlewares::new(middleware),
                 keys: Mutex::new(Keys::default()),
                 sink: OnceLock::new(),
@@ -241,6 +249,9 @@ impl FidoBackend {
             .filter_map(|h| h.provider.clone())
             .collect();
         self.inner.middlewares.retain(&in_use);
+        self.inner
+            .middleware_pin_turns
+            .retain(|provider| in_use.iter().any(|p| p == provider));
     }
 
     /// Signs through the middleware at `provider`, as OpenSSH's ssh-agent
@@ -254,18 +265,29 @@ impl FidoBackend {
         subject: PromptSubject,
         request: &SignRequest,
         prompter: &dyn Prompter,
+        arrived: Instant,
     ) -> Result<SshSignature, Error> {
         let device = middleware_device(provider);
-        let mut pin = if sk_key.needs_pin() {
-            Some(ask_middleware_pin(subject.clone(), prompter, &device).await?)
+        // Every PIN is asked in the middleware's turn, held until it has
+        // answered (see crate::turn): the one a verify-required key needs
+        // first, and the one a middleware asks for on its own.
+        let turn = self.inner.middleware_pin_turns.of(provider);
+        let ask = || async {
+            let held = turn.take(arrived).await?;
+            let pin = held.asked(ask_middleware_pin(subject.clone(), prompter, &device).await)?;
+            Ok::<_, Error>((held, pin))
+        };
+        let (mut held, mut pin) = if sk_key.needs_pin() {
+            let (held, pin) = ask().await?;
+            (Some(held), Some(pin))
         } else {
-            None
+            (None, None)
         };
         let algorithm = match sk_key.algorithm() {
             CoseAlgorithm::EdDsa => SkAlgorithm::Ed25519,
             CoseAlgorithm::Es256 => SkAlgorithm::Ecdsa,
         };
-        let signed = loop {
+        let (signed, refused) = loop {
             let sign = middleware::Sign {
                 alg: algorithm.code(),
                 data: request.data.clone(),
@@ -292,14 +314,15 @@ impl FidoBackend {
             let result = self.inner.middlewares.sign(provider, sign).await;
             drop(notice);
             match result {
-                Ok(signed) => break signed,
+                Ok(signed) => break (Ok(signed), false),
                 Err(MiddlewareError::Sk {
                     error: SkError::PinRequired,
                     ..
                 }) if pin.is_none() => {
                     // A device that demands verification for every use (alwaysUv).
                     tracing::debug!(middleware = provider, "the sk middleware asks for a PIN");
-                    pin = Some(ask_middleware_pin(subject.clone(), prompter, &device).await?);
+                    let (now_held, given) = ask().await?;
+                    (held, pin) = (Some(now_held), Some(given));
                 }
                 Err(MiddlewareError::Sk {
                     error: SkError::PinRequired,
@@ -308,14 +331,19 @@ impl FidoBackend {
                     // sk-api.h has no code for a wrong PIN: PIN_REQUIRED in
                     // answer to a PIN means it was refused. Never retried:
                     // each try costs one of the device's.
-                    return Err(Error::WrongPin {
-                        device,
+                    let wrong = Error::WrongPin {
+                        device: device.clone(),
                         tries_left: None,
-                    });
+                    };
+                    break (Err(wrong), true);
                 }
-                Err(err) => return Err(middleware_error(&device, err)),
+                Err(err) => break (Err(middleware_error(&device, err)), false),
             }
         };
+        let signed = match held {
+            Some(held) => held.answered(signed, refused),
+            None => signed,
+        }?;
         tracing::debug!(
             middleware = provider,
             flags = signed.flags,
@@ -339,6 +367,9 @@ impl FidoBackend {
             .unwrap_or_default();
         let ids: Vec<String> = devices.iter().map(|d| d.id()).collect();
         self.inner.workers.retain(&ids);
+        self.inner
+            .pin_turns
+            .retain(|id| ids.iter().any(|i| i == id));
         devices
     }
 
@@ -406,6 +437,8 @@ impl Backend for FidoBackend {
         context: &SignContext,
         prompter: Arc<dyn Prompter>,
     ) -> Result<SshSignature, Error> {
+        // Where the request stands among others that ask for the same PIN.
+        let arrived = Instant::now();
         let Found {
             key: sk_key,
             comment,
@@ -420,7 +453,14 @@ impl Backend for FidoBackend {
             }
             .with_context(context);
             return self
-                .sign_through_middleware(&sk_key, &provider, subject, request, prompter.as_ref())
+                .sign_through_middleware(
+                    &sk_key,
+                    &provider,
+                    subject,
+                    request,
+                    prompter.as_ref(),
+                    arrived,
+                )
                 .await;
         }
         let device = self.holder(&sk_key).await?;
@@ -432,10 +472,20 @@ impl Backend for FidoBackend {
             ..PromptSubject::default()
         }
         .with_context(context);
-        let pin = if sk_key.needs_pin() {
-            Some(ask_pin(self, &device, subject.clone(), prompter.as_ref()).await?)
-        } else {
-            None
+        // A verify-required key asks for the PIN in the device's turn, held
+        // until the device has answered (see crate::turn).
+        let turn = sk_key
+            .needs_pin()
+            .then(|| self.inner.pin_turns.of(&device.id()));
+        let held = match &turn {
+            Some(turn) => Some(turn.take(arrived).await?),
+            None => None,
+        };
+        let pin = match &held {
+            Some(held) => {
+                Some(held.asked(ask_pin(self, &device, subject.clone(), prompter.as_ref()).await)?)
+            }
+            None => None,
         };
         let assertion = GetAssertion {
             rp_id: sk_key.application().to_owned(),
@@ -465,7 +515,17 @@ impl Backend for FidoBackend {
             .run(&device, move |d| d.get_assertion(&assertion))
             .await;
         drop(notice);
-        let assertion = result?.map_err(|e| device_error(&device_info, e))?;
+        let refused = matches!(
+            result,
+            Ok(Err(CtapError::PinInvalid { .. }
+                | CtapError::PinBlocked
+                | CtapError::PinAuthBlocked))
+        );
+        let assertion = result.and_then(|r| r.map_err(|e| device_error(&device_info, e)));
+        let assertion = match held {
+            Some(held) => held.answered(assertion, refused),
+            None => assertion,
+        }?;
         tracing::debug!(
             device = device.label(),
             flags = assertion.flags.0,

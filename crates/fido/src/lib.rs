@@ -47,6 +47,7 @@ mod hid;
 pub mod middleware;
 mod resident;
 pub mod sk;
+mod turn;
 mod worker;
 
 pub use backend::{Discovery, FidoBackend, Fixed, NAME};

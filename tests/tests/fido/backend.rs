@@ -1,15 +1,20 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
 use fido_sim::{Presence, Simulator};
+use secrecy::SecretString;
 use ssh_key::Algorithm;
 use token_agent_core::{
-    AddKey, Backend, Error, Identity, NoticeKind, SignContext, SignFlags, SignRequest,
+    AddKey, Backend, ConfirmRequest, Error, Identity, Notice, NoticeGuard, NoticeKind, PinRequest,
+    PromptError, Prompter, SignContext, SignFlags, SignRequest, SshSignature,
 };
 use token_agent_e2e::conformance::{self, Published};
 use token_agent_fido::ctap::{CoseAlgorithm, MakeCredential, User};
-use token_agent_fido::{sk, Authenticator, Enrolment, FidoBackend, Fixed, SkKey};
+use token_agent_fido::{
+    sk, Authenticator, Enrolment, FidoBackend, Fixed, HelperCommand, MiddlewareOptions, SkKey,
+};
 use token_agent_prompt::{Asked, Scripted, ScriptedAnswer};
 
 const PIN: &str = "4321";
@@ -63,8 +68,8 @@ async fn sign(
     backend: &FidoBackend,
     identity: &Identity,
     data: &[u8],
-    prompter: Arc<Scripted>,
-) -> Result<token_agent_core::SshSignature, Error> {
+    prompter: Arc<dyn Prompter>,
+) -> Result<SshSignature, Error> {
     let request = SignRequest {
         data: data.to_vec(),
         flags: SignFlags::default(),
@@ -267,6 +272,179 @@ async fn a_wrong_pin_is_not_retried_and_says_tries_left() -> anyhow::Result<()> 
     let (_sim, backend, identity) = verify_required_key().await?;
     let tries = conformance::wrong_pin_is_not_retried(&backend, &identity, "9999").await?;
     ensure!(tries == Some(7), "tries left {tries:?}");
+    Ok(())
+}
+
+/// Four signatures with `identity` at once through `prompter`. The first
+/// question is answered only once all four have arrived, as when a person
+/// takes a moment to type: the whole burst stands behind that answer.
+async fn four_at_once(
+    backend: &FidoBackend,
+    identity: &Identity,
+    prompter: &Arc<Scripted>,
+) -> [Result<SshSignature, Error>; 4] {
+    let gated = Arc::new(Gated {
+        arrived: AtomicUsize::new(0),
+        expected: 4,
+        inner: prompter.clone(),
+    });
+    let one = || {
+        let gated = gated.clone();
+        async move {
+            // Counted in the same poll that starts the request, so the
+            // count is only ever reached by requests that have arrived.
+            gated.arrived.fetch_add(1, Ordering::SeqCst);
+            sign(backend, identity, b"burst", gated).await
+        }
+    };
+    let (a, b, c, d) = tokio::join!(one(), one(), one(), one());
+    [a, b, c, d]
+}
+
+/// A prompter that answers no PIN before `expected` requests have arrived.
+#[derive(Debug)]
+struct Gated {
+    arrived: AtomicUsize,
+    expected: usize,
+    inner: Arc<Scripted>,
+}
+
+#[async_trait::async_trait]
+impl Prompter for Gated {
+    async fn pin(&self, request: &PinRequest) -> Result<SecretString, PromptError> {
+        while self.arrived.load(Ordering::SeqCst) < self.expected {
+            tokio::task::yield_now().await;
+        }
+        self.inner.pin(request).await
+    }
+
+    async fn confirm(&self, request: &ConfirmRequest) -> Result<bool, PromptError> {
+        self.inner.confirm(request).await
+    }
+
+    fn notify(&self, notice: &Notice) -> NoticeGuard {
+        self.inner.notify(notice)
+    }
+}
+
+fn pin_requests(prompter: &Scripted) -> Vec<PinRequest> {
+    prompter
+        .asked()
+        .into_iter()
+        .filter_map(|a| match a {
+            Asked::Pin(request) => Some(request),
+            _ => None,
+        })
+        .collect()
+}
+
+fn answers(first: ScriptedAnswer) -> Arc<Scripted> {
+    let right = ScriptedAnswer::Pin(PIN.into());
+    Arc::new(Scripted::new([first, right.clone(), right.clone(), right]))
+}
+
+#[tokio::test]
+async fn signatures_that_waited_behind_a_wrong_pin_or_a_cancel_fail_with_it() -> anyhow::Result<()>
+{
+    let (sim, backend, identity) = verify_required_key().await?;
+
+    // A wrong PIN: all four fail with it, one try spent, nobody asked again.
+    let wrong = answers(ScriptedAnswer::Pin("0000".into()));
+    for result in four_at_once(&backend, &identity, &wrong).await {
+        ensure!(
+            matches!(
+                result,
+                Err(Error::WrongPin {
+                    tries_left: Some(7),
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+    }
+    ensure!(pin_requests(&wrong).len() == 1, "{:?}", wrong.asked());
+    ensure!(sim.pin_retries()? == 7);
+
+    // A Cancel ends the next burst the same way, and costs no try.
+    let cancel = answers(ScriptedAnswer::Cancel);
+    for result in four_at_once(&backend, &identity, &cancel).await {
+        ensure!(matches!(result, Err(Error::Prompt(_))), "{result:?}");
+    }
+    ensure!(pin_requests(&cancel).len() == 1, "{:?}", cancel.asked());
+    ensure!(sim.pin_retries()? == 7);
+
+    // A FIDO PIN serves one assertion: each request of the next burst asks
+    // in its turn, and hears the tries the device has by then.
+    let right = answers(ScriptedAnswer::Pin(PIN.into()));
+    for result in four_at_once(&backend, &identity, &right).await {
+        conformance::verify(identity.public_key(), b"burst", &result?)?;
+    }
+    let tries: Vec<Option<u32>> = pin_requests(&right).iter().map(|r| r.tries_left).collect();
+    ensure!(
+        tries == [Some(7), Some(8), Some(8), Some(8)],
+        "tries shown {tries:?}"
+    );
+    ensure!(sim.pin_retries()? == 8);
+    Ok(())
+}
+
+#[tokio::test]
+async fn middleware_signatures_that_waited_behind_a_wrong_pin_fail_with_it() -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("fido-burst").tempdir()?;
+    let state = dir.path().join("sim");
+    let sim = Simulator::open("token", &state)?;
+    sim.set_pin(PIN)?;
+    let key = make_key(
+        &sim,
+        &Enrolment {
+            verify_required: true,
+            pin: Some(PIN.to_owned().into()),
+            ..enrolment(CoseAlgorithm::EdDsa)
+        },
+    )?;
+    // The middleware's helper finds the simulator's state file through its
+    // environment, which the helper command sets for it alone.
+    let helper = HelperCommand {
+        program: "env".into(),
+        args: vec![
+            format!("{}={}", fido_sim::middleware::STATE_ENV, state.display()).into(),
+            token_agent_e2e::agent_binary()?.into(),
+            "--sk-helper".into(),
+        ],
+    };
+    let backend = FidoBackend::with_middleware(
+        Arc::new(Fixed(Vec::new())),
+        MiddlewareOptions {
+            helper,
+            call_timeout: Duration::from_secs(30),
+        },
+    );
+    let published = Published::default();
+    backend.start(published.sink());
+    let library = token_agent_e2e::fido_sim_middleware()?;
+    let identity = backend
+        .add_key(AddKey {
+            keypair: key.to_keypair()?,
+            opaque_secret: None,
+            comment: "burst".into(),
+            certificate: None,
+            sk_provider: Some(library.display().to_string()),
+        })
+        .await?;
+
+    let wrong = answers(ScriptedAnswer::Pin("0000".into()));
+    for result in four_at_once(&backend, &identity, &wrong).await {
+        ensure!(matches!(result, Err(Error::WrongPin { .. })), "{result:?}");
+    }
+    ensure!(pin_requests(&wrong).len() == 1, "{:?}", wrong.asked());
+    ensure!(Simulator::open("token", &state)?.pin_retries()? == 7);
+
+    let right = answers(ScriptedAnswer::Pin(PIN.into()));
+    for result in four_at_once(&backend, &identity, &right).await {
+        conformance::verify(identity.public_key(), b"burst", &result?)?;
+    }
+    ensure!(pin_requests(&right).len() == 4, "{:?}", right.asked());
+    ensure!(Simulator::open("token", &state)?.pin_retries()? == 8);
     Ok(())
 }
 
