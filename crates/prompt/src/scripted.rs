@@ -54,6 +54,17 @@ impl Scripted {
         lock(&self.asked).clone()
     }
 
+    /// The PIN requests asked so far, in order.
+    pub fn pin_requests(&self) -> Vec<PinRequest> {
+        lock(&self.asked)
+            .iter()
+            .filter_map(|a| match a {
+                Asked::Pin(request) => Some(request.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// How many notices are raised and not yet withdrawn.
     pub fn active_notices(&self) -> usize {
         self.active_notices.load(Ordering::SeqCst)

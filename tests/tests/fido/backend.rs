@@ -225,11 +225,11 @@ async fn a_touch_that_never_comes_times_out() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn verify_required_key() -> anyhow::Result<(Arc<Simulator>, FidoBackend, Identity)> {
-    let sim = Arc::new(Simulator::new("pin"));
+/// Sets `sim`'s PIN and makes a verify-required ed25519-sk key on it.
+fn make_verify_required_key(sim: &Simulator) -> anyhow::Result<SkKey> {
     sim.set_pin(PIN)?;
     let key = make_key(
-        &sim,
+        sim,
         &Enrolment {
             verify_required: true,
             pin: Some(PIN.to_owned().into()),
@@ -237,6 +237,12 @@ async fn verify_required_key() -> anyhow::Result<(Arc<Simulator>, FidoBackend, I
         },
     )?;
     ensure!(key.flags() == sk::USER_PRESENCE_REQUIRED | sk::USER_VERIFICATION_REQUIRED);
+    Ok(key)
+}
+
+async fn verify_required_key() -> anyhow::Result<(Arc<Simulator>, FidoBackend, Identity)> {
+    let sim = Arc::new(Simulator::new("pin"));
+    let key = make_verify_required_key(&sim)?;
     let (backend, _, mut ids) = backend_with(vec![sim.clone()], &[(&key, "verify")]).await?;
     Ok((sim, backend, ids.remove(0)))
 }
@@ -327,17 +333,6 @@ impl Prompter for Gated {
     }
 }
 
-fn pin_requests(prompter: &Scripted) -> Vec<PinRequest> {
-    prompter
-        .asked()
-        .into_iter()
-        .filter_map(|a| match a {
-            Asked::Pin(request) => Some(request),
-            _ => None,
-        })
-        .collect()
-}
-
 fn answers(first: ScriptedAnswer) -> Arc<Scripted> {
     let right = ScriptedAnswer::Pin(PIN.into());
     Arc::new(Scripted::new([first, right.clone(), right.clone(), right]))
@@ -362,7 +357,7 @@ async fn signatures_that_waited_behind_a_wrong_pin_or_a_cancel_fail_with_it() ->
             "{result:?}"
         );
     }
-    ensure!(pin_requests(&wrong).len() == 1, "{:?}", wrong.asked());
+    ensure!(wrong.pin_requests().len() == 1, "{:?}", wrong.asked());
     ensure!(sim.pin_retries()? == 7);
 
     // A Cancel ends the next burst the same way, and costs no try.
@@ -370,7 +365,7 @@ async fn signatures_that_waited_behind_a_wrong_pin_or_a_cancel_fail_with_it() ->
     for result in four_at_once(&backend, &identity, &cancel).await {
         ensure!(matches!(result, Err(Error::Prompt(_))), "{result:?}");
     }
-    ensure!(pin_requests(&cancel).len() == 1, "{:?}", cancel.asked());
+    ensure!(cancel.pin_requests().len() == 1, "{:?}", cancel.asked());
     ensure!(sim.pin_retries()? == 7);
 
     // A FIDO PIN serves one assertion: each request of the next burst asks
@@ -379,7 +374,7 @@ async fn signatures_that_waited_behind_a_wrong_pin_or_a_cancel_fail_with_it() ->
     for result in four_at_once(&backend, &identity, &right).await {
         conformance::verify(identity.public_key(), b"burst", &result?)?;
     }
-    let tries: Vec<Option<u32>> = pin_requests(&right).iter().map(|r| r.tries_left).collect();
+    let tries: Vec<Option<u32>> = right.pin_requests().iter().map(|r| r.tries_left).collect();
     ensure!(
         tries == [Some(7), Some(8), Some(8), Some(8)],
         "tries shown {tries:?}"
@@ -392,16 +387,7 @@ async fn signatures_that_waited_behind_a_wrong_pin_or_a_cancel_fail_with_it() ->
 async fn middleware_signatures_that_waited_behind_a_wrong_pin_fail_with_it() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("fido-burst").tempdir()?;
     let state = dir.path().join("sim");
-    let sim = Simulator::open("token", &state)?;
-    sim.set_pin(PIN)?;
-    let key = make_key(
-        &sim,
-        &Enrolment {
-            verify_required: true,
-            pin: Some(PIN.to_owned().into()),
-            ..enrolment(CoseAlgorithm::EdDsa)
-        },
-    )?;
+    let key = make_verify_required_key(&Simulator::open("token", &state)?)?;
     // The middleware's helper finds the simulator's state file through its
     // environment, which the helper command sets for it alone.
     let helper = HelperCommand {
@@ -436,14 +422,14 @@ async fn middleware_signatures_that_waited_behind_a_wrong_pin_fail_with_it() -> 
     for result in four_at_once(&backend, &identity, &wrong).await {
         ensure!(matches!(result, Err(Error::WrongPin { .. })), "{result:?}");
     }
-    ensure!(pin_requests(&wrong).len() == 1, "{:?}", wrong.asked());
+    ensure!(wrong.pin_requests().len() == 1, "{:?}", wrong.asked());
     ensure!(Simulator::open("token", &state)?.pin_retries()? == 7);
 
     let right = answers(ScriptedAnswer::Pin(PIN.into()));
     for result in four_at_once(&backend, &identity, &right).await {
         conformance::verify(identity.public_key(), b"burst", &result?)?;
     }
-    ensure!(pin_requests(&right).len() == 4, "{:?}", right.asked());
+    ensure!(right.pin_requests().len() == 4, "{:?}", right.asked());
     ensure!(Simulator::open("token", &state)?.pin_retries()? == 8);
     Ok(())
 }

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use secrecy::SecretString;
 use ssh_key::{Algorithm, EcdsaCurve};
-use token_agent_core::{
-    Backend, Error, NoticeKind, PinRequest, SignContext, SignFlags, SignRequest,
-};
+use token_agent_core::{Backend, Error, NoticeKind, SignContext, SignFlags, SignRequest};
 use token_agent_e2e::conformance;
 use token_agent_e2e::pcsc::{control, READER_NAME};
 use token_agent_prompt::{Asked, Scripted, ScriptedAnswer};
@@ -33,17 +31,6 @@ fn pins(n: usize, pin: &str) -> Arc<Scripted> {
         ScriptedAnswer::Pin(pin.to_owned()),
         n,
     )))
-}
-
-fn pin_requests(prompter: &Scripted) -> Vec<PinRequest> {
-    prompter
-        .asked()
-        .into_iter()
-        .filter_map(|a| match a {
-            Asked::Pin(request) => Some(request),
-            _ => None,
-        })
-        .collect()
 }
 
 async fn sign_ok(
@@ -117,7 +104,7 @@ fn two_cards_are_listed_and_pass_the_conformance_suite() -> Result<()> {
         // asks once, B's 9e never does.
         let prompter = pins(10, PIN);
         conformance::signs_with_every_key(&*started.backend, &all, prompter.clone()).await?;
-        let asked = pin_requests(&prompter);
+        let asked = prompter.pin_requests();
         ensure!(asked.len() == 3, "the PIN was asked {} times", asked.len());
         ensure!(asked.iter().all(|r| r.tries_left == Some(3)));
         ensure!(
@@ -149,7 +136,7 @@ fn two_cards_are_listed_and_pass_the_conformance_suite() -> Result<()> {
         conformance::cancelled_pin_is_the_persons_choice(&*started.backend, &a9a).await?;
         let right = pins(1, PIN);
         sign_ok(&started, &a9a, right.clone()).await?;
-        ensure!(pin_requests(&right)[0].tries_left == Some(2));
+        ensure!(right.pin_requests()[0].tries_left == Some(2));
 
         // Card B goes; A stays; B comes back within the hot-plug limit.
         let b9e = identity(&all, TWO_B, "9e")?;
@@ -196,7 +183,7 @@ fn pin_once_is_cached_until_idle_expiry_or_lock_and_always_asks_each_time() -> R
         let always = identity(&all, POLICIES, "9c")?;
         let prompter = pins(10, PIN);
         let asked = |n: usize| -> Result<()> {
-            let got = pin_requests(&prompter).len();
+            let got = prompter.pin_requests().len();
             ensure!(got == n, "the PIN was asked {got} times, expected {n}");
             Ok(())
         };
@@ -256,7 +243,7 @@ fn cached_pin_is_not_used_on_the_last_try_and_a_blocked_pin_says_how_to_unblock(
         // reconnects by serial and uses its cached PIN (2 tries left).
         wrong_pin_from_another_program()?;
         sign_ok(&started, &key, prompter.clone()).await?;
-        ensure!(pin_requests(&prompter).len() == 1);
+        ensure!(prompter.pin_requests().len() == 1);
 
         // Two wrong PINs elsewhere leave one try: the cached PIN is not used,
         // the person is asked, with a warning.
@@ -272,7 +259,7 @@ fn cached_pin_is_not_used_on_the_last_try_and_a_blocked_pin_says_how_to_unblock(
                 last.clone(),
             )
             .await;
-        let asked = pin_requests(&last);
+        let asked = last.pin_requests();
         ensure!(asked.len() == 1, "asked {} times", asked.len());
         ensure!(asked[0].tries_left == Some(1));
         let warning = asked[0].warning.clone().unwrap_or_default();
@@ -373,7 +360,7 @@ fn requests_that_waited_for_a_wrong_pin_or_a_cancel_fail_with_it_and_do_not_ask_
                 "{result:?}"
             );
         }
-        ensure!(pin_requests(&wrong).len() == 1);
+        ensure!(wrong.pin_requests().len() == 1);
 
         // A Cancel ends the next burst the same way.
         let cancel = Arc::new(Scripted::new([
@@ -383,7 +370,7 @@ fn requests_that_waited_for_a_wrong_pin_or_a_cancel_fail_with_it_and_do_not_ask_
         for result in four(cancel.clone()).await {
             ensure!(matches!(result, Err(Error::Prompt(_))), "{result:?}");
         }
-        ensure!(pin_requests(&cancel).len() == 1);
+        ensure!(cancel.pin_requests().len() == 1);
 
         // A request after that asks again; the right PIN serves the whole
         // burst, the card's tries are back to three.
@@ -392,12 +379,12 @@ fn requests_that_waited_for_a_wrong_pin_or_a_cancel_fail_with_it_and_do_not_ask_
             let signature = result?;
             conformance::verify(key.public_key(), &request(0).data, &signature)?;
         }
-        ensure!(pin_requests(&right).len() == 1);
+        ensure!(right.pin_requests().len() == 1);
         let status = format!("{:?}", started.backend.devices());
         ensure!(status.contains("PIN: 3 tries left"), "{status}");
         let asked = pins(1, PIN);
         sign_ok(&started, &key, asked.clone()).await?;
-        ensure!(pin_requests(&asked).is_empty());
+        ensure!(asked.pin_requests().is_empty());
         Ok(())
     })
 }
