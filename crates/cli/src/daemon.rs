@@ -5,7 +5,9 @@
 //! (`--daemon-child`), waits until the child listens, and then either prints
 //! the shell commands that point at it or runs COMMAND with them set.
 
-use std::io::{BufRead, BufReader, Read};
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -36,11 +38,17 @@ pub(crate) fn start(options: &Options) -> anyhow::Result<ExitCode> {
     let mut child = child.spawn().context("cannot start the agent")?;
     let pid = child.id();
     let stdout = child.stdout.take().context("no pipe from the agent")?;
-    let mut line = String::new();
+    // READY and the socket path's bytes up to a NUL, which no path holds:
+    // a path with a newline or bytes that are not UTF-8 comes through whole.
+    let mut ready = Vec::new();
     BufReader::new(stdout)
-        .read_line(&mut line)
+        .read_until(0, &mut ready)
         .context("cannot read from the agent")?;
-    let Some(socket) = line.trim_end().strip_prefix(READY).map(PathBuf::from) else {
+    let socket = ready
+        .strip_suffix(b"\0")
+        .and_then(|ready| ready.strip_prefix(READY.as_bytes()))
+        .map(|path| PathBuf::from(OsString::from_vec(path.to_vec())));
+    let Some(socket) = socket else {
         // The child failed before listening: relay what it said.
         let mut said = String::new();
         if let Some(mut stderr) = child.stderr.take() {
@@ -55,7 +63,9 @@ pub(crate) fn start(options: &Options) -> anyhow::Result<ExitCode> {
     drop(child.stderr.take());
 
     if options.command.is_empty() {
-        print!("{}", shell::environment(options.shell, &socket, pid, true));
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(&shell::environment(options.shell, &socket, pid, true))?;
+        stdout.flush().context("cannot write to stdout")?;
         return Ok(ExitCode::SUCCESS);
     }
     let (program, args) = options.command.split_first().context("no command given")?;

@@ -1,6 +1,7 @@
 //! Running the agent: bind the socket, wire the router, serve until told to stop.
 
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -31,7 +32,8 @@ pub(crate) enum Role {
     DaemonChild,
 }
 
-/// The first line a daemon child prints once it listens, followed by the socket path.
+/// What a daemon child prints once it listens, followed by the socket path
+/// and a NUL.
 pub(crate) const READY: &str = "TOKEN-AGENT-READY ";
 
 /// Serves until SIGTERM (or SIGINT in the foreground, or the parent's exit).
@@ -318,13 +320,18 @@ fn announce(options: &Options, role: Role, socket: &Path) -> anyhow::Result<()> 
     let mut stdout = std::io::stdout().lock();
     match role {
         Role::Foreground { .. } => {
-            write!(
-                stdout,
-                "{}",
-                shell::environment(options.shell, socket, std::process::id(), false)
-            )?;
+            stdout.write_all(&shell::environment(
+                options.shell,
+                socket,
+                std::process::id(),
+                false,
+            ))?;
         }
-        Role::DaemonChild => writeln!(stdout, "{READY}{}", socket.display())?,
+        Role::DaemonChild => {
+            stdout.write_all(READY.as_bytes())?;
+            stdout.write_all(socket.as_os_str().as_bytes())?;
+            stdout.write_all(b"\0")?;
+        }
     }
     stdout.flush().context("cannot write to stdout")
 }

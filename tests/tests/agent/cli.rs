@@ -23,7 +23,12 @@ pub(crate) fn snapshot(name: &str, actual: &str) -> anyhow::Result<()> {
 }
 
 fn token_agent(dir: &Path) -> anyhow::Result<Command> {
-    let mut command = Command::new(agent_binary()?);
+    Ok(isolated(agent_binary()?, dir))
+}
+
+/// `program` with HOME, TMPDIR and the XDG directories in `dir`, and no agent.
+fn isolated(program: impl AsRef<std::ffi::OsStr>, dir: &Path) -> Command {
+    let mut command = Command::new(program);
     command
         .env("HOME", dir)
         .env("TMPDIR", dir)
@@ -31,7 +36,7 @@ fn token_agent(dir: &Path) -> anyhow::Result<Command> {
         .env("XDG_CONFIG_HOME", dir)
         .env_remove("SSH_AUTH_SOCK")
         .env_remove("SSH_AGENT_PID");
-    Ok(command)
+    command
 }
 
 fn variable(text: &str, name: &str) -> Option<String> {
@@ -272,5 +277,148 @@ fn issue_12_e_md5_shows_md5_fingerprints() -> anyhow::Result<()> {
         "{}",
         stderr(&bad)
     );
+    Ok(())
+}
+
+/// Socket paths a shell would split, expand or run if printed bare, and one
+/// a line-based handoff from the background agent would cut.
+fn awkward_socket_paths(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use std::os::unix::ffi::OsStrExt;
+    let names: [&[u8]; 6] = [
+        b"sp ace/s",
+        b"it's a \"socket\"",
+        b"a$HOME`id`;b",
+        b"back\\slash and\ttab",
+        b"caf\xe9!",
+        b"new\nline",
+    ];
+    let mut paths = Vec::new();
+    for name in names {
+        let path = dir.join(std::ffi::OsStr::from_bytes(name));
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+/// Stops the agent a test started, by the pid it printed, if it still runs.
+fn stop_printed_agent(pid: &str) {
+    if let Ok(pid) = pid.trim().parse::<i32>() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+#[test]
+fn socket_paths_survive_eval_in_sh_and_csh_background_and_foreground() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir()?;
+    let binary = agent_binary()?;
+    // A C shell is checked where one is installed.
+    let csh = ["tcsh", "csh"].into_iter().find(|shell| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {shell}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let lines_file = dir.path().join("lines");
+    for socket in awkward_socket_paths(dir.path())? {
+        let bytes = socket.as_os_str().as_bytes();
+        let shown = socket.display();
+        // A C shell's eval "`...`" turns every newline into a space.
+        let csh = csh.filter(|_| !bytes.contains(&b'\n'));
+
+        // In the background, as a login script starts it.
+        let output = check(
+            isolated("sh", dir.path())
+                .args([
+                    "-c",
+                    r#"eval "$("$1" -s -a "$2")" >/dev/null || exit 1
+                       printf '%s\n' "$SSH_AGENT_PID" >&2
+                       ssh-add -l >/dev/null 2>&1
+                       [ $? -le 1 ] || exit 1
+                       printf %s "$SSH_AUTH_SOCK""#,
+                    "sh",
+                ])
+                .arg(&binary)
+                .arg(&socket)
+                .output()?,
+            &format!("sh: eval \"$(token-agent -s -a {shown:?})\" and ssh-add -l"),
+        )?;
+        stop_printed_agent(&stderr(&output));
+        assert_eq!(output.stdout, bytes, "sh, background, {shown:?}");
+
+        if let Some(csh) = csh {
+            let output = token_agent(dir.path())?
+                .arg("-c")
+                .arg("-a")
+                .arg(&socket)
+                .output()?;
+            std::fs::write(&lines_file, &output.stdout)?;
+            let seen = isolated(csh, dir.path())
+                .args([
+                    "-f",
+                    "-c",
+                    "eval \"`cat $LINES`\" >/dev/null; printf %s \"$SSH_AUTH_SOCK\"; kill $SSH_AGENT_PID",
+                ])
+                .env("LINES", &lines_file)
+                .output()?;
+            assert_eq!(seen.stdout, bytes, "csh, background, {shown:?}");
+        }
+
+        // In the foreground: the lines come first, then the agent serves on.
+        for (flag, shell) in [("-s", Some("sh")), ("-c", csh)] {
+            let Some(shell) = shell else { continue };
+            let mut agent = token_agent(dir.path())?
+                .args(["-D", flag, "-a"])
+                .arg(&socket)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let mut lines = Vec::new();
+            if let Some(stdout) = agent.stdout.take() {
+                let mut reader = BufReader::new(stdout);
+                loop {
+                    let start = lines.len();
+                    if reader.read_until(b'\n', &mut lines)? == 0
+                        || lines[start..].starts_with(b"echo Agent pid")
+                    {
+                        break;
+                    }
+                }
+            }
+            std::fs::write(&lines_file, &lines)?;
+            let args = if flag == "-s" {
+                [
+                    "-c",
+                    r#"eval "$(cat "$LINES")" >/dev/null; printf %s "$SSH_AUTH_SOCK""#,
+                    "",
+                ]
+            } else {
+                [
+                    "-f",
+                    "-c",
+                    "eval \"`cat $LINES`\" >/dev/null; printf %s \"$SSH_AUTH_SOCK\"",
+                ]
+            };
+            let seen = isolated(shell, dir.path())
+                .args(args.into_iter().filter(|arg| !arg.is_empty()))
+                .env("LINES", &lines_file)
+                .output()?;
+            stop_printed_agent(&agent.id().to_string());
+            let _ = agent.wait();
+            assert_eq!(
+                seen.stdout,
+                bytes,
+                "{shell}, foreground, {shown:?}, lines {:?}",
+                String::from_utf8_lossy(&lines)
+            );
+        }
+    }
     Ok(())
 }
