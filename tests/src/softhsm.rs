@@ -195,6 +195,9 @@ pub enum Shim {
     /// in) logs the token in with this PIN as it ends: another lane's login
     /// landing between the search and what the helper does next.
     LoginRace(String),
+    /// C_GetTokenInfo pads the token's label, manufacturer, model and
+    /// serial with NULs instead of the spaces PKCS#11 asks for.
+    NulPadded,
 }
 
 /// Compiles `tests/fixtures/pkcs11/shim.c` in `mode` into `dir`, forwarding to
@@ -214,6 +217,7 @@ pub fn build_shim(dir: &Path, mode: Shim, softhsm: &SoftHsm) -> anyhow::Result<P
             format!("-DSHIM_LOGIN_RACE=\"{pin}\""),
             "libloginrace-pkcs11.so",
         ),
+        Shim::NulPadded => ("-DSHIM_NUL_PADDED".to_owned(), "libnulpadded-pkcs11.so"),
     };
     let output = dir.join(name);
     check(

@@ -1247,12 +1247,14 @@ fn comment(token: &TokenState, key_label: &str) -> String {
     format!("{}: {key}", token.label)
 }
 
-/// module path, serial and label of the token, then the CKA_ID, NUL-separated.
+/// The module path, serial and label of the token, each as an SSH string
+/// (length first), then the CKA_ID. Lengths, not separators: a module may
+/// put any byte in what it reports (some pad labels with NULs), and a
+/// separator inside a part would make the key impossible to find.
 fn key_ref(module: &Module, token: &TokenState, id: &[u8]) -> KeyRef {
     let mut handle = Vec::new();
     for part in [&module.path, &token.serial, &token.label] {
-        handle.extend_from_slice(part.as_bytes());
-        handle.push(0);
+        token_agent_core::push_string(&mut handle, part.as_bytes());
     }
     handle.extend_from_slice(id);
     KeyRef::new(NAME, handle)
@@ -1261,9 +1263,11 @@ fn key_ref(module: &Module, token: &TokenState, id: &[u8]) -> KeyRef {
 /// The module path, serial, label and CKA_ID of a [`key_ref`] handle, as
 /// bytes: a signature compares them with what it knows, which needs no
 /// UTF-8 check.
-fn parse_key_ref(handle: &[u8]) -> Option<[&[u8]; 4]> {
-    let mut parts = handle.splitn(4, |b| *b == 0);
-    Some([parts.next()?, parts.next()?, parts.next()?, parts.next()?])
+fn parse_key_ref(mut handle: &[u8]) -> Option<[&[u8]; 4]> {
+    let path = token_agent_core::read_string(&mut handle)?;
+    let serial = token_agent_core::read_string(&mut handle)?;
+    let label = token_agent_core::read_string(&mut handle)?;
+    Some([path, serial, label, handle])
 }
 
 #[cfg(test)]
@@ -1294,6 +1298,23 @@ mod tests {
             [&b"/usr/lib/x.so"[..], b"0123", b"alice"]
         );
         assert_eq!(id, [0, 1, 0]);
+    }
+
+    #[test]
+    fn key_refs_round_trip_with_nul_in_the_label_and_serial() {
+        let module = Module::new("/usr/lib/x.so".into(), true, PinSource::Prompt);
+        let token = TokenState {
+            label: "alice\0\0".into(),
+            serial: "01\x0023".into(),
+            ..token()
+        };
+        let key = key_ref(&module, &token, &[4]);
+        let [path, serial, label, id] = parse_key_ref(key.handle()).unwrap();
+        assert_eq!(
+            [path, serial, label, id],
+            [&b"/usr/lib/x.so"[..], b"01\x0023", b"alice\0\0", &[4]]
+        );
+        assert!(parse_key_ref(&key.handle()[..10]).is_none());
     }
 
     #[test]

@@ -356,9 +356,9 @@ impl Helper {
         let keys = self.with_session(slot, |session| Ok(token_keys(session)?))?;
         Ok(TokenState {
             slot: slot.id(),
-            label: info.label().trim().to_owned(),
-            serial: info.serial_number().trim().to_owned(),
-            model: info.model().trim().to_owned(),
+            label: text(info.label()),
+            serial: text(info.serial_number()),
+            model: text(info.model()),
             protected_auth_path: info.protected_authentication_path(),
             login_required: info.login_required(),
             pin: PinState {
@@ -662,6 +662,22 @@ fn give_back(pool: &Pool, session: Session) {
     }
 }
 
+/// A PKCS#11 text field as `ssh-add -l`, logs and prompts can show it.
+/// PKCS#11 pads CK_TOKEN_INFO's fixed-width fields (label, manufacturer,
+/// model, serial) with spaces, but some modules pad them with NULs, or end
+/// them with one as a C string: NULs and whitespace go from both ends. A
+/// control character left inside (a NUL, a newline) becomes U+FFFD, as an
+/// invalid UTF-8 byte does: ssh-add refuses the whole listing when one
+/// comment holds a NUL ("invalid format"), and a newline would make up
+/// lines in logs and prompts.
+fn text(field: &str) -> String {
+    field
+        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+        .chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
+}
+
 fn slot_of(id: u64) -> Result<Slot, Failure> {
     Slot::try_from(id).map_err(|_| Failure::Protocol(format!("slot {id} is out of range")))
 }
@@ -728,7 +744,7 @@ fn key_info(
     for attribute in attributes {
         match attribute {
             Attribute::Id(v) => id = Some(v),
-            Attribute::Label(v) => label = String::from_utf8_lossy(&v).trim().to_owned(),
+            Attribute::Label(v) => label = text(&String::from_utf8_lossy(&v)),
             Attribute::KeyType(t) => key_type = Some(t),
             Attribute::Modulus(v) => modulus = Some(v),
             Attribute::PublicExponent(v) => exponent = Some(v),
@@ -868,5 +884,15 @@ mod tests {
         }
         let (_, input) = single_part(Scheme::Ed25519, b"abc");
         assert_eq!(input, b"abc");
+    }
+
+    #[test]
+    fn text_fields_lose_nul_and_space_padding_and_control_characters() {
+        assert_eq!(text("alice\0\0\0\0"), "alice");
+        assert_eq!(text("alice   \0\0 "), "alice");
+        assert_eq!(text("  SoftHSM v2  "), "SoftHSM v2");
+        assert_eq!(text("a\0b\nc\x1bd"), "a\u{fffd}b\u{fffd}c\u{fffd}d");
+        assert_eq!(text("ключ"), "ключ");
+        assert_eq!(text("\0\0\0"), "");
     }
 }

@@ -276,11 +276,12 @@ pub enum Reply {
 pub struct TokenState {
     /// The slot id (it may change when a token is removed and comes back).
     pub slot: u64,
-    /// CKA token label, trimmed.
+    /// The token's label, without its padding (spaces or NULs) and with
+    /// control characters replaced by U+FFFD.
     pub label: String,
-    /// Token serial number, trimmed.
+    /// The token's serial number, cleaned as the label.
     pub serial: String,
-    /// Token model, trimmed.
+    /// The token's model, cleaned as the label.
     pub model: String,
     /// CKF_PROTECTED_AUTHENTICATION_PATH: the PIN is entered on the reader.
     pub protected_auth_path: bool,
@@ -310,7 +311,7 @@ pub struct PinState {
 pub struct KeyInfo {
     /// CKA_ID, shared by the private key and its public key or certificate.
     pub id: Vec<u8>,
-    /// CKA_LABEL of the public key (or certificate).
+    /// CKA_LABEL of the public key (or certificate), cleaned as the token's label.
     pub label: String,
     /// The public key in SSH wire encoding.
     pub public_key: Vec<u8>,

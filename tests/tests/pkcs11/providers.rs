@@ -489,3 +489,34 @@ fn issue_18_a_login_by_another_lane_during_the_key_search_is_not_a_missing_key(
     assert_eq!(replies, [14], "{}", agent.log_text());
     Ok(())
 }
+
+#[test]
+fn a_nul_padded_token_label_lists_and_signs() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("nully", &[KeyKind::P256])?;
+    let modules = tempfile::Builder::new()
+        .prefix("pkcs11-modules")
+        .tempdir()?;
+    // The module pads the token's label, model and serial with NULs, not spaces.
+    let shim = build_shim(modules.path(), Shim::NulPadded, &hsm)?;
+    let allow = format!("/usr/lib*/*,{}/*", modules.path().display());
+    let agent = start_agent(&hsm, &["-P", &allow], "", "unused")?;
+    let software = agent.dir().join("id_software");
+    token_agent_e2e::agent::keygen(&software, "ed25519", "software")?;
+    check(agent.ssh_add([&software])?, "ssh-add")?;
+    check(add_provider(&agent, &shim, PIN)?, "ssh-add -s")?;
+    // ssh-add -l reads every comment as text: one NUL in one comment used
+    // to fail the listing of every key ("invalid format").
+    let output = check(agent.ssh_add(["-l"])?, "ssh-add -l")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(text.contains(" nully: p256-key (ECDSA)"), "{text:?}");
+    assert!(text.contains(" software (ED25519)"), "{text:?}");
+    let listed = wait_listed(&agent, 2, Duration::from_secs(5))?;
+    let token_key = listed
+        .iter()
+        .find(|l| l.ends_with(" nully: p256-key"))
+        .cloned()
+        .unwrap_or_default();
+    sign_and_verify(&agent, &token_key, "nully")?;
+    Ok(())
+}
