@@ -15,6 +15,10 @@
 //! tries each, RSA 1024/2048 and ECC P-256/P-384, PIN and touch policies.
 //! The attestation key is simulated (P-256, self-signed "Yubico PIV
 //! Attestation"), so attestation statements chain to it and not to Yubico's CA.
+//! An older firmware version in [`CardConfig`] takes away what that firmware
+//! lacks, as far as PIV clients can tell: before 5.3 no GET METADATA (6D00);
+//! on 4.x no GET SERIAL (the serial comes from the OTP applet) and every
+//! SELECT of PIV forgets the verified PIN and the management key.
 //!
 //! ```no_run
 //! use std::time::Duration;

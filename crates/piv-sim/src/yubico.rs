@@ -22,9 +22,16 @@ const INS_ATTEST: u8 = 0xF9;
 const INS_SET_PIN_RETRIES: u8 = 0xFA;
 const INS_RESET: u8 = 0xFB;
 
-/// Runs a Yubico instruction; anything else is 6D00.
+/// Runs a Yubico instruction; anything else is 6D00, and so are the
+/// instructions the card's firmware predates: GET SERIAL came with 5.0 (a
+/// YubiKey 4 gives its serial through the OTP applet) and GET METADATA with
+/// 5.3 (clients such as the `yubikey` crate and ykman fall back on older
+/// firmware when they see 6D00).
 pub(crate) fn process(applet: &mut Applet, cmd: &Command) -> Response {
+    let version = applet.state.version();
     respond(match cmd.ins {
+        INS_GET_SERIAL if version < [5, 0, 0] => Err(StatusWord::INS_NOT_SUPPORTED),
+        INS_GET_METADATA if version < [5, 3, 0] => Err(StatusWord::INS_NOT_SUPPORTED),
         INS_GET_VERSION => Ok(Response::ok(applet.state.version().to_vec())),
         INS_GET_SERIAL => Ok(Response::ok(applet.state.serial().to_be_bytes().to_vec())),
         INS_SET_MGM_KEY => set_mgm_key(applet, cmd),

@@ -275,6 +275,90 @@ fn set_pin_retries_needs_pin_and_management_key() -> TestResult {
     Ok(())
 }
 
+/// A card of `version` with PIV selected.
+fn card_of(version: [u8; 3]) -> Result<VirtualCard, piv_sim::Error> {
+    let mut card = VirtualCard::new(CardConfig {
+        serial: 4_300_001,
+        version,
+    })?;
+    assert_eq!(send(&mut card, SELECT).1, 0x9000);
+    Ok(card)
+}
+
+#[test]
+fn older_firmware_lacks_metadata_and_serial_and_a_yubikey_4_reselect_unverifies() -> TestResult {
+    let verify = apdu(0, 0x20, 0, 0x80, b"123456\xFF\xFF");
+    let empty_verify = [0, 0x20, 0, 0x80];
+    let otp_select = apdu(
+        0,
+        0xA4,
+        0x04,
+        0,
+        &[0xA0, 0x00, 0x00, 0x05, 0x27, 0x20, 0x01],
+    );
+
+    // 5.4: metadata and GET SERIAL; a re-select keeps the PIN verified; no OTP applet.
+    let mut card = card_of([5, 4, 3])?;
+    assert_eq!(send(&mut card, &[0, 0xF7, 0, 0x80]).1, 0x9000);
+    assert_eq!(send(&mut card, &[0, 0xF8, 0, 0]).1, 0x9000);
+    assert_eq!(send(&mut card, &verify).1, 0x9000);
+    assert_eq!(send(&mut card, SELECT).1, 0x9000);
+    assert_eq!(send(&mut card, &empty_verify).1, 0x9000);
+    assert_eq!(send(&mut card, &otp_select).1, 0x6A82);
+
+    // 5.2: no GET METADATA yet; otherwise as 5.4.
+    let mut card = card_of([5, 2, 7])?;
+    assert_eq!(send(&mut card, &[0, 0xF7, 0, 0x80]).1, 0x6D00);
+    assert_eq!(send(&mut card, &[0, 0xF7, 0, 0x9A]).1, 0x6D00);
+    assert_eq!(send(&mut card, &[0, 0xF8, 0, 0]).1, 0x9000);
+    assert_eq!(send(&mut card, &verify).1, 0x9000);
+    assert_eq!(send(&mut card, SELECT).1, 0x9000);
+    assert_eq!(send(&mut card, &empty_verify).1, 0x9000);
+
+    // 4.3: no GET METADATA, no GET SERIAL: the serial comes from the OTP applet.
+    let mut card = card_of([4, 3, 7])?;
+    assert_eq!(send(&mut card, &[0, 0xF7, 0, 0x80]).1, 0x6D00);
+    assert_eq!(send(&mut card, &[0, 0xF8, 0, 0]).1, 0x6D00);
+    let (version, sw) = send(&mut card, &[0, 0xFD, 0, 0]);
+    assert_eq!((version, sw), (vec![4, 3, 7], 0x9000));
+    // A re-select forgets the verified PIN and the management key.
+    assert_eq!(send(&mut card, &verify).1, 0x9000);
+    assert_eq!(authenticate(&mut card, 0x03, &DEFAULT_3DES), 0x9000);
+    assert_eq!(send(&mut card, &empty_verify).1, 0x9000);
+    assert_eq!(send(&mut card, SELECT).1, 0x9000);
+    assert_eq!(send(&mut card, &empty_verify).1, 0x63C3);
+    assert_eq!(
+        send(&mut card, &[0, 0xFA, 5, 6]).1,
+        0x6982,
+        "management key forgotten"
+    );
+    // The OTP applet gives the serial; PIV is deselected meanwhile and
+    // selecting it again starts a new session.
+    assert_eq!(send(&mut card, &verify).1, 0x9000);
+    let (status, sw) = send(&mut card, &otp_select);
+    assert_eq!((&status[..3], sw), (&[4, 3, 7][..], 0x9000));
+    let (serial, sw) = send(&mut card, &[0, 0x01, 0x10, 0]);
+    assert_eq!((serial, sw), (4_300_001u32.to_be_bytes().to_vec(), 0x9000));
+    assert_eq!(
+        send(&mut card, &[0, 0xFD, 0, 0]).1,
+        0x6D00,
+        "PIV is not selected"
+    );
+    assert_eq!(send(&mut card, SELECT).1, 0x9000);
+    assert_eq!(send(&mut card, &empty_verify).1, 0x63C3);
+    // The `yubikey` crate selects the OTP applet by its full AID.
+    let full = apdu(
+        0,
+        0xA4,
+        0x04,
+        0,
+        &[0xA0, 0x00, 0x00, 0x05, 0x27, 0x20, 0x01, 0x01],
+    );
+    assert_eq!(send(&mut card, &full).1, 0x9000);
+    assert_eq!(send(&mut card, &[0, 0x01, 0x10, 0, 0]).1, 0x9000);
+    Ok(())
+}
+
 #[test]
 fn garbage_never_panics_and_always_gets_a_status_word() {
     let Ok(mut card) = VirtualCard::new(CardConfig::default()) else {

@@ -138,7 +138,7 @@ pub(crate) fn open(reader: &str, pin_idle: Duration) -> Result<Card, String> {
     let device = device_info(&yubikey);
     let keys = scan(&mut yubikey);
     let status = Arc::new(std::sync::Mutex::new(CardStatus {
-        pin_tries: pin_tries(&mut yubikey).ok(),
+        pin_tries: pin_tries(&mut yubikey).ok().flatten(),
         puk_tries: puk_tries(&mut yubikey),
         pin_cached: false,
     }));
@@ -256,15 +256,37 @@ pub(crate) fn scan(yubikey: &mut YubiKey) -> Vec<SlotKey> {
     keys
 }
 
-/// PIN tries left, without touching the PIN's verified state (GET METADATA on
-/// the PIN; older cards fall back to an empty VERIFY after a re-select).
-pub(crate) fn pin_tries(yubikey: &mut YubiKey) -> Result<u8, yubikey::Error> {
+/// PIN tries left, without touching the PIN's verified state: GET METADATA on
+/// the PIN (firmware 5.3 and later), else an empty VERIFY, which answers the
+/// tries left (63Cx), or 9000 while the PIN is verified: `Ok(None)`, the count
+/// is unknown but the PIN is not blocked.
+///
+/// Not the `yubikey` crate's `get_pin_retries`: like libykpiv's
+/// `ykpiv_get_pin_retries` it re-selects PIV first "to unverify", so that the
+/// empty VERIFY always gives a count, and on a YubiKey 4 that re-select logs
+/// the PIN out: a signature right after the person typed the PIN would find
+/// the card locked again.
+pub(crate) fn pin_tries(yubikey: &mut YubiKey) -> Result<Option<u8>, yubikey::Error> {
+    if let Some(tries) = pin_tries_from_metadata(yubikey)? {
+        return Ok(Some(tries));
+    }
+    match yubikey.verify_pin(&[]) {
+        Ok(()) => Ok(None),
+        // 63Cx with the tries left; 6983 (blocked) comes back as 0 tries.
+        Err(yubikey::Error::WrongPin { tries }) => Ok(Some(tries)),
+        Err(e) => Err(e),
+    }
+}
+
+/// PIN tries left as GET METADATA says; `Ok(None)` on firmware before 5.3,
+/// which has no GET METADATA (6D00).
+fn pin_tries_from_metadata(yubikey: &mut YubiKey) -> Result<Option<u8>, yubikey::Error> {
     match piv::metadata(yubikey, SlotId::Management(ManagementSlotId::Pin)) {
         Ok(metadata) => metadata
             .retries
-            .map(|r| r.remaining_count)
+            .map(|r| Some(r.remaining_count))
             .ok_or(yubikey::Error::ParseError),
-        Err(yubikey::Error::NotSupported) => yubikey.get_pin_retries(),
+        Err(yubikey::Error::NotSupported) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -381,11 +403,11 @@ impl Worker {
             // "Always" asks the person for every signature: that is what the
             // policy is for, so the cached PIN is not used for it.
             let tries = pin_tries(self.handle()?).map_err(card_error)?;
-            if tries == 0 {
+            if tries == Some(0) {
                 return Err(CardError::Blocked);
             }
             return Err(CardError::NeedPin {
-                tries: Some(tries),
+                tries,
                 cache_skipped: false,
             });
         }
@@ -441,20 +463,23 @@ impl Worker {
     /// Verifies with the cached PIN, unless none is cached or only one try is left.
     fn verify_cached(&mut self) -> Result<(), CardError> {
         let tries = pin_tries(self.handle()?).map_err(card_error)?;
-        if tries == 0 {
+        if tries == Some(0) {
             self.cache.clear();
             self.note_pin(Some(0));
             return Err(CardError::Blocked);
         }
-        self.note_pin(Some(tries));
+        self.note_pin(tries);
         let cached = self.cache.is_set();
-        if cached && tries > 1 {
+        // An unknown count means the PIN is verified: no VERIFY failed since
+        // the last one that passed (a failed VERIFY logs the PIN out, SP
+        // 800-73-4 part 2, VERIFY), so the counter is full.
+        if cached && tries != Some(1) {
             if let Some(pin) = self.cache.take_fresh() {
                 return self.verify(&pin);
             }
         }
         Err(CardError::NeedPin {
-            tries: Some(tries),
+            tries,
             cache_skipped: cached,
         })
     }
@@ -466,8 +491,15 @@ impl Worker {
             Ok(()) => {
                 self.verified = true;
                 self.cache.store(pin.clone());
-                let tries = self.yubikey.as_mut().and_then(|y| pin_tries(y).ok());
-                self.note_pin(tries);
+                // The counter is back to its maximum, which only GET METADATA
+                // says: an older card answers an empty VERIFY with 9000 now.
+                let tries = self
+                    .yubikey
+                    .as_mut()
+                    .and_then(|y| pin_tries_from_metadata(y).ok().flatten());
+                let mut status = token_agent_core::lock(&self.status);
+                status.pin_tries = tries;
+                status.pin_cached = self.cache.is_set();
                 Ok(())
             }
             Err(e) => {

@@ -108,7 +108,7 @@ pub fn list() -> Result<Vec<CardReport>, ManageError> {
             device: device_info(&yubikey),
             reader,
             firmware: yubikey.version().to_string(),
-            pin_tries: pin_tries(&mut yubikey).ok(),
+            pin_tries: pin_tries(&mut yubikey).ok().flatten(),
             puk_tries: puk_tries(&mut yubikey),
             keys,
         });

@@ -206,6 +206,58 @@ fn pin_once_is_cached_until_idle_expiry_or_lock_and_always_asks_each_time() -> R
     })
 }
 
+const FIRMWARE_5_2: u32 = 21_000_012;
+
+/// A YubiKey 5 before 5.3 has no GET METADATA: the PIN tries come from an
+/// empty VERIFY, which answers 9000 while the PIN is verified. The agent once
+/// read that as "0 tries left" and called the PIN blocked when a PIN-always
+/// key was used after a PIN-once key had verified it.
+#[test]
+fn firmware_before_5_3_asks_for_a_pin_always_key_after_a_pin_once_key_verified_the_pin(
+) -> Result<()> {
+    if rig_or_child_with(
+        &[piv_sim::CardConfig {
+            serial: FIRMWARE_5_2,
+            version: [5, 2, 7],
+        }],
+        "backend::firmware_before_5_3_asks_for_a_pin_always_key_after_a_pin_once_key_verified_the_pin",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    setup_with_certificates(
+        FIRMWARE_5_2,
+        &[
+            ("9a", token_agent_piv::PinUse::Once),
+            ("9c", token_agent_piv::PinUse::Always),
+        ],
+    )?;
+    let started = start_backend(Duration::from_secs(600));
+    block_on(async {
+        let all = wait_keys(&started.published, FIRMWARE_5_2, 2)?;
+        let once = identity(&all, FIRMWARE_5_2, "9a")?;
+        let always = identity(&all, FIRMWARE_5_2, "9c")?;
+        let prompter = pins(10, PIN);
+        sign_ok(&started, &once, prompter.clone()).await?;
+        let asked = prompter.pin_requests();
+        ensure!(
+            asked.len() == 1 && asked[0].tries_left == Some(3),
+            "{asked:?}"
+        );
+        // The PIN is verified now: the count is unknown, and not zero.
+        sign_ok(&started, &always, prompter.clone()).await?;
+        let asked = prompter.pin_requests();
+        ensure!(
+            asked.len() == 2 && asked[1].tries_left.is_none(),
+            "{asked:?}"
+        );
+        sign_ok(&started, &once, prompter.clone()).await?;
+        ensure!(prompter.pin_requests().len() == 2);
+        Ok(())
+    })
+}
+
 const COUNTER: u32 = 21_000_021;
 
 /// Runs yubico-piv-tool with a wrong PIN; it resets the card when it leaves.

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use secrecy::SecretString;
 use token_agent_core::{Backend, Identity};
 use token_agent_e2e::conformance::Published;
 use token_agent_e2e::pcsc::{self, PcscRig};
-use token_agent_piv::{PivBackend, PivConfig};
+use token_agent_piv::manage::{self, SetupOptions, SetupSecrets};
+use token_agent_piv::{KeyAlgorithm, PinUse, PivBackend, PivConfig, TouchUse};
 use yubikey::piv::{AlgorithmId, SlotId};
 use yubikey::{MgmKey, PinPolicy, Serial, TouchPolicy, YubiKey};
 
@@ -24,9 +26,6 @@ pub(crate) type KeySpec = (u8, AlgorithmId, PinPolicy, TouchPolicy);
 /// In the parent: starts a rig with one card per serial and re-runs `test`
 /// in a child. In the child: `None`, and the caller does the work.
 pub(crate) fn rig_or_child(serials: &[u32], test: &str) -> Result<Option<PcscRig>> {
-    if pcsc::is_child() {
-        return Ok(None);
-    }
     let configs: Vec<piv_sim::CardConfig> = serials
         .iter()
         .map(|&serial| piv_sim::CardConfig {
@@ -34,7 +33,18 @@ pub(crate) fn rig_or_child(serials: &[u32], test: &str) -> Result<Option<PcscRig
             ..piv_sim::CardConfig::default()
         })
         .collect();
-    let rig = PcscRig::start_with_configs(&configs)?;
+    rig_or_child_with(&configs, test)
+}
+
+/// [`rig_or_child`] with cards as `configs` say (firmware versions).
+pub(crate) fn rig_or_child_with(
+    configs: &[piv_sim::CardConfig],
+    test: &str,
+) -> Result<Option<PcscRig>> {
+    if pcsc::is_child() {
+        return Ok(None);
+    }
+    let rig = PcscRig::start_with_configs(configs)?;
     rig.run_child_test(test)?;
     Ok(Some(rig))
 }
@@ -50,6 +60,29 @@ pub(crate) fn provision(serial: u32, keys: &[KeySpec]) -> Result<()> {
     }
     if let Err((_, e)) = yubikey.disconnect(pcsc_disposition()) {
         bail!("disconnecting: {e}");
+    }
+    Ok(())
+}
+
+/// Makes a key in each of `slots` (P-256, touch never) with a self-signed
+/// certificate, as `token-agent piv setup` does: cards before firmware 5.3
+/// have no GET METADATA, so only a certificate shows a slot's key.
+pub(crate) fn setup_with_certificates(serial: u32, slots: &[(&str, PinUse)]) -> Result<()> {
+    for &(slot, pin_policy) in slots {
+        let options = SetupOptions {
+            serial: Some(serial),
+            slot: slot.parse().map_err(anyhow::Error::msg)?,
+            algorithm: KeyAlgorithm::P256,
+            pin_policy,
+            touch_policy: TouchUse::Never,
+            protect_management_key: false,
+        };
+        let secrets = SetupSecrets {
+            pin: SecretString::from(PIN),
+            new_pin: None,
+            new_puk: None,
+        };
+        manage::setup(&options, &secrets).with_context(|| format!("setting up slot {slot}"))?;
     }
     Ok(())
 }

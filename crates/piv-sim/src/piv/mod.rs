@@ -21,6 +21,12 @@ pub const PIV_AID: [u8; 11] = [
     0xA0, 0x00, 0x00, 0x03, 0x08, 0x00, 0x00, 0x10, 0x00, 0x01, 0x00,
 ];
 
+/// Yubico's OTP applet. A YubiKey 4 has no GET SERIAL in PIV, so PIV clients
+/// (libykpiv's `ykpiv_get_serial`, the `yubikey` crate) select this applet,
+/// read the serial with `00 01 10 00` and select PIV again. libykpiv selects
+/// it by its first 7 bytes, the `yubikey` crate by all 8.
+pub const OTP_AID: [u8; 8] = [0xA0, 0x00, 0x00, 0x05, 0x27, 0x20, 0x01, 0x01];
+
 /// How long a touch counts for a key with the "cached" touch policy.
 const TOUCH_CACHE: Duration = Duration::from_secs(15);
 
@@ -33,6 +39,8 @@ pub(crate) mod ins {
     pub(crate) const RESET_RETRY: u8 = 0x2C;
     pub(crate) const GENERAL_AUTHENTICATE: u8 = 0x87;
     pub(crate) const GENERATE: u8 = 0x47;
+    /// The OTP applet's "API request"; with P1 10 it reads the serial.
+    pub(crate) const OTP_REQUEST: u8 = 0x01;
 }
 
 /// The applet: the card's persistent state plus what a session (power cycle or
@@ -51,6 +59,8 @@ pub struct Applet {
 #[derive(Debug, Default)]
 pub(crate) struct Session {
     pub(crate) selected: bool,
+    /// The OTP applet is selected instead of PIV (firmware 4 only).
+    pub(crate) otp_selected: bool,
     pub(crate) pin_verified: bool,
     /// A VERIFY came right before: one use of a PIN-always key is allowed.
     pub(crate) pin_fresh: bool,
@@ -116,6 +126,8 @@ impl Applet {
     pub fn process(&mut self, cmd: &Command) -> Response {
         let response = if cmd.ins == ins::SELECT {
             self.select(cmd)
+        } else if self.session.otp_selected {
+            self.otp_request(cmd)
         } else if !self.session.selected {
             // Nothing is selected after power-on: the instruction is unknown.
             StatusWord::INS_NOT_SUPPORTED.into()
@@ -142,19 +154,32 @@ impl Applet {
         response
     }
 
-    /// SELECT by AID (ISO 7816-4 section 11.2.2). Only PIV lives here: other
-    /// applets of a YubiKey (OTP, OATH, FIDO) answer 6A82 and PIV stays selected.
+    /// SELECT by AID (ISO 7816-4 section 11.2.2). Only PIV lives here, and on
+    /// firmware 4 the OTP applet for its serial: other applets of a YubiKey
+    /// (OATH, FIDO, and OTP on firmware 5) answer 6A82 and PIV stays selected.
     fn select(&mut self, cmd: &Command) -> Response {
         if cmd.p1 != 0x04 {
             return StatusWord::INCORRECT_P1P2.into();
         }
         let aid = cmd.data.as_slice();
+        if aid.len() >= 7 && OTP_AID.starts_with(aid) && self.state.version()[0] < 5 {
+            // PIV is deselected, and its security state goes with it.
+            self.session = Session {
+                otp_selected: true,
+                ..Session::default()
+            };
+            return Response::ok(self.otp_status());
+        }
         if aid.len() < 5 || !PIV_AID.starts_with(aid) {
             return StatusWord::NOT_FOUND.into();
         }
-        // Selecting PIV while it is selected keeps the session (OpenSC re-selects
-        // before every operation); the first SELECT after power-on starts one.
-        if !self.session.selected {
+        // Firmware 5: selecting PIV while it is selected keeps the session
+        // (OpenSC re-selects before every operation); the first SELECT after
+        // power-on starts one. Firmware 4: every SELECT starts a new session,
+        // forgetting a verified PIN and an authenticated management key, which
+        // libykpiv relies on to read the PIN tries with an empty VERIFY
+        // (`ykpiv_get_pin_retries`: "force a re-select to unverify").
+        if !self.session.selected || self.state.version()[0] < 5 {
             self.session = Session {
                 selected: true,
                 ..Session::default()
@@ -167,6 +192,23 @@ impl Applet {
         tlv::push(&mut authority, 0x4F, &PIV_AID[..5]);
         tlv::push(&mut apt, 0x79, &authority);
         Response::ok(tlv::encode(0x61, &apt))
+    }
+
+    /// The OTP applet's status, as its SELECT returns it: firmware version,
+    /// programming sequence, touch level.
+    fn otp_status(&self) -> Vec<u8> {
+        let mut status = self.state.version().to_vec();
+        status.extend_from_slice(&[0, 0, 0]);
+        status
+    }
+
+    /// The one OTP applet request PIV clients send: `00 01 10 00`, the serial
+    /// as four big-endian bytes.
+    fn otp_request(&self, cmd: &Command) -> Response {
+        match (cmd.ins, cmd.p1) {
+            (ins::OTP_REQUEST, 0x10) => Response::ok(self.state.serial().to_be_bytes().to_vec()),
+            _ => StatusWord::INS_NOT_SUPPORTED.into(),
+        }
     }
 
     /// 6982 unless the management key was authenticated in this session.
