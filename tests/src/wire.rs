@@ -22,18 +22,33 @@ pub const IDENTITIES_ANSWER: u8 = 12;
 pub const SIGN_RESPONSE: u8 = 14;
 /// SSH_AGENTC_EXTENSION.
 pub const EXTENSION: u8 = 27;
+/// SSH_AGENT_EXTENSION_FAILURE.
+pub const EXTENSION_FAILURE: u8 = 28;
 
 /// A session-bind@openssh.com request, signed by a fresh ed25519 host key
 /// made in `dir`, as ssh sends it on a connection it forwards (`forwarded`)
 /// or uses itself. After one, the agent treats the connection as remote.
 pub fn session_bind(dir: &Path, forwarded: bool) -> anyhow::Result<Vec<u8>> {
+    bind_signing(dir, forwarded, &[0x5a; 32])
+}
+
+/// A session-bind@openssh.com request whose host signature is over another
+/// session id, so it does not verify: ssh goes on after such a failure, and
+/// OpenSSH's agent treats the connection as remote all the same.
+pub fn unverifiable_session_bind(dir: &Path, forwarded: bool) -> anyhow::Result<Vec<u8>> {
+    bind_signing(dir, forwarded, &[0xa5; 32])
+}
+
+/// A session bind for the session id `[0x5a; 32]`, with the host key's
+/// signature over `signed`.
+fn bind_signing(dir: &Path, forwarded: bool, signed: &[u8]) -> anyhow::Result<Vec<u8>> {
     let path = dir.join("host_key");
     if !path.exists() {
         keygen(&path, "ed25519", "host")?;
     }
     let host = ssh_key::PrivateKey::read_openssh_file(&path)?;
     let session_id = [0x5au8; 32];
-    let signature: ssh_key::Signature = host.try_sign(&session_id)?;
+    let signature: ssh_key::Signature = host.try_sign(signed)?;
     let mut key_blob = Vec::new();
     host.public_key().key_data().encode(&mut key_blob)?;
     let mut signature_blob = Vec::new();

@@ -61,6 +61,8 @@ pub struct Binding {
 pub struct SessionBindings {
     bindings: Vec<Binding>,
     attempted: bool,
+    /// A bind failed before any was recorded: the first hop is unknown.
+    first_unverified: bool,
 }
 
 impl SessionBindings {
@@ -75,10 +77,37 @@ impl SessionBindings {
         self.bindings.last().is_some_and(|b| b.forwarded)
     }
 
+    /// Whether the connection sent any session bind, verified or not: it
+    /// comes through ssh, so it may be a remote host's (OpenSSH's
+    /// `socket_is_remote`).
+    pub fn attempted(&self) -> bool {
+        self.attempted
+    }
+
+    /// Whether a bind failed before any was recorded, so the hops recorded
+    /// (if any) do not start where the connection does: whether its first
+    /// hop forwards is unknown.
+    pub fn first_hop_unverified(&self) -> bool {
+        self.first_unverified
+    }
+
     /// Handles a session-bind@openssh.com request: parse, verify the host's
     /// signature over the session id, and record it.
     pub fn bind(&mut self, payload: &[u8]) -> Result<&Binding, String> {
         self.attempted = true;
+        match self.record(payload) {
+            Ok(index) => Ok(&self.bindings[index]),
+            Err(err) => {
+                if self.bindings.is_empty() {
+                    self.first_unverified = true;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Verifies a bind and records it, or finds it recorded: its index.
+    fn record(&mut self, payload: &[u8]) -> Result<usize, String> {
         let mut reader = payload;
         let host_key = reader
             .read_prefixed(|r| {
@@ -132,7 +161,7 @@ impl SessionBindings {
                 self.bindings.len() - 1
             }
         };
-        Ok(&self.bindings[index])
+        Ok(index)
     }
 }
 
@@ -352,18 +381,22 @@ const CA_SIGNATURE_ALGORITHMS: &[&str] = &[
 ];
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
+    //! Host keys, session binds and destination constraints for tests.
+
     use crate::proto::message::KeySpec;
     use ssh_encoding::Encode;
     use ssh_key::private::Ed25519Keypair;
 
     use super::*;
 
-    fn keypair(seed: u8) -> Ed25519Keypair {
+    /// The ed25519 key pair of seed `seed`.
+    pub(crate) fn keypair(seed: u8) -> Ed25519Keypair {
         Ed25519Keypair::from_seed(&[seed; 32])
     }
 
-    fn bind_payload(host: &Ed25519Keypair, sid: &[u8], forwarded: bool) -> Vec<u8> {
+    /// A session-bind@openssh.com payload: `host` signs the session id `sid`.
+    pub(crate) fn bind_payload(host: &Ed25519Keypair, sid: &[u8], forwarded: bool) -> Vec<u8> {
         let signature = signature::Signer::<Signature>::sign(host, sid);
         let mut out = Vec::new();
         KeyData::Ed25519(host.public)
@@ -375,7 +408,8 @@ mod tests {
         out
     }
 
-    fn to_host(host: &Ed25519Keypair, name: &str, user: &str) -> DestinationConstraint {
+    /// The constraint `ssh-add -h user@name` for the host key of `host`.
+    pub(crate) fn to_host(host: &Ed25519Keypair, name: &str, user: &str) -> DestinationConstraint {
         DestinationConstraint {
             from: Hop::default(),
             to: Hop {
@@ -388,6 +422,14 @@ mod tests {
             },
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use ssh_encoding::Encode;
+
+    use super::testing::{bind_payload, keypair, to_host};
+    use super::*;
 
     fn userauth(sid: &[u8], user: &str, key: &KeyData, host: &KeyData) -> Vec<u8> {
         let mut out = Vec::new();
@@ -417,6 +459,34 @@ mod tests {
         assert!(bindings.hops().is_empty());
         assert!(bindings.bind(&bind_payload(&host, b"sid", false)).is_ok());
         assert_eq!(bindings.hops().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_first_bind_leaves_the_first_hop_unknown() {
+        let (first, remote) = (keypair(1), keypair(2));
+        let mut bindings = SessionBindings::default();
+        assert!(!bindings.attempted());
+        let mut unverifiable = bind_payload(&first, b"sid-1", true);
+        let len = unverifiable.len();
+        unverifiable[len - 2] ^= 1;
+        assert!(bindings.bind(&unverifiable).is_err());
+        assert!(bindings.attempted() && bindings.first_hop_unverified());
+        assert!(crate::forwarding::is_forwarded(&bindings));
+        // The remote host's own bind verifies, but does not make the
+        // connection a local one.
+        bindings
+            .bind(&bind_payload(&remote, b"sid-2", false))
+            .unwrap();
+        assert_eq!(bindings.hops().len(), 1);
+        assert!(bindings.first_hop_unverified());
+        assert!(crate::forwarding::is_forwarded(&bindings));
+
+        // A failure after a verified first hop leaves that hop known.
+        let mut known = SessionBindings::default();
+        known.bind(&bind_payload(&first, b"sid-1", false)).unwrap();
+        assert!(known.bind(&unverifiable).is_err());
+        assert!(!known.first_hop_unverified());
+        assert!(!crate::forwarding::is_forwarded(&known));
     }
 
     #[test]

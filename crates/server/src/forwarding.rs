@@ -102,7 +102,8 @@ impl ForwardingPolicy {
     }
 
     /// The names of `bindings`' hops: each host key's first plain name in the
-    /// known_hosts files, or its fingerprint.
+    /// known_hosts files, or its fingerprint; a first hop whose bind did not
+    /// verify is named as such.
     pub fn hop_names(&self, bindings: &SessionBindings) -> Vec<String> {
         let entries: Vec<ssh_key::known_hosts::Entry> = self
             .known_hosts
@@ -110,30 +111,36 @@ impl ForwardingPolicy {
             .filter_map(|path| ssh_key::known_hosts::KnownHosts::read_file(path).ok())
             .flatten()
             .collect();
-        bindings
-            .hops()
-            .iter()
-            .map(|hop| {
-                let key = hop.host_key.key_data();
-                entries
-                    .iter()
-                    .filter(|e| e.marker().is_none() && e.public_key().key_data() == key)
-                    .find_map(|e| match e.host_patterns() {
-                        ssh_key::known_hosts::HostPatterns::Patterns(names) => names
-                            .iter()
-                            .find(|n| !n.starts_with('!') && !n.contains(['*', '?']))
-                            .map(|n| bare_host(n)),
-                        ssh_key::known_hosts::HostPatterns::HashedName { .. } => None,
-                    })
-                    .unwrap_or_else(|| key.fingerprint(ssh_key::HashAlg::Sha256).to_string())
-            })
-            .collect()
+        let unverified = bindings
+            .first_hop_unverified()
+            .then(|| UNVERIFIED_HOP.to_owned());
+        let named = bindings.hops().iter().map(|hop| {
+            let key = hop.host_key.key_data();
+            entries
+                .iter()
+                .filter(|e| e.marker().is_none() && e.public_key().key_data() == key)
+                .find_map(|e| match e.host_patterns() {
+                    ssh_key::known_hosts::HostPatterns::Patterns(names) => names
+                        .iter()
+                        .find(|n| !n.starts_with('!') && !n.contains(['*', '?']))
+                        .map(|n| bare_host(n)),
+                    ssh_key::known_hosts::HostPatterns::HashedName { .. } => None,
+                })
+                .unwrap_or_else(|| key.fingerprint(ssh_key::HashAlg::Sha256).to_string())
+        });
+        unverified.into_iter().chain(named).collect()
     }
 }
 
-/// Whether a connection with `bindings` is a forwarded one.
+/// How [`ForwardingPolicy::hop_names`] names a first hop whose bind did not verify.
+const UNVERIFIED_HOP: &str = "a host whose session bind did not verify";
+
+/// Whether a connection with `bindings` is a forwarded one. A connection
+/// whose first bind did not verify counts as one: ssh does not give up when
+/// a bind fails, so whether that hop forwards is unknown, and a remote host
+/// must not pass for a local client by sending its own bind after it.
 pub fn is_forwarded(bindings: &SessionBindings) -> bool {
-    bindings.hops().first().is_some_and(|hop| hop.forwarded)
+    bindings.first_hop_unverified() || bindings.hops().first().is_some_and(|hop| hop.forwarded)
 }
 
 /// "[host]:port" in known_hosts is "host:port" to a person.

@@ -497,7 +497,7 @@ impl Router {
         let names = policy.hop_names(bindings);
         let hops = bindings.hops();
         // The last hop is where a remote ssh logs in, unless it forwards on.
-        let logs_in = hops.len() >= 2 && hops.last().is_some_and(|h| !h.forwarded);
+        let logs_in = names.len() >= 2 && hops.last().is_some_and(|h| !h.forwarded);
         let (via, to) = if logs_in {
             (&names[..names.len() - 1], names.last())
         } else {
@@ -521,9 +521,14 @@ impl Router {
                  policy refuses forwarded use of this key"
             )));
         }
-        let chain: Vec<KeyData> = hops.iter().map(|h| h.host_key.key_data().clone()).collect();
-        if self.forwarded_yes.allows(used.blob, &chain) {
-            return Ok(());
+        // A "yes" is remembered for a chain of hosts, which is known only
+        // when every bind verified.
+        let chain: Option<Vec<KeyData>> = (!bindings.first_hop_unverified())
+            .then(|| hops.iter().map(|h| h.host_key.key_data().clone()).collect());
+        if let Some(chain) = &chain {
+            if self.forwarded_yes.allows(used.blob, chain) {
+                return Ok(());
+            }
         }
         let subject = PromptSubject {
             key: Some(used.comment.to_owned()),
@@ -538,8 +543,10 @@ impl Router {
         };
         match self.prompter.confirm(&confirm).await {
             Ok(true) => {
-                self.forwarded_yes
-                    .remember(used.blob, chain, decision.confirm_cache);
+                if let Some(chain) = chain {
+                    self.forwarded_yes
+                        .remember(used.blob, chain, decision.confirm_cache);
+                }
                 Ok(())
             }
             Ok(false) => Err(Refusal::Declined),
@@ -550,12 +557,15 @@ impl Router {
     /// Adds a client's key with `constraints` (lifetime already defaulted by
     /// the caller). An sk key with a middleware (`ssh-add -S`) passes the same
     /// gate as a PKCS#11 provider: the `-P` allowlist on its canonical path,
-    /// and no loading on request of a forwarded `context`.
+    /// and no loading on request of a forwarded `context`. As OpenSSH, a
+    /// connection may replace a key it holds (new comment and constraints)
+    /// only if its `bindings` can see that key.
     pub async fn add_key(
         &self,
         key: AddKey,
         constraints: Constraints,
         context: SignContext,
+        bindings: &SessionBindings,
     ) -> Result<Entry, Refusal> {
         if self.lock.is_locked() {
             return Err(Refusal::Locked);
@@ -594,6 +604,9 @@ impl Router {
             None => encode_blob(&public),
         }
         .map_err(|e| Refusal::Invalid(e.to_string()))?;
+        if let Some(held) = self.snapshot().find(&blob) {
+            ensure_visible(held, bindings, "replace")?;
+        }
         let constraints = self.constrain(blob.clone(), constraints);
         let identity = match backend.add_key(key).await {
             Ok(identity) => identity,
@@ -614,8 +627,13 @@ impl Router {
         })
     }
 
-    /// Removes the key a client names by `blob` (`ssh-add -d`).
-    pub async fn remove(&self, blob: &[u8]) -> Result<Arc<Entry>, Refusal> {
+    /// Removes the key a client names by `blob` (`ssh-add -d`), if the
+    /// client's `bindings` can see it (as OpenSSH).
+    pub async fn remove(
+        &self,
+        blob: &[u8],
+        bindings: &SessionBindings,
+    ) -> Result<Arc<Entry>, Refusal> {
         if self.lock.is_locked() {
             return Err(Refusal::Locked);
         }
@@ -624,6 +642,7 @@ impl Router {
             .find(blob)
             .cloned()
             .ok_or(Refusal::UnknownKey)?;
+        ensure_visible(&entry, bindings, "remove")?;
         if entry.paired {
             if !self.dissociate(&entry) {
                 return Err(Refusal::Invalid(
@@ -1159,6 +1178,23 @@ impl LibraryKind {
     }
 }
 
+/// Refuses to `operation` (remove or replace) a key that destination
+/// constraints hide from a connection with `bindings`: one that cannot list
+/// a key may not change it either.
+fn ensure_visible(
+    entry: &Entry,
+    bindings: &SessionBindings,
+    operation: &str,
+) -> Result<(), Refusal> {
+    match &entry.constraints {
+        Some(c) if !constraints::visible(c, bindings) => Err(Refusal::Destination(format!(
+            "the key is restricted to other destinations (ssh-add -h), so this connection \
+             cannot see it and may not {operation} it"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn no_backend_for(algorithm: &Algorithm) -> Error {
     match algorithm {
         Algorithm::SkEd25519 | Algorithm::SkEcdsaSha2NistP256 => Error::NoBackend {
@@ -1366,6 +1402,7 @@ mod tests {
                 sk_key(Some(library.clone())),
                 Constraints::default(),
                 SignContext::default(),
+                &SessionBindings::default(),
             )
             .await
             .unwrap_err();
@@ -1391,6 +1428,7 @@ mod tests {
                 sk_key(Some(link.clone())),
                 Constraints::default(),
                 SignContext::default(),
+                &SessionBindings::default(),
             )
             .await
             .unwrap();
@@ -1405,6 +1443,7 @@ mod tests {
                 sk_key(Some(library.clone())),
                 Constraints::default(),
                 forwarded(),
+                &SessionBindings::default(),
             )
             .await
             .unwrap_err();
@@ -1414,7 +1453,12 @@ mod tests {
         );
         // ... but "internal" (no middleware) is fine from anywhere.
         router
-            .add_key(sk_key(None), Constraints::default(), forwarded())
+            .add_key(
+                sk_key(None),
+                Constraints::default(),
+                forwarded(),
+                &SessionBindings::default(),
+            )
             .await
             .unwrap();
         assert_eq!(keys.added.lock().unwrap().last(), Some(&None));
@@ -1434,10 +1478,81 @@ mod tests {
                 sk_key(Some(library.clone())),
                 Constraints::default(),
                 forwarded(),
+                &SessionBindings::default(),
             )
             .await
             .unwrap();
         assert_eq!(keys.added.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_cannot_see_a_key_may_not_remove_or_replace_it() {
+        use crate::constraints::testing::{bind_payload, keypair, to_host};
+
+        let router = Router::new(
+            vec![Arc::new(crate::software::SoftwareKeys::new()) as Arc<dyn Backend>],
+            Arc::new(NoPrompt),
+            Policy::default(),
+            Vec::new(),
+        );
+        let (allowed, other) = (keypair(1), keypair(2));
+        let user = Ed25519Keypair::from_seed(&[9; 32]);
+        let key = || AddKey {
+            keypair: ssh_key::private::KeypairData::Ed25519(user.clone()),
+            opaque_secret: None,
+            comment: "restricted".into(),
+            certificate: None,
+            sk_provider: None,
+        };
+        let restricted = Constraints {
+            destinations: vec![to_host(&allowed, "allowed.example", "")],
+            ..Constraints::default()
+        };
+        let local = SessionBindings::default();
+        let entry = router
+            .add_key(key(), restricted, SignContext::default(), &local)
+            .await
+            .unwrap();
+        let blob = entry.blob.clone();
+        let mut elsewhere = SessionBindings::default();
+        elsewhere
+            .bind(&bind_payload(&other, b"sid-other", false))
+            .unwrap();
+        assert!(router.list(&elsewhere).is_empty());
+
+        // Neither removed nor replaced without constraints from there...
+        let refusal = router.remove(&blob, &elsewhere).await.unwrap_err();
+        assert!(matches!(refusal, Refusal::Destination(_)), "{refusal}");
+        let refusal = router
+            .add_key(
+                key(),
+                Constraints::default(),
+                SignContext::default(),
+                &elsewhere,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(refusal, Refusal::Destination(_)), "{refusal}");
+        assert_eq!(router.list(&local).len(), 1);
+        assert!(router.list(&elsewhere).is_empty(), "still restricted");
+
+        // ... but from the host it is for, and locally, it may be.
+        let mut there = SessionBindings::default();
+        there
+            .bind(&bind_payload(&allowed, b"sid-allowed", false))
+            .unwrap();
+        router
+            .add_key(
+                key(),
+                Constraints::default(),
+                SignContext::default(),
+                &there,
+            )
+            .await
+            .unwrap();
+        assert_eq!(router.list(&elsewhere).len(), 1, "no longer restricted");
+        router.remove(&blob, &elsewhere).await.unwrap();
+        assert!(router.list(&local).is_empty());
     }
 
     #[tokio::test]
@@ -1459,7 +1574,12 @@ mod tests {
             sk_provider: Some("/bin/sh".into()),
         };
         let refusal = router
-            .add_key(key, Constraints::default(), SignContext::default())
+            .add_key(
+                key,
+                Constraints::default(),
+                SignContext::default(),
+                &SessionBindings::default(),
+            )
             .await
             .unwrap_err();
         assert!(refusal.to_string().contains("sk) keys only"), "{refusal}");

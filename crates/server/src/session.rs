@@ -245,7 +245,7 @@ impl Session {
     /// The status@token-agent extension: only the agent's own user, and only
     /// on a connection that never sent a session bind (not forwarded).
     fn status(&self) -> Vec<u8> {
-        if !self.bindings.hops().is_empty() {
+        if self.bindings.attempted() {
             tracing::info!(client = %self.peer, "refusing status to a forwarded connection");
             return Reply::Failure.encode();
         }
@@ -272,12 +272,13 @@ impl Session {
     }
 
     /// The context of a request that would load a library (`ssh-add -s`,
-    /// `ssh-add -S`). As OpenSSH 9.4+ does, a connection that has seen any
-    /// session bind comes through ssh, so it counts as forwarded: it may not
-    /// load providers unless -O allow-remote-pkcs11 (CVE-2023-38408).
+    /// `ssh-add -S`). As OpenSSH 9.4+ does, a connection that has sent any
+    /// session bind, even one that did not verify, comes through ssh, so it
+    /// counts as forwarded: it may not load providers unless -O
+    /// allow-remote-pkcs11 (CVE-2023-38408).
     fn provider_context(&self) -> SignContext {
         SignContext {
-            forwarded: !self.bindings.hops().is_empty(),
+            forwarded: self.bindings.attempted(),
             ..self.context()
         }
     }
@@ -461,7 +462,7 @@ impl Session {
         let sk_provider = key.sk_provider.clone();
         match self
             .router
-            .add_key(key, constraints, self.provider_context())
+            .add_key(key, constraints, self.provider_context(), &self.bindings)
             .await
         {
             Ok(entry) => {
@@ -498,7 +499,7 @@ impl Session {
                 });
             }
         }
-        match self.router.remove(blob).await {
+        match self.router.remove(blob, &self.bindings).await {
             Ok(entry) => {
                 tracing::info!(
                     key = %self.router.fingerprint(entry.identity.public_key()),

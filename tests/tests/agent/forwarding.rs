@@ -2,7 +2,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
+use token_agent_e2e::bench::sign_request;
 use token_agent_e2e::openssh::Sshd;
+use token_agent_e2e::wire::{
+    session_bind, unverifiable_session_bind, RawClient, EXTENSION_FAILURE, FAILURE, SIGN_RESPONSE,
+    SUCCESS,
+};
 use token_agent_e2e::{check, stdout, test_binary};
 
 /// A key in the agent, a jump host and a target host on loopback that both
@@ -149,5 +154,49 @@ fn issue_15_a_remembered_yes_expires() -> anyhow::Result<()> {
     let late = hops.jump.login_forwarded_to(&hops.target, &hops.agent)?;
     assert!(!stdout(&late).contains("logged-in"));
     assert_eq!(std::fs::read_to_string(&log)?.matches("CONFIRM").count(), 2);
+    Ok(())
+}
+
+/// ssh goes on when the agent cannot verify its session bind (an unknown
+/// host key type, say), so a remote host's connection can start with a bind
+/// that failed: it counts as forwarded, and the remote's own bind after it
+/// does not make it a local client.
+#[test]
+fn a_connection_whose_first_bind_did_not_verify_counts_as_forwarded() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("id");
+    keygen(&key, "ed25519", "fwd-key")?;
+    let agent = Agent::start(AgentOptions {
+        config: Some("[forwarding]\npolicy = \"refuse\"\n".into()),
+        ..AgentOptions::default()
+    })?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    let public = ssh_key::PublicKey::read_openssh_file(&key.with_extension("pub"))?;
+    let request = sign_request(&public.to_bytes()?, b"data", 0);
+
+    let mut local = RawClient::connect(agent.socket())?;
+    let reply = local.request(&request)?.unwrap_or_default();
+    assert_eq!(reply.first(), Some(&SIGN_RESPONSE));
+
+    let mut remote = RawClient::connect(agent.socket())?;
+    let reply = remote.request(&unverifiable_session_bind(agent.dir(), true)?)?;
+    assert_eq!(reply.as_deref(), Some(&[EXTENSION_FAILURE][..]));
+    let reply = remote.request(&session_bind(agent.dir(), false)?)?;
+    assert_eq!(reply.as_deref(), Some(&[SUCCESS][..]));
+    let reply = remote.request(&request)?;
+    assert_eq!(reply.as_deref(), Some(&[FAILURE][..]));
+    let doc = agent.status()?;
+    let refusal = doc["refusals"]
+        .as_array()
+        .and_then(|r| r.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(refusal["reason"], "forwarding", "{doc:#}");
+    let message = refusal["message"].as_str().unwrap_or("");
+    assert!(
+        message.starts_with("a host whose session bind did not verify asked to use key fwd-key")
+            && message.contains("to sign data for SHA256:"),
+        "{message}"
+    );
     Ok(())
 }

@@ -1,6 +1,8 @@
 use token_agent_core::push_string as string;
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
-use token_agent_e2e::wire::{session_bind, RawClient, FAILURE, SUCCESS};
+use token_agent_e2e::wire::{
+    session_bind, unverifiable_session_bind, RawClient, EXTENSION_FAILURE, FAILURE, SUCCESS,
+};
 
 use crate::{add_provider, start_agent};
 
@@ -57,6 +59,14 @@ fn a_provider_request_over_a_forwarded_connection_is_refused() -> anyhow::Result
         log.contains("requested over a forwarded connection"),
         "{log}"
     );
+    assert!(agent.listed()?.is_empty());
+    // So is one whose session bind did not verify: it came through ssh all
+    // the same (OpenSSH's socket_is_remote).
+    let mut unverified = RawClient::connect(agent.socket())?;
+    let reply = unverified.request(&unverifiable_session_bind(agent.dir(), false)?)?;
+    assert_eq!(reply.as_deref(), Some(&[EXTENSION_FAILURE][..]));
+    let reply = unverified.request(&add_smartcard(MODULE, PIN))?;
+    assert_eq!(reply.as_deref(), Some(&[FAILURE][..]));
     assert!(agent.listed()?.is_empty());
     // A local connection may load it.
     let mut local = RawClient::connect(agent.socket())?;
