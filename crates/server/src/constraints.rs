@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use signature::Verifier;
 use ssh_encoding::{Decode, Reader};
 use ssh_key::certificate::{CertType, Certificate};
-use ssh_key::public::KeyData;
 use ssh_key::{HashAlg, Signature};
 
 use crate::pattern;
@@ -181,11 +180,11 @@ pub fn visible(constraints: &Constraints, bindings: &SessionBindings) -> bool {
 }
 
 /// Whether a key with `constraints` may sign `data` for a connection with
-/// `bindings`. `key` is the key (or certificate's key) being used.
+/// `bindings`. `blob` is the key or certificate the request names.
 pub fn may_sign(
     constraints: &Constraints,
     bindings: &SessionBindings,
-    key: &KeyData,
+    blob: &[u8],
     data: &[u8],
 ) -> Result<Permitted, String> {
     if constraints.destinations.is_empty() {
@@ -197,7 +196,7 @@ pub fn may_sign(
     let Some(last) = bindings.bindings.last() else {
         return Err("destination-constrained key used on a connection without session-bind".into());
     };
-    let request = userauth::parse(data, key).ok_or(
+    let request = userauth::parse(data, blob).ok_or(
         "destination-constrained key asked to sign something that is not a user authentication",
     )?;
     let hostname = identity_permitted(
@@ -387,6 +386,7 @@ pub(crate) mod testing {
     use crate::proto::message::KeySpec;
     use ssh_encoding::Encode;
     use ssh_key::private::Ed25519Keypair;
+    use ssh_key::public::KeyData;
 
     use super::*;
 
@@ -427,6 +427,7 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use ssh_encoding::Encode;
+    use ssh_key::public::KeyData;
 
     use super::testing::{bind_payload, keypair, to_host};
     use super::*;
@@ -501,6 +502,8 @@ mod tests {
     fn restricted_key_signs_for_its_host_only() {
         let (allowed, other, user) = (keypair(1), keypair(2), keypair(3));
         let user_key = KeyData::Ed25519(user.public);
+        let mut user_blob = Vec::new();
+        user_key.encode(&mut user_blob).unwrap();
         let constraints = Constraints {
             destinations: vec![to_host(&allowed, "allowed.example", "")],
             ..Constraints::default()
@@ -514,7 +517,7 @@ mod tests {
             &user_key,
             &KeyData::Ed25519(allowed.public),
         );
-        let permitted = may_sign(&constraints, &good, &user_key, &data).unwrap();
+        let permitted = may_sign(&constraints, &good, &user_blob, &data).unwrap();
         assert_eq!(permitted.hostname.as_deref(), Some("allowed.example"));
         assert_eq!(permitted.user.as_deref(), Some("alice"));
         assert!(visible(&constraints, &good));
@@ -527,7 +530,7 @@ mod tests {
             &user_key,
             &KeyData::Ed25519(other.public),
         );
-        assert!(may_sign(&constraints, &bad, &user_key, &data).is_err());
+        assert!(may_sign(&constraints, &bad, &user_blob, &data).is_err());
         assert!(!visible(&constraints, &bad));
     }
 
@@ -535,23 +538,25 @@ mod tests {
     fn restricted_key_refuses_unbound_connections_and_foreign_data() {
         let (allowed, user) = (keypair(1), keypair(3));
         let user_key = KeyData::Ed25519(user.public);
+        let mut user_blob = Vec::new();
+        user_key.encode(&mut user_blob).unwrap();
         let constraints = Constraints {
             destinations: vec![to_host(&allowed, "allowed.example", "")],
             ..Constraints::default()
         };
         let unbound = SessionBindings::default();
         assert!(visible(&constraints, &unbound), "local use lists the key");
-        assert!(may_sign(&constraints, &unbound, &user_key, b"data").is_err());
+        assert!(may_sign(&constraints, &unbound, &user_blob, b"data").is_err());
 
         let mut bound = SessionBindings::default();
         bound.bind(&bind_payload(&allowed, b"sid", false)).unwrap();
-        assert!(may_sign(&constraints, &bound, &user_key, b"not userauth").is_err());
+        assert!(may_sign(&constraints, &bound, &user_blob, b"not userauth").is_err());
         let stale = userauth(
             b"old-sid",
             "alice",
             &user_key,
             &KeyData::Ed25519(allowed.public),
         );
-        assert!(may_sign(&constraints, &bound, &user_key, &stale).is_err());
+        assert!(may_sign(&constraints, &bound, &user_blob, &stale).is_err());
     }
 }

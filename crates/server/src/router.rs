@@ -397,13 +397,15 @@ impl Router {
         };
         // The key the blob names: the entry's, for a certificate too.
         let key_data = entry.identity.public_key();
-        self.policy.websafe.check(key_data, &request.data)?;
+        self.policy
+            .websafe
+            .check(key_data, &entry.blob, &request.data)?;
         let mut context = context;
         if let Some(c) = &entry.constraints {
             if c.expired(Instant::now()) {
                 return Err(Refusal::Expired);
             }
-            let permitted = constraints::may_sign(c, bindings, key_data, &request.data)
+            let permitted = constraints::may_sign(c, bindings, &entry.blob, &request.data)
                 .map_err(Refusal::Destination)?;
             if let Some(last) = bindings.hops().last() {
                 context.destination = Some(Destination {
@@ -432,7 +434,7 @@ impl Router {
                 backend: entry.identity.key().backend(),
                 device: entry.identity.device(),
             };
-            self.check_forwarded(&used, key_data, &request, &context, bindings)
+            self.check_forwarded(&used, &request, &context, bindings)
                 .await?;
         }
         let backend = self.backend(entry.identity.key().backend())?;
@@ -471,7 +473,7 @@ impl Router {
                 backend: crate::upstream::BACKEND,
                 device: None,
             };
-            self.check_forwarded(&used, key_data, request, context, bindings)
+            self.check_forwarded(&used, request, context, bindings)
                 .await?;
         }
         Ok(())
@@ -483,7 +485,6 @@ impl Router {
     async fn check_forwarded(
         &self,
         used: &KeyUse<'_>,
-        key_data: &KeyData,
         request: &SignRequest,
         context: &SignContext,
         bindings: &SessionBindings,
@@ -509,7 +510,7 @@ impl Router {
                 key.push_str(&format!(" on {}", device.label()));
             }
         }
-        let purpose = match (to, crate::proto::userauth::parse(&request.data, key_data)) {
+        let purpose = match (to, crate::proto::userauth::parse(&request.data, used.blob)) {
             (Some(to), Some(auth)) => format!("to log in to {to} as {}", auth.user),
             (Some(to), None) => format!("to sign data for {to}"),
             (None, _) => "over a forwarded agent".to_owned(),

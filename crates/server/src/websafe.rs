@@ -76,17 +76,17 @@ impl Websafe {
         &self.allowlist
     }
 
-    /// Checks that the key `key` (an identity's plain public key, which a
-    /// client names by it or by a certificate of it) may sign `data`. Keys
-    /// that are not sk keys always may.
-    pub fn check(&self, key: &KeyData, data: &[u8]) -> Result<(), WebOrigin> {
+    /// Checks that the key `key` (an identity's plain public key) may sign
+    /// `data` for a request naming `blob` (the key, or a certificate of it).
+    /// Keys that are not sk keys always may.
+    pub fn check(&self, key: &KeyData, blob: &[u8], data: &[u8]) -> Result<(), WebOrigin> {
         let Some(application) = application(key) else {
             return Ok(());
         };
         if !self.restrict || pattern::matches_list(application, &self.allowlist) {
             return Ok(());
         }
-        if userauth::parse(data, key).is_some() {
+        if userauth::parse(data, blob).is_some() {
             tracing::debug!(
                 application,
                 "signed data is a public key user authentication request"
@@ -144,6 +144,12 @@ mod tests {
         KeyData::SkEd25519(SkEd25519::new(Ed25519PublicKey([7; 32]), application))
     }
 
+    fn blob(key: &KeyData) -> Vec<u8> {
+        let mut out = Vec::new();
+        key.encode(&mut out).unwrap();
+        out
+    }
+
     fn sshsig(namespace: &[u8]) -> Vec<u8> {
         let mut out = b"SSHSIG".to_vec();
         namespace.encode(&mut out).unwrap();
@@ -172,16 +178,20 @@ mod tests {
     #[test]
     fn ssh_applications_sign_anything_by_default() {
         let key = sk_key("ssh:");
-        Websafe::default().check(&key, WEB_CHALLENGE).unwrap();
+        Websafe::default()
+            .check(&key, &blob(&key), WEB_CHALLENGE)
+            .unwrap();
         let key = sk_key("ssh:work");
-        Websafe::default().check(&key, WEB_CHALLENGE).unwrap();
+        Websafe::default()
+            .check(&key, &blob(&key), WEB_CHALLENGE)
+            .unwrap();
     }
 
     #[test]
     fn web_applications_sign_only_ssh_data() {
         let policy = Websafe::default();
         let key = sk_key("example.org");
-        let refused = policy.check(&key, WEB_CHALLENGE).unwrap_err();
+        let refused = policy.check(&key, &blob(&key), WEB_CHALLENGE).unwrap_err();
         assert_eq!(refused.application, "example.org");
         let text = refused.to_string();
         assert!(
@@ -189,11 +199,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("-O no-restrict-websafe"), "{text}");
-        policy.check(&key, &userauth(&key)).unwrap();
-        policy.check(&key, &sshsig(b"file")).unwrap();
+        policy.check(&key, &blob(&key), &userauth(&key)).unwrap();
+        policy.check(&key, &blob(&key), &sshsig(b"file")).unwrap();
         // A user authentication request for another key is not this key's login.
         let other = sk_key("other.example");
-        assert!(policy.check(&key, &userauth(&other)).is_err());
+        assert!(policy.check(&key, &blob(&key), &userauth(&other)).is_err());
     }
 
     #[test]
@@ -213,7 +223,7 @@ mod tests {
     fn no_restrict_websafe_allows_everything() {
         let key = sk_key("example.org");
         Websafe::new(false, None)
-            .check(&key, WEB_CHALLENGE)
+            .check(&key, &blob(&key), WEB_CHALLENGE)
             .unwrap();
     }
 
@@ -222,25 +232,25 @@ mod tests {
         let policy = Websafe::new(true, Some("ssh:*,example.org,*.example.com".into()));
         for application in ["ssh:", "example.org", "login.example.com"] {
             let key = sk_key(application);
-            policy.check(&key, WEB_CHALLENGE).unwrap();
+            policy.check(&key, &blob(&key), WEB_CHALLENGE).unwrap();
         }
         let key = sk_key("example.net");
-        assert!(policy.check(&key, WEB_CHALLENGE).is_err());
+        assert!(policy.check(&key, &blob(&key), WEB_CHALLENGE).is_err());
         // The list replaces ssh:*, and a negation denies.
         let policy = Websafe::new(true, Some("example.org".into()));
         let key = sk_key("ssh:");
-        assert!(policy.check(&key, WEB_CHALLENGE).is_err());
-        policy.check(&key, &sshsig(b"file")).unwrap();
+        assert!(policy.check(&key, &blob(&key), WEB_CHALLENGE).is_err());
+        policy.check(&key, &blob(&key), &sshsig(b"file")).unwrap();
         let policy = Websafe::new(true, Some("ssh:*,!ssh:web".into()));
         let key = sk_key("ssh:web");
-        assert!(policy.check(&key, WEB_CHALLENGE).is_err());
+        assert!(policy.check(&key, &blob(&key), WEB_CHALLENGE).is_err());
     }
 
     #[test]
     fn other_keys_are_never_restricted() {
         let key = KeyData::Ed25519(Ed25519PublicKey([7; 32]));
         Websafe::new(true, Some(String::new()))
-            .check(&key, WEB_CHALLENGE)
+            .check(&key, &blob(&key), WEB_CHALLENGE)
             .unwrap();
     }
 }
