@@ -367,9 +367,14 @@ impl Worker {
         match self.try_sign(job) {
             // Another program reset the card: reconnect by serial and go again once.
             Err(CardError::Reset) => {
-                tracing::info!(device = %self.device, "the card was reset by another program; reconnecting");
-                // The reset logged the PIN out.
+                tracing::info!(device = %self.device, "the card was reset by another program; reconnecting and forgetting the cached PIN");
+                // The reset logged the PIN out. The program that reset it may
+                // have changed the PIN (`token-agent piv setup --change-pin`,
+                // ykman), and sending the cached one would then spend a try
+                // on a PIN nobody typed: the person is asked again.
                 self.verified = false;
+                self.cache.clear();
+                self.note_pin(None);
                 self.reconnect()?;
                 match self.try_sign(job) {
                     Err(CardError::Reset) => Err(CardError::Card(

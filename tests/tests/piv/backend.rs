@@ -270,6 +270,44 @@ fn wrong_pin_from_another_program() -> Result<()> {
     Ok(())
 }
 
+/// Another PC/SC client selects PIV, sends `command` and leaves the card as
+/// `disposition` says; returns the status word.
+fn another_client(command: &[u8], disposition: ::pcsc::Disposition) -> Result<u16> {
+    let context = ::pcsc::Context::establish(::pcsc::Scope::User)?;
+    let reader = std::ffi::CString::new(format!("{READER_NAME} 00 00"))?;
+    let card = context.connect(&reader, ::pcsc::ShareMode::Shared, ::pcsc::Protocols::ANY)?;
+    let mut buffer = [0u8; 258];
+    let select = [0x00, 0xA4, 0x04, 0x00, 0x05, 0xA0, 0x00, 0x00, 0x03, 0x08];
+    let answer = card.transmit(&select, &mut buffer)?;
+    ensure!(
+        answer.ends_with(&[0x90, 0x00]),
+        "SELECT answered {answer:02x?}"
+    );
+    let answer = card.transmit(command, &mut buffer)?;
+    let sw = match answer {
+        [.., sw1, sw2] => u16::from_be_bytes([*sw1, *sw2]),
+        _ => bail!("an answer without a status word"),
+    };
+    card.disconnect(disposition).map_err(|(_, e)| e)?;
+    Ok(sw)
+}
+
+/// A PIN as VERIFY and CHANGE REFERENCE DATA carry it: padded with FF to 8 bytes.
+fn padded(pin: &str) -> Vec<u8> {
+    let mut bytes = pin.as_bytes().to_vec();
+    bytes.resize(8, 0xFF);
+    bytes
+}
+
+/// A wrong PIN from a program that leaves the card without resetting it.
+fn wrong_pin_without_a_reset() -> Result<()> {
+    let mut verify = vec![0x00, 0x20, 0x00, 0x80, 0x08];
+    verify.extend(padded("000000"));
+    let sw = another_client(&verify, ::pcsc::Disposition::LeaveCard)?;
+    ensure!(sw & 0xFFF0 == 0x63C0, "a wrong PIN answered {sw:04X}");
+    Ok(())
+}
+
 #[test]
 fn cached_pin_is_not_used_on_the_last_try_and_a_blocked_pin_says_how_to_unblock() -> Result<()> {
     if rig_or_child(
@@ -291,16 +329,16 @@ fn cached_pin_is_not_used_on_the_last_try_and_a_blocked_pin_says_how_to_unblock(
         let prompter = pins(1, PIN);
         sign_ok(&started, &key, prompter.clone()).await?;
 
-        // Another program spends a try and resets the card: the agent
-        // reconnects by serial and uses its cached PIN (2 tries left).
-        wrong_pin_from_another_program()?;
+        // Another program spends a try and leaves the card as it is: the
+        // agent verifies again with its cached PIN (2 tries left).
+        wrong_pin_without_a_reset()?;
         sign_ok(&started, &key, prompter.clone()).await?;
         ensure!(prompter.pin_requests().len() == 1);
 
         // Two wrong PINs elsewhere leave one try: the cached PIN is not used,
         // the person is asked, with a warning.
-        wrong_pin_from_another_program()?;
-        wrong_pin_from_another_program()?;
+        wrong_pin_without_a_reset()?;
+        wrong_pin_without_a_reset()?;
         let last = Arc::new(Scripted::new([ScriptedAnswer::Pin("000000".into())]));
         let result = started
             .backend
@@ -350,6 +388,63 @@ fn cached_pin_is_not_used_on_the_last_try_and_a_blocked_pin_says_how_to_unblock(
             &SecretString::from("234567"),
         )?;
         sign_ok(&started, &key, pins(1, "234567")).await
+    })
+}
+
+const CHANGED: u32 = 21_000_022;
+
+/// A program that resets the card as it leaves (yubico-piv-tool, ykman,
+/// `token-agent piv setup --change-pin`) may have changed the PIN: the agent
+/// forgets its cached PIN and asks, instead of spending a try on a PIN nobody
+/// typed.
+#[test]
+fn a_reset_by_another_program_forgets_the_cached_pin() -> Result<()> {
+    if rig_or_child(
+        &[CHANGED],
+        "backend::a_reset_by_another_program_forgets_the_cached_pin",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    provision(
+        CHANGED,
+        &[(0x9a, EccP256, PinPolicy::Once, TouchPolicy::Never)],
+    )?;
+    let started = start_backend(Duration::from_secs(600));
+    block_on(async {
+        let all = wait_keys(&started.published, CHANGED, 1)?;
+        let key = identity(&all, CHANGED, "9a")?;
+        let prompter = Arc::new(Scripted::new([
+            ScriptedAnswer::Pin(PIN.into()),
+            ScriptedAnswer::Pin("654321".into()),
+            ScriptedAnswer::Pin("654321".into()),
+        ]));
+        sign_ok(&started, &key, prompter.clone()).await?;
+
+        let mut change = vec![0x00, 0x24, 0x00, 0x80, 0x10];
+        change.extend(padded(PIN));
+        change.extend(padded("654321"));
+        let sw = another_client(&change, ::pcsc::Disposition::ResetCard)?;
+        ensure!(sw == 0x9000, "CHANGE REFERENCE DATA answered {sw:04X}");
+
+        sign_ok(&started, &key, prompter.clone()).await?;
+        let asked = prompter.pin_requests();
+        ensure!(asked.len() == 2, "the PIN was asked {} times", asked.len());
+        ensure!(asked[1].tries_left == Some(3), "{:?}", asked[1].tries_left);
+        let status = control("status 0")?;
+        ensure!(status.contains("pin-tries=3"), "a try was spent: {status}");
+        // The new PIN is cached as the old one was.
+        sign_ok(&started, &key, prompter.clone()).await?;
+        ensure!(prompter.pin_requests().len() == 2);
+
+        // yubico-piv-tool resets the card when it leaves, too.
+        wrong_pin_from_another_program()?;
+        sign_ok(&started, &key, prompter.clone()).await?;
+        let asked = prompter.pin_requests();
+        ensure!(asked.len() == 3, "the PIN was asked {} times", asked.len());
+        ensure!(asked[2].tries_left == Some(2), "{:?}", asked[2].tries_left);
+        Ok(())
     })
 }
 
