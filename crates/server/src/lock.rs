@@ -4,16 +4,17 @@
 //! configuration asks for it) locks the agent exactly as `ssh-add -x` does,
 //! without a password: it is lifted when the person unlocks the session.
 //!
-//! The password is held only as a salted bcrypt-pbkdf hash and compared in
-//! constant time, as OpenSSH does. Each failed unlock delays the answer, and
-//! the delay grows by 100 ms per failure up to 10 s (OpenSSH's schedule); the
-//! attempts are serialized, so parallel connections cannot guess faster.
+//! The password is any non-empty string of bytes, as in OpenSSH (an empty
+//! one locks nothing). It is held only as a salted bcrypt-pbkdf hash and
+//! compared in constant time, as OpenSSH does. Each wrong password given to
+//! a locked agent delays the answer, and the delay grows by 100 ms per
+//! failure up to 10 s (OpenSSH's schedule); the attempts are serialized, so
+//! parallel connections cannot guess faster.
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rand_core::{OsRng, RngCore};
-use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
@@ -64,10 +65,11 @@ impl Lock {
             != locked
     }
 
-    /// Locks with `password`. Returns false if already locked.
-    pub fn lock(&self, password: &SecretString) -> bool {
+    /// Locks with `password`. Returns false if already locked, or if the
+    /// password is empty (OpenSSH does not support one).
+    pub fn lock(&self, password: &[u8]) -> bool {
         let mut state = self.state();
-        if state.is_some() {
+        if state.is_some() || password.is_empty() {
             return false;
         }
         let mut salt = [0u8; 16];
@@ -79,15 +81,21 @@ impl Lock {
         true
     }
 
-    /// Unlocks if `password` is the lock password. A wrong password (or an
-    /// unlock of an unlocked agent) answers false after the growing delay.
-    pub async fn unlock(&self, password: &SecretString) -> bool {
+    /// Unlocks if `password` is the lock password. A wrong password answers
+    /// false after the growing delay; an empty one, or an unlock of an agent
+    /// not locked with a password, answers false at once and counts as no
+    /// failure (as OpenSSH).
+    pub async fn unlock(&self, password: &[u8]) -> bool {
+        if password.is_empty() {
+            return false;
+        }
         let mut failures = self.failures.lock().await;
         let matched = {
             let mut state = self.state();
-            let matched = state.as_ref().is_some_and(|locked| {
-                bool::from(hash(password, &locked.salt).ct_eq(&*locked.hash))
-            });
+            let Some(locked) = state.as_ref() else {
+                return false;
+            };
+            let matched = bool::from(hash(password, &locked.salt).ct_eq(&*locked.hash));
             if matched {
                 *state = None;
             }
@@ -114,13 +122,11 @@ impl Lock {
     }
 }
 
-fn hash(password: &SecretString, salt: &[u8; 16]) -> Zeroizing<[u8; 32]> {
+fn hash(password: &[u8], salt: &[u8; 16]) -> Zeroizing<[u8; 32]> {
     let mut out = Zeroizing::new([0u8; 32]);
-    // bcrypt-pbkdf fails only for an empty salt or output, which these are not;
-    // an empty password is hashed like any other (OpenSSH allows it).
-    if bcrypt_pbkdf::bcrypt_pbkdf(password.expose_secret().as_bytes(), salt, ROUNDS, &mut *out)
-        .is_err()
-    {
+    // bcrypt-pbkdf fails only for an empty password, salt or output, which
+    // these are not.
+    if bcrypt_pbkdf::bcrypt_pbkdf(password, salt, ROUNDS, &mut *out).is_err() {
         out.fill(0xff);
     }
     out
@@ -133,19 +139,38 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wrong_password_delays_and_right_one_unlocks() {
         let lock = Lock::default();
-        let right = SecretString::from("right");
-        let wrong = SecretString::from("wrong");
-        assert!(lock.lock(&right));
-        assert!(!lock.lock(&right), "locking twice fails");
+        let (right, wrong) = (b"right".as_slice(), b"wrong".as_slice());
+        assert!(lock.lock(right));
+        assert!(!lock.lock(right), "locking twice fails");
         assert!(lock.is_locked());
 
         let start = tokio::time::Instant::now();
-        assert!(!lock.unlock(&wrong).await);
-        assert!(!lock.unlock(&wrong).await);
+        assert!(!lock.unlock(wrong).await);
+        assert!(!lock.unlock(wrong).await);
         assert_eq!(start.elapsed(), Duration::from_millis(300));
         assert!(lock.is_locked());
 
-        assert!(lock.unlock(&right).await);
+        assert!(lock.unlock(right).await);
         assert!(!lock.is_locked());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_passwords_and_unlocks_of_an_unlocked_agent_fail_at_once() {
+        let lock = Lock::default();
+        assert!(!lock.lock(b""), "an empty password locks nothing");
+        assert!(!lock.is_locked());
+        let start = tokio::time::Instant::now();
+        for _ in 0..3 {
+            assert!(!lock.unlock(b"pw").await);
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
+
+        // Those were no failures: the first wrong password waits 100 ms.
+        assert!(lock.lock(b"p\xe4ss"), "any bytes make a password");
+        assert!(!lock.unlock(b"").await);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert!(!lock.unlock(b"pass").await);
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert!(lock.unlock(b"p\xe4ss").await);
     }
 }

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use secrecy::SecretString;
 use ssh_key::certificate::Certificate;
 use ssh_key::public::KeyData;
 use ssh_key::Algorithm;
@@ -332,7 +331,7 @@ impl Router {
     }
 
     /// Locks the agent and makes every backend forget cached PINs.
-    pub fn lock_agent(&self, password: &SecretString) -> bool {
+    pub fn lock_agent(&self, password: &[u8]) -> bool {
         if !self.lock.lock(password) {
             return false;
         }

@@ -664,7 +664,7 @@ impl Session {
         }
     }
 
-    async fn unlock(&self, password: SecretString) -> Vec<u8> {
+    async fn unlock(&self, password: Zeroizing<Vec<u8>>) -> Vec<u8> {
         if self.router.lock().unlock(&password).await {
             tracing::info!(client = %self.peer, "agent unlocked");
             Reply::Success.encode()

@@ -162,3 +162,27 @@ fn certificates_in_the_config_pair_with_any_key() -> anyhow::Result<()> {
     assert_eq!(listed.len(), 2);
     Ok(())
 }
+
+/// OpenSSH takes a comment of any bytes: a key whose comment is not UTF-8
+/// is added and listed (the comment shown with U+FFFD for those bytes).
+#[test]
+fn a_comment_that_is_not_utf8_does_not_refuse_the_key() -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+
+    let agent = Agent::start(AgentOptions::default())?;
+    let key = agent.dir().join("id");
+    check(
+        std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C"])
+            .arg(std::ffi::OsStr::from_bytes(b"jos\xe9@laptop"))
+            .arg("-f")
+            .arg(&key)
+            .output()?,
+        "ssh-keygen",
+    )?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    let fingerprints = check(agent.ssh_add(["-l"])?, "ssh-add -l")?;
+    let shown = String::from_utf8_lossy(&fingerprints.stdout);
+    assert!(shown.contains("jos\u{fffd}@laptop (ED25519)"), "{shown}");
+    Ok(())
+}

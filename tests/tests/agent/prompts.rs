@@ -262,3 +262,35 @@ fn lock_then_unlock_after_a_wrong_password() -> anyhow::Result<()> {
     assert!(!run("-X", &password("s3cret-lock")?)?.status.success());
     Ok(())
 }
+
+/// As OpenSSH: an empty lock password locks nothing, and any other bytes,
+/// UTF-8 or not, do.
+#[test]
+fn a_lock_password_is_any_non_empty_string_of_bytes() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ed25519", "lockable")?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    let run = |flag: &str, printf: &str| -> anyhow::Result<std::process::Output> {
+        let script = agent.dir().join("pw");
+        write_script(&script, &format!("printf '{printf}'"))?;
+        Ok(agent
+            .command("ssh-add")
+            .arg(flag)
+            .env("SSH_ASKPASS", script)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .output()?)
+    };
+    assert!(!run("-x", "")?.status.success(), "an empty password locked");
+    assert_eq!(agent.listed()?.len(), 1);
+    assert!(
+        !run("-X", "pw")?.status.success(),
+        "unlocked an unlocked agent"
+    );
+    check(run("-x", "p\\344ss")?, "ssh-add -x with a Latin-1 password")?;
+    assert!(agent.listed()?.is_empty());
+    check(run("-X", "p\\344ss")?, "ssh-add -X with a Latin-1 password")?;
+    assert_eq!(agent.listed()?.len(), 1);
+    Ok(())
+}

@@ -126,10 +126,10 @@ pub enum Request {
         /// The provider.
         provider: String,
     },
-    /// SSH_AGENTC_LOCK (section 3.7): `string passphrase`.
-    Lock(SecretString),
-    /// SSH_AGENTC_UNLOCK (section 3.7): `string passphrase`.
-    Unlock(SecretString),
+    /// SSH_AGENTC_LOCK (section 3.7): `string passphrase`, any bytes.
+    Lock(Zeroizing<Vec<u8>>),
+    /// SSH_AGENTC_UNLOCK (section 3.7): `string passphrase`, any bytes.
+    Unlock(Zeroizing<Vec<u8>>),
     /// SSH_AGENTC_EXTENSION (section 3.8): `string name`, then contents
     /// that only the named extension defines.
     Extension {
@@ -262,7 +262,7 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, DecodeError> {
         },
         id::ADD_IDENTITY | id::ADD_ID_CONSTRAINED => {
             let key = Box::new(key::decode(reader).map_err(malformed)?);
-            let comment = text(reader, "comment").map_err(malformed)?;
+            let comment = shown_text(reader, "comment").map_err(malformed)?;
             let constraints = if kind == id::ADD_ID_CONSTRAINED {
                 constraints(reader, Target::Key).map_err(malformed)?
             } else {
@@ -297,8 +297,8 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, DecodeError> {
             secret(reader, "PIN").map_err(malformed)?;
             Request::RemoveSmartcardKey { provider }
         }
-        id::LOCK => Request::Lock(secret(reader, "passphrase").map_err(malformed)?),
-        id::UNLOCK => Request::Unlock(secret(reader, "passphrase").map_err(malformed)?),
+        id::LOCK => Request::Lock(password(reader).map_err(malformed)?),
+        id::UNLOCK => Request::Unlock(password(reader).map_err(malformed)?),
         id::EXTENSION => {
             let name = text(reader, "extension name").map_err(malformed)?;
             let contents = std::mem::take(reader).to_vec();
@@ -487,11 +487,23 @@ fn text(reader: &mut &[u8], what: &str) -> Result<String, String> {
     String::decode(reader).map_err(|e| format!("{what}: {e}"))
 }
 
+/// A string that is only shown to people (a key's comment): OpenSSH takes
+/// any bytes, so bytes that are not UTF-8 become U+FFFD rather than a
+/// refusal.
+fn shown_text(reader: &mut &[u8], what: &str) -> Result<String, String> {
+    Ok(String::from_utf8_lossy(&bytes(reader, what)?).into_owned())
+}
+
 /// A string that holds a secret: the bytes are wiped once copied out.
 fn secret(reader: &mut &[u8], what: &str) -> Result<SecretString, String> {
     let raw = Zeroizing::new(bytes(reader, what)?);
     let text = std::str::from_utf8(&raw).map_err(|_| format!("{what} is not UTF-8"))?;
     Ok(SecretString::from(text.to_owned()))
+}
+
+/// A lock password: any bytes, as OpenSSH, wiped once dropped.
+fn password(reader: &mut &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
+    bytes(reader, "passphrase").map(Zeroizing::new)
 }
 
 /// Decodes `bytes` as a `T` that must fill them exactly (extension payloads).
