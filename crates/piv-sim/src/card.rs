@@ -57,6 +57,12 @@ impl VirtualCard {
         self.applet.state()
     }
 
+    /// A fault for tests of clients' robustness: while `on`, GET METADATA
+    /// answers 9000 with a malformed body (an algorithm TLV without its byte).
+    pub fn set_malformed_metadata(&mut self, on: bool) {
+        self.applet.malformed_metadata = on;
+    }
+
     /// Handles one vpcd message; returns the answer, if the message gets one.
     pub fn handle(&mut self, request: Request) -> Option<Vec<u8>> {
         match request {

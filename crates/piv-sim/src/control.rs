@@ -12,6 +12,8 @@
 //! status [CARD]                     serial, connection, touch and PIN state
 //!                                   (waits while the card works, e.g. for a touch)
 //! waiting [CARD]                    `true` while the card waits for a touch (never waits)
+//! fault malformed-metadata [CARD]   GET METADATA answers a malformed body (for robustness tests)
+//! fault none [CARD]                 back to well-formed answers
 //! ```
 //!
 //! CARD is the card's index in the order of `--vpcd` options, 0 by default.
@@ -93,6 +95,8 @@ pub fn apply(cards: &[Arc<Simulator>], line: &str) -> Result<String, String> {
             let secs: u64 = secs.parse().map_err(|_| "SECONDS must be a number")?;
             touch.set_timeout(Duration::from_secs(secs));
         }
+        ("fault", ["malformed-metadata"]) => sim.with_card(|c| c.set_malformed_metadata(true)),
+        ("fault", ["none"]) => sim.with_card(|c| c.set_malformed_metadata(false)),
         ("remove", []) => sim.remove(),
         ("insert", []) => sim.insert(),
         // Answers at once: unlike `status`, it does not need the card's lock,
@@ -118,6 +122,7 @@ fn takes_card_last(command: &str, rest: &[&str]) -> bool {
     match command {
         "touch-mode" => rest.len() == 2 || rest == ["manual"] || rest == ["never"],
         "touch-timeout" => rest.len() == 1,
+        "fault" => rest.len() == 1,
         _ => rest.is_empty(),
     }
 }
@@ -153,6 +158,9 @@ mod tests {
         assert!(status.contains("serial=101"), "{status}");
         assert!(status.contains("connected=false"), "{status}");
         assert_eq!(apply(&cards, "waiting 1"), Ok("false".to_string()));
+        apply(&cards, "fault malformed-metadata 1")?;
+        apply(&cards, "fault none 1")?;
+        assert!(apply(&cards, "fault sparks").is_err());
         assert!(apply(&cards, "touch 7").is_err());
         assert!(apply(&cards, "dance").is_err());
         assert!(apply(&cards, "").is_err());

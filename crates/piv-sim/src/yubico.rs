@@ -102,6 +102,11 @@ fn metadata(applet: &mut Applet, cmd: &Command) -> Result<Response, StatusWord> 
     if cmd.p1 != 0 {
         return Err(StatusWord::INCORRECT_P1P2);
     }
+    if applet.malformed_metadata {
+        // An algorithm TLV without its byte: what a card with a firmware
+        // bug, or a damaged transfer, could send.
+        return Ok(Response::ok(vec![0x01, 0x00]));
+    }
     let state = &applet.state;
     let mut out = Vec::new();
     let pin_puk = |out: &mut Vec<u8>, secret: &Secret, default: &[u8]| {

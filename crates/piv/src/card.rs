@@ -2,6 +2,8 @@
 //! cached PIN, and runs one job at a time from its queue, so a card never sees
 //! two operations at once while different cards sign in parallel.
 
+use std::any::Any;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -344,7 +346,12 @@ impl Worker {
             };
             match job {
                 Job::Sign(job, reply) => {
-                    let result = self.sign(&job);
+                    // The `yubikey` crate indexes card answers without
+                    // checking their length (metadata parsing, for one), so a
+                    // malformed answer panics it. That fails this job only:
+                    // the worker, and with it the card, goes on.
+                    let result = panic::catch_unwind(AssertUnwindSafe(|| self.sign(&job)))
+                        .unwrap_or_else(|payload| Err(self.after_panic(&*payload)));
                     let _ = reply.send(result);
                 }
                 Job::Forget => {
@@ -361,6 +368,24 @@ impl Worker {
             release(yubikey);
         }
         tracing::debug!(device = %self.device, "card worker stopped");
+    }
+
+    /// After a job panicked: the connection is in an unknown state (a PC/SC
+    /// transaction cut short, a PIN perhaps verified), so it is closed with a
+    /// reset and the next job opens a new one.
+    fn after_panic(&mut self, payload: &(dyn Any + Send)) -> CardError {
+        let what = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("no message");
+        tracing::error!(device = %self.device, panic = what, "the yubikey library panicked on the card's answer; reconnecting");
+        self.unverify();
+        CardError::Card(
+            "the card sent an answer the agent could not read, so its connection was reset; \
+             try again, and if it keeps happening, pull the card out and plug it back in"
+                .into(),
+        )
     }
 
     fn sign(&mut self, job: &SignJob) -> Result<Vec<u8>, CardError> {

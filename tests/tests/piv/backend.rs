@@ -536,6 +536,56 @@ fn requests_that_waited_for_a_wrong_pin_or_a_cancel_fail_with_it_and_do_not_ask_
     })
 }
 
+const PANIC: u32 = 21_000_092;
+
+/// The `yubikey` crate indexes card answers without checking their length,
+/// so a malformed answer (here a GET METADATA body missing its algorithm
+/// byte) panics it. The card's worker once died with it: the card stayed
+/// listed and every later signature said it was removed.
+#[test]
+fn a_malformed_card_answer_fails_one_signature_and_the_card_keeps_working() -> Result<()> {
+    if rig_or_child(
+        &[PANIC],
+        "backend::a_malformed_card_answer_fails_one_signature_and_the_card_keeps_working",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    provision(
+        PANIC,
+        &[(0x9a, EccP256, PinPolicy::Once, TouchPolicy::Never)],
+    )?;
+    let started = start_backend(Duration::from_secs(600));
+    block_on(async {
+        let all = wait_keys(&started.published, PANIC, 1)?;
+        let key = identity(&all, PANIC, "9a")?;
+        // Signing needs the PIN, and the worker reads the tries left (GET
+        // METADATA on the PIN) before it asks.
+        control("fault malformed-metadata 0")?;
+        let result = started
+            .backend
+            .sign(
+                key.key(),
+                &request(0),
+                &SignContext::default(),
+                pins(1, PIN),
+            )
+            .await;
+        match &result {
+            Err(Error::Device { message, .. })
+                if message.contains("could not read") && message.contains("try again") => {}
+            other => bail!("expected the card's answer to be refused, got {other:?}"),
+        }
+        control("fault none 0")?;
+        ensure!(started.published.current().len() == 1);
+        let prompter = pins(1, PIN);
+        sign_ok(&started, &key, prompter.clone()).await?;
+        ensure!(prompter.pin_requests().len() == 1);
+        Ok(())
+    })
+}
+
 const TOUCH: u32 = 21_000_031;
 
 /// Polls the card's control status until it waits for a touch.

@@ -54,6 +54,8 @@ pub struct Applet {
     /// YubiKey, a reset by the reader does not forget it; unplugging does.
     last_touch: Option<Instant>,
     dirty: bool,
+    /// A fault a test asked for: GET METADATA answers malformed data.
+    pub(crate) malformed_metadata: bool,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +97,7 @@ impl Applet {
             touch,
             last_touch: None,
             dirty: false,
+            malformed_metadata: false,
         }
     }
 
