@@ -89,13 +89,16 @@ fn issue_13_certificates_for_token_keys_as_openssh_10() -> anyhow::Result<()> {
             .join(" ")
     };
     let cert_arg = cert.display().to_string();
+    // ssh-add sends every file it is named, certificate or not; a plain
+    // key among them is skipped by both agents.
+    let plain_arg = dir.join("token-p256.pub").display().to_string();
     let sshd = Sshd::start_with(&v10, "", Some(&ca.with_extension("pub")), "")?;
 
     for (flags, expected_len) in [(&["-s", MODULE][..], 3), (&["-C", "-s", MODULE][..], 1)] {
         let mut lists = Vec::new();
         for (name, agent) in [("token-agent", &ours), ("OpenSSH 10.5", &reference)] {
             let mut args = flags.to_vec();
-            args.push(&cert_arg);
+            args.extend([&*cert_arg, &*plain_arg]);
             ssh_add(&v10, agent, &args)?;
             let keys = listed(&v10, agent)?;
             assert_eq!(keys.len(), expected_len, "{name} {flags:?}: {keys:?}");

@@ -22,7 +22,7 @@ use ssh_key::public::KeyData;
 use token_agent_core::{push_string, SshSignature};
 use zeroize::Zeroizing;
 
-use super::key::{self, PrivateKey};
+use super::key::{self, KeyOrCertificate, PrivateKey};
 
 /// Message numbers (draft-miller-ssh-agent section 5.1).
 pub mod id {
@@ -400,16 +400,23 @@ fn constraint_extension(
             let blob = bytes(reader, &name)?;
             let mut inner = blob.as_slice();
             let mut certificates = Vec::new();
+            let mut keys = 0;
             while !inner.is_finished() {
-                if certificates.len() >= MAX_ASSOCIATED_CERTS {
+                if keys >= MAX_ASSOCIATED_CERTS {
                     return Err(format!(
                         "more than {MAX_ASSOCIATED_CERTS} associated certificates"
                     ));
                 }
-                let cert = inner
-                    .read_prefixed(Certificate::decode)
-                    .map_err(|e| format!("associated certificate: {e}"))?;
-                certificates.push(cert);
+                keys += 1;
+                let key = bytes(&mut inner, "associated certificate")?;
+                // ssh-add sends every file it is given; as OpenSSH, plain
+                // keys among them are skipped.
+                match KeyOrCertificate::decode(&key)
+                    .map_err(|e| format!("associated certificate: {e}"))?
+                {
+                    KeyOrCertificate::Certificate(cert) => certificates.push(*cert),
+                    KeyOrCertificate::Plain(_) => {}
+                }
             }
             out.associated_certs = Some(AssociatedCerts {
                 certs_only,
@@ -681,6 +688,12 @@ mod tests {
         let blob = encode_blob(&cert).unwrap();
         let mut certs = Vec::new();
         push_string(&mut certs, &blob);
+        // ssh-add sends every file named, plain keys too: skipped, as OpenSSH.
+        let plain_key = ssh_key::private::Ed25519Keypair::from_seed(&[4; 32]).public;
+        push_string(
+            &mut certs,
+            &encode_blob(&KeyData::Ed25519(plain_key)).unwrap(),
+        );
         push_string(&mut certs, &blob);
         let mut contents = vec![1];
         push_string(&mut contents, &certs);
