@@ -165,6 +165,55 @@ impl SoftHsm {
         Ok(())
     }
 
+    /// Makes a token `label` whose user PIN is `pin` (not [`PIN`]), with
+    /// keys of `kinds`.
+    pub fn token_with_pin(&self, label: &str, pin: &str, kinds: &[KeyKind]) -> anyhow::Result<()> {
+        check(
+            self.command("softhsm2-util")
+                .args(["--init-token", "--free", "--label", label, "--pin", pin])
+                .args(["--so-pin", SO_PIN])
+                .output()
+                .context("cannot run softhsm2-util (install softhsm2)")?,
+            "softhsm2-util --init-token",
+        )?;
+        for kind in kinds {
+            self.keygen_with_pin(label, pin, *kind, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Generates a key pair of `kind` on token `label`, logging in with
+    /// `pin`, with more pkcs11-tool options `extra` (`--private`: the public
+    /// key object is private too, visible only after a login;
+    /// `--always-auth`).
+    pub fn keygen_with_pin(
+        &self,
+        label: &str,
+        pin: &str,
+        kind: KeyKind,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        let (id, key_label) = kind.id_and_label();
+        check(
+            self.command("pkcs11-tool")
+                .args(["--module", MODULE, "--token-label", label, "--keypairgen"])
+                .args(extra)
+                .args([
+                    "--key-type",
+                    kind.key_type(),
+                    "--id",
+                    id,
+                    "--label",
+                    key_label,
+                ])
+                .args(["--login", "--pin", pin])
+                .output()
+                .context("cannot run pkcs11-tool (install opensc)")?,
+            "pkcs11-tool --keypairgen",
+        )?;
+        Ok(())
+    }
+
     /// Deletes token `label`, as if it were pulled out.
     pub fn delete_token(&self, label: &str) -> anyhow::Result<()> {
         check(

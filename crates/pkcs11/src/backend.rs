@@ -204,6 +204,11 @@ struct Module {
     /// out. OpenSSH drops such keys from its table while the provider stays
     /// loaded; they stay hidden until the provider is loaded again.
     removed: Mutex<HashSet<Vec<u8>>>,
+    /// Tokens of a module loaded with `ssh-add -s` that refused its PIN,
+    /// and how. As OpenSSH's ssh-agent skips them, their keys are not
+    /// offered (and so their PIN is never tried again) until the provider
+    /// is loaded again.
+    refused: Mutex<FxHashMap<TokenId, String>>,
     /// Held by a logout in flight ([`Backend::forget_secrets`] does not wait
     /// for it): every call waits for it first, so no signature after a lock
     /// or SIGHUP can use the old login.
@@ -411,12 +416,31 @@ impl Backend for Pkcs11Backend {
                 });
             }
         };
+        // As OpenSSH's ssh-agent: each token that needs a login is logged
+        // in once with the PIN, and a token that refuses it (a different
+        // PIN, a blocked one, any C_Login failure) is skipped, not tried
+        // again, while the other tokens' keys load. The add fails when it
+        // skipped a token and no key is left to load.
+        let mut refusals = Vec::new();
         if let Some(pin) = &request.pin {
             for token in tokens.iter().filter(|t| t.login_required) {
                 if let Err(err) = inner.login_with(&module, token, Some(pin.clone())).await {
-                    module.unload();
-                    return Err(err);
+                    tracing::info!(
+                        provider = path,
+                        token = token.label,
+                        serial = token.serial,
+                        %err,
+                        "the PIN of ssh-add -s did not open this PKCS#11 token; its keys are not loaded"
+                    );
+                    lock(&module.refused).insert(token_id(&module, token), err.to_string());
+                    refusals.push(err);
                 }
+            }
+        }
+        if let Some(first) = refusals.into_iter().next() {
+            if inner.identities(&module).is_empty() {
+                module.unload();
+                return Err(first);
             }
         }
         lock(&inner.modules).push(module.clone());
@@ -492,6 +516,7 @@ impl Backend for Pkcs11Backend {
                     problem: false,
                 });
             }
+            let refused = lock(&module.refused).clone();
             for token in tokens {
                 let id = &token.id;
                 let mut details = vec![
@@ -501,7 +526,14 @@ impl Backend for Pkcs11Backend {
                         n => format!("{n} keys"),
                     },
                 ];
-                let problem = token.pin.locked;
+                let refusal = refused.get(id);
+                if let Some(reason) = refusal {
+                    details.push(format!(
+                        "refused the PIN of ssh-add -s ({reason}): its keys are not offered \
+                         until the provider is loaded again"
+                    ));
+                }
+                let problem = token.pin.locked || refusal.is_some();
                 details.push(if token.pin.locked {
                     "PIN blocked; unblock it with the token's SO PIN".to_owned()
                 } else if token.pin.final_try {
@@ -576,6 +608,7 @@ impl Module {
             slot_events: AtomicBool::new(false),
             tokens: Mutex::new(Vec::new()),
             removed: Mutex::new(HashSet::new()),
+            refused: Mutex::default(),
             logout: Arc::new(tokio::sync::Mutex::new(())),
             unloaded: AtomicBool::new(false),
         }
@@ -819,8 +852,9 @@ impl Inner {
     fn identities(&self, module: &Arc<Module>) -> Vec<Identity> {
         let tokens = lock(&module.tokens).clone();
         let removed = lock(&module.removed).clone();
+        let refused = lock(&module.refused);
         let mut identities = Vec::new();
-        for token in &tokens {
+        for token in tokens.iter().filter(|t| !refused.contains_key(&t.id)) {
             for key in &token.keys {
                 let Ok(public) = KeyData::decode(&mut key.public_key.as_slice()) else {
                     continue;
@@ -848,6 +882,12 @@ impl Inner {
             .iter()
             .find(|t| t.serial.as_bytes() == serial && t.label.as_bytes() == label)
             .cloned();
+        if token
+            .as_ref()
+            .is_some_and(|t| lock(&module.refused).contains_key(&t.id))
+        {
+            return Err(Error::KeyNotFound);
+        }
         let Some(token) = token else {
             let (label, serial) = (
                 String::from_utf8_lossy(label),

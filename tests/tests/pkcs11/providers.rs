@@ -520,3 +520,76 @@ fn a_nul_padded_token_label_lists_and_signs() -> anyhow::Result<()> {
     sign_and_verify(&agent, &token_key, "nully")?;
     Ok(())
 }
+
+#[test]
+fn a_token_that_refuses_the_pin_of_ssh_add_s_is_skipped_as_openssh_does() -> anyhow::Result<()> {
+    use token_agent_e2e::openssh::OpenSsh;
+
+    let hsm = SoftHsm::new()?;
+    hsm.token("alice", &[KeyKind::P256, KeyKind::Rsa2048])?;
+    hsm.token_with_pin("carol", "carols-pin-4711", &[KeyKind::P384])?;
+    let (program, questions) = crate::counting_askpass(hsm.dir(), &[PIN])?;
+    let config = "[pkcs11]\npoll_interval_ms = 200\n";
+    let agent = start_agent_asking(&hsm, &[], config, &program)?;
+
+    // The keys of the tokens the PIN opens load; carol's do not.
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    let listed = wait_listed(&agent, 2, Duration::from_secs(5))?;
+    assert!(listed.iter().all(|l| l.contains(" alice: ")), "{listed:?}");
+    // OpenSSH 10.5's ssh-agent loads the same keys.
+    let reference =
+        token_agent_e2e::agent::Agent::start_openssh_with(&OpenSsh::v10()?, &[], &hsm.env())?;
+    check(
+        add_provider(&reference, Path::new(MODULE), PIN)?,
+        "ssh-add -s to OpenSSH's agent",
+    )?;
+    let key = |line: &String| {
+        line.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut theirs: Vec<String> = reference.listed()?.iter().map(key).collect();
+    let mut ours: Vec<String> = listed.iter().map(key).collect();
+    theirs.sort();
+    ours.sort();
+    assert_eq!(ours, theirs);
+
+    // carol's PIN was tried once, the log and status say which token
+    // refused it, and later polls do not bring its keys back.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.listed()?.len(), 2);
+    let log = agent.log_text();
+    assert_eq!(log.matches("PKCS#11 login failed").count(), 1, "{log}");
+    assert!(
+        log.contains("the PIN of ssh-add -s did not open this PKCS#11 token")
+            && log.contains("PIN incorrect for carol #"),
+        "{log}"
+    );
+    let status = agent.status()?.to_string();
+    assert!(status.contains("refused the PIN of ssh-add -s"), "{status}");
+
+    // alice is logged in: her keys sign without asking.
+    for (index, line) in listed.iter().enumerate() {
+        sign_and_verify(&agent, line, &format!("alice{index}"))?;
+    }
+    assert_eq!(questions(), 0);
+
+    // When no token the PIN opens has a key, the add fails, naming the token.
+    check(agent.ssh_add(["-e", MODULE])?, "ssh-add -e")?;
+    hsm.delete_token("alice")?;
+    let output = add_provider(&agent, Path::new(MODULE), PIN)?;
+    assert!(!output.status.success());
+    let doc = agent.status()?;
+    let refusals = doc["refusals"].as_array().cloned().unwrap_or_default();
+    let last = refusals.last().cloned().unwrap_or_default();
+    assert_eq!(last["reason"], "wrong-pin", "{doc:#}");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("PIN incorrect for carol #"),
+        "{last}"
+    );
+    Ok(())
+}
