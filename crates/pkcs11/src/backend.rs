@@ -409,7 +409,7 @@ impl Backend for Pkcs11Backend {
         let tokens = match tokens {
             Ok(tokens) => tokens,
             Err(message) => {
-                module.unload();
+                inner.abandon(&module);
                 return Err(Error::Device {
                     device: DeviceInfo::new(format!("PKCS#11 module {path}")),
                     message,
@@ -439,7 +439,7 @@ impl Backend for Pkcs11Backend {
         }
         if let Some(first) = refusals.into_iter().next() {
             if inner.identities(&module).is_empty() {
-                module.unload();
+                inner.abandon(&module);
                 return Err(first);
             }
         }
@@ -648,11 +648,18 @@ impl Inner {
 
     fn unload(&self, module: &Arc<Module>) {
         lock(&self.modules).retain(|m| !Arc::ptr_eq(m, module));
+        self.abandon(module);
+        self.publish();
+        tracing::info!(provider = module.path, "unloaded PKCS#11 provider");
+    }
+
+    /// Stops `module` and forgets the PINs cached for its tokens and their
+    /// login gates: an `ssh-add -s` that failed after one token took its PIN
+    /// must not leave that PIN behind for a later load of the same module.
+    fn abandon(&self, module: &Module) {
         module.unload();
         lock(&self.pins).retain(|token, _| token.module != module.path);
         lock(&self.logins).retain(|token, _| token.module != module.path);
-        self.publish();
-        tracing::info!(provider = module.path, "unloaded PKCS#11 provider");
     }
 
     /// The module's helper, started (and the module loaded) if it is not running.

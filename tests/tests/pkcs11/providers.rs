@@ -593,3 +593,33 @@ fn a_token_that_refuses_the_pin_of_ssh_add_s_is_skipped_as_openssh_does() -> any
     );
     Ok(())
 }
+
+#[test]
+fn a_refused_ssh_add_s_leaves_no_pin_cached() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    // alice takes the PIN ssh-add sends, carol (who holds the only key) does not.
+    hsm.token("alice", &[])?;
+    hsm.token_with_pin("carol", "carols-pin-4711", &[KeyKind::P256])?;
+    let (program, questions) = crate::counting_askpass(hsm.dir(), &[PIN])?;
+    let agent = start_agent_asking(&hsm, &[], "", &program)?;
+    let output = add_provider(&agent, Path::new(MODULE), PIN)?;
+    assert!(!output.status.success(), "{}", agent.log_text());
+    assert!(agent.listed()?.is_empty());
+
+    // alice gets a key, and the module is loaded again without a PIN.
+    hsm.keygen("alice", KeyKind::Ed25519)?;
+    check(
+        add_provider(&agent, Path::new(MODULE), "")?,
+        "ssh-add -s without a PIN",
+    )?;
+    let listed = wait_listed(&agent, 2, Duration::from_secs(5))?;
+    let alice = listed
+        .iter()
+        .find(|l| l.ends_with(" alice: ed25519-key"))
+        .cloned()
+        .unwrap_or_default();
+    // The PIN of the refused load was forgotten with it: signing asks for it.
+    sign_and_verify(&agent, &alice, "alice")?;
+    assert_eq!(questions(), 1, "{}", agent.log_text());
+    Ok(())
+}
