@@ -6,7 +6,9 @@
 //! the shell commands that point at it or runs COMMAND with them set.
 
 use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -58,8 +60,8 @@ pub(crate) fn start(options: &Options) -> anyhow::Result<ExitCode> {
         let said = said.trim().trim_start_matches("token-agent: ");
         bail!("the agent did not start: {said}");
     };
-    // From here on the child logs to its file; its stdout and stderr pipes are
-    // closed when this process exits or execs, so no shell waits on them.
+    // From here on the child logs to its file and has let go of its stdout
+    // and stderr pipes (detach_stdio), so no shell waits on them.
     drop(child.stderr.take());
 
     if options.command.is_empty() {
@@ -79,6 +81,26 @@ pub(crate) fn start(options: &Options) -> anyhow::Result<ExitCode> {
         nix::sys::signal::Signal::SIGTERM,
     );
     Err(err).with_context(|| format!("cannot run {}", program.to_string_lossy()))
+}
+
+/// In the background agent, once the parent has read the socket path:
+/// standard input and output go to /dev/null and standard error to the log
+/// file, as ssh-agent's `stdfd_devnull()` (which sends standard error to
+/// /dev/null too: here the log keeps what PKCS#11 helpers and notice
+/// commands say there). Left as they were, both would stay pipes whose
+/// reader has exited, and a helper that prints a warning would die of it.
+pub(crate) fn detach_stdio(log: Option<&File>) -> anyhow::Result<()> {
+    let null = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("cannot open /dev/null")?;
+    let stderr = log.unwrap_or(&null);
+    for (file, fd) in [(&null, 0), (&null, 1), (stderr, 2)] {
+        nix::unistd::dup2(file.as_raw_fd(), fd)
+            .with_context(|| format!("cannot redirect file descriptor {fd}"))?;
+    }
+    Ok(())
 }
 
 /// The flags the child needs to serve as this process was asked.

@@ -3,7 +3,7 @@
 //! Logs never carry secrets: PINs and passwords are `SecretString`s whose
 //! Debug prints nothing, and requests are logged by fingerprint and size.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::IsTerminal;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -21,12 +21,14 @@ pub(crate) fn to_stderr(default_level: &str, configured: Option<&str>) {
         .init();
 }
 
-/// Logs to `path` (created 0600, appended to).
+/// Logs to `path` (created 0600, appended to). Returns the file once more,
+/// for the background agent's standard error: what its PKCS#11 helpers and
+/// notice commands write there lands in the log too.
 pub(crate) fn to_file(
     path: &Path,
     default_level: &str,
     configured: Option<&str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<File> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
@@ -37,12 +39,15 @@ pub(crate) fn to_file(
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot open the log file {}", path.display()))?;
+    let again = file
+        .try_clone()
+        .with_context(|| format!("cannot open the log file {}", path.display()))?;
     tracing_subscriber::fmt()
         .with_env_filter(from_environment(default_level, configured))
         .with_ansi(false)
         .with_writer(Mutex::new(file))
         .init();
-    Ok(())
+    Ok(again)
 }
 
 /// The filter TOKEN_AGENT_LOG gives, else the `configured` one, else `default_level`.

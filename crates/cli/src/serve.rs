@@ -1,6 +1,8 @@
 //! Running the agent: bind the socket, wire the router, serve until told to stop.
 
+use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,6 +41,8 @@ pub(crate) const READY: &str = "TOKEN-AGENT-READY ";
 /// Serves until SIGTERM (or SIGINT in the foreground, or the parent's exit).
 pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
     let config = Config::load(options.config.as_deref())?;
+    // The background agent's standard error once the parent has gone.
+    let mut log_file = None;
     match role {
         Role::Foreground { debug } => {
             let level = if debug { "debug" } else { "info" };
@@ -52,7 +56,11 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
                 .clone()
                 .or_else(config::default_log_file)
                 .context("cannot find a place for the log file: set HOME or log_file")?;
-            logging::to_file(&path, "info", config.log_level.as_deref())?;
+            log_file = Some(logging::to_file(
+                &path,
+                "info",
+                config.log_level.as_deref(),
+            )?);
         }
     }
     harden();
@@ -89,7 +97,7 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         // A supervisor that passed the socket tells the session where it is
         // (ssh-agent prints nothing then either).
         if !activated {
-            announce(options, role, &socket_path)?;
+            announce(options, role, &socket_path, log_file.as_ref())?;
         }
         crate::session_lock::follow(&router, config.desktop.on_lock);
         let shutdown = signals.until_shutdown(role, options.parent_pid, router.clone());
@@ -316,24 +324,43 @@ fn listen(place: Place) -> anyhow::Result<(UnixListener, PathBuf, Option<listene
 }
 
 /// Tells the shell (foreground) or the parent (daemon child) where the agent is.
-fn announce(options: &Options, role: Role, socket: &Path) -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout().lock();
+///
+/// The daemon child first lets go of its standard streams (`log` becomes
+/// its standard error) and tells the parent on a copy of the pipe it was
+/// given as standard output: once the parent has heard, nothing the agent
+/// starts inherits a pipe whose reader has exited.
+fn announce(
+    options: &Options,
+    role: Role,
+    socket: &Path,
+    log: Option<&File>,
+) -> anyhow::Result<()> {
     match role {
         Role::Foreground { .. } => {
+            let mut stdout = std::io::stdout().lock();
             stdout.write_all(&shell::environment(
                 options.shell,
                 socket,
                 std::process::id(),
                 false,
             ))?;
+            stdout.flush().context("cannot write to stdout")
         }
         Role::DaemonChild => {
-            stdout.write_all(READY.as_bytes())?;
-            stdout.write_all(socket.as_os_str().as_bytes())?;
-            stdout.write_all(b"\0")?;
+            let mut parent = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map(File::from)
+                .context("cannot keep the pipe to the parent")?;
+            crate::daemon::detach_stdio(log)?;
+            let mut said = READY.as_bytes().to_vec();
+            said.extend_from_slice(socket.as_os_str().as_bytes());
+            said.push(0);
+            parent
+                .write_all(&said)
+                .context("cannot tell the parent where the agent listens")
         }
     }
-    stdout.flush().context("cannot write to stdout")
 }
 
 /// The signals the agent acts on, caught from the start.

@@ -422,3 +422,83 @@ fn socket_paths_survive_eval_in_sh_and_csh_background_and_foreground() -> anyhow
     }
     Ok(())
 }
+
+#[test]
+fn background_agent_leaves_no_pipe_behind_and_a_helper_that_warns_still_answers(
+) -> anyhow::Result<()> {
+    use token_agent_e2e::softhsm::{KeyKind, SoftHsm, MODULE, PIN};
+    // A token with a key the PKCS#11 helper skips with a warning on its
+    // standard error (secp256k1), next to one it offers.
+    let hsm = SoftHsm::new()?;
+    hsm.token("warns", &[KeyKind::P256])?;
+    check(
+        Command::new("pkcs11-tool")
+            .envs(hsm.env())
+            .args(["--module", MODULE, "--token-label", "warns", "--login"])
+            .args(["--pin", PIN, "--keypairgen", "--key-type", "EC:secp256k1"])
+            .args(["--id", "0b", "--label", "k1"])
+            .output()?,
+        "pkcs11-tool --keypairgen secp256k1",
+    )?;
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("agent.sock");
+    let output = check(
+        token_agent(dir.path())?
+            .envs(hsm.env())
+            .args(["-s", "-a"])
+            .arg(&socket)
+            .output()?,
+        "token-agent -s",
+    )?;
+    let pid = variable(&stdout(&output), "SSH_AGENT_PID").unwrap_or_default();
+    let result = (|| -> anyhow::Result<()> {
+        let fd = |n: u32| std::fs::read_link(format!("/proc/{pid}/fd/{n}"));
+        assert_eq!(fd(0)?, Path::new("/dev/null"));
+        assert_eq!(fd(1)?, Path::new("/dev/null"));
+        let log = dir.path().join("token-agent/agent.log");
+        assert_eq!(fd(2)?, log, "standard error goes to the log");
+
+        let askpass = dir.path().join("askpass");
+        token_agent_e2e::write_script(&askpass, &format!("echo {PIN}"))?;
+        let mut add = Command::new("ssh-add")
+            .args(["-s", MODULE])
+            .env("SSH_AUTH_SOCK", &socket)
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let mut status = None;
+        wait_for(Duration::from_secs(20), || {
+            status = add.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if status.is_none() {
+            let _ = add.kill();
+            let _ = add.wait();
+        }
+        assert!(
+            status.is_some_and(|status| status.success()),
+            "ssh-add -s: {status:?}"
+        );
+        let listed = Command::new("ssh-add")
+            .arg("-l")
+            .env("SSH_AUTH_SOCK", &socket)
+            .output()?;
+        assert!(stdout(&listed).contains("warns"), "{}", stdout(&listed));
+        let log = std::fs::read_to_string(&log)?;
+        assert!(
+            log.contains("pkcs11 helper: skipping an object"),
+            "the helper's warning is not in the log:\n{log}"
+        );
+        Ok(())
+    })();
+    if let Ok(pid) = pid.parse() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    result
+}
