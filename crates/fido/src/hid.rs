@@ -271,7 +271,13 @@ fn public_key(key: &PublicKey) -> Result<CredentialPublicKey, CtapError> {
 fn ctap_error(error: anyhow::Error) -> CtapError {
     let text = format!("{error:#}");
     let has = |code: &str| text.contains(code);
-    if has("CTAP2_ERR_NO_CREDENTIALS") {
+    if has("read err") || has("write error") {
+        // hidapi could not read or write the device: it was pulled out in
+        // the middle of the operation. ctap-hid-fido2 3.6 says "read err =
+        // 0xFE" while it waits for the answer, "read error" or "write error"
+        // elsewhere, with no status code from the device.
+        CtapError::Removed
+    } else if has("CTAP2_ERR_NO_CREDENTIALS") {
         CtapError::NoCredentials
     } else if has("CTAP2_ERR_PIN_INVALID") {
         CtapError::PinInvalid { retries: 0 }
@@ -287,5 +293,32 @@ fn ctap_error(error: anyhow::Error) -> CtapError {
         CtapError::UserActionTimeout { seconds: 30 }
     } else {
         CtapError::Other(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_pulled_out_mid_operation_is_removed_not_a_device_error() {
+        // The texts ctap-hid-fido2 3.6.1 makes when hidapi's read or write
+        // fails (ctaphid.rs, fidokey/mod.rs).
+        for text in ["read err = 0xFE", "read error", "write error"] {
+            assert!(
+                matches!(ctap_error(anyhow::anyhow!(text)), CtapError::Removed),
+                "{text}"
+            );
+        }
+        assert!(matches!(
+            ctap_error(anyhow::anyhow!(
+                "response_status err = 0x31 CTAP2_ERR_PIN_INVALID PIN Invalid."
+            )),
+            CtapError::PinInvalid { .. }
+        ));
+        assert!(matches!(
+            ctap_error(anyhow::anyhow!("ciborium parse error")),
+            CtapError::Other(_)
+        ));
     }
 }
