@@ -103,6 +103,42 @@ pub(crate) fn detach_stdio(log: Option<&File>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// In the background agent, before anything else: closes every file
+/// descriptor but 0, 1 and 2, as ssh-agent's `closefrom()`. The child
+/// inherits whatever the shell that started token-agent had open (the write
+/// end of a pipe in `{ token-agent -s >out; } 5>&1 | cat`), and holding it
+/// would keep that pipe open as long as the agent runs.
+pub(crate) fn close_inherited_fds() {
+    // Listed first, closed after: the listing's own descriptor is gone by
+    // then (closing it again fails harmlessly), and nothing else runs yet
+    // to reuse its number.
+    let open: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect(),
+        // Without /proc: every number below the limit (capped, as a limit
+        // may be a million).
+        Err(_) => {
+            let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(1024, |(soft, _)| soft.min(65_536));
+            (3..i32::try_from(limit).unwrap_or(1024)).collect()
+        }
+    };
+    for fd in open {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
+/// In the background agent, once it listens: moves to `/`, as ssh-agent's
+/// child does, so the agent does not keep the directory it was started in
+/// busy (an unmount, a removed build directory).
+pub(crate) fn leave_cwd() {
+    if let Err(err) = nix::unistd::chdir("/") {
+        tracing::warn!(%err, "cannot change to the root directory");
+    }
+}
+
 /// The flags the child needs to serve as this process was asked.
 fn child_flags(options: &Options) -> Vec<std::ffi::OsString> {
     let mut flags: Vec<std::ffi::OsString> = Vec::new();

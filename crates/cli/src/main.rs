@@ -72,7 +72,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Mode::Cleanup { any_host } => cleanup(any_host),
         Mode::Daemon => daemon::start(&options),
         Mode::Foreground { debug } => serve::run(&options, serve::Role::Foreground { debug }),
-        Mode::DaemonChild => serve::run(&options, serve::Role::DaemonChild),
+        Mode::DaemonChild => {
+            daemon::close_inherited_fds();
+            serve::run(&options, serve::Role::DaemonChild)
+        }
     }
 }
 

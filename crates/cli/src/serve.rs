@@ -67,8 +67,25 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
 
     let place = place(options, role)?;
     let activated = matches!(place, Place::Inherited(_));
+    // Only a relative socket path keeps the background agent where it started.
+    let leaves_cwd = match &place {
+        Place::Path { path, .. } => path.is_absolute(),
+        Place::Home { dir, .. } => dir.is_absolute(),
+        Place::Inherited(_) => true,
+    };
     let certificates = load_certificates(&config.certificates)?;
-    let policy = policy(options, &config)?;
+    let mut policy = policy(options, &config)?;
+    if role == Role::DaemonChild {
+        // Upstream agents are reached from `/` too, once the agent has moved there.
+        for socket in policy
+            .upstreams
+            .sockets
+            .iter_mut()
+            .chain(policy.upstreams.add_to.as_mut())
+        {
+            *socket = std::path::absolute(&*socket).unwrap_or_else(|_| socket.clone());
+        }
+    }
     // One thread runs the front end: its work per request is a few
     // microseconds of parsing and routing, and everything slow runs
     // elsewhere (helper processes, device threads, software signatures on
@@ -98,6 +115,9 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         // (ssh-agent prints nothing then either).
         if !activated {
             announce(options, role, &socket_path, log_file.as_ref())?;
+        }
+        if role == Role::DaemonChild && leaves_cwd {
+            crate::daemon::leave_cwd();
         }
         crate::session_lock::follow(&router, config.desktop.on_lock);
         let shutdown = signals.until_shutdown(role, options.parent_pid, router.clone());
@@ -220,9 +240,10 @@ fn load_certificates(paths: &[PathBuf]) -> anyhow::Result<Vec<Certificate>> {
 #[derive(Debug)]
 enum Place {
     /// Bind at this path (`-a`, or `-T` in the directory made for it,
-    /// removed at exit).
+    /// removed at exit), and tell the shell `shown` (the path as given).
     Path {
         path: PathBuf,
+        shown: PathBuf,
         made_dir: Option<PathBuf>,
     },
     /// The default: a fresh name in `~/.ssh/agent`.
@@ -243,7 +264,10 @@ fn place(options: &Options, role: Role) -> anyhow::Result<Place> {
     }
     match &options.socket {
         SocketPlace::Path(path) => Ok(Place::Path {
-            path: path.clone(),
+            // The background agent leaves its working directory once it
+            // listens, and removes its socket at exit by this path.
+            path: for_role(role, path),
+            shown: path.clone(),
             made_dir: None,
         }),
         SocketPlace::TempDir => {
@@ -257,8 +281,9 @@ fn place(options: &Options, role: Role) -> anyhow::Result<Place> {
             };
             let (path, dir) = socket::temp_dir_socket(pid)?;
             Ok(Place::Path {
-                path,
-                made_dir: Some(dir),
+                path: for_role(role, &path),
+                shown: path,
+                made_dir: Some(for_role(role, &dir)),
             })
         }
         SocketPlace::Home { clean } => {
@@ -282,15 +307,32 @@ fn place(options: &Options, role: Role) -> anyhow::Result<Place> {
     }
 }
 
+/// `path` as the background agent binds it and removes it at exit: from
+/// `/`, which it moves to once it listens (see [`crate::daemon::leave_cwd`]).
+/// A path that would be too long for a socket once absolute stays as it is,
+/// and the agent then stays where it was started.
+fn for_role(role: Role, path: &Path) -> PathBuf {
+    // sun_path holds 108 bytes with the NUL.
+    const SUN_PATH_MAX: usize = 107;
+    match (role, std::path::absolute(path)) {
+        (Role::DaemonChild, Ok(absolute)) if absolute.as_os_str().len() <= SUN_PATH_MAX => absolute,
+        _ => path.to_owned(),
+    }
+}
+
 /// Listens at `place`: the listener, its path, and the guard that removes
 /// what the agent made (none for an inherited socket, which the agent never
 /// removes).
 fn listen(place: Place) -> anyhow::Result<(UnixListener, PathBuf, Option<listener::SocketGuard>)> {
     match place {
-        Place::Path { path, made_dir } => {
+        Place::Path {
+            path,
+            shown,
+            made_dir,
+        } => {
             let (socket, guard) = listener::bind_owned(&path, made_dir)
-                .with_context(|| format!("cannot listen on {}", path.display()))?;
-            Ok((socket, path, Some(guard)))
+                .with_context(|| format!("cannot listen on {}", shown.display()))?;
+            Ok((socket, shown, Some(guard)))
         }
         Place::Home { dir, host_hash } => {
             // As mkstemp(3): draw another name while the drawn one is taken.

@@ -695,3 +695,132 @@ fn issue_13_socket_activation_refuses_wrong_listen_variables() -> anyhow::Result
     }
     Ok(())
 }
+
+/// Starts `which` in the background with `args` through `sh -c SCRIPT`
+/// (where `"$@"` is the agent's command line) in `cwd`, and returns the
+/// environment lines it printed into `out` once the script ends, or None
+/// when the script is still running after 10 s.
+fn background_through_sh(
+    home: &Home,
+    which: Which,
+    cwd: &Path,
+    script: &str,
+    args: &[&str],
+) -> anyhow::Result<Option<String>> {
+    let agent = home.agent(which)?;
+    let out = home.path().join("out");
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(script)
+        .arg("sh")
+        .arg(out.as_os_str())
+        .arg(agent.get_program())
+        .args(agent.get_args())
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .envs(agent.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = sh.spawn()?;
+    let ended = wait_for(Duration::from_secs(10), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    // Whatever happened, stop the agent it started.
+    if let Some(pid) = printed_pid(&text) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    Ok(ended.then_some(text))
+}
+
+fn printed_pid(text: &str) -> Option<i32> {
+    text.split("SSH_AGENT_PID=")
+        .nth(1)?
+        .split(';')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn background_agent_lets_go_of_inherited_descriptors_as_openssh_10() -> anyhow::Result<()> {
+    for which in BOTH {
+        let home = Home::new()?;
+        let socket = home.path().join("s");
+        // The agent inherits fd 5, the write end of the pipe to cat: held,
+        // cat never sees the end of its input and the pipeline never ends.
+        let text = background_through_sh(
+            &home,
+            which,
+            home.path(),
+            r#"out=$1; shift; { "$@" >"$out"; } 5>&1 | cat"#,
+            &["-s", "-a", socket.to_str().context("UTF-8 path")?],
+        )?;
+        ensure!(
+            text.is_some(),
+            "{which:?}: `{{ agent -s >out; }} 5>&1 | cat` still runs after 10 s"
+        );
+        ensure!(
+            text.as_deref().and_then(printed_pid).is_some(),
+            "{which:?} printed {text:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn background_agent_moves_to_the_root_directory_and_d_stays_as_openssh_10() -> anyhow::Result<()> {
+    let mut seen = Vec::new();
+    for which in BOTH {
+        let home = Home::new()?;
+        let started_in = home.path().join("started-in");
+        std::fs::create_dir(&started_in)?;
+        // A relative -a works, and is printed as given.
+        let text = background_through_sh(
+            &home,
+            which,
+            &started_in,
+            r#"out=$1; shift; "$@" >"$out" && sleep 0.5 && ls -l /proc/$(sed -n 's/^SSH_AGENT_PID=\([0-9]*\);.*/\1/p' "$out")/cwd >>"$out""#,
+            &["-s", "-a", "rel.sock"],
+        )?
+        .context("the background start did not end")?;
+        let background_cwd = text
+            .lines()
+            .find_map(|line| line.split(" -> ").nth(1))
+            .unwrap_or_default()
+            .to_owned();
+        let printed = text.lines().next().unwrap_or_default().to_owned();
+        if which == Which::TokenAgent {
+            // Stopped from `/`, it still removes the socket it made.
+            ensure!(
+                wait_for(Duration::from_secs(10), || !started_in
+                    .join("rel.sock")
+                    .exists()),
+                "token-agent left rel.sock behind"
+            );
+        }
+
+        let mut command = home.agent(which)?;
+        command
+            .args(["-D", "-a"])
+            .arg(home.path().join("fg.sock"))
+            .current_dir(&started_in);
+        let mut agent = Foreground::start(command)?;
+        let foreground_cwd = std::fs::read_link(format!("/proc/{}/cwd", agent.pid()))?;
+        agent.stop()?;
+        seen.push((printed, background_cwd, foreground_cwd == started_in));
+    }
+    assert_eq!(seen[0], seen[1], "token-agent vs OpenSSH 10.5");
+    let (printed, background_cwd, foreground_stays) = &seen[0];
+    assert_eq!(printed, "SSH_AUTH_SOCK=rel.sock; export SSH_AUTH_SOCK;");
+    assert_eq!(background_cwd, "/");
+    assert!(foreground_stays, "-D left the directory it was started in");
+    Ok(())
+}
