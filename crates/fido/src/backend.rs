@@ -187,9 +187,13 @@ impl FidoBackend {
     ) -> Identity {
         let identity = {
             let mut keys = self.keys();
-            // Adding a key again replaces it, as in OpenSSH.
-            keys.held
-                .retain(|h| h.key.public_key() != key.public_key() || h.origin == Origin::Config);
+            // Adding a key again replaces it, as in OpenSSH, where a key and
+            // a certificate of it (or two certificates) are different keys.
+            keys.held.retain(|h| {
+                h.key.public_key() != key.public_key()
+                    || h.identity.certificate() != certificate.as_deref()
+                    || h.origin == Origin::Config
+            });
             keys.next_id += 1;
             let id = keys.next_id;
             let mut identity = Identity::new(

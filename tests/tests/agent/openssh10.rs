@@ -441,3 +441,104 @@ fn issue_13_sk_keys_through_openssh_sk_dummy_middleware() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// Certificates of keys whose certificate type is not the key type plus a
+/// suffix (sk keys, post-quantum keys) are added with their keys, as in
+/// OpenSSH 10.5, and the post-quantum one logs in where only its CA is
+/// trusted.
+#[test]
+fn certificates_of_sk_and_mldsa_keys_are_added_as_openssh_10() -> anyhow::Result<()> {
+    let v10 = OpenSsh::v10()?;
+    let dummy = v10
+        .sk_dummy()
+        .ok_or_else(|| anyhow::anyhow!("the OpenSSH 10.5 build has no sk-dummy.so"))?
+        .canonicalize()?;
+    let allow = format!("{}/*", dummy.parent().unwrap_or(Path::new("/")).display());
+    let user = user()?;
+    for (name, agent) in both_agents_with(&v10, &["-P", &allow])? {
+        let ca = agent.dir().join("user_ca");
+        let ca_public = keygen(&v10, &ca, "ed25519", "ca")?;
+        let certify = |public: &Path| -> anyhow::Result<String> {
+            check(
+                std::process::Command::new(v10.tool("ssh-keygen"))
+                    .args(["-q", "-s"])
+                    .arg(&ca)
+                    .args(["-I", "cert-test", "-n", &user, "-V", "-5m:+1h"])
+                    .arg(public)
+                    .output()?,
+                "ssh-keygen -s",
+            )?;
+            let stem = public.with_extension("");
+            let cert = std::fs::read_to_string(format!("{}-cert.pub", stem.display()))?;
+            Ok(cert
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" "))
+        };
+
+        let mldsa = agent.dir().join("id_mldsa");
+        let mldsa_public = keygen(&v10, &mldsa, "mldsa44-ed25519", "pq")?;
+        let mldsa_cert = certify(&mldsa_public)?;
+        let sk = agent.dir().join("id_sk");
+        check(
+            std::process::Command::new(v10.tool("ssh-keygen"))
+                .args(["-q", "-N", "", "-t", "ed25519-sk", "-C", "sk", "-w"])
+                .arg(&dummy)
+                .arg("-f")
+                .arg(&sk)
+                .output()?,
+            "ssh-keygen -t ed25519-sk -w sk-dummy.so",
+        )?;
+        let sk_cert = certify(&sk.with_extension("pub"))?;
+
+        let added = agent.command(v10.tool("ssh-add")).arg(&mldsa).output()?;
+        let said = stderr(&added);
+        assert!(
+            said.contains("Certificate ") && said.contains(" added"),
+            "{name}: {said}"
+        );
+        let added = check(
+            agent
+                .command(v10.tool("ssh-add"))
+                .arg("-S")
+                .arg(&dummy)
+                .arg(&sk)
+                .output()?,
+            &format!("{name}: ssh-add -S"),
+        )?;
+        let said = stderr(&added);
+        assert!(!said.contains("failed"), "{name}: {said}");
+        let listed = stdout(&check(
+            agent.command(v10.tool("ssh-add")).arg("-L").output()?,
+            "ssh-add -L",
+        )?);
+        let listed: Vec<String> = listed
+            .lines()
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(listed.len(), 4, "{name}: {listed:?}");
+        for cert in [&mldsa_cert, &sk_cert] {
+            assert!(listed.contains(cert), "{name}: {cert} not in {listed:?}");
+        }
+
+        // Only the CA is trusted: the post-quantum certificate logs in.
+        let sshd = Sshd::start_with(
+            &v10,
+            "",
+            Some(&ca_public),
+            "PubkeyAcceptedAlgorithms +ssh-mldsa44-ed25519-cert-v01@openssh.com\n",
+        )?;
+        let login = sshd.login_with(
+            &v10,
+            &agent,
+            &[
+                "-o",
+                "PubkeyAcceptedAlgorithms=ssh-mldsa44-ed25519-cert-v01@openssh.com",
+            ],
+        )?;
+        sshd.ensure_logged_in(&login, &agent.log_text())
+            .map_err(|err| err.context(format!("{name}: certificate login")))?;
+    }
+    Ok(())
+}

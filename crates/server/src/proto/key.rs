@@ -91,8 +91,8 @@ pub fn decode(reader: &mut &[u8]) -> Result<PrivateKey, String> {
     if name == "ssh-dss" || name == "ssh-dss-cert-v01@openssh.com" {
         return Err("DSA keys are not supported (OpenSSH 10 removed them)".into());
     }
-    if let Some(plain) = name.strip_suffix("-cert-v01@openssh.com") {
-        return decode_certified(reader, &name, plain);
+    if name.ends_with("-cert-v01@openssh.com") {
+        return decode_certified(reader, &name);
     }
     let algorithm = Algorithm::new(&name).map_err(|_| format!("unknown key type {name}"))?;
     let keypair = match algorithm {
@@ -126,12 +126,15 @@ pub fn decode(reader: &mut &[u8]) -> Result<PrivateKey, String> {
 }
 
 /// A certificate type: the certificate, then the private fields of its key.
-fn decode_certified(reader: &mut &[u8], name: &str, plain: &str) -> Result<PrivateKey, String> {
+fn decode_certified(reader: &mut &[u8], name: &str) -> Result<PrivateKey, String> {
     let certificate = reader
         .read_prefixed(Certificate::decode)
         .map_err(|e| format!("certificate: {e}"))?;
+    // The type named must be the certificate's own: sk and post-quantum
+    // certificate names are not their key's name plus a suffix
+    // (sk-ssh-ed25519@openssh.com, sk-ssh-ed25519-cert-v01@openssh.com).
     let algorithm = certificate.algorithm();
-    if algorithm.as_str() != plain {
+    if algorithm.to_certificate_type() != name {
         return Err(format!(
             "the certificate is for a {} key, not {name}",
             algorithm.as_str()
@@ -168,6 +171,18 @@ fn decode_certified(reader: &mut &[u8], name: &str, plain: &str) -> Result<Priva
                 SkEcdsaSha2NistP256::new(public.clone(), flags, handle)
                     .map_err(|e| e.to_string())?,
             )
+        }
+        KeyData::Other(public) if public.algorithm().as_str() == mldsa::ALGORITHM => {
+            // A certificate's private half is `string sk` alone.
+            let private = Zeroizing::new(Vec::<u8>::decode(reader).map_err(field("sk"))?);
+            mldsa::Keypair::from_openssh(public.as_ref(), &private)
+                .map_err(|e| e.to_string())?;
+            let keypair = KeypairData::Other(OpaqueKeypair::new(Vec::new(), public.clone()));
+            return Ok(PrivateKey {
+                keypair,
+                opaque_secret: Some(private),
+                certificate: Some(certificate),
+            });
         }
         other => {
             return Err(format!(
