@@ -184,6 +184,10 @@ struct Helper {
     /// token for the key before every signature). Forgotten with the slot's
     /// sessions, on logout, and whenever the module calls a handle invalid.
     keys: Mutex<HashMap<u64, HashMap<Vec<u8>, PrivateKey>>>,
+    /// Whether the module took a context-specific login before C_SignInit
+    /// (OpenSC's do) or refused it (CKR_OPERATION_NOT_INITIALIZED, as the
+    /// spec says and SoftHSM does); None until a signature has tried.
+    login_before_init: Mutex<Option<bool>>,
     output: Mutex<File>,
 }
 
@@ -228,6 +232,7 @@ impl Helper {
             path: Mutex::default(),
             pools: Mutex::default(),
             keys: Mutex::default(),
+            login_before_init: Mutex::default(),
             output: Mutex::new(output),
         }
     }
@@ -426,6 +431,8 @@ impl Helper {
         let (mechanism, input) = single_part(scheme, message);
         let context_secret = context_pin.map(|p| SecretString::from(p.expose().to_owned()));
         let signing = Signing {
+            helper: self,
+            slot: slot_of(slot)?,
             scheme,
             mechanism,
             input,
@@ -473,6 +480,32 @@ impl Helper {
             .or_default()
             .insert(key_id.to_vec(), key);
         Ok(key)
+    }
+
+    /// Whether the token in `slot` signs `scheme` in several parts, with
+    /// the mechanism that hashes for itself; if not, why.
+    fn signs_in_parts(&self, slot: Slot, scheme: Scheme) -> Result<(), String> {
+        let mechanism = multi_part(scheme);
+        if scheme == Scheme::Ed25519 {
+            // PKCS#11 3.0 defines CKM_EDDSA for single-part signatures only
+            // (SoftHSM lists it, and C_SignUpdate then fails).
+            return Err("CKM_EDDSA signs in one part only".into());
+        }
+        // A module that cannot list its mechanisms is left to answer
+        // C_SignInit (CKR_MECHANISM_INVALID is caught there, still before
+        // any PIN is verified).
+        let listed = self.context().ok().map(|c| c.get_mechanism_list(slot));
+        let Some(Ok(listed)) = listed else {
+            return Ok(());
+        };
+        if listed.contains(&mechanism.mechanism_type()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the token has no {} mechanism",
+                mechanism.mechanism_type()
+            ))
+        }
     }
 
     /// Forgets the key handles of `slot`, whose sessions the module dropped.
@@ -557,6 +590,8 @@ impl Helper {
 
 /// One signature's inputs, for [`Signing::sign`].
 struct Signing<'a> {
+    helper: &'a Helper,
+    slot: Slot,
     scheme: Scheme,
     mechanism: CkMechanism<'static>,
     /// The raw mechanism's input.
@@ -571,10 +606,6 @@ impl Signing<'_> {
         if !key.always_authenticate {
             return Ok(session.sign(&self.mechanism, key.handle, &self.input)?);
         }
-        if self.context_secret.is_none() && !self.context_pin_pad {
-            return Err(Failure::ContextLoginRequired.into());
-        }
-        let secret = self.context_secret.as_ref();
         // CKA_ALWAYS_AUTHENTICATE: a context-specific login for this one
         // signature. The spec places it between C_SignInit and C_Sign, but
         // cryptoki's single-part sign makes both calls at once. So log in
@@ -582,26 +613,44 @@ impl Signing<'_> {
         // the signature); modules that insist on the order (SoftHSM) answer
         // CKR_OPERATION_NOT_INITIALIZED without spending a try, and sign in
         // several parts after C_SignInit and the login, with the mechanism
-        // that hashes for itself.
-        match session.login(UserType::ContextSpecific, secret) {
-            Ok(()) => return Ok(session.sign(&self.mechanism, key.handle, &self.input)?),
-            Err(CkError::Pkcs11(RvError::OperationNotInitialized, _)) => {}
-            Err(err) => return Err(err.into()),
+        // that hashes for itself. Without such a mechanism (CKM_EDDSA signs
+        // in one part only; SoftHSM has no CKM_ECDSA_SHA256) only a module
+        // seen to take the login first can sign, and no module can be
+        // asked which order it takes without a PIN: so elsewhere the key
+        // fails before its PIN is asked, which would be for nothing.
+        let in_parts = self.helper.signs_in_parts(self.slot, self.scheme);
+        let login_first = *lock(&self.helper.login_before_init);
+        if let (Err(why), false) = (&in_parts, login_first == Some(true)) {
+            return Err(cannot_sign(why, "no PIN was asked").into());
+        }
+        if self.context_secret.is_none() && !self.context_pin_pad {
+            return Err(Failure::ContextLoginRequired.into());
+        }
+        let secret = self.context_secret.as_ref();
+        if login_first != Some(false) {
+            match session.login(UserType::ContextSpecific, secret) {
+                Ok(()) => {
+                    *lock(&self.helper.login_before_init) = Some(true);
+                    return Ok(session.sign(&self.mechanism, key.handle, &self.input)?);
+                }
+                Err(CkError::Pkcs11(RvError::OperationNotInitialized, _)) => {
+                    *lock(&self.helper.login_before_init) = Some(false);
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        // The module refused the login before C_SignInit without looking
+        // at the PIN: no try was spent yet.
+        const NOT_TRIED: &str = "the PIN was not tried";
+        if let Err(why) = &in_parts {
+            return Err(cannot_sign(why, NOT_TRIED).into());
         }
         let mechanism = multi_part(self.scheme);
         match session.sign_init(&mechanism, key.handle) {
             Ok(()) => {}
             Err(CkError::Pkcs11(RvError::MechanismInvalid, _)) => {
-                return Err(Failure::Module {
-                    function: "C_SignInit".into(),
-                    message: format!(
-                        "this key has CKA_ALWAYS_AUTHENTICATE, the module takes the context \
-                         login only after C_SignInit, and it has no {} mechanism to sign in \
-                         parts, so token-agent cannot sign with it (no PIN try was spent)",
-                        mechanism.mechanism_type()
-                    ),
-                }
-                .into())
+                let why = format!("the token has no {} mechanism", mechanism.mechanism_type());
+                return Err(cannot_sign(&why, NOT_TRIED).into());
             }
             Err(err) => return Err(err.into()),
         }
@@ -613,6 +662,15 @@ impl Signing<'_> {
             .and_then(|()| session.sign_final())
             .map_err(|err| OpError::Spoiled(failure("", err)))
     }
+}
+
+/// Why a key with CKA_ALWAYS_AUTHENTICATE cannot be signed with: `why`
+/// it cannot be signed in parts, and what became of the PIN.
+fn cannot_sign(why: &str, pin: &str) -> Failure {
+    Failure::CannotSign(format!(
+        "it has CKA_ALWAYS_AUTHENTICATE, and PKCS#11 takes its PIN after C_SignInit, which \
+         token-agent can do only when signing in parts; {why} ({pin})"
+    ))
 }
 
 fn initialize(path: &str) -> Result<Pkcs11, Failure> {

@@ -326,6 +326,11 @@ pub enum Failure {
     /// The key has CKA_ALWAYS_AUTHENTICATE and no context PIN was given.
     #[error("the key needs a PIN for each signature")]
     ContextLoginRequired,
+    /// The key has CKA_ALWAYS_AUTHENTICATE, and this module cannot be
+    /// given its PIN in a way token-agent can sign after (the reason says
+    /// why, and whether a PIN was asked).
+    #[error("cannot sign with this key: {0}")]
+    CannotSign(String),
     /// CKR_PIN_INCORRECT (or CKR_PIN_LEN_RANGE), with the token's PIN state after it.
     #[error("the PIN is incorrect")]
     PinIncorrect(PinState),
@@ -901,6 +906,10 @@ impl Message for Failure {
                 out.u8(9);
                 out.str(message);
             }
+            Self::CannotSign(reason) => {
+                out.u8(10);
+                out.str(reason);
+            }
         }
     }
 
@@ -918,6 +927,7 @@ impl Message for Failure {
             }),
             8 => Ok(Self::Load(input.string()?)),
             9 => Ok(Self::Protocol(input.string()?)),
+            10 => Ok(Self::CannotSign(input.string()?)),
             tag => Err(unknown_tag("failure", tag)),
         }
     }
@@ -1071,6 +1081,7 @@ mod tests {
             }),
             Err(Failure::Load("no such file".into())),
             Err(Failure::Protocol("what".into())),
+            Err(Failure::CannotSign("why".into())),
         ];
         results
             .into_iter()

@@ -623,3 +623,45 @@ fn a_refused_ssh_add_s_leaves_no_pin_cached() -> anyhow::Result<()> {
     assert_eq!(questions(), 1, "{}", agent.log_text());
     Ok(())
 }
+
+#[test]
+fn an_ed25519_key_that_always_authenticates_fails_before_any_pin_is_asked() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("olga", &[])?;
+    hsm.keygen_always_authenticate("olga", KeyKind::Ed25519)?;
+    hsm.keygen_always_authenticate("olga", KeyKind::Rsa2048)?;
+    let (program, questions) = crate::counting_askpass(hsm.dir(), &[PIN])?;
+    let agent = start_agent_asking(&hsm, &[], "", &program)?;
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    let listed = wait_listed(&agent, 2, Duration::from_secs(5))?;
+    let find = |suffix: &str| {
+        listed
+            .iter()
+            .find(|l| l.ends_with(suffix))
+            .cloned()
+            .unwrap_or_default()
+    };
+
+    // SoftHSM takes the context login only after C_SignInit, and CKM_EDDSA
+    // signs in one part only: token-agent cannot sign with this key, and
+    // says so before it asks for a PIN (which would spend a try for nothing).
+    let output = try_sign(&agent, &find(" olga: ed25519-key"), "ed25519")?;
+    assert!(!output.status.success());
+    assert_eq!(questions(), 0, "{}", agent.log_text());
+    let log = agent.log_text();
+    assert!(
+        log.contains("CKA_ALWAYS_AUTHENTICATE") && log.contains("no PIN was asked"),
+        "{log}"
+    );
+    assert!(!log.contains("C_SignUpdate"), "{log}");
+
+    // The RSA key beside it, which signs in parts, asks and signs.
+    sign_and_verify(&agent, &find(" olga: rsa-key"), "rsa")?;
+    assert_eq!(questions(), 1);
+    // Asked again, the Ed25519 key still fails without a question.
+    assert!(!try_sign(&agent, &find(" olga: ed25519-key"), "again")?
+        .status
+        .success());
+    assert_eq!(questions(), 1);
+    Ok(())
+}
