@@ -8,11 +8,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use signature::Verifier;
 use ssh_encoding::{Decode, Reader};
 use ssh_key::certificate::{CertType, Certificate};
+use ssh_key::public::KeyData;
 use ssh_key::{HashAlg, Signature};
 
+use crate::mldsa;
 use crate::pattern;
 use crate::proto::key::KeyOrCertificate;
-use crate::proto::message::{DestinationConstraint, Hop};
+use crate::proto::message::{decode_exact, DestinationConstraint, Hop};
 use crate::proto::userauth;
 
 /// OpenSSH's AGENT_MAX_SESSION_IDS: how many bindings one connection may record.
@@ -108,18 +110,10 @@ impl SessionBindings {
     /// Verifies a bind and records it, or finds it recorded: its index.
     fn record(&mut self, payload: &[u8]) -> Result<usize, String> {
         let mut reader = payload;
-        let host_key = reader
-            .read_prefixed(|r| {
-                let mut bytes = vec![0u8; r.remaining_len()];
-                r.read(&mut bytes)?;
-                Ok::<_, ssh_encoding::Error>(bytes)
-            })
-            .map_err(|e| format!("host key: {e}"))?;
+        let host_key = Vec::<u8>::decode(&mut reader).map_err(|e| format!("host key: {e}"))?;
         let host_key = KeyOrCertificate::decode(&host_key)?;
         let session_id = Vec::<u8>::decode(&mut reader).map_err(|e| e.to_string())?;
-        let signature = reader
-            .read_prefixed(Signature::decode)
-            .map_err(|e| format!("signature: {e}"))?;
+        let signature = Vec::<u8>::decode(&mut reader).map_err(|e| format!("signature: {e}"))?;
         let forwarded = u8::decode(&mut reader).map_err(|e| e.to_string())? != 0;
         if !reader.is_finished() {
             return Err("trailing bytes".into());
@@ -127,9 +121,7 @@ impl SessionBindings {
         if session_id.len() > MAX_SESSION_ID_LEN {
             return Err("session id too long".into());
         }
-        host_key
-            .key_data()
-            .verify(&session_id, &signature)
+        verify_host_signature(host_key.key_data(), &session_id, &signature)
             .map_err(|e| format!("host key signature does not verify: {e}"))?;
         let mut known = None;
         for (index, binding) in self.bindings.iter().enumerate() {
@@ -161,6 +153,78 @@ impl SessionBindings {
             }
         };
         Ok(index)
+    }
+}
+
+/// Checks `signature` (an SSH signature blob) over `session_id` by the host
+/// key `key`, as OpenSSH's `sshkey_verify` without a named algorithm: every
+/// signature algorithm of the key's type, `ssh-rsa` (SHA-1) included, since
+/// a server may still sign with it, and ML-DSA hybrid host keys.
+fn verify_host_signature(key: &KeyData, session_id: &[u8], signature: &[u8]) -> Result<(), String> {
+    match key {
+        KeyData::Other(public) if public.algorithm().as_str() == mldsa::ALGORITHM => {
+            let public =
+                mldsa::PublicKey::from_bytes(public.as_ref()).map_err(|e| e.to_string())?;
+            mldsa::verify(&public, session_id, signature).map_err(|e| e.to_string())
+        }
+        KeyData::Rsa(public) => verify_rsa(public, session_id, signature),
+        _ => {
+            let signature = decode_exact::<Signature>(signature)?;
+            key.verify(session_id, &signature)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// OpenSSH's `ssh_rsa_verify`: PKCS#1 v1.5 with SHA-1, SHA-256 or SHA-512 as
+/// the signature names, a modulus of at least 1024 bits, and a signature no
+/// longer than the modulus (a shorter one is taken as zero-padded).
+fn verify_rsa(
+    public: &ssh_key::public::RsaPublicKey,
+    msg: &[u8],
+    signature: &[u8],
+) -> Result<(), String> {
+    use openssl::bn::BigNum;
+    use openssl::hash::MessageDigest;
+    use openssl::pkey::PKey;
+    use openssl::rsa::{Padding, Rsa};
+
+    let mut reader = signature;
+    let algorithm = String::decode(&mut reader).map_err(|e| e.to_string())?;
+    let raw = Vec::<u8>::decode(&mut reader).map_err(|e| e.to_string())?;
+    if !reader.is_finished() {
+        return Err("trailing bytes after the signature".into());
+    }
+    let digest = match algorithm.as_str() {
+        "ssh-rsa" => MessageDigest::sha1(),
+        "rsa-sha2-256" => MessageDigest::sha256(),
+        "rsa-sha2-512" => MessageDigest::sha512(),
+        other => return Err(format!("{other} is not an RSA signature")),
+    };
+    let number = |m: &ssh_key::Mpint| {
+        m.as_positive_bytes()
+            .ok_or("a negative RSA key component")
+            .and_then(|bytes| BigNum::from_slice(bytes).map_err(|_| "a bad RSA key component"))
+    };
+    let rsa = Rsa::from_public_components(number(&public.n)?, number(&public.e)?)
+        .map_err(|e| e.to_string())?;
+    let modulus = usize::try_from(rsa.size()).map_err(|e| e.to_string())?;
+    if modulus * 8 < 1024 {
+        return Err("an RSA key shorter than 1024 bits".into());
+    }
+    if raw.len() > modulus {
+        return Err("an RSA signature longer than the key's modulus".into());
+    }
+    let mut padded = vec![0u8; modulus - raw.len()];
+    padded.extend_from_slice(&raw);
+    let key = PKey::from_rsa(rsa).map_err(|e| e.to_string())?;
+    let mut verifier = openssl::sign::Verifier::new(digest, &key).map_err(|e| e.to_string())?;
+    verifier
+        .set_rsa_padding(Padding::PKCS1)
+        .map_err(|e| e.to_string())?;
+    match verifier.verify_oneshot(&padded, msg) {
+        Ok(true) => Ok(()),
+        Ok(false) | Err(_) => Err("the RSA signature does not verify".into()),
     }
 }
 
@@ -488,6 +552,62 @@ mod tests {
         assert!(known.bind(&unverifiable).is_err());
         assert!(!known.first_hop_unverified());
         assert!(!crate::forwarding::is_forwarded(&known));
+    }
+
+    /// A bind payload from raw parts.
+    fn raw_bind(host_key_blob: &[u8], sid: &[u8], signature_blob: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        host_key_blob.encode(&mut out).unwrap();
+        sid.encode(&mut out).unwrap();
+        signature_blob.encode(&mut out).unwrap();
+        0u8.encode(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn ml_dsa_host_keys_bind() {
+        let host = crate::mldsa::Keypair::from_seeds(&[7; crate::mldsa::PRIVATE_KEY_LEN]);
+        let blob = host.public().key_blob();
+        let signature = host.sign(b"sid").unwrap();
+        let mut bindings = SessionBindings::default();
+        assert!(bindings
+            .bind(&raw_bind(&blob, b"other sid", &signature))
+            .is_err());
+        bindings.bind(&raw_bind(&blob, b"sid", &signature)).unwrap();
+        assert_eq!(bindings.hops().len(), 1);
+    }
+
+    #[test]
+    fn rsa_host_keys_bind_with_each_signature_algorithm() {
+        use openssl::hash::MessageDigest;
+        use openssl::pkey::PKey;
+        use openssl::rsa::Rsa;
+
+        let rsa = Rsa::generate(2048).unwrap();
+        let public = KeyData::Rsa(ssh_key::public::RsaPublicKey {
+            e: ssh_key::Mpint::from_positive_bytes(&rsa.e().to_vec()).unwrap(),
+            n: ssh_key::Mpint::from_positive_bytes(&rsa.n().to_vec()).unwrap(),
+        });
+        let mut blob = Vec::new();
+        public.encode(&mut blob).unwrap();
+        let key = PKey::from_rsa(rsa).unwrap();
+        for (name, digest) in [
+            ("ssh-rsa", MessageDigest::sha1()),
+            ("rsa-sha2-256", MessageDigest::sha256()),
+            ("rsa-sha2-512", MessageDigest::sha512()),
+        ] {
+            let mut signer = openssl::sign::Signer::new(digest, &key).unwrap();
+            let raw = signer.sign_oneshot_to_vec(b"sid").unwrap();
+            let mut signature = Vec::new();
+            name.encode(&mut signature).unwrap();
+            raw.encode(&mut signature).unwrap();
+            let mut bindings = SessionBindings::default();
+            bindings
+                .bind(&raw_bind(&blob, b"sid", &signature))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let mut wrong = SessionBindings::default();
+            assert!(wrong.bind(&raw_bind(&blob, b"sid2", &signature)).is_err());
+        }
     }
 
     #[test]

@@ -542,3 +542,55 @@ fn certificates_of_sk_and_mldsa_keys_are_added_as_openssh_10() -> anyhow::Result
     }
     Ok(())
 }
+
+/// A key restricted (`ssh-add -h`) to a host whose host key is ML-DSA logs
+/// in there: the agent verifies the host's session bind signature.
+#[test]
+fn destination_constraints_bind_to_ml_dsa_host_keys() -> anyhow::Result<()> {
+    let v10 = OpenSsh::v10()?;
+    for (name, agent) in both_agents(&v10)? {
+        let key = agent.dir().join("id_ed25519");
+        let public = keygen(&v10, &key, "ed25519", "restricted")?;
+        let host_key = agent.dir().join("host_mldsa");
+        let host_public = keygen(&v10, &host_key, "mldsa44-ed25519", "host")?;
+        let sshd = Sshd::start_with(
+            &v10,
+            &std::fs::read_to_string(&public)?,
+            None,
+            &format!(
+                "HostKey {}\nHostKeyAlgorithms ssh-mldsa44-ed25519@openssh.com\n",
+                host_key.display()
+            ),
+        )?;
+        let known_hosts = agent.dir().join("known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!("pq.example {}", std::fs::read_to_string(&host_public)?),
+        )?;
+        check(
+            agent
+                .command(v10.tool("ssh-add"))
+                .arg("-H")
+                .arg(&known_hosts)
+                .args(["-h", &format!("{}@pq.example", user()?)])
+                .arg(&key)
+                .output()?,
+            &format!("{name}: ssh-add -h"),
+        )?;
+        let login = sshd.login_with(
+            &v10,
+            &agent,
+            &[
+                "-o",
+                "HostKeyAlias=pq.example",
+                "-o",
+                &format!("UserKnownHostsFile={}", known_hosts.display()),
+                "-o",
+                "HostKeyAlgorithms=ssh-mldsa44-ed25519@openssh.com",
+            ],
+        )?;
+        sshd.ensure_logged_in(&login, &agent.log_text())
+            .map_err(|err| err.context(format!("{name}: restricted key to an ML-DSA host")))?;
+    }
+    Ok(())
+}
