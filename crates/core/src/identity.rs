@@ -97,6 +97,7 @@ pub struct Identity {
     comment: String,
     key: KeyRef,
     device: Option<DeviceInfo>,
+    provider: Option<Arc<str>>,
 }
 
 impl Identity {
@@ -108,7 +109,22 @@ impl Identity {
             comment,
             key,
             device: None,
+            provider: None,
         }
+    }
+
+    /// Records the library the key comes through: the path a PKCS#11 module
+    /// was loaded by (`ssh-add -s`), so that what the client asked of the
+    /// module's keys applies to keys that appear later too.
+    #[must_use]
+    pub fn with_provider(mut self, provider: impl Into<Arc<str>>) -> Self {
+        self.provider = Some(provider.into());
+        self
+    }
+
+    /// The library the key comes through, if any: see [`Identity::with_provider`].
+    pub fn provider(&self) -> Option<&str> {
+        self.provider.as_deref()
     }
 
     /// Records the device that holds the private key.

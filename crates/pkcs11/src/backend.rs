@@ -872,7 +872,8 @@ impl Inner {
                 }
                 identities.push(
                     Identity::new(public, comment(token, &key.label), key_ref)
-                        .with_device(device(token)),
+                        .with_device(device(token))
+                        .with_provider(module.path.as_str()),
                 );
             }
         }

@@ -182,13 +182,15 @@ pub struct Router {
     constraints: Mutex<HashMap<Vec<u8>, Arc<Constraints>>>,
     snapshot: ArcSwap<Snapshot>,
     lock: Lock,
-    /// One provider loads at a time, so the gate below names only its keys.
+    /// One provider loads at a time.
     provider_loads: tokio::sync::Mutex<()>,
-    /// While a provider loads with constraints or certificates, the keys its
-    /// backend publishes are constrained (and `ssh-add -C` keys hidden) from
-    /// the moment they appear, before the load returns the list of keys they
-    /// are registered under: no request can use them otherwise in between.
-    provider_gate: Mutex<Option<Gate>>,
+    /// What each provider was loaded with (`ssh-add -c`, `-t`, certificates),
+    /// by its canonical path, from before its load starts until it is
+    /// unloaded: its keys are constrained (and `ssh-add -C` keys hidden) from
+    /// the moment they appear, whether during the load, or later (a token
+    /// inserted, keys seen after a login), as OpenSSH constrains every key
+    /// of the module.
+    provider_terms: Mutex<HashMap<String, ProviderTerms>>,
     /// Certificates sent with `ssh-add -s` (associated-certs-v00@openssh.com),
     /// by the encoded public key of the provider key each certifies.
     associated: Mutex<HashMap<Vec<u8>, Arc<Associated>>>,
@@ -233,7 +235,7 @@ impl Router {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             lock: Lock::default(),
             provider_loads: tokio::sync::Mutex::new(()),
-            provider_gate: Mutex::new(None),
+            provider_terms: Mutex::new(HashMap::new()),
             associated: Mutex::new(HashMap::new()),
             refusals: RefusalLog::default(),
             forwarded_yes: ConfirmCache::default(),
@@ -678,6 +680,8 @@ impl Router {
         for backend in &self.backends {
             backend.remove_all().await;
         }
+        // Every module ssh-add loaded is unloaded.
+        self.terms().clear();
         self.forget_departed();
         before.saturating_sub(self.snapshot().entries().len())
     }
@@ -725,13 +729,14 @@ impl Router {
             certificates: associated.certificates.into_iter().map(Arc::new).collect(),
             certs_only: associated.certs_only,
         };
-        if constraints.is_some() || !certificates.is_empty() {
-            *self.gate() = Some(Gate {
-                backend: backend.name().to_owned(),
-                constraints: constraints.clone(),
-                associated: Arc::new(certificates.clone()),
-            });
-        }
+        let terms = (constraints.is_some() || !certificates.is_empty()).then(|| ProviderTerms {
+            constraints: constraints.clone(),
+            associated: Arc::new(certificates.clone()),
+        });
+        let earlier = match terms {
+            Some(terms) => self.terms().insert(provider.clone(), terms),
+            None => self.terms().remove(&provider),
+        };
         let loaded = backend.add_provider(request).await;
         let mut added = Vec::new();
         if let Ok(identities) = &loaded {
@@ -778,13 +783,20 @@ impl Router {
                 }
             }
         }
-        *self.gate() = None;
+        if loaded.is_err() {
+            // The module keeps what it was loaded with before, if it was.
+            match earlier {
+                Some(earlier) => self.terms().insert(provider.clone(), earlier),
+                None => self.terms().remove(&provider),
+            };
+        }
         self.rebuild();
         loaded?;
         if added.is_empty() && certificates.certs_only {
             // As OpenSSH: nothing was loaded, so the request fails; and the
             // provider's keys are not left behind, unlisted, in the backend.
             let _ = backend.remove_provider(&provider).await;
+            self.terms().remove(&provider);
             self.forget_departed();
             return Err(Refusal::Invalid(format!(
                 "none of the certificates sent with ssh-add -C certifies a key of {provider}"
@@ -816,6 +828,7 @@ impl Router {
             .canonical(provider)
             .unwrap_or_else(|| provider.to_owned());
         backend.remove_provider(&canonical).await?;
+        self.terms().remove(&canonical);
         self.forget_departed();
         Ok(())
     }
@@ -1014,8 +1027,8 @@ impl Router {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn gate(&self) -> MutexGuard<'_, Option<Gate>> {
-        token_agent_core::lock(&self.provider_gate)
+    fn terms(&self) -> MutexGuard<'_, HashMap<String, ProviderTerms>> {
+        token_agent_core::lock(&self.provider_terms)
     }
 
     fn associated_mut(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Arc<Associated>>> {
@@ -1038,13 +1051,12 @@ impl Router {
         let published = self.published_mut();
         let constraints = self.constraints_mut().clone();
         let associated = self.associated_mut().clone();
-        let gate = self.gate().clone();
+        let terms = self.terms().clone();
         let mut entries = Vec::new();
         for backend in &self.backends {
             let Some(identities) = published.get(backend.name()) else {
                 continue;
             };
-            let gate = gate.as_ref().filter(|g| g.backend == backend.name());
             for identity in identities {
                 let Ok(blob) = identity_blob(identity) else {
                     tracing::warn!(
@@ -1053,7 +1065,8 @@ impl Router {
                     );
                     continue;
                 };
-                let gated = gate.and_then(|g| g.constraints.clone());
+                let provided = identity.provider().and_then(|p| terms.get(p));
+                let gated = provided.and_then(|t| t.constraints.clone());
                 let own = constraints.get(&blob).cloned().or(gated.clone());
                 let mut push = |identity: Identity, blob: Vec<u8>, paired: bool| {
                     if entries.iter().any(|e: &Arc<Entry>| e.blob == blob) {
@@ -1077,7 +1090,7 @@ impl Router {
                 }
                 let association: Option<Arc<Associated>> =
                     associated.get(&blob).cloned().or_else(|| {
-                        gate.map(|g| Arc::new(g.associated.for_key(identity.public_key())))
+                        provided.map(|t| Arc::new(t.associated.for_key(identity.public_key())))
                     });
                 for cert in association.iter().flat_map(|a| a.certificates.iter()) {
                     if let Ok(cert_blob) = encode_blob(cert.as_ref()) {
@@ -1110,10 +1123,9 @@ impl Router {
     }
 }
 
-/// What a provider load in progress applies to the keys it publishes.
+/// What a provider was loaded with, for each of its keys.
 #[derive(Debug, Clone)]
-struct Gate {
-    backend: String,
+struct ProviderTerms {
     constraints: Option<Arc<Constraints>>,
     associated: Arc<Associated>,
 }
@@ -1266,13 +1278,8 @@ mod tests {
         fn accepts_providers(&self) -> bool {
             true
         }
-        async fn add_provider(&self, _: ProviderRequest) -> Result<Vec<Identity>, Error> {
-            let key = Ed25519Keypair::from_seed(&[9; 32]);
-            let identity = Identity::new(
-                KeyData::Ed25519(key.public),
-                "token key".into(),
-                KeyRef::new("provider", b"k".to_vec()),
-            );
+        async fn add_provider(&self, request: ProviderRequest) -> Result<Vec<Identity>, Error> {
+            let identity = provider_key(9, &request.provider);
             if let Some(sink) = self.sink.get() {
                 sink.publish(vec![identity.clone()]);
             }
@@ -1286,6 +1293,17 @@ mod tests {
             }
             Ok(vec![identity])
         }
+    }
+
+    /// A key of the provider `provider` made from `seed`.
+    fn provider_key(seed: u8, provider: &str) -> Identity {
+        let key = Ed25519Keypair::from_seed(&[seed; 32]);
+        Identity::new(
+            KeyData::Ed25519(key.public),
+            format!("token key {seed}"),
+            KeyRef::new("provider", vec![seed]),
+        )
+        .with_provider(provider)
     }
 
     #[tokio::test]
@@ -1323,6 +1341,37 @@ mod tests {
         );
         let entry = router.snapshot().entries()[0].clone();
         assert!(entry.constraints.as_ref().is_some_and(|c| c.confirm));
+
+        // A key that appears later (a token inserted, a key seen only after
+        // the login) is constrained as well, as OpenSSH constrains every
+        // key of the module.
+        let path = entry.identity.provider().unwrap_or_default().to_owned();
+        let sink = provider.sink.get().unwrap();
+        sink.publish(vec![entry.identity.clone(), provider_key(10, &path)]);
+        let entries = router.snapshot().entries().to_vec();
+        assert_eq!(entries.len(), 2);
+        assert!(
+            entries
+                .iter()
+                .all(|e| e.constraints.as_ref().is_some_and(|c| c.confirm)),
+            "a later key of the provider was listed unconstrained"
+        );
+        // A key of another module is not.
+        sink.publish(vec![provider_key(11, "/other/module.so")]);
+        assert!(router.snapshot().entries()[0].constraints.is_none());
+
+        // Loaded again without constraints, none apply to later keys.
+        let request = ProviderRequest {
+            provider: "/bin/sh".into(),
+            pin: None,
+            context: SignContext::default(),
+        };
+        router
+            .add_provider(request, Constraints::default(), AssociatedCerts::default())
+            .await
+            .unwrap();
+        sink.publish(vec![provider_key(12, &path)]);
+        assert!(router.snapshot().entries()[0].constraints.is_none());
     }
 
     /// A backend that takes sk keys and records the middleware it was given.

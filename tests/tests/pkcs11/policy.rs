@@ -1,10 +1,16 @@
+use std::path::Path;
+use std::time::Duration;
+
 use token_agent_core::push_string as string;
+use token_agent_e2e::check;
 use token_agent_e2e::softhsm::{build_shim, KeyKind, Shim, SoftHsm, MODULE, PIN};
 use token_agent_e2e::wire::{
     session_bind, unverifiable_session_bind, RawClient, EXTENSION_FAILURE, FAILURE, SUCCESS,
 };
 
-use crate::{add_provider, start_agent};
+use crate::{
+    add_provider, add_provider_with, start_agent, start_agent_asking, try_sign, wait_listed,
+};
 
 /// SSH_AGENTC_ADD_SMARTCARD_KEY.
 const ADD_SMARTCARD_KEY: u8 = 20;
@@ -82,5 +88,36 @@ fn a_provider_request_over_a_forwarded_connection_is_refused() -> anyhow::Result
     let reply = client.request(&add_smartcard(MODULE, PIN))?;
     assert_eq!(reply.as_deref(), Some(&[SUCCESS][..]));
     assert_eq!(agent.listed()?.len(), 1);
+    Ok(())
+}
+
+/// `ssh-add -c -s` confirms every key of the module, as OpenSSH: also the
+/// keys of a token that appears after the load.
+#[test]
+fn ssh_add_constraints_cover_tokens_inserted_later() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("first", &[KeyKind::P256])?;
+    let dir = tempfile::tempdir()?;
+    let program = dir.path().join("askpass");
+    token_agent_e2e::write_script(
+        &program,
+        &format!("if [ \"$SSH_ASKPASS_PROMPT\" = confirm ]; then echo no; else echo '{PIN}'; fi"),
+    )?;
+    let agent = start_agent_asking(&hsm, &[], "", &program)?;
+    check(
+        add_provider_with(&agent, &["-c"], Path::new(MODULE), PIN)?,
+        "ssh-add -c -s",
+    )?;
+    wait_listed(&agent, 1, Duration::from_secs(5))?;
+    hsm.token("later", &[KeyKind::P256])?;
+    let listed = wait_listed(&agent, 2, Duration::from_secs(20))?;
+    for line in &listed {
+        assert!(
+            !try_sign(&agent, line, "declined")?.status.success(),
+            "{line} signed without its confirmation\n{}",
+            agent.log_text()
+        );
+    }
+    assert!(agent.log_text().matches("declined").count() >= 2);
     Ok(())
 }
