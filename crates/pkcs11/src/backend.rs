@@ -209,6 +209,14 @@ struct Module {
     /// offered (and so their PIN is never tried again) until the provider
     /// is loaded again.
     refused: Mutex<FxHashMap<TokenId, String>>,
+    /// Keys whose public key or certificate objects are private, by token,
+    /// in the order first seen. A token shows them only while logged in,
+    /// so they would vanish at each logout (a lock, SIGHUP, an expired
+    /// PIN, a helper restart) and stay away until a signature logged in,
+    /// which needs a listed key. Like OpenSSH's agent, which keeps what it
+    /// found at load time, they stay listed until their token goes or the
+    /// module is unloaded; signing with one logs in again.
+    seen: Mutex<FxHashMap<TokenId, Vec<KeyInfo>>>,
     /// Held by a logout in flight ([`Backend::forget_secrets`] does not wait
     /// for it): every call waits for it first, so no signature after a lock
     /// or SIGHUP can use the old login.
@@ -422,9 +430,12 @@ impl Backend for Pkcs11Backend {
         // again, while the other tokens' keys load. The add fails when it
         // skipped a token and no key is left to load.
         let mut refusals = Vec::new();
+        let mut opened = false;
         if let Some(pin) = &request.pin {
             for token in tokens.iter().filter(|t| t.login_required) {
-                if let Err(err) = inner.login_with(&module, token, Some(pin.clone())).await {
+                let login = inner.login_with(&module, token, Some(pin.clone())).await;
+                opened |= login.is_ok();
+                if let Err(err) = login {
                     tracing::info!(
                         provider = path,
                         token = token.label,
@@ -435,6 +446,22 @@ impl Backend for Pkcs11Backend {
                     lock(&module.refused).insert(token_id(&module, token), err.to_string());
                     refusals.push(err);
                 }
+            }
+        }
+        // Keys whose objects are private (pkcs11-tool --keypairgen
+        // --private) show only to a token logged in: listed again, they are
+        // in this reply, as OpenSSH logs in before it looks for keys.
+        if opened {
+            let relisted = {
+                let (inner, module) = (inner.clone(), module.clone());
+                blocking(move || inner.refresh(&module)).await
+            };
+            if let Err(message) = relisted {
+                inner.abandon(&module);
+                return Err(Error::Device {
+                    device: DeviceInfo::new(format!("PKCS#11 module {path}")),
+                    message,
+                });
             }
         }
         if let Some(first) = refusals.into_iter().next() {
@@ -609,9 +636,40 @@ impl Module {
             tokens: Mutex::new(Vec::new()),
             removed: Mutex::new(HashSet::new()),
             refused: Mutex::default(),
+            seen: Mutex::default(),
             logout: Arc::new(tokio::sync::Mutex::new(())),
             unloaded: AtomicBool::new(false),
         }
+    }
+
+    /// Remembers the private keys each of `tokens` shows (see
+    /// [`Module::seen`]) and lists those it showed before with it: the
+    /// other keys first, in the module's order, then the private ones in
+    /// the order first seen, so the list keeps its order across logins.
+    /// Forgets the tokens not listed.
+    fn remember(&self, tokens: &mut [TokenState]) {
+        let mut seen = lock(&self.seen);
+        seen.retain(|id, _| {
+            tokens
+                .iter()
+                .any(|t| t.serial == id.serial && t.label == id.label)
+        });
+        for token in tokens {
+            let fresh = std::mem::take(&mut token.keys);
+            let kept = seen.entry(token_id(self, token)).or_default();
+            for key in fresh.iter().filter(|k| k.private) {
+                match kept.iter_mut().find(|k| k.id == key.id) {
+                    Some(known) => *known = key.clone(),
+                    None => kept.push(key.clone()),
+                }
+            }
+            token.keys = fresh
+                .into_iter()
+                .filter(|k| !kept.iter().any(|known| known.id == k.id))
+                .collect();
+            token.keys.extend(kept.iter().cloned());
+        }
+        seen.retain(|_, kept| !kept.is_empty());
     }
 
     fn live_helper(&self) -> Option<Arc<Helper>> {
@@ -766,6 +824,9 @@ impl Inner {
                     }
                 }
             }
+        }
+        if let Ok(tokens) = &mut result {
+            module.remember(tokens);
         }
         let tokens = result.as_ref().cloned().unwrap_or_default();
         let changed = {
@@ -1363,6 +1424,32 @@ mod tests {
             [&b"/usr/lib/x.so"[..], b"01\x0023", b"alice\0\0", &[4]]
         );
         assert!(parse_key_ref(&key.handle()[..10]).is_none());
+    }
+
+    #[test]
+    fn private_keys_stay_listed_in_order_until_their_token_goes() {
+        let key = |id: u8, private: bool| KeyInfo {
+            id: vec![id],
+            label: format!("key {id}"),
+            public_key: vec![id],
+            private,
+        };
+        let module = Module::new("/usr/lib/x.so".into(), true, PinSource::Prompt);
+        let listed = |keys: Vec<KeyInfo>| {
+            let mut tokens = vec![TokenState { keys, ..token() }];
+            module.remember(&mut tokens);
+            tokens.remove(0).keys
+        };
+        // Logged in: the private keys come after the others.
+        let all = vec![key(3, false), key(2, true), key(1, false), key(4, true)];
+        let expected = vec![key(3, false), key(1, false), key(2, true), key(4, true)];
+        assert_eq!(listed(all.clone()), expected);
+        // Logged out: the same list, in the same order.
+        assert_eq!(listed(vec![key(3, false), key(1, false)]), expected);
+        assert_eq!(listed(all), expected);
+        // The token gone, its keys are forgotten.
+        module.remember(&mut []);
+        assert_eq!(listed(vec![key(1, false)]), vec![key(1, false)]);
     }
 
     #[test]

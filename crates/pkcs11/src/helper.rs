@@ -778,12 +778,14 @@ fn key_info(
         vec![
             AttributeType::Id,
             AttributeType::Label,
+            AttributeType::Private,
             AttributeType::Value,
         ]
     } else {
         vec![
             AttributeType::Id,
             AttributeType::Label,
+            AttributeType::Private,
             AttributeType::KeyType,
             AttributeType::Modulus,
             AttributeType::PublicExponent,
@@ -799,10 +801,12 @@ fn key_info(
     let (mut modulus, mut exponent, mut params, mut point, mut value) =
         (None, None, None, None, None);
     let mut key_type = None;
+    let mut private = false;
     for attribute in attributes {
         match attribute {
             Attribute::Id(v) => id = Some(v),
             Attribute::Label(v) => label = text(&String::from_utf8_lossy(&v)),
+            Attribute::Private(v) => private = v,
             Attribute::KeyType(t) => key_type = Some(t),
             Attribute::Modulus(v) => modulus = Some(v),
             Attribute::PublicExponent(v) => exponent = Some(v),
@@ -836,6 +840,7 @@ fn key_info(
         id,
         label,
         public_key,
+        private,
     }))
 }
 

@@ -315,6 +315,9 @@ pub struct KeyInfo {
     pub label: String,
     /// The public key in SSH wire encoding.
     pub public_key: Vec<u8>,
+    /// CKA_PRIVATE of the public key (or certificate) object: the token
+    /// shows it only to a session logged in.
+    pub private: bool,
 }
 
 /// Why an operation failed.
@@ -861,8 +864,8 @@ impl Message for PinState {
 }
 
 impl KeyInfo {
-    /// Three empty byte strings.
-    const MIN_SIZE: usize = 3 * 4;
+    /// Three empty byte strings and a flag.
+    const MIN_SIZE: usize = 3 * 4 + 1;
 }
 
 impl Message for KeyInfo {
@@ -870,6 +873,7 @@ impl Message for KeyInfo {
         out.bytes(&self.id);
         out.str(&self.label);
         out.bytes(&self.public_key);
+        out.bool(self.private);
     }
 
     fn decode(input: &mut Decoder<'_>) -> io::Result<Self> {
@@ -877,6 +881,7 @@ impl Message for KeyInfo {
             id: input.bytes()?,
             label: input.string()?,
             public_key: input.bytes()?,
+            private: input.bool()?,
         })
     }
 }
@@ -1057,6 +1062,7 @@ mod tests {
                 id: vec![1],
                 label: "ключ".into(),
                 public_key: vec![0, 0, 0, 7],
+                private: true,
             }],
         };
         let results = vec![

@@ -665,3 +665,45 @@ fn an_ed25519_key_that_always_authenticates_fails_before_any_pin_is_asked() -> a
     assert_eq!(questions(), 1);
     Ok(())
 }
+
+#[test]
+fn keys_whose_public_objects_are_private_list_at_ssh_add_s_and_stay_after_a_logout(
+) -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("pia", &[KeyKind::Rsa2048])?;
+    // The P-256 key's public key object is CKA_PRIVATE: the token shows it
+    // only to a session logged in.
+    hsm.keygen_with_pin("pia", PIN, KeyKind::P256, &["--private"])?;
+    let (program, questions) = crate::counting_askpass(hsm.dir(), &[PIN])?;
+    let config = "[pkcs11]\npoll_interval_ms = 300\n";
+    let agent = start_agent_asking(&hsm, &[], config, &program)?;
+
+    // ssh-add -s logs in first, so its reply (and the list right after it)
+    // has the key, as with OpenSSH's agent.
+    check(add_provider(&agent, Path::new(MODULE), PIN)?, "ssh-add -s")?;
+    let listed = agent.listed()?;
+    assert_eq!(listed.len(), 2, "{listed:?}\n{}", agent.log_text());
+    let private = listed
+        .iter()
+        .find(|l| l.ends_with(" pia: p256-key"))
+        .cloned()
+        .unwrap_or_default();
+
+    // SIGHUP forgets the PIN and logs out; the polls after it still list
+    // the key, and signing with it asks for the PIN and logs in again.
+    let pid = i32::try_from(agent.pid().unwrap_or_default())?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )?;
+    token_agent_e2e::wait_for(Duration::from_secs(5), || {
+        agent
+            .log_text()
+            .contains("forgot cached PKCS#11 PINs and logging out")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(agent.listed()?, listed, "{}", agent.log_text());
+    sign_and_verify(&agent, &private, "private")?;
+    assert_eq!(questions(), 1, "{}", agent.log_text());
+    Ok(())
+}
