@@ -154,12 +154,19 @@ impl Backend for SoftwareKeys {
         }
         let signer = Arc::new(KeySigner::new(key.keypair, key.opaque_secret)?);
         let mut entries = self.entries();
-        // Adding a key again replaces it, comment and all, as in OpenSSH.
-        entries.retain(|e| e.identity.key() != identity.key());
-        entries.push(Entry {
+        let entry = Entry {
             identity: identity.clone(),
             signer,
-        });
+        };
+        // Adding a key again replaces it, comment and all, in its place in
+        // the list, as in OpenSSH.
+        match entries
+            .iter_mut()
+            .find(|e| e.identity.key() == identity.key())
+        {
+            Some(held) => *held = entry,
+            None => entries.push(entry),
+        }
         self.publish(&entries);
         Ok(identity)
     }
@@ -182,13 +189,29 @@ impl Backend for SoftwareKeys {
     }
 }
 
+/// The shortest RSA key held, in bits.
+const MIN_RSA_BITS: u32 = 1024;
+
 impl KeySigner {
     fn new(keypair: KeypairData, opaque_secret: Option<Zeroizing<Vec<u8>>>) -> Result<Self, Error> {
         let invalid = |e: openssl::error::ErrorStack| Error::InvalidKey {
             reason: format!("the key is inconsistent: {e}"),
         };
         match &keypair {
-            KeypairData::Rsa(rsa) => Ok(Self::Rsa(rsa_key(rsa).map_err(invalid)?)),
+            KeypairData::Rsa(rsa) => {
+                let key = rsa_key(rsa).map_err(invalid)?;
+                // As OpenSSH (SSH_RSA_MINIMUM_MODULUS_SIZE).
+                if key.bits() < MIN_RSA_BITS {
+                    return Err(Error::InvalidKey {
+                        reason: format!(
+                            "a {}-bit RSA key is too short: OpenSSH refuses keys under \
+                             {MIN_RSA_BITS} bits",
+                            key.bits()
+                        ),
+                    });
+                }
+                Ok(Self::Rsa(key))
+            }
             KeypairData::Ecdsa(ecdsa) => Ok(Self::Ecdsa {
                 key: ec_key(ecdsa).map_err(invalid)?,
                 curve: ecdsa.curve(),
@@ -476,6 +499,53 @@ mod tests {
             matches!(result, Err(Error::InvalidKey { .. })),
             "{result:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn rsa_keys_under_1024_bits_are_refused() {
+        let rsa = openssl::rsa::Rsa::generate(768).unwrap();
+        let mpint =
+            |n: &openssl::bn::BigNumRef| ssh_key::Mpint::from_positive_bytes(&n.to_vec()).unwrap();
+        let keypair = RsaKeypair {
+            public: ssh_key::public::RsaPublicKey {
+                e: mpint(rsa.e()),
+                n: mpint(rsa.n()),
+            },
+            private: ssh_key::private::RsaPrivateKey {
+                d: mpint(rsa.d()),
+                iqmp: mpint(rsa.iqmp().unwrap()),
+                p: mpint(rsa.p().unwrap()),
+                q: mpint(rsa.q().unwrap()),
+            },
+        };
+        let result = SoftwareKeys::new()
+            .add_key(AddKey {
+                keypair: KeypairData::Rsa(keypair),
+                opaque_secret: None,
+                comment: "short".into(),
+                certificate: None,
+                sk_provider: None,
+            })
+            .await;
+        let Err(Error::InvalidKey { reason }) = result else {
+            panic!("{result:?}");
+        };
+        assert!(reason.contains("768-bit"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_key_added_again_keeps_its_place() {
+        let keys = SoftwareKeys::new();
+        let key = |seed| KeypairData::Ed25519(Ed25519Keypair::from_seed(&[seed; 32]));
+        let first = add(&keys, key(1)).await;
+        let second = add(&keys, key(2)).await;
+        add(&keys, key(1)).await;
+        let order: Vec<KeyRef> = keys
+            .entries()
+            .iter()
+            .map(|e| e.identity.key().clone())
+            .collect();
+        assert_eq!(order, [first.key().clone(), second.key().clone()]);
     }
 
     #[tokio::test]

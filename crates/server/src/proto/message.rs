@@ -44,6 +44,9 @@ pub mod id {
     pub const REMOVE_IDENTITY: u8 = 18;
     /// SSH_AGENTC_REMOVE_ALL_IDENTITIES.
     pub const REMOVE_ALL_IDENTITIES: u8 = 19;
+    /// SSH_AGENTC_REMOVE_ALL_RSA_IDENTITIES, of protocol 1: OpenSSH's agent
+    /// still removes every key for it, and `ssh-add -D` still sends it.
+    pub const REMOVE_ALL_RSA_IDENTITIES: u8 = 9;
     /// SSH_AGENTC_ADD_SMARTCARD_KEY.
     pub const ADD_SMARTCARD_KEY: u8 = 20;
     /// SSH_AGENTC_REMOVE_SMARTCARD_KEY.
@@ -277,7 +280,7 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, DecodeError> {
         id::REMOVE_IDENTITY => Request::RemoveIdentity {
             key: bytes(reader, "key blob").map_err(malformed)?,
         },
-        id::REMOVE_ALL_IDENTITIES => Request::RemoveAllIdentities,
+        id::REMOVE_ALL_IDENTITIES | id::REMOVE_ALL_RSA_IDENTITIES => Request::RemoveAllIdentities,
         id::ADD_SMARTCARD_KEY | id::ADD_SMARTCARD_KEY_CONSTRAINED => {
             let provider = text(reader, "provider").map_err(malformed)?;
             let pin = secret(reader, "PIN").map_err(malformed)?;
@@ -726,6 +729,14 @@ mod tests {
         assert!(matches!(
             decode_request(&plain),
             Ok(Request::AddIdentity { .. })
+        ));
+    }
+
+    #[test]
+    fn protocol_1_remove_all_removes_all_as_openssh() {
+        assert!(matches!(
+            decode_request(&[id::REMOVE_ALL_RSA_IDENTITIES]),
+            Ok(Request::RemoveAllIdentities)
         ));
     }
 
