@@ -1,16 +1,17 @@
 //! Credential keys: generation, wrapping into key handles, assertion signatures.
 //!
 //! A key handle is `version (1) || nonce (12) || AES-256-GCM(master key,
-//! nonce, algorithm (1) || private key (32))` with SHA-256 of the relying
-//! party id as associated data, so a handle opens only on the device that
-//! made it and only for its own application.
+//! nonce, algorithm (1) || private key (32) || credProtect level (1))` with
+//! SHA-256 of the relying party id as associated data, so a handle opens only
+//! on the device that made it and only for its own application. Handles made
+//! before the level was kept (33 bytes sealed) are level 1.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use ed25519_dalek::Signer as _;
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
-use token_agent_fido::ctap::{CoseAlgorithm, CredentialPublicKey, CtapError};
+use token_agent_fido::ctap::{CoseAlgorithm, CredProtect, CredentialPublicKey, CtapError};
 use zeroize::Zeroizing;
 
 const HANDLE_VERSION: u8 = 1;
@@ -21,13 +22,23 @@ const ES256: u8 = 2;
 pub(crate) struct Secret {
     algorithm: u8,
     key: Zeroizing<[u8; 32]>,
+    cred_protect: CredProtect,
 }
 
-/// Makes a key pair of `algorithm` for `rp_id`: its handle and public key.
+impl Secret {
+    /// The credential's credProtect level.
+    pub(crate) fn cred_protect(&self) -> CredProtect {
+        self.cred_protect
+    }
+}
+
+/// Makes a key pair of `algorithm` for `rp_id` with credProtect
+/// `cred_protect`: its handle and public key.
 pub(crate) fn new_credential(
     master: &[u8; 32],
     rp_id: &str,
     algorithm: CoseAlgorithm,
+    cred_protect: CredProtect,
 ) -> Result<(Vec<u8>, CredentialPublicKey), CtapError> {
     let secret = match algorithm {
         CoseAlgorithm::EdDsa => {
@@ -36,6 +47,7 @@ pub(crate) fn new_credential(
             Secret {
                 algorithm: ED25519,
                 key,
+                cred_protect,
             }
         }
         CoseAlgorithm::Es256 => {
@@ -45,6 +57,7 @@ pub(crate) fn new_credential(
             Secret {
                 algorithm: ES256,
                 key,
+                cred_protect,
             }
         }
     };
@@ -120,8 +133,13 @@ pub(crate) fn unwrap(master: &[u8; 32], rp_id: &str, handle: &[u8]) -> Option<Se
             )
             .ok()?,
     );
-    let (&algorithm, key) = plain.split_first()?;
-    if !matches!(algorithm, ED25519 | ES256) || key.len() != 32 {
+    let (&algorithm, rest) = plain.split_first()?;
+    let (key, cred_protect) = match rest.len() {
+        32 => (rest, CredProtect::UserVerificationOptional),
+        33 => (&rest[..32], CredProtect::from_level(rest[32])?),
+        _ => return None,
+    };
+    if !matches!(algorithm, ED25519 | ES256) {
         return None;
     }
     let mut secret = Zeroizing::new([0u8; 32]);
@@ -129,6 +147,7 @@ pub(crate) fn unwrap(master: &[u8; 32], rp_id: &str, handle: &[u8]) -> Option<Se
     Some(Secret {
         algorithm,
         key: secret,
+        cred_protect,
     })
 }
 
@@ -142,9 +161,10 @@ fn wrap(master: &[u8; 32], rp_id: &str, secret: &Secret) -> Result<Vec<u8>, Ctap
         Aes256Gcm::new_from_slice(master).map_err(|_| CtapError::Other("bad master key".into()))?;
     let mut nonce = [0u8; 12];
     OsRng.fill_bytes(&mut nonce);
-    let mut plain = Zeroizing::new(Vec::with_capacity(33));
+    let mut plain = Zeroizing::new(Vec::with_capacity(34));
     plain.push(secret.algorithm);
     plain.extend_from_slice(secret.key.as_ref());
+    plain.push(secret.cred_protect.level());
     let aad = Sha256::digest(rp_id.as_bytes());
     let sealed = cipher
         .encrypt(

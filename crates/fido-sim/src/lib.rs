@@ -9,6 +9,10 @@
 //!   non-resident credentials, so a handle from another authenticator or for
 //!   another application is refused with CTAP2_ERR_NO_CREDENTIALS;
 //! - resident credentials, listed through credential management (PIN needed);
+//! - the credProtect extension (CTAP 2.1 section 12.1), levels 1 to 3, kept
+//!   in the key handle: a level 3 credential is invisible to getAssertion
+//!   without user verification, and credential management reports each
+//!   credential's level;
 //! - a signature counter that grows with every signature;
 //! - the UP and UV flags;
 //! - a client PIN with 8 retries that blocks at zero;
@@ -42,6 +46,7 @@
 //!         user: User::default(),
 //!         algorithm: CoseAlgorithm::EdDsa,
 //!         resident: false,
+//!         cred_protect: None,
 //!         pin: None,
 //!     })
 //!     .unwrap();
@@ -72,7 +77,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use token_agent_fido::ctap::{
-    Assertion, AuthFlags, Credential, CtapError, GetAssertion, Info, MakeCredential,
+    Assertion, AuthFlags, CredProtect, Credential, CtapError, GetAssertion, Info, MakeCredential,
     ResidentCredential, User,
 };
 use token_agent_fido::{sk, Authenticator};
@@ -276,7 +281,12 @@ impl Authenticator for Simulator {
         let master = self
             .with_state(|state| state.master_key)
             .map_err(io_error)?;
-        let (id, public_key) = crypto::new_credential(&master, &request.rp_id, request.algorithm)?;
+        // Without the extension a credential is level 1 (CTAP 2.1 section 12.1).
+        let cred_protect = request
+            .cred_protect
+            .unwrap_or(CredProtect::UserVerificationOptional);
+        let (id, public_key) =
+            crypto::new_credential(&master, &request.rp_id, request.algorithm, cred_protect)?;
         if request.resident {
             let stored = StoredResident {
                 rp_id: request.rp_id.clone(),
@@ -309,6 +319,12 @@ impl Authenticator for Simulator {
             .map_err(io_error)?;
         let secret = crypto::unwrap(&master, &request.rp_id, &request.credential_id)
             .ok_or(CtapError::NoCredentials)?;
+        // CTAP 2.1 section 6.2.2 step 7: without user verification a
+        // userVerificationRequired credential is left out, even when the
+        // allow list names it (levels 1 and 2 are usable when named).
+        if secret.cred_protect() == CredProtect::UserVerificationRequired && request.pin.is_none() {
+            return Err(CtapError::NoCredentials);
+        }
         let mut flags = 0;
         if let Some(pin) = &request.pin {
             self.verify_pin(pin)?;
@@ -353,6 +369,7 @@ impl Authenticator for Simulator {
                     .ok_or_else(|| CtapError::Other("a stored credential is damaged".into()))?;
                 Ok(ResidentCredential {
                     public_key: crypto::public_key(&secret)?,
+                    cred_protect: Some(secret.cred_protect()),
                     rp_id: stored.rp_id,
                     credential_id: stored.credential_id,
                     user: User {

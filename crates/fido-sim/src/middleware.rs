@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use token_agent_fido::ctap::{
-    CoseAlgorithm, CredentialPublicKey, CtapError, GetAssertion, MakeCredential, User,
+    CoseAlgorithm, CredProtect, CredentialPublicKey, CtapError, GetAssertion, MakeCredential, User,
 };
 use token_agent_fido::Authenticator;
 use token_agent_sk_api::{
@@ -85,6 +85,15 @@ impl Provider for Middleware {
                 },
                 algorithm: cose(request.algorithm),
                 resident: request.flags & RESIDENT_KEY != 0,
+                // As sk-usbhid: verify-required keys need UV, resident keys
+                // need their handle or UV.
+                cred_protect: if request.flags & USER_VERIFICATION_REQD != 0 {
+                    Some(CredProtect::UserVerificationRequired)
+                } else if request.flags & RESIDENT_KEY != 0 {
+                    Some(CredProtect::UserVerificationOptionalWithCredentialIdList)
+                } else {
+                    None
+                },
                 pin: request.pin.map(|pin| SecretString::from(pin.to_owned())),
             })
             .map_err(sk_error)?;
@@ -167,7 +176,13 @@ impl Provider for Middleware {
                     ..EnrollResponse::default()
                 },
                 application: credential.rp_id,
-                flags: 0,
+                // As sk-usbhid's read_rks: a credential that needs UV is a
+                // verify-required key.
+                flags: if credential.cred_protect == Some(CredProtect::UserVerificationRequired) {
+                    USER_VERIFICATION_REQD
+                } else {
+                    0
+                },
                 user_id: credential.user.id,
             })
             .collect())

@@ -410,6 +410,13 @@ impl FidoBackend {
                 .await
             {
                 Ok(Ok(_)) => return Ok(device),
+                // A verify-required key made as OpenSSH makes it has
+                // credProtect userVerificationRequired, which the device
+                // hides from an assertion without the PIN: "no credentials"
+                // then does not say it is not theirs.
+                Ok(Err(CtapError::NoCredentials)) if key.needs_pin() => {
+                    maybe.get_or_insert(device);
+                }
                 Ok(Err(CtapError::NoCredentials | CtapError::Removed)) | Err(_) => {}
                 // Some devices refuse silent assertions (a PIN-protected
                 // credential): it may still be theirs.

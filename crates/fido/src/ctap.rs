@@ -163,8 +163,45 @@ pub struct MakeCredential {
     pub algorithm: CoseAlgorithm,
     /// Whether to store the credential on the device (option "rk").
     pub resident: bool,
+    /// The credProtect extension, when asked for; a device without it, or a
+    /// request without it, makes a level 1 credential.
+    pub cred_protect: Option<CredProtect>,
     /// The PIN, when user verification is wanted or the device demands it.
     pub pin: Option<SecretString>,
+}
+
+/// The credProtect extension's levels (CTAP 2.1 section 12.1): how much a
+/// credential hides from getAssertion without user verification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CredProtect {
+    /// 1, userVerificationOptional: usable without UV (the default).
+    UserVerificationOptional,
+    /// 2, userVerificationOptionalWithCredentialIDList: without UV, usable
+    /// only when named in the allow list (not discoverable).
+    UserVerificationOptionalWithCredentialIdList,
+    /// 3, userVerificationRequired: usable only with UV.
+    UserVerificationRequired,
+}
+
+impl CredProtect {
+    /// The level as the extension carries it, 1 to 3.
+    pub fn level(self) -> u8 {
+        match self {
+            Self::UserVerificationOptional => 1,
+            Self::UserVerificationOptionalWithCredentialIdList => 2,
+            Self::UserVerificationRequired => 3,
+        }
+    }
+
+    /// The level numbered `level`; `None` outside 1 to 3.
+    pub fn from_level(level: u8) -> Option<Self> {
+        match level {
+            1 => Some(Self::UserVerificationOptional),
+            2 => Some(Self::UserVerificationOptionalWithCredentialIdList),
+            3 => Some(Self::UserVerificationRequired),
+            _ => None,
+        }
+    }
 }
 
 /// A new credential (the parts of the attestation object the backend keeps).
@@ -221,6 +258,8 @@ pub struct ResidentCredential {
     pub user: User,
     /// The public key.
     pub public_key: CredentialPublicKey,
+    /// Its credProtect level, when the device reports one.
+    pub cred_protect: Option<CredProtect>,
 }
 
 /// What an authenticator answered instead of a result (CTAP 2.1 section 8.2

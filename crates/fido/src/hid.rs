@@ -16,9 +16,10 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use ctap_hid_fido2::fidokey::credential_management::credential_management_params::CredentialProtectionPolicy;
 use ctap_hid_fido2::fidokey::get_assertion::get_assertion_params::GetAssertionArgsBuilder;
 use ctap_hid_fido2::fidokey::make_credential::make_credential_params::{
-    CredentialSupportedKeyType, MakeCredentialArgsBuilder,
+    CredentialSupportedKeyType, Extension as MakeCredentialExtension, MakeCredentialArgsBuilder,
 };
 use ctap_hid_fido2::public_key::{PublicKey, PublicKeyType};
 use ctap_hid_fido2::public_key_credential_user_entity::PublicKeyCredentialUserEntity;
@@ -27,8 +28,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::backend::Discovery;
 use crate::ctap::{
-    Assertion, AuthFlags, Authenticator, CoseAlgorithm, Credential, CredentialPublicKey, CtapError,
-    GetAssertion, Info, MakeCredential, ResidentCredential, User,
+    Assertion, AuthFlags, Authenticator, CoseAlgorithm, CredProtect, Credential,
+    CredentialPublicKey, CtapError, GetAssertion, Info, MakeCredential, ResidentCredential, User,
 };
 
 /// The FIDO HID devices plugged in now.
@@ -159,6 +160,21 @@ impl Authenticator for HidAuthenticator {
         if request.resident {
             builder = builder.resident_key();
         }
+        let extensions;
+        if let Some(level) = request.cred_protect {
+            extensions = [MakeCredentialExtension::CredProtect(Some(match level {
+                CredProtect::UserVerificationOptional => {
+                    CredentialProtectionPolicy::UserVerificationOptional
+                }
+                CredProtect::UserVerificationOptionalWithCredentialIdList => {
+                    CredentialProtectionPolicy::UserVerificationOptionalWithCredentialIdList
+                }
+                CredProtect::UserVerificationRequired => {
+                    CredentialProtectionPolicy::UserVerificationRequired
+                }
+            }))];
+            builder = builder.extensions(&extensions);
+        }
         let attestation = self
             .open()?
             .make_credential_with_args(&builder.build())
@@ -230,6 +246,18 @@ impl Authenticator for HidAuthenticator {
                         name: credential.public_key_credential_user_entity.name.clone(),
                     },
                     public_key: public_key(&credential.public_key)?,
+                    cred_protect: match credential.cred_protect {
+                        CredentialProtectionPolicy::UserVerificationOptional => {
+                            Some(CredProtect::UserVerificationOptional)
+                        }
+                        CredentialProtectionPolicy::UserVerificationOptionalWithCredentialIdList => {
+                            Some(CredProtect::UserVerificationOptionalWithCredentialIdList)
+                        }
+                        CredentialProtectionPolicy::UserVerificationRequired => {
+                            Some(CredProtect::UserVerificationRequired)
+                        }
+                        CredentialProtectionPolicy::Unknown => None,
+                    },
                 });
             }
         }

@@ -55,5 +55,5 @@ pub use ctap::{Authenticator, CtapError};
 #[cfg(feature = "hid")]
 pub use hid::HidDiscovery;
 pub use middleware::{HelperCommand, MiddlewareOptions};
-pub use resident::{enroll, ssh_keys, EnrolError, Enrolment};
+pub use resident::{enroll, enroll_replacing, ssh_keys, EnrolError, Enrolment};
 pub use sk::SkKey;

@@ -11,9 +11,12 @@ use token_agent_core::{
     PromptError, Prompter, SignContext, SignFlags, SignRequest, SshSignature,
 };
 use token_agent_e2e::conformance::{self, Published};
-use token_agent_fido::ctap::{CoseAlgorithm, MakeCredential, User};
+use token_agent_fido::ctap::{
+    CoseAlgorithm, CredProtect, CtapError, GetAssertion, MakeCredential, User,
+};
 use token_agent_fido::{
-    sk, Authenticator, Enrolment, FidoBackend, Fixed, HelperCommand, MiddlewareOptions, SkKey,
+    sk, Authenticator, EnrolError, Enrolment, FidoBackend, Fixed, HelperCommand, MiddlewareOptions,
+    SkKey,
 };
 use token_agent_prompt::{Asked, Scripted, ScriptedAnswer};
 
@@ -556,6 +559,7 @@ async fn resident_keys_load_with_the_pin_and_sign() -> anyhow::Result<()> {
         user: User::default(),
         algorithm: CoseAlgorithm::EdDsa,
         resident: true,
+        cred_protect: None,
         pin: Some(PIN.to_owned().into()),
     })?;
     ensure!(sim.resident_count() == 2);
@@ -581,6 +585,217 @@ async fn resident_keys_load_with_the_pin_and_sign() -> anyhow::Result<()> {
         Err(Error::WrongPin { tries_left, .. }) => ensure!(tries_left == Some(7)),
         other => bail!("expected a wrong PIN, got {other:?}"),
     }
+    Ok(())
+}
+
+/// A silent assertion (no PIN) for `credential_id` under `rp_id`.
+fn assert_without_pin(sim: &Simulator, rp_id: &str, credential_id: &[u8]) -> Result<(), CtapError> {
+    sim.get_assertion(&GetAssertion {
+        rp_id: rp_id.into(),
+        message: b"probe".to_vec(),
+        credential_id: credential_id.to_vec(),
+        user_presence: false,
+        pin: None,
+    })
+    .map(drop)
+}
+
+#[test]
+fn fido_sim_honours_cred_protect_and_lists_each_credentials_level() -> anyhow::Result<()> {
+    let sim = Simulator::new("credprotect");
+    sim.set_pin(PIN)?;
+    let levels = [
+        None,
+        Some(CredProtect::UserVerificationOptional),
+        Some(CredProtect::UserVerificationOptionalWithCredentialIdList),
+        Some(CredProtect::UserVerificationRequired),
+    ];
+    let mut made = Vec::new();
+    for (i, level) in levels.into_iter().enumerate() {
+        let rp_id = format!("ssh:level{i}");
+        let credential = sim.make_credential(&MakeCredential {
+            rp_id: rp_id.clone(),
+            challenge: b"challenge".to_vec(),
+            user: User::default(),
+            algorithm: CoseAlgorithm::EdDsa,
+            resident: true,
+            cred_protect: level,
+            pin: Some(PIN.to_owned().into()),
+        })?;
+        made.push((rp_id, credential.id, level));
+    }
+    for (rp_id, id, level) in &made {
+        let silent = assert_without_pin(&sim, rp_id, id);
+        // Levels 1 and 2 serve a request that names the credential; level 3
+        // only with user verification (CTAP 2.1 section 6.2.2).
+        if *level == Some(CredProtect::UserVerificationRequired) {
+            ensure!(
+                silent == Err(CtapError::NoCredentials),
+                "{rp_id}: {silent:?}"
+            );
+            let verified = sim.get_assertion(&GetAssertion {
+                rp_id: rp_id.clone(),
+                message: b"uv".to_vec(),
+                credential_id: id.clone(),
+                user_presence: false,
+                pin: Some(PIN.to_owned().into()),
+            })?;
+            ensure!(verified.flags.user_verified());
+        } else {
+            ensure!(silent.is_ok(), "{rp_id}: {silent:?}");
+        }
+    }
+    let listed = sim.resident_credentials(Some(&SecretString::from(PIN)))?;
+    for (rp_id, _, level) in &made {
+        let found = listed
+            .iter()
+            .find(|c| &c.rp_id == rp_id)
+            .ok_or_else(|| anyhow::anyhow!("{rp_id} not listed"))?;
+        // No extension: a level 1 credential.
+        let expected = level.unwrap_or(CredProtect::UserVerificationOptional);
+        ensure!(found.cred_protect == Some(expected), "{rp_id}: {found:?}");
+    }
+    Ok(())
+}
+
+/// OpenSSH's sk-usbhid asks for credProtect userVerificationRequired for a
+/// verify-required key and userVerificationOptionalWithCredentialIDList for
+/// another resident key; so does `enroll`.
+#[test]
+fn enrolment_asks_for_cred_protect_as_openssh() -> anyhow::Result<()> {
+    let sim = Simulator::new("enrol-credprotect");
+    sim.set_pin(PIN)?;
+    let pin = || Some(SecretString::from(PIN));
+    let plain = make_key(
+        &sim,
+        &Enrolment {
+            pin: pin(),
+            ..enrolment(CoseAlgorithm::EdDsa)
+        },
+    )?;
+    assert_without_pin(&sim, "ssh:", plain.key_handle())?;
+    let uv = make_key(
+        &sim,
+        &Enrolment {
+            verify_required: true,
+            pin: pin(),
+            ..enrolment(CoseAlgorithm::EdDsa)
+        },
+    )?;
+    ensure!(assert_without_pin(&sim, "ssh:", uv.key_handle()) == Err(CtapError::NoCredentials));
+    for (application, verify_required, expected) in [
+        (
+            "ssh:resident",
+            false,
+            CredProtect::UserVerificationOptionalWithCredentialIdList,
+        ),
+        (
+            "ssh:resident-uv",
+            true,
+            CredProtect::UserVerificationRequired,
+        ),
+    ] {
+        make_key(
+            &sim,
+            &Enrolment {
+                application: application.into(),
+                resident: true,
+                verify_required,
+                pin: pin(),
+                ..enrolment(CoseAlgorithm::Es256)
+            },
+        )?;
+        let listed = sim.resident_credentials(pin().as_ref())?;
+        let found = listed
+            .iter()
+            .find(|c| c.rp_id == application)
+            .ok_or_else(|| anyhow::anyhow!("{application} not listed"))?;
+        ensure!(found.cred_protect == Some(expected), "{found:?}");
+    }
+    Ok(())
+}
+
+/// A resident credential made with credProtect userVerificationRequired
+/// (by OpenSSH's `ssh-keygen -O resident -O verify-required`, or by
+/// `enroll`) loads as a verify-required key, as OpenSSH's sk-usbhid loads
+/// it: the security key hides it from any assertion without the PIN.
+#[tokio::test]
+async fn a_resident_key_that_requires_uv_loads_as_verify_required_and_signs_with_the_pin(
+) -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("resident-uv"));
+    sim.set_pin(PIN)?;
+    let credential = sim.make_credential(&MakeCredential {
+        rp_id: "ssh:uv".into(),
+        challenge: b"challenge".to_vec(),
+        user: User {
+            id: vec![0; 32],
+            name: "openssh".into(),
+        },
+        algorithm: CoseAlgorithm::EdDsa,
+        resident: true,
+        cred_protect: Some(CredProtect::UserVerificationRequired),
+        pin: Some(PIN.to_owned().into()),
+    })?;
+    let keys = token_agent_fido::ssh_keys(&*sim, Some(&SecretString::from(PIN)))?;
+    let [(key, _)] = keys.as_slice() else {
+        bail!("{} keys loaded", keys.len());
+    };
+    ensure!(key.key_handle() == credential.id.as_slice());
+    ensure!(
+        key.flags()
+            == sk::USER_PRESENCE_REQUIRED | sk::USER_VERIFICATION_REQUIRED | sk::RESIDENT_KEY,
+        "flags {:#x}",
+        key.flags()
+    );
+    let (backend, published, _) = backend_with(vec![sim.clone()], &[]).await?;
+    let loaded = backend
+        .load_resident(Arc::new(Scripted::new([ScriptedAnswer::Pin(PIN.into())])))
+        .await?;
+    ensure!(loaded.len() == 1, "{loaded:?}");
+    let listed = published.wait_until(Duration::from_secs(5), |ids| ids.len() == 1)?;
+    let prompter = Arc::new(Scripted::new([ScriptedAnswer::Pin(PIN.into())]));
+    let signature = sign(&backend, &listed[0], b"resident uv", prompter.clone()).await?;
+    conformance::verify(listed[0].public_key(), b"resident uv", &signature)?;
+    ensure!(prompter.pin_requests().len() == 1);
+    Ok(())
+}
+
+#[test]
+fn a_second_resident_key_for_the_same_application_and_user_is_refused_unless_replacing(
+) -> anyhow::Result<()> {
+    let sim = Simulator::new("duplicate");
+    sim.set_pin(PIN)?;
+    let resident = Enrolment {
+        application: "ssh:dup".into(),
+        resident: true,
+        pin: Some(PIN.to_owned().into()),
+        ..enrolment(CoseAlgorithm::EdDsa)
+    };
+    let first = make_key(&sim, &resident)?;
+    match token_agent_fido::enroll(&sim, &resident) {
+        Err(EnrolError::CredentialExists(application)) => ensure!(application == "ssh:dup"),
+        other => bail!("expected a refusal, got {other:?}"),
+    }
+    ensure!(sim.resident_count() == 1);
+    let pin = SecretString::from(PIN);
+    let listed = sim.resident_credentials(Some(&pin))?;
+    ensure!(listed[0].credential_id == first.key_handle());
+    // Another application is another credential.
+    make_key(
+        &sim,
+        &Enrolment {
+            application: "ssh:other".into(),
+            ..resident.clone()
+        },
+    )?;
+    ensure!(sim.resident_count() == 2);
+    // Replacing, as ssh-keygen -O force: the device keeps the new one.
+    let second = token_agent_fido::enroll_replacing(&sim, &resident)?;
+    ensure!(sim.resident_count() == 2);
+    let listed = sim.resident_credentials(Some(&pin))?;
+    ensure!(listed
+        .iter()
+        .any(|c| c.rp_id == "ssh:dup" && c.credential_id == second.key_handle()));
     Ok(())
 }
 

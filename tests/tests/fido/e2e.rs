@@ -291,6 +291,79 @@ fn resident_keys_load_into_the_running_agent() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A resident key made with --verify-required has credProtect
+/// userVerificationRequired, so the security key hides it from any
+/// assertion without the PIN. Loaded back, it must be a verify-required key,
+/// as OpenSSH's sk-usbhid loads it, or it could never sign.
+#[test]
+fn a_verify_required_resident_key_loads_as_verify_required_and_logs_in_with_the_pin(
+) -> anyhow::Result<()> {
+    let token = Token::new(Some(PIN))?;
+    token.script_pins(&[PIN])?;
+    let file = token.enroll(
+        "id_uv_resident",
+        &["--resident", "--verify-required", "--application", "ssh:uv"],
+    )?;
+    let agent = SimAgent::start(&token, "", &[])?;
+    token.script_pins(&[PIN])?;
+    let loaded = token.fido(&["load-resident"], Some(&agent))?;
+    ensure!(loaded.status.success(), "{}", stderr(&loaded));
+    let public = public_line(&file)?;
+    let sshd = Sshd::start(&format!("verify-required {public}\n"), None)?;
+    token.script_pins(&[PIN])?;
+    let login = agent.login(&sshd)?;
+    sshd.ensure_logged_in(&login, &agent.log_text())?;
+    ensure!(
+        token.pinentry_log().matches("GETPIN").count() == 3,
+        "enrolment, loading and the login each ask once: {}",
+        token.pinentry_log()
+    );
+    Ok(())
+}
+
+/// As ssh-keygen without -O force: a second resident key for the same
+/// application would replace the first on the security key, and the first
+/// key would be lost.
+#[test]
+fn enrolling_a_second_resident_key_for_an_application_is_refused() -> anyhow::Result<()> {
+    let token = Token::new(Some(PIN))?;
+    token.script_pins(&[PIN])?;
+    let first = token.enroll("id_first", &["--resident", "--application", "ssh:once"])?;
+    token.script_pins(&[PIN])?;
+    let file = token.dir().join("id_second");
+    let second = token.fido(
+        &[
+            "enroll",
+            "--resident",
+            "--application",
+            "ssh:once",
+            "-f",
+            &file.display().to_string(),
+        ],
+        None,
+    )?;
+    ensure!(!second.status.success(), "a second resident key was made");
+    ensure!(
+        stderr(&second).contains("already holds a resident key for ssh:once"),
+        "{}",
+        stderr(&second)
+    );
+    ensure!(!file.exists(), "a key file was written");
+    // The first key is still the one on the security key.
+    let agent = SimAgent::start(&token, "", &[])?;
+    token.script_pins(&[PIN])?;
+    let loaded = token.fido(&["load-resident"], Some(&agent))?;
+    ensure!(loaded.status.success(), "{}", stderr(&loaded));
+    let key_part: String = public_line(&first)?
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let listed = stdout(&check(agent.ssh_add(&["-L"])?, "ssh-add -L")?);
+    ensure!(listed.contains(&key_part), "{listed}");
+    Ok(())
+}
+
 #[test]
 fn configured_key_files_are_offered_from_the_start() -> anyhow::Result<()> {
     let token = Token::new(None)?;

@@ -37,6 +37,7 @@ fn web_key(token: &Token, name: &str, application: &str) -> anyhow::Result<PathB
         },
         algorithm: CoseAlgorithm::EdDsa,
         resident: false,
+        cred_protect: None,
         pin: None,
     })?;
     // Flags 0x01: user presence required, as ssh-keygen's default.
