@@ -739,3 +739,96 @@ fn doctor_usage_errors_exit_2_and_help_is_snapshotted() -> anyhow::Result<()> {
     super::cli::snapshot("doctor-help.txt", &stdout(&help))?;
     Ok(())
 }
+
+/// Under socket activation systemd creates the socket and keeps it while
+/// the agent it started serves it: doctor names the agent, not systemd
+/// (whose pid is the one SO_PEERCRED gives).
+#[test]
+fn a_socket_activated_agent_is_named_rather_than_systemd() -> anyhow::Result<()> {
+    use std::io::BufRead;
+
+    let setup = Setup::new()?;
+    let socket = setup.path("run").join("activated.sock");
+    // A stand-in for systemd: it binds and listens under the name systemd,
+    // starts the agent with the socket as fd 3 (LISTEN_FDS), and stays.
+    let manager = r#"
+import ctypes, os, socket, sys, time
+ctypes.CDLL(None).prctl(15, b"systemd", 0, 0, 0)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(8)
+pid = os.fork()
+if pid == 0:
+    os.dup2(s.fileno(), 3)
+    os.set_inheritable(3, True)
+    os.environ["LISTEN_FDS"] = "1"
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.execv(sys.argv[2], [sys.argv[2], "-D"])
+print(pid, flush=True)
+time.sleep(120)
+"#;
+    let mut systemd = Command::new("python3")
+        .arg("-c")
+        .arg(manager)
+        .arg(&socket)
+        .arg(agent_binary()?)
+        .env("HOME", setup.home())
+        .env("XDG_RUNTIME_DIR", setup.path("run"))
+        .env("XDG_CONFIG_HOME", setup.path("config"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(systemd.stdout.take().context("no stdout")?).read_line(&mut line)?;
+    let agent: i32 = line.trim().parse().context("no agent pid")?;
+    let report = setup.report(Some(&socket), &[]);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = systemd.kill();
+    let _ = systemd.wait();
+    let report = report?;
+    let named = report.message("agent-token-agent");
+    assert!(
+        named.contains(&format!("is token-agent (pid {agent}")),
+        "{}",
+        report.text
+    );
+    Ok(())
+}
+
+/// Without SSH_AUTH_SOCK, the socket of token-agent's own systemd socket
+/// unit is among the places doctor looks for a live agent.
+#[test]
+fn the_socket_units_agent_is_found() -> anyhow::Result<()> {
+    let setup = Setup::new()?;
+    let dir = setup.path("run").join("token-agent");
+    std::fs::create_dir(&dir)?;
+    chmod(&dir, 0o700)?;
+    let socket = dir.join("ssh-agent.sock");
+    let mut agent = Command::new(agent_binary()?)
+        .arg("-D")
+        .arg("-a")
+        .arg(&socket)
+        .env("HOME", setup.home())
+        .env("XDG_CONFIG_HOME", setup.path("config"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let ready = token_agent_e2e::wait_for(std::time::Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    let report = setup.report(None, &[]);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    anyhow::ensure!(ready, "the agent did not listen on {}", socket.display());
+    let report = report?;
+    assert_eq!(
+        report.fix("agent-found"),
+        format!("export SSH_AUTH_SOCK={}", socket.display()),
+        "{}",
+        report.text
+    );
+    Ok(())
+}

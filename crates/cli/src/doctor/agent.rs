@@ -377,6 +377,8 @@ fn candidates(context: &Context) -> Vec<PathBuf> {
     }
     paths.extend(gpg::ssh_sockets(context));
     if let Some(runtime) = context.runtime_dir() {
+        // token-agent's own systemd socket unit (dist/systemd/token-agent.socket).
+        paths.push(runtime.join("token-agent/ssh-agent.sock"));
         paths.push(runtime.join("gcr/ssh"));
         paths.push(runtime.join("keyring/ssh"));
         paths.push(runtime.join("ssh-agent.socket"));

@@ -18,16 +18,26 @@ const LISTENING: u32 = 0x0001_0000;
 ///
 /// SO_PEERCRED names the process that called listen(). Agents that
 /// daemonize after binding (gpg-agent --daemon) leave a pid that has exited
-/// by now, so then look for the process holding the listening socket
-/// instead: /proc/net/unix maps the path to the socket's inode, and some
-/// process's /proc/PID/fd links to `socket:[INODE]`.
+/// by now, and under socket activation it is systemd's, which keeps the
+/// socket while the agent it started serves it: then look for the process
+/// holding the listening socket instead: /proc/net/unix maps the path to
+/// the socket's inode, and some process's /proc/PID/fd links to
+/// `socket:[INODE]`.
 pub(crate) fn server_process(stream: &UnixStream, path: &Path) -> Option<Process> {
     let peer = getsockopt(stream, PeerCredentials)
         .ok()
         .map(|cred| cred.pid())
         .filter(|pid| *pid > 0)
         .and_then(process);
-    peer.or_else(|| listening_process(path))
+    match peer {
+        Some(peer) if !is_systemd(&peer) => Some(peer),
+        peer => listening_process(path).or(peer),
+    }
+}
+
+/// Whether `process` is systemd (the system or a user manager).
+fn is_systemd(process: &Process) -> bool {
+    process.comm.as_deref() == Some("systemd")
 }
 
 /// What /proc shows of `pid`, if it still runs.
@@ -125,8 +135,7 @@ fn listening_process(path: &Path) -> Option<Process> {
             holders.extend(process(pid));
         }
     }
-    let systemd = |p: &Process| p.comm.as_deref() == Some("systemd");
-    let agent = holders.iter().position(|p| !systemd(p));
+    let agent = holders.iter().position(|p| !is_systemd(p));
     match agent {
         Some(at) => Some(holders.swap_remove(at)),
         None => holders.into_iter().next(),
