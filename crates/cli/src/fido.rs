@@ -63,6 +63,10 @@ enum FidoCommand {
         /// Where to write the private key file (and FILE.pub).
         #[arg(short = 'f', value_name = "FILE")]
         file: PathBuf,
+        /// Replace a resident key the security key already holds for this
+        /// application (as ssh-keygen -O force); the old key is lost.
+        #[arg(long)]
+        force: bool,
     },
     /// Add the resident keys of the connected security keys to the running agent (SSH_AUTH_SOCK).
     LoadResident,
@@ -234,6 +238,7 @@ fn run(args: FidoArgs) -> anyhow::Result<()> {
             application,
             comment,
             file,
+            force,
         } => {
             let info = device
                 .info()
@@ -257,8 +262,12 @@ fn run(args: FidoArgs) -> anyhow::Result<()> {
                 pin,
             };
             eprintln!("Touch {} to make the key.", device.label());
-            let key = token_agent_fido::enroll(device.as_ref(), &enrolment)
-                .with_context(|| format!("{} could not make the key", device.label()))?;
+            let key = if force {
+                token_agent_fido::enroll_replacing(device.as_ref(), &enrolment)
+            } else {
+                token_agent_fido::enroll(device.as_ref(), &enrolment)
+            }
+            .with_context(|| format!("{} could not make the key", device.label()))?;
             let comment = comment.unwrap_or_else(default_comment);
             write_key_files(&key, &comment, &file)?;
             println!(

@@ -172,7 +172,8 @@ pub enum EnrolError {
     /// The device already holds a resident key for this application and user.
     #[error(
         "the security key already holds a resident key for {0}, which a new one would replace \
-         (the old key would be lost); choose another application (ssh:NAME)"
+         (the old key would be lost); choose another application (ssh:NAME), or replace it \
+         with --force"
     )]
     CredentialExists(String),
     /// The authenticator refused or failed.

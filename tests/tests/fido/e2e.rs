@@ -361,6 +361,36 @@ fn enrolling_a_second_resident_key_for_an_application_is_refused() -> anyhow::Re
         .join(" ");
     let listed = stdout(&check(agent.ssh_add(&["-L"])?, "ssh-add -L")?);
     ensure!(listed.contains(&key_part), "{listed}");
+
+    // --force replaces it, as ssh-keygen -O force: the new key loads.
+    token.script_pins(&[PIN])?;
+    let replaced = token.fido(
+        &[
+            "enroll",
+            "--resident",
+            "--force",
+            "--application",
+            "ssh:once",
+            "-f",
+            &file.display().to_string(),
+        ],
+        None,
+    )?;
+    ensure!(replaced.status.success(), "{}", stderr(&replaced));
+    check(agent.ssh_add(&["-D"])?, "ssh-add -D")?;
+    token.script_pins(&[PIN])?;
+    let loaded = token.fido(&["load-resident"], Some(&agent))?;
+    ensure!(loaded.status.success(), "{}", stderr(&loaded));
+    let listed = stdout(&check(agent.ssh_add(&["-L"])?, "ssh-add -L")?);
+    let new_part: String = public_line(&file)?
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    ensure!(
+        listed.contains(&new_part) && !listed.contains(&key_part),
+        "{listed}"
+    );
     Ok(())
 }
 
