@@ -696,6 +696,22 @@ async fn ask_pin(
     prompter: &dyn Prompter,
 ) -> Result<SecretString, Error> {
     let device_info = DeviceInfo::new(device.label());
+    let info = backend
+        .inner
+        .workers
+        .run(device, |d| d.info())
+        .await?
+        .map_err(|e| device_error(&device_info, e))?;
+    if !info.client_pin_set {
+        // Asking would have the person invent a PIN the device then refuses.
+        return Err(Error::Device {
+            device: device_info,
+            message: "has no PIN set, and this key needs the security key's PIN for every \
+                      signature (verify-required): set a PIN on the security key (for instance \
+                      with ykman fido access change-pin), then try again"
+                .into(),
+        });
+    }
     let retries = backend
         .inner
         .workers

@@ -2,7 +2,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, ensure};
+use anyhow::{bail, ensure, Context};
 use fido_sim::{Presence, Simulator};
 use secrecy::SecretString;
 use ssh_key::Algorithm;
@@ -463,6 +463,36 @@ async fn a_blocked_pin_is_reported_without_asking() -> anyhow::Result<()> {
         other => bail!("expected a blocked PIN, got {other:?}"),
     }
     ensure!(prompter.asked().iter().all(|a| !matches!(a, Asked::Pin(_))));
+    Ok(())
+}
+
+/// A verify-required key on a security key without a PIN (one reset since,
+/// say) cannot sign: the person is told to set a PIN, not asked for one
+/// that does not exist.
+#[tokio::test]
+async fn a_verify_required_key_on_a_security_key_without_a_pin_says_to_set_one(
+) -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("nopin"));
+    let made = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    let ssh_key::private::KeypairData::SkEd25519(made) = made.to_keypair()? else {
+        bail!("not an sk-ssh-ed25519 key");
+    };
+    let keypair = ssh_key::private::KeypairData::SkEd25519(ssh_key::private::SkEd25519::new(
+        made.public().clone(),
+        sk::USER_PRESENCE_REQUIRED | sk::USER_VERIFICATION_REQUIRED,
+        made.key_handle().to_vec(),
+    )?);
+    let key = SkKey::from_keypair(&keypair).context("an sk key")?;
+    ensure!(key.needs_pin());
+    let (backend, _, ids) = backend_with(vec![sim], &[(&key, "verify")]).await?;
+    let prompter = Arc::new(Scripted::new([ScriptedAnswer::Pin(PIN.into())]));
+    match sign(&backend, &ids[0], b"x", prompter.clone()).await {
+        Err(err @ Error::Device { .. }) => {
+            ensure!(err.to_string().contains("has no PIN set"), "{err}");
+        }
+        other => bail!("expected a device error, got {other:?}"),
+    }
+    ensure!(prompter.pin_requests().is_empty(), "{:?}", prompter.asked());
     Ok(())
 }
 
