@@ -67,7 +67,7 @@ pub(crate) struct Args {
     #[arg(short = 'u', action = ArgAction::Count)]
     pub(crate) cleanup: u8,
 
-    /// Default lifetime of added keys, in seconds or OpenSSH time format (1h30m).
+    /// Default lifetime of added keys, in seconds or OpenSSH time format (1h30m); 0: none.
     #[arg(short = 't', value_name = "LIFE")]
     pub(crate) lifetime: Option<String>,
 
@@ -75,7 +75,7 @@ pub(crate) struct Args {
     #[arg(short = 'P', value_name = "ALLOWED_PROVIDERS")]
     pub(crate) allowed_providers: Option<String>,
 
-    /// Fingerprint hash for logs and prompts: md5, sha256 (default) or sha512.
+    /// Fingerprint hash for logs and prompts: md5, sha1, sha256 (default), sha384 or sha512.
     #[arg(short = 'E', value_name = "FINGERPRINT_HASH")]
     pub(crate) fingerprint_hash: Option<String>,
 
@@ -237,7 +237,8 @@ impl TryFrom<Args> for Options {
             .as_deref()
             .map(parse_lifetime)
             .transpose()
-            .context("invalid lifetime for -t")?;
+            .context("invalid lifetime for -t")?
+            .flatten();
         let fingerprint_hash = match args.fingerprint_hash.as_deref() {
             None => FingerprintHash::default(),
             Some(name) => name
@@ -288,46 +289,63 @@ impl TryFrom<Args> for Options {
     }
 }
 
-/// Parses an OpenSSH time value (sshd_config(5) TIME FORMATS): a number of
-/// seconds, or a sequence of numbers each followed by s, m, h, d or w.
-pub(crate) fn parse_lifetime(text: &str) -> anyhow::Result<Duration> {
-    let text = text.trim();
-    if text.is_empty() {
+/// Parses an OpenSSH time value exactly as OpenSSH 10.5's `convtime()`
+/// (sshd_config(5) TIME FORMATS): a sequence of numbers, each followed by
+/// s, m, h, d or w (either case) or by nothing, meaning seconds; seconds are
+/// given at most once and may have a fraction, which is dropped (`1.5` is
+/// one second). The total is at most 2^31-1 seconds. `0` (or a fraction of
+/// a second) is `None`: no lifetime, as ssh-agent's `-t 0`.
+pub(crate) fn parse_lifetime(text: &str) -> anyhow::Result<Option<Duration>> {
+    let not_a_time = || anyhow::anyhow!("\"{text}\" is not a time (use seconds, or e.g. 1h30m)");
+    let bytes = text.as_bytes();
+    if bytes.is_empty() {
         bail!("empty time");
     }
-    let mut total: u64 = 0;
-    let mut number = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
+    let mut total = 0.0_f64;
+    let mut seen_seconds = false;
+    let mut at = 0;
+    while at < bytes.len() {
+        // The number: what strtod() reads of the longest run of digits and
+        // dots, which convtime() takes only if strtod() reads all of it.
+        let run = bytes[at..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit() || **b == b'.')
+            .count();
+        let number = &text[at..at + run];
+        let fraction = number.contains('.');
+        if number.matches('.').count() > 1 || !number.bytes().any(|b| b.is_ascii_digit()) {
+            return Err(not_a_time());
         }
-        let unit: u64 = match c.to_ascii_lowercase() {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 604_800,
-            _ => bail!("\"{text}\" is not a time (use seconds, or e.g. 1h30m)"),
+        let value: f64 = number.parse().map_err(|_| not_a_time())?;
+        at += run;
+        let multiplier = match bytes.get(at).map(u8::to_ascii_lowercase) {
+            None | Some(b's') => {
+                if std::mem::replace(&mut seen_seconds, true) {
+                    return Err(not_a_time());
+                }
+                1.0
+            }
+            Some(b'm') => 60.0,
+            Some(b'h') => 3600.0,
+            Some(b'd') => 86_400.0,
+            Some(b'w') => 604_800.0,
+            Some(_) => return Err(not_a_time()),
         };
-        let value: u64 = number.parse().with_context(|| {
-            format!("\"{text}\" is not a time (a unit needs a number before it)")
-        })?;
-        total = value
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .context("time too large")?;
-        number.clear();
+        // A fraction only of seconds, and with a digit after the dot.
+        if fraction && (multiplier > 1.0 || number.ends_with('.')) {
+            return Err(not_a_time());
+        }
+        total += value * multiplier;
+        at += 1;
     }
-    if !number.is_empty() {
-        let value: u64 = number.parse().context("time too large")?;
-        total = total.checked_add(value).context("time too large")?;
+    if total > f64::from(i32::MAX) {
+        bail!("\"{text}\" is out of range (at most 2147483647 seconds, about 68 years)");
     }
-    // The protocol carries lifetimes as uint32 seconds.
-    if total == 0 || total > u64::from(u32::MAX) {
-        bail!("\"{text}\" is out of range (1 second to about 136 years)");
-    }
-    Ok(Duration::from_secs(total))
+    // Truncating, as convtime()'s (int): 1.5 is one second, 0.5 none.
+    // In range: 0 <= total <= i32::MAX.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let seconds = total as u64;
+    Ok((seconds > 0).then(|| Duration::from_secs(seconds)))
 }
 
 #[cfg(test)]
@@ -335,18 +353,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lifetimes_parse_like_openssh() {
-        assert_eq!(parse_lifetime("600").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_lifetime("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_lifetime("2d").unwrap(), Duration::from_secs(172_800));
-        assert_eq!(
-            parse_lifetime("1w1s").unwrap(),
-            Duration::from_secs(604_801)
-        );
-        assert!(parse_lifetime("").is_err());
-        assert!(parse_lifetime("10x").is_err());
-        assert!(parse_lifetime("h").is_err());
-        assert!(parse_lifetime("0").is_err());
+    fn lifetimes_parse_like_openssh_10_convtime() {
+        let seconds = |text| {
+            parse_lifetime(text)
+                .map(|lifetime| lifetime.map_or(0, |d| d.as_secs()))
+                .ok()
+        };
+        // What OpenSSH 10.5's ssh-agent -t accepts, and as how many seconds.
+        for (text, expected) in [
+            ("600", 600),
+            ("1h30m", 5400),
+            ("1H30M", 5400),
+            ("2d", 172_800),
+            ("1w1s", 604_801),
+            ("1m30", 90),
+            ("0", 0),
+            ("1.5", 1),
+            ("1.5s", 1),
+            ("0.5", 0),
+            (".5", 0),
+            ("1h1.5", 3601),
+            ("2147483647", 2_147_483_647),
+        ] {
+            assert_eq!(seconds(text), Some(expected), "{text}");
+        }
+        // And what it refuses.
+        for text in [
+            "",
+            "10x",
+            "h",
+            "1.5m",
+            "1.",
+            "1s2s",
+            "5s10",
+            " 10",
+            "10 ",
+            "1.2.3",
+            ".",
+            "1e3",
+            "0x10",
+            "-5",
+            "2147483648",
+            "3551w",
+        ] {
+            assert_eq!(seconds(text), None, "{text}");
+        }
     }
 
     #[test]

@@ -186,9 +186,13 @@ pub enum FingerprintHash {
     /// `MD5:` and the digest of the key blob as colon-separated hex bytes, as
     /// OpenSSH before 6.8 showed every fingerprint.
     Md5,
+    /// `SHA1:` and unpadded base64.
+    Sha1,
     /// `SHA256:` and unpadded base64: OpenSSH's default.
     #[default]
     Sha256,
+    /// `SHA384:` and unpadded base64.
+    Sha384,
     /// `SHA512:` and unpadded base64.
     Sha512,
 }
@@ -198,7 +202,9 @@ impl FingerprintHash {
     pub fn name(self) -> &'static str {
         match self {
             Self::Md5 => "md5",
+            Self::Sha1 => "sha1",
             Self::Sha256 => "sha256",
+            Self::Sha384 => "sha384",
             Self::Sha512 => "sha512",
         }
     }
@@ -208,6 +214,9 @@ impl FingerprintHash {
         match self {
             Self::Sha256 => fingerprint(key, HashAlg::Sha256),
             Self::Sha512 => fingerprint(key, HashAlg::Sha512),
+            // ssh-key fingerprints with SHA-256 and SHA-512 only.
+            Self::Sha1 => base64_fingerprint::<sha1::Sha1>("SHA1", key),
+            Self::Sha384 => base64_fingerprint::<sha2::Sha384>("SHA384", key),
             Self::Md5 => {
                 use md5::Digest;
                 use ssh_encoding::Encode;
@@ -227,18 +236,38 @@ impl FingerprintHash {
     }
 }
 
+/// `NAME:` and the unpadded base64 of the `D` digest of the key blob, as
+/// OpenSSH prints every fingerprint but MD5.
+fn base64_fingerprint<D: sha2::Digest>(name: &str, key: &KeyData) -> String {
+    use ssh_encoding::base64::{Base64Unpadded, Encoding};
+    use ssh_encoding::Encode;
+    let mut blob = Vec::new();
+    // As for MD5: only a key ssh-key cannot represent fails to encode.
+    let _ = key.encode(&mut blob);
+    format!(
+        "{name}:{}",
+        Base64Unpadded::encode_string(&D::digest(&blob))
+    )
+}
+
 impl std::str::FromStr for FingerprintHash {
     type Err = String;
 
-    /// Parses `md5`, `sha256` or `sha512`, in any case, as OpenSSH's
-    /// `ssh_digest_alg_by_name`.
+    /// Parses `md5`, `sha1`, `sha256`, `sha384` or `sha512`, in any case, as
+    /// OpenSSH's `ssh_digest_alg_by_name`.
     fn from_str(name: &str) -> Result<Self, String> {
-        [Self::Md5, Self::Sha256, Self::Sha512]
-            .into_iter()
-            .find(|hash| hash.name().eq_ignore_ascii_case(name))
-            .ok_or_else(|| {
-                format!("invalid fingerprint hash \"{name}\": use md5, sha256 or sha512")
-            })
+        [
+            Self::Md5,
+            Self::Sha1,
+            Self::Sha256,
+            Self::Sha384,
+            Self::Sha512,
+        ]
+        .into_iter()
+        .find(|hash| hash.name().eq_ignore_ascii_case(name))
+        .ok_or_else(|| {
+            format!("invalid fingerprint hash \"{name}\": use md5, sha1, sha256, sha384 or sha512")
+        })
     }
 }
 
@@ -257,10 +286,18 @@ mod tests {
 
     #[test]
     fn fingerprints_match_ssh_keygen() {
-        // `ssh-keygen -l -E md5|sha512 -f` of the same key.
+        // `ssh-keygen -l -E md5|sha1|sha384|sha512 -f` of the same key.
         assert_eq!(
             FingerprintHash::Md5.fingerprint(&key()),
             "MD5:cc:84:be:5d:4a:9d:6d:7f:18:b4:e3:44:0c:bb:af:8e"
+        );
+        assert_eq!(
+            FingerprintHash::Sha1.fingerprint(&key()),
+            "SHA1:sNeRA3EwjwxOTJjKTPzhKDKULj4"
+        );
+        assert_eq!(
+            FingerprintHash::Sha384.fingerprint(&key()),
+            "SHA384:5CF8ystViCvm9ihX2n8RweEq9zAe8XY7bShhm2QMvYrQ9BglcSY3PPjL5ynPLw96"
         );
         assert_eq!(
             FingerprintHash::Sha512.fingerprint(&key()),
@@ -276,7 +313,12 @@ mod tests {
         assert_eq!("MD5".parse(), Ok(FingerprintHash::Md5));
         assert_eq!("sha256".parse(), Ok(FingerprintHash::Sha256));
         assert_eq!("Sha512".parse(), Ok(FingerprintHash::Sha512));
-        let err = "sha1".parse::<FingerprintHash>().unwrap_err();
-        assert!(err.contains("use md5, sha256 or sha512"), "{err}");
+        assert_eq!("sha1".parse(), Ok(FingerprintHash::Sha1));
+        assert_eq!("SHA384".parse(), Ok(FingerprintHash::Sha384));
+        let err = "sha224".parse::<FingerprintHash>().unwrap_err();
+        assert!(
+            err.contains("use md5, sha1, sha256, sha384 or sha512"),
+            "{err}"
+        );
     }
 }

@@ -824,3 +824,68 @@ fn background_agent_moves_to_the_root_directory_and_d_stays_as_openssh_10() -> a
     assert!(foreground_stays, "-D left the directory it was started in");
     Ok(())
 }
+
+/// Whether `which` starts in the foreground with `args`: it listens, or it
+/// exits (with a usage error) first.
+fn starts_with(which: Which, args: &[&str]) -> anyhow::Result<bool> {
+    let home = Home::new()?;
+    let socket = home.path().join("s");
+    let mut child = home
+        .agent(which)?
+        .arg("-D")
+        .args(args)
+        .arg("-a")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut listening = false;
+    wait_for(Duration::from_secs(20), || {
+        listening = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+        listening || matches!(child.try_wait(), Ok(Some(_)))
+    });
+    stop(child)?;
+    Ok(listening)
+}
+
+#[test]
+fn t_and_e_take_every_value_openssh_10_takes() -> anyhow::Result<()> {
+    let values: &[(&str, &[&str])] = &[
+        (
+            "-t",
+            &[
+                "0",
+                "1.5",
+                "0.5",
+                ".5",
+                "1.5s",
+                "1m30",
+                "1H30M",
+                "2147483647",
+                "1.5m",
+                "1.",
+                "1s2s",
+                " 10",
+                "1e3",
+                "2147483648",
+            ],
+        ),
+        (
+            "-E",
+            &[
+                "md5", "sha1", "SHA1", "sha256", "sha384", "sha512", "sha224", "crc32",
+            ],
+        ),
+    ];
+    for (flag, values) in values {
+        for value in *values {
+            let ours = starts_with(Which::TokenAgent, &[flag, value])?;
+            let theirs = starts_with(Which::OpenSsh10, &[flag, value])?;
+            assert_eq!(
+                ours, theirs,
+                "{flag} {value:?}: token-agent starts: {ours}, OpenSSH 10.5's ssh-agent: {theirs}"
+            );
+        }
+    }
+    Ok(())
+}

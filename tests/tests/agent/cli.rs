@@ -273,7 +273,9 @@ fn issue_12_e_md5_shows_md5_fingerprints() -> anyhow::Result<()> {
         .output()?;
     assert_eq!(bad.status.code(), Some(1));
     assert!(
-        stderr(&bad).contains("invalid fingerprint hash \"crc32\": use md5, sha256 or sha512"),
+        stderr(&bad).contains(
+            "invalid fingerprint hash \"crc32\": use md5, sha1, sha256, sha384 or sha512"
+        ),
         "{}",
         stderr(&bad)
     );
@@ -501,4 +503,66 @@ fn background_agent_leaves_no_pipe_behind_and_a_helper_that_warns_still_answers(
         );
     }
     result
+}
+
+#[test]
+fn e_sha1_and_sha384_show_those_fingerprints() -> anyhow::Result<()> {
+    for (hash, prefix) in [("sha1", "SHA1:"), ("sha384", "SHA384:")] {
+        let agent = Agent::start(AgentOptions {
+            args: vec!["-E".into(), hash.into()],
+            ..AgentOptions::default()
+        })?;
+        let key = agent.dir().join("id");
+        keygen(&key, "ed25519", hash)?;
+        check(agent.ssh_add([&key])?, "ssh-add")?;
+        let public = key.with_extension("pub");
+        let expected = stdout(&check(
+            Command::new("ssh-keygen")
+                .args(["-l", "-E", hash, "-f"])
+                .arg(&public)
+                .output()?,
+            "ssh-keygen -l -E",
+        )?);
+        let fingerprint = expected
+            .split_whitespace()
+            .find(|word| word.starts_with(prefix))
+            .unwrap_or_default()
+            .to_owned();
+        let message = agent.dir().join("message");
+        std::fs::write(&message, hash)?;
+        check(
+            token_agent_e2e::sign_file(agent.command("ssh-keygen"), &public, &message).output()?,
+            "ssh-keygen -Y sign",
+        )?;
+        let log = agent.log_text();
+        assert!(
+            !fingerprint.is_empty() && log.contains(&format!("key={fingerprint}")),
+            "{fingerprint:?} not in\n{log}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn t_0_means_no_lifetime_and_t_1_5_one_second_as_openssh() -> anyhow::Result<()> {
+    let forever = Agent::start(AgentOptions {
+        args: vec!["-t".into(), "0".into()],
+        ..AgentOptions::default()
+    })?;
+    let brief = Agent::start(AgentOptions {
+        args: vec!["-t".into(), "1.5".into()],
+        ..AgentOptions::default()
+    })?;
+    let key = forever.dir().join("id");
+    keygen(&key, "ed25519", "lifetime")?;
+    check(forever.ssh_add([&key])?, "ssh-add to -t 0")?;
+    check(brief.ssh_add([&key])?, "ssh-add to -t 1.5")?;
+    assert!(
+        wait_for(Duration::from_secs(10), || brief
+            .listed()
+            .is_ok_and(|keys| keys.is_empty())),
+        "the key outlived -t 1.5"
+    );
+    assert_eq!(forever.listed()?.len(), 1, "-t 0 gave the key a lifetime");
+    Ok(())
 }
