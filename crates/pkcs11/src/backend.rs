@@ -18,7 +18,7 @@ use token_agent_core::{
     SignContext, SignRequest, SshSignature, Ticket,
 };
 
-use crate::client::{CallError, Helper, HelperCommand, LanePolicy, MAX_LANES};
+use crate::client::{CallError, Helper, HelperCommand, LanePolicy, Stop, MAX_LANES};
 use crate::proto::{Failure, KeyInfo, Op, Pin, PinState, Reply, Scheme, TokenState};
 
 /// The backend's name, in every [`KeyRef`] it issues.
@@ -266,7 +266,7 @@ impl Pkcs11Backend {
 impl Drop for Pkcs11Backend {
     fn drop(&mut self) {
         for module in lock(&self.inner.modules).drain(..) {
-            module.unload();
+            module.unload("the agent stopped");
         }
         self.inner.wake();
     }
@@ -417,7 +417,7 @@ impl Backend for Pkcs11Backend {
         let tokens = match tokens {
             Ok(tokens) => tokens,
             Err(message) => {
-                inner.abandon(&module);
+                inner.abandon(&module, ADD_FAILED);
                 return Err(Error::Device {
                     device: DeviceInfo::new(format!("PKCS#11 module {path}")),
                     message,
@@ -457,7 +457,7 @@ impl Backend for Pkcs11Backend {
                 blocking(move || inner.refresh(&module)).await
             };
             if let Err(message) = relisted {
-                inner.abandon(&module);
+                inner.abandon(&module, ADD_FAILED);
                 return Err(Error::Device {
                     device: DeviceInfo::new(format!("PKCS#11 module {path}")),
                     message,
@@ -466,7 +466,7 @@ impl Backend for Pkcs11Backend {
         }
         if let Some(first) = refusals.into_iter().next() {
             if inner.identities(&module).is_empty() {
-                inner.abandon(&module);
+                inner.abandon(&module, ADD_FAILED);
                 return Err(first);
             }
         }
@@ -491,7 +491,7 @@ impl Backend for Pkcs11Backend {
                 ),
             });
         }
-        self.inner.unload(&module);
+        self.inner.unload(&module, "ssh-add -e");
         Ok(())
     }
 
@@ -521,7 +521,7 @@ impl Backend for Pkcs11Backend {
             .cloned()
             .collect();
         for module in runtime {
-            self.inner.unload(&module);
+            self.inner.unload(&module, "ssh-add -D, or SIGUSR1");
         }
     }
 
@@ -676,10 +676,12 @@ impl Module {
         lock(&self.helper).clone().filter(|h| !h.is_dead())
     }
 
-    fn unload(&self) {
+    /// Stops the module's helper and forgets its tokens; `by` says what
+    /// unloaded it (`ssh-add -e`), for the calls that were in it.
+    fn unload(&self, by: &'static str) {
         self.unloaded.store(true, Ordering::SeqCst);
         if let Some(helper) = lock(&self.helper).take() {
-            helper.kill();
+            helper.stop(Stop::Unloaded(by));
         }
         lock(&self.tokens).clear();
     }
@@ -704,9 +706,9 @@ impl Inner {
             .cloned()
     }
 
-    fn unload(&self, module: &Arc<Module>) {
+    fn unload(&self, module: &Arc<Module>, by: &'static str) {
         lock(&self.modules).retain(|m| !Arc::ptr_eq(m, module));
-        self.abandon(module);
+        self.abandon(module, by);
         self.publish();
         tracing::info!(provider = module.path, "unloaded PKCS#11 provider");
     }
@@ -714,8 +716,8 @@ impl Inner {
     /// Stops `module` and forgets the PINs cached for its tokens and their
     /// login gates: an `ssh-add -s` that failed after one token took its PIN
     /// must not leave that PIN behind for a later load of the same module.
-    fn abandon(&self, module: &Module) {
-        module.unload();
+    fn abandon(&self, module: &Module, by: &'static str) {
+        module.unload(by);
         lock(&self.pins).retain(|token, _| token.module != module.path);
         lock(&self.logins).retain(|token, _| token.module != module.path);
     }
@@ -784,8 +786,12 @@ impl Inner {
             }
             .map_err(|(restart, message)| {
                 if restart {
-                    lock(&module.helper).take();
-                    helper.kill();
+                    let mut slot = lock(&module.helper);
+                    if slot.as_ref().is_some_and(|h| Arc::ptr_eq(h, &helper)) {
+                        slot.take();
+                    }
+                    drop(slot);
+                    helper.stop(Stop::Restarted("listing its tokens failed".into()));
                 }
                 message
             })
@@ -818,7 +824,7 @@ impl Inner {
                             "the module's tokens changed; initializing it anew"
                         );
                         if let Some(helper) = lock(&module.helper).take() {
-                            helper.kill();
+                            helper.stop(Stop::Restarted("its tokens changed".into()));
                         }
                         result = list();
                     }
@@ -1000,7 +1006,16 @@ impl Inner {
             }
         };
         let result = helper.call_async(op, limit).await;
-        if matches!(result, Err(CallError::Died(_) | CallError::TimedOut(_))) {
+        // A module unloaded (ssh-add -e) is not started again: its calls
+        // end with it.
+        let restart = match &result {
+            Err(CallError::Stopped(Stop::Unloaded(_))) => false,
+            Err(CallError::Died(_) | CallError::TimedOut(_) | CallError::Stopped(_)) => {
+                !module.unloaded.load(Ordering::SeqCst)
+            }
+            _ => false,
+        };
+        if restart {
             // Restart now, so the module's other keys keep working and
             // the error can say so.
             let (inner, module) = (self.clone(), module.clone());
@@ -1012,6 +1027,10 @@ impl Inner {
                 drop(slot);
                 helper.kill();
                 if let Err(err) = inner.helper(&module) {
+                    // Unloaded meanwhile: no restart is wanted.
+                    if module.unloaded.load(Ordering::SeqCst) {
+                        return;
+                    }
                     tracing::error!(
                         module = module.path,
                         err,
@@ -1044,8 +1063,14 @@ impl Inner {
             CallError::Failed(Failure::KeyNotFound) => Error::KeyNotFound,
             other => {
                 let message = describe_call(&module.path, function, &other, true);
-                if matches!(other, CallError::Died(_) | CallError::TimedOut(_)) {
-                    tracing::error!(token = token.label, "{message}");
+                match other {
+                    CallError::Stopped(Stop::Unloaded(_)) => {
+                        tracing::info!(token = token.label, "{message}");
+                    }
+                    CallError::Died(_) | CallError::TimedOut(_) | CallError::Stopped(_) => {
+                        tracing::error!(token = token.label, "{message}");
+                    }
+                    CallError::Failed(_) => {}
                 }
                 Error::Device { device, message }
             }
@@ -1197,6 +1222,9 @@ impl Inner {
     }
 }
 
+/// What unloads a module whose `ssh-add -s` failed.
+const ADD_FAILED: &str = "its ssh-add -s failed";
+
 const PIN_REMEDY: &str =
     "unblock it with the token's SO PIN (for example pkcs11-tool --init-pin --login --login-type so)";
 
@@ -1315,10 +1343,23 @@ fn wrong_pin(device: DeviceInfo, state: PinState) -> Error {
     }
 }
 
-/// "the PKCS#11 module X crashed in C_Sign (signal 6, SIGABRT); restarted it".
+/// "the PKCS#11 module X crashed in C_Sign (signal 6, SIGABRT); restarted
+/// it". A helper the agent killed itself is not said to have crashed: the
+/// person reads why it was stopped.
 fn describe_call(path: &str, function: &str, err: &CallError, restarted: bool) -> String {
     let tail = if restarted { "; restarted it" } else { "" };
     match err {
+        CallError::Stopped(Stop::Unloaded(by)) => {
+            format!("the PKCS#11 module {path} was unloaded ({by}) while it was in {function}")
+        }
+        CallError::Stopped(Stop::Hung(limit)) => format!(
+            "the PKCS#11 module {path} was stopped in {function} because another call to the \
+             module hung past its limit ({} s){tail}",
+            limit.as_secs()
+        ),
+        CallError::Stopped(Stop::Restarted(why)) => format!(
+            "the PKCS#11 module {path} was stopped in {function} to start it anew ({why}){tail}"
+        ),
         CallError::Failed(failure) => format!("the PKCS#11 module {path}: {failure}"),
         CallError::Died(how) => {
             format!("the PKCS#11 module {path} crashed in {function} ({how}){tail}")
@@ -1504,6 +1545,31 @@ mod tests {
         assert_eq!(
             text,
             "the PKCS#11 module /tmp/crash.so crashed in C_Sign (signal 6, SIGABRT); restarted it"
+        );
+    }
+
+    #[test]
+    fn helpers_the_agent_stopped_are_not_called_crashed() {
+        let unloaded = describe_call(
+            "/tmp/hang.so",
+            "C_Sign",
+            &CallError::Stopped(Stop::Unloaded("ssh-add -e")),
+            true,
+        );
+        assert_eq!(
+            unloaded,
+            "the PKCS#11 module /tmp/hang.so was unloaded (ssh-add -e) while it was in C_Sign"
+        );
+        let hung = describe_call(
+            "/tmp/hang.so",
+            "C_Sign",
+            &CallError::Stopped(Stop::Hung(Duration::from_secs(3))),
+            true,
+        );
+        assert_eq!(
+            hung,
+            "the PKCS#11 module /tmp/hang.so was stopped in C_Sign because another call to \
+             the module hung past its limit (3 s); restarted it"
         );
     }
 

@@ -105,6 +105,23 @@ pub(crate) enum CallError {
     Died(String),
     /// No answer within the time limit; the helper was killed.
     TimedOut(Duration),
+    /// The agent stopped the helper while the call was in it, for a reason
+    /// of its own: the module did not crash.
+    Stopped(Stop),
+}
+
+/// Why the agent itself stopped a helper. The calls the helper was in when
+/// it was killed end with it; they are told this reason, not that the
+/// module crashed with SIGKILL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// Another call to the module had no answer within its time limit
+    /// (given): the helper is killed, and every call in it ends.
+    Hung(Duration),
+    /// The module was unloaded, by what is given (`ssh-add -e`).
+    Unloaded(&'static str),
+    /// The module is being started anew, for the reason given.
+    Restarted(String),
 }
 
 /// How long writing one request may block: the helper reads requests as
@@ -193,6 +210,8 @@ pub(crate) struct Helper {
     policy: LanePolicy,
     pending: Pending,
     exit: Arc<Mutex<Option<String>>>,
+    /// Why the agent killed the helper, if it did (see [`Stop`]).
+    stop: Arc<Mutex<Option<Stop>>>,
     /// Wakes the helper's [`watch`] task (with a runtime; without one, each
     /// async call keeps its own time).
     watchdog: Option<Arc<Notify>>,
@@ -266,10 +285,16 @@ impl Helper {
             on_event: Box::new(on_event),
         };
         let (pending, exit) = (answers_to.pending.clone(), answers_to.exit.clone());
+        let stop: Arc<Mutex<Option<Stop>>> = Arc::default();
         match runtime {
             Some(runtime) => {
                 if let Some(wake) = &watchdog {
-                    runtime.spawn(watch(pending.clone(), exit.clone(), wake.clone(), pid));
+                    let end = End {
+                        pid,
+                        exit: exit.clone(),
+                        stop: stop.clone(),
+                    };
+                    runtime.spawn(watch(pending.clone(), end, wake.clone()));
                 }
                 answers.set_nonblocking(true)?;
                 let answers = {
@@ -314,6 +339,7 @@ impl Helper {
             },
             pending,
             exit,
+            stop,
             watchdog,
             next_id: AtomicU64::new(EVENT_ID + 1),
         });
@@ -355,11 +381,11 @@ impl Helper {
         match answer {
             Ok(Ok(response)) => response.result.map_err(CallError::Failed),
             Ok(Err(limit)) => {
-                self.kill();
+                self.stop(Stop::Hung(limit));
                 Err(CallError::TimedOut(limit))
             }
             // Boxed: the rare path's timer would enlarge every call's future.
-            Err(_) => Err(CallError::Died(Box::pin(self.exit_async()).await)),
+            Err(_) => Err(self.ended(Box::pin(self.exit_async()).await)),
         }
     }
 
@@ -370,10 +396,10 @@ impl Helper {
         let id = self.send(op, Waiter::Thread(sender))?;
         match receiver.recv_timeout(limit) {
             Ok(response) => response.result.map_err(CallError::Failed),
-            Err(RecvTimeoutError::Disconnected) => Err(CallError::Died(self.wait_exit())),
+            Err(RecvTimeoutError::Disconnected) => Err(self.ended(self.wait_exit())),
             Err(RecvTimeoutError::Timeout) => {
                 lock(&self.pending).waiters.remove(&id);
-                self.kill();
+                self.stop(Stop::Hung(limit));
                 Err(CallError::TimedOut(limit))
             }
         }
@@ -399,7 +425,7 @@ impl Helper {
         self.register(id, waiter);
         if let Some(how) = lock(&self.exit).clone() {
             lock(&self.pending).waiters.remove(&id);
-            return Err(CallError::Died(how));
+            return Err(self.ended(how));
         }
         loop {
             let (lane, socket) = match self.take_lane(id) {
@@ -431,7 +457,7 @@ impl Helper {
             }
             // A helper that stopped reading is as good as hung.
             if err.kind() == std::io::ErrorKind::WouldBlock {
-                self.kill();
+                self.stop(Stop::Hung(WRITE_TIMEOUT));
                 return Err(CallError::TimedOut(WRITE_TIMEOUT));
             }
             self.kill();
@@ -497,9 +523,33 @@ impl Helper {
         Ok(lanes.open.len() - 1)
     }
 
-    /// Kills the helper (SIGKILL): it hung, or it is no longer wanted.
+    /// Kills the helper (SIGKILL): it died already, or has no call in
+    /// flight that would need to know why (see [`Helper::stop`]).
     pub(crate) fn kill(&self) {
-        kill_helper(self.pid, &self.exit);
+        self.end().kill(None);
+    }
+
+    /// Kills the helper (SIGKILL) for reason `why`, which the calls in it
+    /// are told (unless it ended by itself first, or was stopped before).
+    pub(crate) fn stop(&self, why: Stop) {
+        self.end().kill(Some(why));
+    }
+
+    fn end(&self) -> End {
+        End {
+            pid: self.pid,
+            exit: self.exit.clone(),
+            stop: self.stop.clone(),
+        }
+    }
+
+    /// The error of a call whose helper ended as `how` says: stopped by
+    /// the agent, or died.
+    fn ended(&self, how: String) -> CallError {
+        match lock(&self.stop).clone() {
+            Some(why) => CallError::Stopped(why),
+            None => CallError::Died(how),
+        }
     }
 
     /// Ends a helper that has nothing in flight: it reads the end of its
@@ -662,10 +712,25 @@ impl Answers {
     }
 }
 
-/// SIGKILL for helper `pid`, unless it has ended (its pid may be reused).
-fn kill_helper(pid: Pid, exit: &Mutex<Option<String>>) {
-    if lock(exit).is_none() {
-        let _ = kill(pid, Signal::SIGKILL);
+/// How a helper ends: its pid, how it ended, and why the agent stopped it.
+struct End {
+    pid: Pid,
+    exit: Arc<Mutex<Option<String>>>,
+    stop: Arc<Mutex<Option<Stop>>>,
+}
+
+impl End {
+    /// SIGKILL for the helper, unless it has ended (its pid may be
+    /// reused). The reason is recorded first, so the calls it ends find it;
+    /// the first reason given stays.
+    fn kill(&self, why: Option<Stop>) {
+        let exit = lock(&self.exit);
+        if exit.is_none() {
+            if let Some(why) = why {
+                lock(&self.stop).get_or_insert(why);
+            }
+            let _ = kill(self.pid, Signal::SIGKILL);
+        }
     }
 }
 
@@ -679,14 +744,14 @@ fn kill_helper(pid: Pid, exit: &Mutex<Option<String>>) {
 /// and one more epoll_wait per signature. This task sets a timer about
 /// once per time limit, and is woken only by a call whose deadline comes
 /// before it would look anyway (see [`Helper::register`]).
-async fn watch(pending: Pending, exit: Arc<Mutex<Option<String>>>, wake: Arc<Notify>, pid: Pid) {
+async fn watch(pending: Pending, end: End, wake: Arc<Notify>) {
     loop {
-        if lock(&exit).is_some() {
+        if lock(&end.exit).is_some() {
             return;
         }
         let (expired, next) = expire(&pending, Instant::now());
-        if expired {
-            kill_helper(pid, &exit);
+        if let Some(limit) = expired {
+            end.kill(Some(Stop::Hung(limit)));
         }
         match next {
             Some(deadline) => {
@@ -701,9 +766,10 @@ async fn watch(pending: Pending, exit: Arc<Mutex<Option<String>>>, wake: Arc<Not
 }
 
 /// Answers the async calls in `pending` whose deadline is past at `now`
-/// with their time limit. Returns whether there were any, and the earliest
-/// deadline of the others, which is when the watchdog looks next.
-fn expire(pending: &Pending, now: Instant) -> (bool, Option<Instant>) {
+/// with their time limit. Returns the shortest limit that ran out, if any
+/// did, and the earliest deadline of the others, which is when the
+/// watchdog looks next.
+fn expire(pending: &Pending, now: Instant) -> (Option<Duration>, Option<Instant>) {
     let mut calls = lock(pending);
     let late: Vec<u64> = calls
         .waiters
@@ -713,8 +779,10 @@ fn expire(pending: &Pending, now: Instant) -> (bool, Option<Instant>) {
         })
         .map(|(id, _)| *id)
         .collect();
+    let mut ran_out: Option<Duration> = None;
     for id in &late {
         if let Some(Waiter::Task { answer, limit, .. }) = calls.waiters.remove(id) {
+            ran_out = Some(ran_out.map_or(limit, |shortest| shortest.min(limit)));
             let _ = answer.send(Err(limit));
         }
     }
@@ -727,7 +795,7 @@ fn expire(pending: &Pending, now: Instant) -> (bool, Option<Instant>) {
         })
         .min();
     calls.watched_until = next;
-    (!late.is_empty(), next)
+    (ran_out, next)
 }
 
 /// Reads one answer on the runtime.
@@ -814,11 +882,11 @@ mod tests {
             calls.add(5, Waiter::Thread(thread));
         }
         // Before any deadline: nothing is answered; it looks next at the first.
-        assert_eq!(expire(&pending, now), (false, at(1)));
+        assert_eq!(expire(&pending, now), (None, at(1)));
         assert!(late_answer.try_recv().is_err());
         // Past the first: that call times out, the others wait on.
         let (expired, next) = expire(&pending, now + Duration::from_secs(2));
-        assert_eq!((expired, next), (true, at(5)));
+        assert_eq!((expired, next), (Some(Duration::from_secs(1)), at(5)));
         assert_eq!(
             late_answer.try_recv().unwrap().unwrap_err(),
             Duration::from_secs(1)

@@ -174,3 +174,71 @@ fn modules_run_in_the_helper_binary_or_in_the_agent_binary_without_it() -> anyho
     );
     Ok(())
 }
+
+/// Starts `ssh-keygen -Y sign` with the listed key `line` in the background.
+fn start_signing(
+    agent: &token_agent_e2e::agent::Agent,
+    line: &str,
+    name: &str,
+) -> anyhow::Result<std::process::Child> {
+    let public = agent.dir().join(format!("{name}.pub"));
+    std::fs::write(&public, format!("{line}\n"))?;
+    let message = agent.dir().join(format!("{name}.txt"));
+    std::fs::write(&message, "message\n")?;
+    Ok(sign_file(agent.command("ssh-keygen"), &public, &message)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+#[test]
+fn a_module_unloaded_during_its_signature_is_not_called_a_crash() -> anyhow::Result<()> {
+    let (agent, _good, _bad, modules) = agent_with_shim(Shim::Hang)?;
+    let bad = line(&agent.listed()?, "bad: p256-key");
+    let mut held = start_signing(&agent, &bad, "unloaded")?;
+    std::thread::sleep(Duration::from_millis(700));
+    let shim = modules.path().join("libhang-pkcs11.so");
+    check(
+        agent.ssh_add([std::ffi::OsStr::new("-e"), shim.as_os_str()])?,
+        "ssh-add -e",
+    )?;
+    assert!(!held.wait()?.success());
+    let failed = token_agent_e2e::wait_for(Duration::from_secs(5), || {
+        agent.log_text().contains("request failed")
+    });
+    let log = agent.log_text();
+    assert!(failed, "{log}");
+    assert!(
+        log.contains("was unloaded (ssh-add -e) while it was in C_Sign"),
+        "{log}"
+    );
+    assert!(!log.contains("crashed"), "{log}");
+    assert!(!log.contains("cannot restart"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn a_signature_stopped_because_another_one_hung_is_told_so() -> anyhow::Result<()> {
+    let (agent, _good, _bad, _modules) = agent_with_shim(Shim::Hang)?;
+    let bad = line(&agent.listed()?, "bad: p256-key");
+    // The first hangs past its 3 s limit, and its helper is killed while
+    // the second, 1.5 s younger, is still within its own.
+    let mut first = start_signing(&agent, &bad, "first")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut second = start_signing(&agent, &bad, "second")?;
+    assert!(!first.wait()?.success());
+    assert!(!second.wait()?.success());
+    let log = agent.log_text();
+    assert!(
+        log.contains("did not answer C_Sign within 3 s; killed it; restarted it"),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "was stopped in C_Sign because another call to the module hung past its limit"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("crashed"), "{log}");
+    Ok(())
+}
