@@ -17,7 +17,7 @@ use yubikey::piv::{self, ManagementAlgorithmId, ManagementSlotId, SlotId};
 use yubikey::YubiKey;
 
 use crate::pin::{pin_bytes, BadPin, PinCache};
-use crate::slot::{ssh_public_key, KeyAlgorithm, PinUse, Slot, SlotKey, TouchUse};
+use crate::slot::{describe_key, ssh_public_key, KeyAlgorithm, PinUse, Slot, SlotKey, TouchUse};
 
 /// A YubiKey refuses an operation that waited 15 seconds for a touch with
 /// 6985, which the `yubikey` crate reports as a generic error, as it does a
@@ -31,12 +31,39 @@ const TOUCH_WAIT: Duration = Duration::from_millis(900);
 /// reports it present before it has powered it up.
 const OPEN_PATIENCE: Duration = Duration::from_secs(3);
 
+/// What to tell the person when pcscd answers SCARD_E_SHARING_VIOLATION: a
+/// program connected to the card in exclusive mode. GnuPG's scdaemon does so
+/// by default (unless `pcsc-shared` is set), and keeps the card until it exits.
+pub(crate) const HELD: &str = "another program (for instance GnuPG's scdaemon) holds the card \
+     exclusively; stop it (gpgconf --kill scdaemon) or set pcsc-shared in ~/.gnupg/scdaemon.conf";
+
+/// Why a reader's card could not be opened.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    /// Another program holds the card exclusively: it is there, and opens once
+    /// that program lets go (see [`HELD`]).
+    Held,
+    /// Not a YubiKey, not ready, or gone.
+    Other(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Held => f.write_str(HELD),
+            Self::Other(message) => f.write_str(message),
+        }
+    }
+}
+
 /// A card the backend has opened and scanned.
 #[derive(Debug)]
 pub(crate) struct Card {
     pub(crate) serial: u32,
     pub(crate) device: DeviceInfo,
     pub(crate) keys: Vec<SlotKey>,
+    /// Slots holding a key the agent cannot offer, and why.
+    pub(crate) skipped: Vec<Skipped>,
     jobs: Sender<Job>,
     /// Held by a sign request from its first job to its last, so that the PIN
     /// asked in between is used for that request and two requests do not both
@@ -105,6 +132,8 @@ pub(crate) enum CardError {
     Blocked,
     BadPin(BadPin),
     Removed,
+    /// Another program holds the card exclusively (see [`HELD`]).
+    Held,
     TouchTimeout,
     /// The card was reset by another program (internal: the worker reconnects).
     Reset,
@@ -127,18 +156,22 @@ enum Job {
 
 /// Opens the card in `reader`, scans its slots and starts its worker. Blocks
 /// for the scan; call it on a thread of its own.
-pub(crate) fn open(reader: &str, pin_idle: Duration) -> Result<Card, String> {
+pub(crate) fn open(reader: &str, pin_idle: Duration) -> Result<Card, OpenError> {
     let deadline = Instant::now() + OPEN_PATIENCE;
     let mut yubikey = loop {
         match open_reader(reader) {
             Ok(yubikey) => break yubikey,
+            // Waiting would not help, unlike for a card still powering up:
+            // the holder keeps the card for as long as it runs. The watcher
+            // tries again later.
+            Err(OpenError::Held) => return Err(OpenError::Held),
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => thread::sleep(Duration::from_millis(50)),
         }
     };
     let serial = yubikey.serial().0;
     let device = device_info(&yubikey);
-    let keys = scan(&mut yubikey);
+    let Scan { keys, skipped } = scan(&mut yubikey);
     let status = Arc::new(std::sync::Mutex::new(CardStatus {
         pin_tries: pin_tries(&mut yubikey).ok().flatten(),
         puk_tries: puk_tries(&mut yubikey),
@@ -157,11 +190,12 @@ pub(crate) fn open(reader: &str, pin_idle: Duration) -> Result<Card, String> {
     thread::Builder::new()
         .name(format!("piv {serial}"))
         .spawn(move || worker.run(&queue))
-        .map_err(|e| format!("cannot start a worker thread: {e}"))?;
+        .map_err(|e| OpenError::Other(format!("cannot start a worker thread: {e}")))?;
     Ok(Card {
         serial,
         device,
         keys,
+        skipped,
         jobs,
         session: tokio::sync::Mutex::new(()),
         pin_attempts: token_agent_core::PinAttempts::default(),
@@ -181,17 +215,25 @@ pub(crate) fn device_info(yubikey: &YubiKey) -> DeviceInfo {
 
 /// Connects to the card in the reader named `reader` (shared mode: other
 /// programs keep using the card, and each operation runs in a PC/SC transaction).
-pub(crate) fn open_reader(reader: &str) -> Result<YubiKey, String> {
-    let mut context = yubikey::reader::Context::open().map_err(|e| e.to_string())?;
-    let readers = context.iter().map_err(|e| e.to_string())?;
+pub(crate) fn open_reader(reader: &str) -> Result<YubiKey, OpenError> {
+    let other = |e: yubikey::Error| OpenError::Other(e.to_string());
+    let mut context = yubikey::reader::Context::open().map_err(other)?;
+    let readers = context.iter().map_err(other)?;
     for candidate in readers {
         if candidate.name() == reader {
-            return candidate
-                .open()
-                .map_err(|e| format!("{reader}: not a YubiKey PIV card, or not ready ({e})"));
+            return candidate.open().map_err(|e| match e {
+                // Even a shared connection is refused while another
+                // program has the card in exclusive mode.
+                yubikey::Error::PcscError {
+                    inner: Some(pcsc::Error::SharingViolation),
+                } => OpenError::Held,
+                e => OpenError::Other(format!(
+                    "{reader}: not a YubiKey PIV card, or not ready ({e})"
+                )),
+            });
         }
     }
-    Err(format!("no reader named {reader}"))
+    Err(OpenError::Other(format!("no reader named {reader}")))
 }
 
 /// Lets go of the card without resetting it (dropping a `YubiKey` resets the
@@ -203,18 +245,43 @@ pub(crate) fn release(yubikey: YubiKey) {
     }
 }
 
+/// What [`scan`] found on a card.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    /// The keys the agent offers.
+    pub(crate) keys: Vec<SlotKey>,
+    /// Slots holding a key it cannot offer.
+    pub(crate) skipped: Vec<Skipped>,
+}
+
+/// A slot holding a key the agent cannot offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Skipped {
+    pub(crate) slot: Slot,
+    /// Why, in words for the log and `token-agent status`.
+    pub(crate) reason: String,
+}
+
 /// Reads every key slot: metadata for the algorithm, policies and (without a
 /// certificate) the public key; the certificate for the public key when present.
-pub(crate) fn scan(yubikey: &mut YubiKey) -> Vec<SlotKey> {
-    let mut keys = Vec::new();
+pub(crate) fn scan(yubikey: &mut YubiKey) -> Scan {
+    let mut found = Scan::default();
     let mut has_metadata = true;
     for slot in Slot::all() {
+        let mut unknown_algorithm = false;
         let metadata = if has_metadata {
             match piv::metadata(yubikey, slot.id()) {
                 Ok(metadata) => Some(metadata),
                 // Firmware before 5.3 has no GET METADATA: certificates only.
                 Err(yubikey::Error::NotSupported) => {
                     has_metadata = false;
+                    None
+                }
+                // The slot's algorithm byte is none the `yubikey` crate
+                // knows: one firmware 5.7 added (Ed25519, X25519, RSA 3072,
+                // RSA 4096). The crate can neither read nor use the key.
+                Err(yubikey::Error::AlgorithmError) => {
+                    unknown_algorithm = true;
                     None
                 }
                 // 6A82: the slot is empty.
@@ -224,16 +291,36 @@ pub(crate) fn scan(yubikey: &mut YubiKey) -> Vec<SlotKey> {
             None
         };
         let certificate = Certificate::read(yubikey, slot.id()).ok();
-        let from_cert = certificate
+        let spki = certificate
             .as_ref()
-            .and_then(|c| ssh_public_key(&c.cert.tbs_certificate.subject_public_key_info));
+            .map(|c| &c.cert.tbs_certificate.subject_public_key_info);
+        let from_cert = spki.and_then(ssh_public_key);
         let from_metadata = metadata
             .as_ref()
             .and_then(|m| m.public.as_ref())
             .and_then(ssh_public_key);
         let has_certificate = from_cert.is_some();
-        let Some((algorithm, public_key)) = from_cert.or(from_metadata) else {
-            continue;
+        let usable = from_cert.or(from_metadata);
+        let (algorithm, public_key) = match usable {
+            Some(usable) if !unknown_algorithm => usable,
+            _ => {
+                // A certificate names the key's algorithm; without one, the
+                // card's algorithm byte is lost inside the `yubikey` crate.
+                const CANNOT: &str = "which the agent cannot use yet (the yubikey library it \
+                    uses knows RSA 1024 and 2048 and ECC P-256 and P-384 only)";
+                let reason = match spki {
+                    Some(spki) if !has_certificate => format!("{}, {CANNOT}", describe_key(spki)),
+                    _ if unknown_algorithm => format!(
+                        "a key of an algorithm new in firmware 5.7 (Ed25519, X25519, \
+                         RSA 3072 or RSA 4096), {CANNOT}"
+                    ),
+                    // No certificate on a card without GET METADATA: an empty slot.
+                    _ if metadata.is_none() => continue,
+                    _ => "a key whose public key the agent cannot read".to_owned(),
+                };
+                found.skipped.push(Skipped { slot, reason });
+                continue;
+            }
         };
         if let Some(ManagementAlgorithmId::Asymmetric(id)) = metadata.as_ref().map(|m| m.algorithm)
         {
@@ -246,7 +333,7 @@ pub(crate) fn scan(yubikey: &mut YubiKey) -> Vec<SlotKey> {
             Some((pin, touch)) => (PinUse::from_policy(pin, slot), TouchUse::from_policy(touch)),
             None => (PinUse::default_for(slot), TouchUse::Never),
         };
-        keys.push(SlotKey {
+        found.keys.push(SlotKey {
             slot,
             algorithm,
             public_key,
@@ -255,7 +342,7 @@ pub(crate) fn scan(yubikey: &mut YubiKey) -> Vec<SlotKey> {
             has_certificate,
         });
     }
-    keys
+    found
 }
 
 /// PIN tries left, without touching the PIN's verified state: GET METADATA on
@@ -416,6 +503,7 @@ impl Worker {
                 message,
                 touch_waited,
             }) => match self.reconnect() {
+                Err(CardError::Held) => Err(CardError::Held),
                 Err(_) => Err(CardError::Removed),
                 Ok(()) if touch_waited => Err(CardError::TouchTimeout),
                 Ok(()) => Err(CardError::Card(message)),
@@ -469,7 +557,11 @@ impl Worker {
                 release(other);
                 return Err(CardError::Removed);
             }
-            Err(_) => YubiKey::open_by_serial(yubikey::Serial(self.serial))
+            // The card is still in its reader (the watcher drops it when
+            // it leaves), and another program took it while the agent had
+            // let go of it (after an idle PIN expiry or a reset).
+            Err(OpenError::Held) => return Err(CardError::Held),
+            Err(OpenError::Other(_)) => YubiKey::open_by_serial(yubikey::Serial(self.serial))
                 .map_err(|_| CardError::Removed)?,
         };
         self.yubikey = Some(yubikey);
@@ -587,6 +679,7 @@ fn card_error(e: yubikey::Error) -> CardError {
     match e {
         yubikey::Error::PcscError { inner: Some(inner) } => match inner {
             pcsc::Error::ResetCard => CardError::Reset,
+            pcsc::Error::SharingViolation => CardError::Held,
             pcsc::Error::RemovedCard
             | pcsc::Error::NoSmartcard
             | pcsc::Error::ReaderUnavailable

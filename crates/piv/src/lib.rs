@@ -266,6 +266,16 @@ impl Backend for PivBackend {
                 problem: true,
             });
         }
+        for reader in self.registry.held() {
+            devices.push(DeviceStatus {
+                label: format!("the card in {reader}"),
+                details: vec![format!(
+                    "{}; the agent opens it within seconds of that program letting go",
+                    card::HELD
+                )],
+                problem: true,
+            });
+        }
         for card in self.registry.cards() {
             let status = *lock(&card.status);
             let mut details = Vec::new();
@@ -297,6 +307,12 @@ impl Backend for PivBackend {
                     .collect::<Vec<_>>()
                     .join(", ")
             ));
+            for skipped in &card.skipped {
+                details.push(format!(
+                    "slot {} skipped: it holds {}",
+                    skipped.slot, skipped.reason
+                ));
+            }
             devices.push(DeviceStatus {
                 label: card.device.label().to_owned(),
                 details,
@@ -331,6 +347,10 @@ fn core_error(e: CardError, device: &token_agent_core::DeviceInfo, serial: u32) 
             reason: bad.message().to_owned(),
         },
         CardError::Removed | CardError::Reset => Error::DeviceRemoved { device },
+        CardError::Held => Error::Device {
+            device,
+            message: format!("{}; then try again", card::HELD),
+        },
         CardError::TouchTimeout => Error::TouchTimeout { device },
         CardError::Card(message) | CardError::Unclear { message, .. } => {
             Error::Device { device, message }

@@ -103,7 +103,7 @@ pub fn list() -> Result<Vec<CardReport>, ManageError> {
         let Ok(mut yubikey) = card::open_reader(&reader) else {
             continue;
         };
-        let keys = card::scan(&mut yubikey);
+        let keys = card::scan(&mut yubikey).keys;
         reports.push(CardReport {
             device: device_info(&yubikey),
             reader,
@@ -171,9 +171,12 @@ pub struct SetupOutcome {
 pub fn open(serial: Option<u32>) -> Result<YubiKey, ManageError> {
     crate::quiet_apdu_traces();
     let mut found = Vec::new();
+    let mut held = false;
     for reader in readers()? {
-        if let Ok(yubikey) = card::open_reader(&reader) {
-            found.push(yubikey);
+        match card::open_reader(&reader) {
+            Ok(yubikey) => found.push(yubikey),
+            Err(card::OpenError::Held) => held = true,
+            Err(card::OpenError::Other(_)) => {}
         }
     }
     let wanted = match serial {
@@ -188,10 +191,14 @@ pub fn open(serial: Option<u32>) -> Result<YubiKey, ManageError> {
     };
     let Some(index) = wanted else {
         found.into_iter().for_each(release);
-        return Err(ManageError::NotFound(match serial {
+        let mut message = match serial {
             Some(serial) => format!("no YubiKey with serial {serial} is plugged in"),
             None => "no YubiKey is plugged in (or pcscd cannot see it)".to_owned(),
-        }));
+        };
+        if held {
+            message.push_str(&format!("; a card could not be opened: {}", card::HELD));
+        }
+        return Err(ManageError::NotFound(message));
     };
     let yubikey = found.swap_remove(index);
     found.into_iter().for_each(release);

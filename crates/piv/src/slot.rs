@@ -294,6 +294,9 @@ const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.1
 const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
 const P256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
 const P384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.34");
+// RFC 8410, section 3.
+const X25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.110");
+const ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
 
 /// The SSH public key and algorithm of a SubjectPublicKeyInfo (RFC 5280 section
 /// 4.1.2.7; RFC 3279 for RSA, RFC 5480 for EC), when it is one a PIV slot holds.
@@ -322,6 +325,42 @@ pub(crate) fn ssh_public_key(spki: &SubjectPublicKeyInfoOwned) -> Option<(KeyAlg
         return Some((algorithm, KeyData::Ecdsa(key)));
     }
     None
+}
+
+/// The key of `spki` in words, for a slot the agent cannot use: "an Ed25519
+/// key", "an RSA 4096 key".
+pub(crate) fn describe_key(spki: &SubjectPublicKeyInfoOwned) -> String {
+    let oid = spki.algorithm.oid;
+    if oid == RSA_ENCRYPTION {
+        use rsa::pkcs1::DecodeRsaPublicKey;
+        use rsa::traits::PublicKeyParts;
+        return match spki
+            .subject_public_key
+            .as_bytes()
+            .and_then(|bits| rsa::RsaPublicKey::from_pkcs1_der(bits).ok())
+        {
+            Some(key) => format!("an RSA {} key", key.size() * 8),
+            None => "a malformed RSA key".to_owned(),
+        };
+    }
+    if oid == ED25519 {
+        return "an Ed25519 key".to_owned();
+    }
+    if oid == X25519 {
+        return "an X25519 key".to_owned();
+    }
+    if oid == EC_PUBLIC_KEY {
+        return match spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
+        {
+            Some(curve) => format!("an ECC key on curve {curve}"),
+            None => "an ECC key".to_owned(),
+        };
+    }
+    format!("a key of algorithm {oid}")
 }
 
 #[cfg(test)]

@@ -2,23 +2,29 @@
 //! every reader plus the PnP notification reader, which opens a card when one
 //! appears and drops it when it goes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pcsc::{Context, ReaderState, Scope, State};
 use token_agent_core::{lock, DeviceInfo, Identity, IdentitySink, KeyRef};
 
-use crate::card::{self, Card};
+use crate::card::{self, Card, OpenError};
+use crate::slot::Slot;
 
 /// How long one SCardGetStatusChange waits before the loop checks whether it
 /// should stop. Events wake it at once; this only bounds shutdown.
 const WAIT: Duration = Duration::from_millis(500);
 /// How long to wait before talking to pcscd again after it failed or was absent.
 const RETRY: Duration = Duration::from_secs(1);
+/// When a card another program holds exclusively is tried again: after the
+/// first delay, then twice as long each time up to the second. Letting go of
+/// a card changes nothing pcscd reports (its event counter counts insertions
+/// and removals only), so nothing else would tell the watcher to try again.
+const HELD_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(5));
 
 /// What the watcher knows: the cards it opened, by reader, and every device
 /// it has seen (to name a removed one in errors).
@@ -36,6 +42,9 @@ pub(crate) struct Registry {
 struct Inner {
     readers: HashMap<String, Entry>,
     seen: HashMap<u32, DeviceInfo>,
+    /// The skipped slots already logged, by card serial, so that a card
+    /// opened again (after a reset or a hold) does not log them again.
+    skips_logged: HashSet<(u32, Slot)>,
     next_generation: u64,
     published: Option<Vec<Identity>>,
 }
@@ -55,6 +64,12 @@ enum Entry {
     Ignored {
         events: u32,
     },
+    /// Another program holds the card exclusively; tried again at `retry_at`.
+    Held {
+        events: u32,
+        retry_at: Instant,
+        backoff: Duration,
+    },
 }
 
 impl Entry {
@@ -62,7 +77,8 @@ impl Entry {
         match self {
             Self::Opening { events, .. }
             | Self::Ready { events, .. }
-            | Self::Ignored { events } => *events,
+            | Self::Ignored { events }
+            | Self::Held { events, .. } => *events,
         }
     }
 }
@@ -111,13 +127,39 @@ impl Registry {
             .collect()
     }
 
-    /// A reader's current state: opens a newly present card, drops a gone one.
+    /// The readers whose card another program holds exclusively.
+    pub(crate) fn held(&self) -> Vec<String> {
+        let mut held: Vec<String> = lock(&self.state)
+            .readers
+            .iter()
+            .filter(|(_, entry)| matches!(entry, Entry::Held { .. }))
+            .map(|(reader, _)| reader.clone())
+            .collect();
+        held.sort();
+        held
+    }
+
+    /// A reader's current state: opens a newly present card, drops a gone
+    /// one, and tries a held one again when its delay has run out.
     fn reader_state(self: &Arc<Self>, reader: &str, present: bool, events: u32) {
         let mut state = lock(&self.state);
-        let known = state.readers.get(reader).map(Entry::events);
-        match (present, known) {
-            (true, Some(seen)) if seen == events => return,
+        let mut held_for = None;
+        match (present, state.readers.get(reader)) {
             (false, None) => return,
+            (
+                true,
+                Some(Entry::Held {
+                    events: seen,
+                    retry_at,
+                    backoff,
+                }),
+            ) if *seen == events => {
+                if Instant::now() < *retry_at {
+                    return;
+                }
+                held_for = Some(*backoff);
+            }
+            (true, Some(entry)) if entry.events() == events => return,
             _ => {}
         }
         // Gone, or swapped for another card between two looks.
@@ -142,14 +184,16 @@ impl Registry {
         let reader = reader.to_owned();
         let spawned = thread::Builder::new()
             .name("piv open".into())
-            .spawn(move || registry.open(&reader, generation, events));
+            .spawn(move || registry.open(&reader, generation, events, held_for));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a thread to open a card");
         }
     }
 
-    /// Runs on a thread of its own: opens and scans the card, then lists its keys.
-    fn open(&self, reader: &str, generation: u64, events: u32) {
+    /// Runs on a thread of its own: opens and scans the card, then lists its
+    /// keys. `held_for` is the delay since the last try, when the card was
+    /// held by another program then.
+    fn open(&self, reader: &str, generation: u64, events: u32, held_for: Option<Duration>) {
         let opened = card::open(reader, self.pin_idle);
         let mut state = lock(&self.state);
         let current = matches!(
@@ -163,16 +207,46 @@ impl Registry {
         }
         let entry = match opened {
             Ok(card) => {
+                if held_for.is_some() {
+                    tracing::info!(reader, "the other program let go of the card");
+                }
                 tracing::info!(
                     device = %card.device,
                     reader,
                     keys = card.keys.len(),
                     "YubiKey connected"
                 );
+                for skipped in &card.skipped {
+                    if state.skips_logged.insert((card.serial, skipped.slot)) {
+                        tracing::info!(
+                            device = %card.device,
+                            slot = %skipped.slot,
+                            "slot {} skipped: it holds {}",
+                            skipped.slot,
+                            skipped.reason
+                        );
+                    }
+                }
                 state.seen.insert(card.serial, card.device.clone());
                 Entry::Ready {
                     card: Arc::new(card),
                     events,
+                }
+            }
+            Err(OpenError::Held) => {
+                // Said once per insertion; the tries after it are quiet.
+                if held_for.is_none() {
+                    tracing::warn!(
+                        reader,
+                        "cannot open the card: {}; the agent tries again every few seconds",
+                        card::HELD
+                    );
+                }
+                let backoff = held_for.map_or(HELD_RETRY.0, |last| (last * 2).min(HELD_RETRY.1));
+                Entry::Held {
+                    events,
+                    retry_at: Instant::now() + backoff,
+                    backoff,
                 }
             }
             Err(e) => {

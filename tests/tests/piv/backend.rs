@@ -791,6 +791,108 @@ fn another_pcsc_client_in_a_transaction_delays_signing_without_breaking_it() -> 
     })
 }
 
+const HELD: u32 = 21_000_071;
+
+/// Another program connects to the card in exclusive mode, as GnuPG's
+/// scdaemon does without `pcsc-shared`; it holds the card until dropped.
+fn hold_exclusively() -> Result<::pcsc::Card> {
+    let context = ::pcsc::Context::establish(::pcsc::Scope::User)?;
+    let reader = std::ffi::CString::new(format!("{READER_NAME} 00 00"))?;
+    Ok(context.connect(
+        &reader,
+        ::pcsc::ShareMode::Exclusive,
+        ::pcsc::Protocols::ANY,
+    )?)
+}
+
+/// The status lines of the backend that say a card is held by another program.
+fn held_notes(started: &Started) -> Vec<String> {
+    started
+        .backend
+        .devices()
+        .into_iter()
+        .filter(|d| d.problem)
+        .flat_map(|d| d.details)
+        .filter(|line| line.contains("holds the card exclusively"))
+        .collect()
+}
+
+#[test]
+fn a_card_held_exclusively_by_another_program_opens_once_it_lets_go() -> Result<()> {
+    if rig_or_child(
+        &[HELD],
+        "backend::a_card_held_exclusively_by_another_program_opens_once_it_lets_go",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    provision(
+        HELD,
+        &[(0x9a, EccP256, PinPolicy::Once, TouchPolicy::Never)],
+    )?;
+    // Held before the agent looks: releasing it changes no pcscd event
+    // counter, so only the agent's own retries can find the card again.
+    let holder = hold_exclusively()?;
+    let started = start_backend(Duration::from_secs(600));
+    block_on(async {
+        let deadline = Instant::now() + HOTPLUG * 3;
+        let notes = loop {
+            let notes = held_notes(&started);
+            if !notes.is_empty() || Instant::now() > deadline {
+                break notes;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        ensure!(
+            notes.iter().any(|n| n.contains("GnuPG's scdaemon")
+                && n.contains("pcsc-shared in ~/.gnupg/scdaemon.conf")),
+            "status while held: {notes:?}"
+        );
+        // Longer than the agent's first retry, which finds it still held.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        ensure!(started.published.current().is_empty());
+        drop(holder);
+        let all = wait_keys(&started.published, HELD, 1)?;
+        ensure!(
+            held_notes(&started).is_empty(),
+            "{:?}",
+            held_notes(&started)
+        );
+        let key = identity(&all, HELD, "9a")?;
+        sign_ok(&started, &key, pins(1, PIN)).await?;
+
+        // Forgetting the PIN lets go of the card (as an idle expiry or a
+        // lock does), and another program takes it while it is listed.
+        started.backend.forget_secrets();
+        let deadline = Instant::now() + HOTPLUG;
+        let holder = loop {
+            match hold_exclusively() {
+                Ok(holder) => break holder,
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let result = started
+            .backend
+            .sign(
+                key.key(),
+                &request(0),
+                &SignContext::default(),
+                pins(1, PIN),
+            )
+            .await;
+        match &result {
+            Err(Error::Device { message, .. })
+                if message.contains("holds the card exclusively")
+                    && message.contains("gpgconf --kill scdaemon") => {}
+            other => bail!("signing while another program holds the card: {other:?}"),
+        }
+        drop(holder);
+        sign_ok(&started, &key, pins(1, PIN)).await
+    })
+}
+
 const SECRET: u32 = 21_000_061;
 
 /// Collects everything a tracing subscriber writes.
