@@ -247,6 +247,8 @@ pub enum Shim {
     /// C_GetTokenInfo pads the token's label, manufacturer, model and
     /// serial with NULs instead of the spaces PKCS#11 asks for.
     NulPadded,
+    /// C_Sign waits this many milliseconds, then signs.
+    Slow(u32),
 }
 
 /// Compiles `tests/fixtures/pkcs11/shim.c` in `mode` into `dir`, forwarding to
@@ -267,6 +269,7 @@ pub fn build_shim(dir: &Path, mode: Shim, softhsm: &SoftHsm) -> anyhow::Result<P
             "libloginrace-pkcs11.so",
         ),
         Shim::NulPadded => ("-DSHIM_NUL_PADDED".to_owned(), "libnulpadded-pkcs11.so"),
+        Shim::Slow(ms) => (format!("-DSHIM_SLOW={ms}"), "libslow-pkcs11.so"),
     };
     let output = dir.join(name);
     check(

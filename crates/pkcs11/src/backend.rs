@@ -811,8 +811,8 @@ impl Inner {
         // A module without slot events may not see tokens made or inserted
         // after C_Initialize (SoftHSM sees none). A scanner helper that
         // initializes the module anew on each poll sees them; when its list
-        // differs, the signing helper is restarted too (logins are redone
-        // with the cached PIN, or asked again).
+        // differs, the signing helper is replaced by a new one (logins are
+        // redone with the cached PIN, or asked again).
         if let Ok(tokens) = &result {
             if !module.slot_events.load(Ordering::SeqCst) {
                 if let Some(scanned) = self.scan(module) {
@@ -823,9 +823,13 @@ impl Inner {
                             module = module.path,
                             "the module's tokens changed; initializing it anew"
                         );
-                        if let Some(helper) = lock(&module.helper).take() {
-                            helper.stop(Stop::Restarted("its tokens changed".into()));
-                        }
+                        // Let go of the old helper rather than kill it: a
+                        // token plugged in must not fail a signature. Each
+                        // call in flight holds the helper until it is
+                        // answered, and the helper ends (dropped, see
+                        // `Helper`'s Drop) when the last one is done; calls
+                        // from now on go to the new one.
+                        drop(lock(&module.helper).take());
                         result = list();
                     }
                 }

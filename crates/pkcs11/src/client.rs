@@ -586,6 +586,9 @@ impl Helper {
     }
 }
 
+/// The last holder of a helper ends it. Every call holds its helper until
+/// it is answered, so a helper the agent lets go of (replaced after a
+/// rescan) serves the calls still in it before it ends.
 impl Drop for Helper {
     fn drop(&mut self) {
         self.kill();
