@@ -51,6 +51,10 @@ pub enum Algorithm {
     Rsa1024,
     /// 0x07.
     Rsa2048,
+    /// 0x05, firmware 5.7 and later.
+    Rsa3072,
+    /// 0x16, firmware 5.7 and later.
+    Rsa4096,
     /// 0x11.
     EccP256,
     /// 0x14.
@@ -63,6 +67,8 @@ impl Algorithm {
         match b {
             0x06 => Some(Self::Rsa1024),
             0x07 => Some(Self::Rsa2048),
+            0x05 => Some(Self::Rsa3072),
+            0x16 => Some(Self::Rsa4096),
             0x11 => Some(Self::EccP256),
             0x14 => Some(Self::EccP384),
             _ => None,
@@ -74,8 +80,19 @@ impl Algorithm {
         match self {
             Self::Rsa1024 => 0x06,
             Self::Rsa2048 => 0x07,
+            Self::Rsa3072 => 0x05,
+            Self::Rsa4096 => 0x16,
             Self::EccP256 => 0x11,
             Self::EccP384 => 0x14,
+        }
+    }
+
+    /// The first firmware version that has it: a card with an older one
+    /// refuses it as it refuses any unknown algorithm.
+    pub fn since_firmware(self) -> [u8; 3] {
+        match self {
+            Self::Rsa3072 | Self::Rsa4096 => [5, 7, 0],
+            Self::Rsa1024 | Self::Rsa2048 | Self::EccP256 | Self::EccP384 => [0, 0, 0],
         }
     }
 
@@ -83,6 +100,8 @@ impl Algorithm {
         match self {
             Self::Rsa1024 => Some(1024),
             Self::Rsa2048 => Some(2048),
+            Self::Rsa3072 => Some(3072),
+            Self::Rsa4096 => Some(4096),
             _ => None,
         }
     }
@@ -113,7 +132,7 @@ impl StoredKey {
     /// Generates a fresh key.
     pub fn generate(algorithm: Algorithm) -> Result<Self, CryptoError> {
         let key = match algorithm {
-            Algorithm::Rsa1024 | Algorithm::Rsa2048 => {
+            Algorithm::Rsa1024 | Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
                 let bits = algorithm.rsa_bits().unwrap_or(2048);
                 let key = RsaPrivateKey::new(&mut OsRng, bits)
                     .map_err(|e| CryptoError::Internal(e.to_string()))?;
@@ -170,9 +189,11 @@ impl StoredKey {
     fn load(&self) -> Result<PrivateKey, CryptoError> {
         let bad = |e: p256::pkcs8::Error| CryptoError::BadKey(e.to_string());
         Ok(match self.algorithm {
-            Algorithm::Rsa1024 | Algorithm::Rsa2048 => PrivateKey::Rsa(Box::new(
-                RsaPrivateKey::from_pkcs8_der(&self.pkcs8).map_err(bad)?,
-            )),
+            Algorithm::Rsa1024 | Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
+                PrivateKey::Rsa(Box::new(
+                    RsaPrivateKey::from_pkcs8_der(&self.pkcs8).map_err(bad)?,
+                ))
+            }
             Algorithm::EccP256 => {
                 PrivateKey::P256(p256::SecretKey::from_pkcs8_der(&self.pkcs8).map_err(bad)?)
             }
@@ -278,7 +299,7 @@ impl StoredKey {
     fn signing_algorithm(&self) -> AlgorithmIdentifierOwned {
         let oid = match self.algorithm {
             // sha256WithRSAEncryption, parameters NULL.
-            Algorithm::Rsa1024 | Algorithm::Rsa2048 => {
+            Algorithm::Rsa1024 | Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
                 return AlgorithmIdentifierOwned {
                     oid: ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11"),
                     parameters: Some(der::asn1::Null.into()),

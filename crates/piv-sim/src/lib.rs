@@ -12,7 +12,9 @@
 //!
 //! Firmware 5.4 behaviour is the model: PIN 123456, PUK 12345678, 3DES
 //! management key 010203040506070801020304050607080102030405060708, three
-//! tries each, RSA 1024/2048 and ECC P-256/P-384, PIN and touch policies.
+//! tries each, RSA 1024/2048 and ECC P-256/P-384, PIN and touch policies;
+//! with firmware 5.7 or later in [`CardConfig`], RSA 3072/4096 too (not yet
+//! the Ed25519 and X25519 keys a real 5.7 card also holds).
 //! The attestation key is simulated (P-256, self-signed "Yubico PIV
 //! Attestation"), so attestation statements chain to it and not to Yubico's CA.
 //! An older firmware version in [`CardConfig`] takes away what that firmware

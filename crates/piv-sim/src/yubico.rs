@@ -75,12 +75,14 @@ fn import_key(applet: &mut Applet, cmd: &Command) -> Result<Response, StatusWord
     if !is_key_slot(slot) {
         return Err(StatusWord::INCORRECT_P1P2);
     }
-    let algorithm = Algorithm::from_byte(cmd.p1).ok_or(StatusWord::INCORRECT_P1P2)?;
+    let algorithm = Algorithm::from_byte(cmd.p1)
+        .filter(|a| applet.state.version() >= a.since_firmware())
+        .ok_or(StatusWord::INCORRECT_P1P2)?;
     applet.require_mgm()?;
     let items = tlv::parse(&cmd.data).map_err(|_| StatusWord::INCORRECT_DATA)?;
     let policies = policies(slot, &items)?;
     let key = match algorithm {
-        Algorithm::Rsa1024 | Algorithm::Rsa2048 => {
+        Algorithm::Rsa1024 | Algorithm::Rsa2048 | Algorithm::Rsa3072 | Algorithm::Rsa4096 => {
             let (Some(p), Some(q)) = (tlv::find(&items, 0x01), tlv::find(&items, 0x02)) else {
                 return Err(StatusWord::INCORRECT_DATA);
             };

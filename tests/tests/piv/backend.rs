@@ -977,3 +977,147 @@ fn a_pin_never_reaches_the_logs_even_at_trace_level() -> Result<()> {
     }
     Ok(())
 }
+
+const NEW_ALGORITHMS: u32 = 21_000_081;
+
+/// Generates an RSA 3072 key in `slot` of a firmware 5.7 card with raw APDUs,
+/// as ykman does: the `yubikey` crate knows no algorithm newer than 5.3's.
+fn generate_rsa3072(slot: u8) -> Result<()> {
+    let context = ::pcsc::Context::establish(::pcsc::Scope::User)?;
+    let reader = std::ffi::CString::new(format!("{READER_NAME} 00 00"))?;
+    let card = context.connect(&reader, ::pcsc::ShareMode::Shared, ::pcsc::Protocols::ANY)?;
+    let mut buffer = [0u8; 258];
+    // The answer's data, after GET RESPONSE for a long one, and its status word.
+    let mut send = |apdu: &[u8]| -> Result<(Vec<u8>, u16)> {
+        let mut data = Vec::new();
+        let mut answer = card.transmit(apdu, &mut buffer)?.to_vec();
+        loop {
+            let Some((body, sw)) = answer.split_last_chunk::<2>() else {
+                bail!("an answer without a status word");
+            };
+            data.extend_from_slice(body);
+            let sw = u16::from_be_bytes(*sw);
+            if sw & 0xFF00 != 0x6100 {
+                return Ok((data, sw));
+            }
+            answer = card
+                .transmit(&[0x00, 0xC0, 0x00, 0x00, 0x00], &mut buffer)?
+                .to_vec();
+        }
+    };
+    let select = [0x00, 0xA4, 0x04, 0x00, 0x05, 0xA0, 0x00, 0x00, 0x03, 0x08];
+    ensure!(send(&select)?.1 == 0x9000, "SELECT failed");
+    // External authentication with the factory management key.
+    let (answer, sw) = send(&[0x00, 0x87, 0x03, 0x9B, 0x04, 0x7C, 0x02, 0x81, 0x00])?;
+    ensure!(sw == 0x9000 && answer.len() == 12, "no challenge: {sw:04X}");
+    let response = piv_sim::crypto::mgm_block(
+        piv_sim::crypto::MgmAlgorithm::TripleDes,
+        &piv_sim::state::DEFAULT_MGM_KEY,
+        &answer[4..],
+        true,
+    )
+    .context("encrypting the challenge")?;
+    let mut authenticate = vec![0x00, 0x87, 0x03, 0x9B, 0x0C, 0x7C, 0x0A, 0x82, 0x08];
+    authenticate.extend_from_slice(&response);
+    ensure!(send(&authenticate)?.1 == 0x9000, "management key refused");
+    let generate = [0x00, 0x47, 0x00, slot, 0x05, 0xAC, 0x03, 0x80, 0x01, 0x05];
+    let (_, sw) = send(&generate)?;
+    ensure!(sw == 0x9000, "GENERATE RSA 3072 answered {sw:04X}");
+    card.disconnect(::pcsc::Disposition::LeaveCard)
+        .map_err(|(_, e)| e)?;
+    Ok(())
+}
+
+/// Stores the attestation certificate of `slot`'s key as its certificate.
+fn certify_with_attestation(serial: u32, slot: u8) -> Result<()> {
+    let mut yubikey = yubikey::YubiKey::open_by_serial(yubikey::Serial(serial))?;
+    let slot = yubikey::piv::SlotId::try_from(slot)?;
+    let der = yubikey::piv::attest(&mut yubikey, slot)?;
+    yubikey.authenticate(yubikey::MgmKey::default())?;
+    yubikey::certificate::Certificate::from_bytes(der)?.write(
+        &mut yubikey,
+        slot,
+        yubikey::certificate::CertInfo::Uncompressed,
+    )?;
+    yubikey
+        .disconnect(::pcsc::Disposition::LeaveCard)
+        .map_err(|(_, e)| e)?;
+    Ok(())
+}
+
+#[test]
+fn keys_the_yubikey_crate_cannot_read_are_logged_once_and_shown_in_status() -> Result<()> {
+    let config = piv_sim::CardConfig {
+        serial: NEW_ALGORITHMS,
+        version: [5, 7, 1],
+    };
+    if rig_or_child_with(
+        &[config],
+        "backend::keys_the_yubikey_crate_cannot_read_are_logged_once_and_shown_in_status",
+    )?
+    .is_some()
+    {
+        return Ok(());
+    }
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    provision(
+        NEW_ALGORITHMS,
+        &[(0x9a, EccP256, PinPolicy::Once, TouchPolicy::Never)],
+    )?;
+    generate_rsa3072(0x9d)?;
+    generate_rsa3072(0x9e)?;
+    certify_with_attestation(NEW_ALGORITHMS, 0x9e)?;
+    let started = start_backend(Duration::from_secs(600));
+    let log = || -> Result<String> {
+        let bytes = capture.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let all = wait_keys(&started.published, NEW_ALGORITHMS, 1)?;
+    identity(&all, NEW_ALGORITHMS, "9a")?;
+    ensure!(all.len() == 1, "{:?}", comments(&all));
+
+    let without_certificate = "slot 9d skipped: it holds a key of an algorithm new in \
+        firmware 5.7 (Ed25519, X25519, RSA 3072 or RSA 4096), which the agent cannot use yet";
+    let with_certificate =
+        "slot 9e skipped: it holds an RSA 3072 key, which the agent cannot use yet";
+    let devices = started.backend.devices();
+    let details: Vec<&String> = devices
+        .iter()
+        .filter(|d| d.label == format!("YubiKey 5 #{NEW_ALGORITHMS}"))
+        .flat_map(|d| &d.details)
+        .collect();
+    for note in [without_certificate, with_certificate] {
+        ensure!(
+            details.iter().any(|d| d.starts_with(note)),
+            "status lacks {note:?}: {details:?}"
+        );
+    }
+
+    // Pulled out and plugged back in: the card is scanned again, but each
+    // skipped slot was logged once.
+    control("remove 0")?;
+    started
+        .published
+        .wait_until(HOTPLUG, |ids| ids.is_empty())?;
+    control("insert 0")?;
+    wait_keys(&started.published, NEW_ALGORITHMS, 1)?;
+    let text = log()?;
+    ensure!(
+        text.matches("YubiKey connected").count() == 2,
+        "the card was not opened twice:\n{text}"
+    );
+    for note in [without_certificate, with_certificate] {
+        ensure!(
+            text.matches(note).count() == 1,
+            "{note:?} is not logged once:\n{text}"
+        );
+    }
+    Ok(())
+}

@@ -5,7 +5,8 @@
 /// The real binary: `token-agent piv setup`, `list` and `unblock`, then SSH logins.
 mod agent;
 /// The backend in-process: listing, signing under each policy, PINs, touch,
-/// removal, other PC/SC clients, and PINs kept out of the logs.
+/// removal, other PC/SC clients (one holding the card exclusively), keys the
+/// agent cannot use, and PINs kept out of the logs.
 mod backend;
 /// Helpers shared by the themes: provisioning cards, running a child test.
 mod common;

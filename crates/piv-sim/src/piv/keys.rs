@@ -25,7 +25,9 @@ impl Applet {
         }
         let items = tlv::parse(control.value).map_err(|_| StatusWord::INCORRECT_DATA)?;
         let algorithm = match tlv::find(&items, 0x80) {
-            Some([b]) => Algorithm::from_byte(*b).ok_or(StatusWord::INCORRECT_DATA)?,
+            Some([b]) => Algorithm::from_byte(*b)
+                .filter(|a| self.state.version() >= a.since_firmware())
+                .ok_or(StatusWord::INCORRECT_DATA)?,
             _ => return Err(StatusWord::INCORRECT_DATA),
         };
         let policies = policies(cmd.p2, &items)?;
