@@ -14,7 +14,10 @@
 //! It must not open a terminal or a pinentry itself (it asks the prompter),
 //! hold a card exclusively (other programs such as `ykman` and
 //! `yubico-piv-tool` keep working: every operation is a PC/SC transaction in
-//! shared mode), or log a PIN.
+//! shared mode), or log a PIN. When another program holds a card
+//! exclusively (GnuPG's scdaemon without `pcsc-shared`), it says so in the log,
+//! in [`Backend::devices`] and in the error of a signature, and tries the card
+//! again on a backoff until that program lets go.
 //!
 //! Each card has one worker thread that owns its `YubiKey` handle and runs one
 //! job at a time: cards sign in parallel, a card never sees two operations at
