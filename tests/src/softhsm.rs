@@ -249,6 +249,9 @@ pub enum Shim {
     NulPadded,
     /// C_Sign waits this many milliseconds, then signs.
     Slow(u32),
+    /// As [`Shim::PinPad`], on a token that takes one session at a time
+    /// (ulMaxSessionCount 1), as many smart cards do.
+    PinPadOneSession(PathBuf),
 }
 
 /// Compiles `tests/fixtures/pkcs11/shim.c` in `mode` into `dir`, forwarding to
@@ -270,6 +273,10 @@ pub fn build_shim(dir: &Path, mode: Shim, softhsm: &SoftHsm) -> anyhow::Result<P
         ),
         Shim::NulPadded => ("-DSHIM_NUL_PADDED".to_owned(), "libnulpadded-pkcs11.so"),
         Shim::Slow(ms) => (format!("-DSHIM_SLOW={ms}"), "libslow-pkcs11.so"),
+        Shim::PinPadOneSession(file) => (
+            format!("-DSHIM_PIN_PAD_ONE_SESSION=\"{}\"", file.display()),
+            "libpinpad1-pkcs11.so",
+        ),
     };
     let output = dir.join(name);
     check(

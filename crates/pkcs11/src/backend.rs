@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -222,6 +222,18 @@ struct Module {
     /// or SIGHUP can use the old login.
     logout: Arc<tokio::sync::Mutex<()>>,
     unloaded: AtomicBool,
+    /// Calls waiting for a person at the PIN pad of a token that takes one
+    /// session at a time (see [`Module::waiting_at_pad`]).
+    pad_waits: AtomicUsize,
+}
+
+/// A call waiting at a PIN pad, counted in [`Module::pad_waits`] while it lives.
+struct PadWait<'a>(&'a AtomicUsize);
+
+impl Drop for PadWait<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Where a key is.
@@ -333,6 +345,9 @@ impl Backend for Pkcs11Backend {
             } else {
                 inner.options.call_timeout
             };
+            let _pad_wait = pad
+                .then(|| located.module.waiting_at_pad(&located.token))
+                .flatten();
             let _notice = pad.then(|| {
                 prompter.notify(&Notice {
                     kind: NoticeKind::PinPad,
@@ -639,7 +654,27 @@ impl Module {
             seen: Mutex::default(),
             logout: Arc::new(tokio::sync::Mutex::new(())),
             unloaded: AtomicBool::new(false),
+            pad_waits: AtomicUsize::new(0),
         }
+    }
+
+    /// Counts a call that waits for the person at the PIN pad of `token`
+    /// (a login, or a signature's context login) until the guard drops, if
+    /// the token takes one session at a time. The helper then holds that
+    /// one session for as long as the person takes (up to
+    /// `pin_pad_timeout`), and every other call that needs it, a listing
+    /// included, waits behind: such a wait is not a hang.
+    fn waiting_at_pad(&self, token: &TokenState) -> Option<PadWait<'_>> {
+        if token.parallel {
+            return None;
+        }
+        self.pad_waits.fetch_add(1, Ordering::SeqCst);
+        Some(PadWait(&self.pad_waits))
+    }
+
+    /// Whether a call waits at the PIN pad of a one-session token.
+    fn at_pad(&self) -> bool {
+        self.pad_waits.load(Ordering::SeqCst) > 0
     }
 
     /// Remembers the private keys each of `tokens` shows (see
@@ -773,7 +808,7 @@ impl Inner {
     fn refresh(self: &Arc<Self>, module: &Arc<Module>) -> Result<Vec<TokenState>, String> {
         let list = || {
             let helper = self.helper(module)?;
-            match helper.call(Op::List, self.options.call_timeout) {
+            match helper.call(Op::List, self.limit(module, self.options.call_timeout)) {
                 Ok(Reply::Tokens(tokens)) => Ok(tokens),
                 Ok(other) => Err((
                     false,
@@ -990,6 +1025,19 @@ impl Inner {
         })
     }
 
+    /// The time limit of a call to `module` that would have `limit`: while
+    /// a PIN pad of a one-session token waits for the person, a call may
+    /// wait behind that login (see [`Module::waiting_at_pad`]) for up to
+    /// the PIN-pad limit before its own time starts.
+    fn limit(&self, module: &Module, limit: Duration) -> Duration {
+        let pad = self.options.pin_pad_timeout;
+        if module.at_pad() && limit < pad {
+            pad.saturating_add(limit)
+        } else {
+            limit
+        }
+    }
+
     /// One helper call, restarting the helper after a crash or hang. A live
     /// helper is called straight from the task; starting or restarting one
     /// (a process spawn and C_Initialize) runs on a thread of its own.
@@ -1000,6 +1048,7 @@ impl Inner {
         limit: Duration,
     ) -> Result<Reply, CallError> {
         drop(module.logout.lock().await);
+        let limit = self.limit(module, limit);
         let helper = match module.live_helper() {
             Some(helper) => helper,
             None => {
@@ -1172,6 +1221,10 @@ impl Inner {
             slot: token.slot,
             pin: pin.as_ref().map(|p| Pin::new(p.expose_secret().to_owned())),
         };
+        let _pad_wait = pin
+            .is_none()
+            .then(|| module.waiting_at_pad(token))
+            .flatten();
         match self.call(module, op, limit).await {
             Ok(_) => {
                 tracing::info!(
@@ -1240,6 +1293,16 @@ fn watch(weak: &Weak<Inner>) {
         };
         let modules: Vec<Arc<Module>> = lock(&inner.modules).clone();
         for module in &modules {
+            // A token that takes one session lends it to a PIN-pad login
+            // until the person is done: listing would wait that long, and
+            // hold up the polls of the other modules. Look again after.
+            if module.at_pad() {
+                tracing::debug!(
+                    module = module.path,
+                    "not listing tokens while a PIN pad waits for the person"
+                );
+                continue;
+            }
             if let Err(err) = inner.refresh(module) {
                 tracing::warn!(module = module.path, err, "cannot list the PKCS#11 tokens");
             }

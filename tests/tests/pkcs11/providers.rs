@@ -231,6 +231,62 @@ fn a_reader_with_a_pin_pad_logs_in_there_and_says_so() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_pin_pad_login_on_a_one_session_token_has_the_pin_pad_limit() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("grace", &[KeyKind::P256])?;
+    let modules = tempfile::Builder::new()
+        .prefix("pkcs11-modules")
+        .tempdir()?;
+    let pad = modules.path().join("typed-on-the-pad");
+    let shim = build_shim(modules.path(), Shim::PinPadOneSession(pad.clone()), &hsm)?;
+    // Calls have 2 s, the pad 60 s; tokens are looked for every 200 ms,
+    // and each look lists the token, which needs its one session.
+    let notices = modules.path().join("notices");
+    let config = format!(
+        "[notice]\ndelay_ms = 0\ncommand = \"echo \\\"$TOKEN_AGENT_NOTICE_KIND\\\" >> '{}'\"\n\
+         [pkcs11]\ntimeout_seconds = 2\npin_pad_timeout_seconds = 60\npoll_interval_ms = 200\n\
+         [[pkcs11.modules]]\npath = \"{}\"\n",
+        notices.display(),
+        shim.display()
+    );
+    let agent = start_agent(&hsm, &[], &config, "not-the-pin")?;
+    let listed = wait_listed(&agent, 1, Duration::from_secs(20))?;
+
+    // The person takes 5 s to type the PIN: past the call limit, well
+    // within the pad's. Meanwhile a second signature waits behind the
+    // login for the token's one session.
+    let (signed, behind) = std::thread::scope(|scope| -> anyhow::Result<_> {
+        let signing = scope.spawn(|| sign_and_verify(&agent, &listed[0], "pad"));
+        let asked = token_agent_e2e::wait_for(Duration::from_secs(20), || {
+            std::fs::read_to_string(&notices).is_ok_and(|text| text.contains("pinpad"))
+        });
+        anyhow::ensure!(asked, "the pad was never asked for\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_secs(1));
+        let behind = scope.spawn(|| sign_and_verify(&agent, &listed[0], "behind"));
+        std::thread::sleep(Duration::from_secs(4));
+        std::fs::write(&pad, format!("{PIN}\n"))?;
+        let joined = |handle: std::thread::ScopedJoinHandle<'_, anyhow::Result<()>>| {
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("a signer panicked"))
+        };
+        Ok((joined(signing)?, joined(behind)?))
+    })?;
+    let log = agent.log_text();
+    signed.map_err(|err| anyhow::anyhow!("{err}\n{log}"))?;
+    behind.map_err(|err| anyhow::anyhow!("{err}\n{log}"))?;
+    assert!(!log.contains("killed it"), "{log}");
+    assert!(log.contains("logged in to PKCS#11 token"), "{log}");
+    // Listing goes on after the login: the token stays, and signs again.
+    std::fs::remove_file(&pad)?;
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(agent.listed()?.len(), 1);
+    sign_and_verify(&agent, &listed[0], "again")?;
+    assert!(!agent.log_text().contains("killed it"));
+    Ok(())
+}
+
+#[test]
 fn issue_12_token_keys_expire_with_ssh_add_t() -> anyhow::Result<()> {
     let hsm = SoftHsm::new()?;
     hsm.token("erin", &[KeyKind::P256, KeyKind::Ed25519])?;
