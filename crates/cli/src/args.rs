@@ -32,15 +32,19 @@ never removes it."
 )]
 pub(crate) struct Args {
     /// Bind the agent to the UNIX-domain socket at this path (default: a random name in ~/.ssh/agent/, as OpenSSH 10.1 and later).
-    #[arg(short = 'a', value_name = "BIND_ADDRESS")]
+    #[arg(
+        short = 'a',
+        value_name = "BIND_ADDRESS",
+        overrides_with = "bind_address"
+    )]
     pub(crate) bind_address: Option<PathBuf>,
 
     /// Print C-shell commands on stdout.
-    #[arg(short = 'c', conflicts_with = "sh")]
+    #[arg(short = 'c', conflicts_with = "sh", overrides_with = "csh")]
     pub(crate) csh: bool,
 
     /// Print Bourne shell commands on stdout.
-    #[arg(short = 's')]
+    #[arg(short = 's', overrides_with = "sh")]
     pub(crate) sh: bool,
 
     /// Debug mode: stay in the foreground and log debug messages to stderr.
@@ -52,15 +56,15 @@ pub(crate) struct Args {
     pub(crate) foreground: bool,
 
     /// Kill the agent named by SSH_AGENT_PID.
-    #[arg(short = 'k')]
+    #[arg(short = 'k', overrides_with = "kill")]
     pub(crate) kill: bool,
 
     /// Bind the socket in a new `$TMPDIR/ssh-XXXXXXXXXX/agent.<ppid>` instead of ~/.ssh/agent/ (as before OpenSSH 10.1).
-    #[arg(short = 'T')]
+    #[arg(short = 'T', overrides_with = "temp_dir")]
     pub(crate) temp_dir: bool,
 
     /// Do not clean up stale agent sockets under ~/.ssh/agent/ at start.
-    #[arg(short = 'U')]
+    #[arg(short = 'U', overrides_with = "no_cleanup")]
     pub(crate) no_cleanup: bool,
 
     /// Only clean up stale agent sockets under ~/.ssh/agent/ made on this host, then exit; given twice, whichever host made them.
@@ -68,16 +72,16 @@ pub(crate) struct Args {
     pub(crate) cleanup: u8,
 
     /// Default lifetime of added keys, in seconds or OpenSSH time format (1h30m); 0: none.
-    #[arg(short = 't', value_name = "LIFE")]
-    pub(crate) lifetime: Option<String>,
+    #[arg(short = 't', value_name = "LIFE", action = ArgAction::Append)]
+    pub(crate) lifetime: Vec<String>,
 
     /// Pattern-list of PKCS#11 providers (`ssh-add -s`) and sk middlewares (`ssh-add -S`) the agent may load.
     #[arg(short = 'P', value_name = "ALLOWED_PROVIDERS")]
     pub(crate) allowed_providers: Option<String>,
 
     /// Fingerprint hash for logs and prompts: md5, sha1, sha256 (default), sha384 or sha512.
-    #[arg(short = 'E', value_name = "FINGERPRINT_HASH")]
-    pub(crate) fingerprint_hash: Option<String>,
+    #[arg(short = 'E', value_name = "FINGERPRINT_HASH", action = ArgAction::Append)]
+    pub(crate) fingerprint_hash: Vec<String>,
 
     /// OpenSSH option, may be repeated: allow-remote-pkcs11, no-restrict-websafe, websafe-allow=LIST.
     ///
@@ -99,11 +103,11 @@ pub(crate) struct Args {
     pub(crate) upstreams: Vec<PathBuf>,
 
     /// Print the version on stderr and exit, as ssh-agent -V.
-    #[arg(short = 'V', long = "version")]
+    #[arg(short = 'V', long = "version", overrides_with = "version")]
     pub(crate) version: bool,
 
     /// The configuration file (default: $XDG_CONFIG_HOME/token-agent/config.toml).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", overrides_with = "config")]
     pub(crate) config: Option<PathBuf>,
 
     /// Internal: this process is the agent a parent token-agent started.
@@ -232,19 +236,18 @@ impl TryFrom<Args> for Options {
         } else {
             Shell::Bourne
         };
-        let default_lifetime = args
-            .lifetime
-            .as_deref()
-            .map(parse_lifetime)
-            .transpose()
-            .context("invalid lifetime for -t")?
-            .flatten();
-        let fingerprint_hash = match args.fingerprint_hash.as_deref() {
-            None => FingerprintHash::default(),
-            Some(name) => name
+        // A flag given twice: the last one counts, as with ssh-agent's
+        // getopt, but every value must be valid, as each is read there.
+        let mut default_lifetime = None;
+        for text in &args.lifetime {
+            default_lifetime = parse_lifetime(text).context("invalid lifetime for -t")?;
+        }
+        let mut fingerprint_hash = FingerprintHash::default();
+        for name in &args.fingerprint_hash {
+            fingerprint_hash = name
                 .parse()
-                .map_err(|err: String| anyhow::anyhow!("{err} for -E"))?,
-        };
+                .map_err(|err: String| anyhow::anyhow!("{err} for -E"))?;
+        }
         let mut allow_remote_pkcs11 = false;
         let mut restrict_websafe = true;
         let mut websafe_allow: Option<String> = None;
@@ -436,6 +439,25 @@ mod tests {
         let mut all = vec!["token-agent"];
         all.extend_from_slice(args);
         Options::try_from(Args::try_parse_from(all)?)
+    }
+
+    #[test]
+    fn a_flag_given_twice_counts_the_last_time_as_with_getopt() {
+        let parsed = options(&[
+            "-a", "x1", "-a", "x2", "-t", "5", "-t", "0", "-E", "md5", "-E", "sha1", "-s", "-s",
+            "-k", "-k",
+        ])
+        .unwrap();
+        assert_eq!(parsed.socket, SocketPlace::Path("x2".into()));
+        assert_eq!(parsed.default_lifetime, None);
+        assert_eq!(parsed.fingerprint_hash, FingerprintHash::Sha1);
+        assert_eq!(parsed.shell, Shell::Bourne);
+        assert_eq!(parsed.mode, Mode::Kill);
+        // Each value is read, as getopt hands each to ssh-agent.
+        assert!(options(&["-t", "10x", "-t", "5"]).is_err());
+        // ssh-agent's usage() for these.
+        assert!(options(&["-d", "-d"]).is_err());
+        assert!(options(&["-c", "-s"]).is_err());
     }
 
     #[test]

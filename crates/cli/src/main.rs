@@ -5,8 +5,11 @@
 //! configuration file are checked into [`args::Options`] and
 //! [`config::Config`] before anything runs; then it either starts the agent
 //! in the background and prints its environment, serves in the foreground,
-//! or kills a running agent. Exit codes: 0 on success, 1 on any error (as
-//! ssh-agent), 2 for a command-line usage error (clap's).
+//! or kills a running agent. Exit codes, as ssh-agent's: 0 on success, 1 on
+//! any error, usage errors included; 2 when a signal or the exit of
+//! COMMAND's process stops the agent (0 for SIGTERM under socket
+//! activation). The subcommands (`piv`, `fido`, `status`, `doctor`) keep
+//! clap's 2 for a usage error.
 
 #![forbid(unsafe_code)]
 
@@ -50,7 +53,14 @@ fn main() -> ExitCode {
         Some("--generate-docs") => return docs::main(std::env::args_os().skip(2)),
         _ => {}
     }
-    let args = Args::parse();
+    // ssh-agent's usage() exits 1, where clap's errors exit 2.
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() { 1 } else { 0 });
+        }
+    };
     match run(args) {
         Ok(code) => code,
         Err(err) => {

@@ -889,3 +889,57 @@ fn t_and_e_take_every_value_openssh_10_takes() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_flag_given_twice_counts_once_more_and_usage_errors_exit_1_as_openssh_10() -> anyhow::Result<()>
+{
+    // The last -a wins (the first names a directory that does not exist).
+    let repeated: &[&[&str]] = &[
+        &["-a", "/nonexistent/agent.sock"],
+        &["-t", "5", "-t", "0"],
+        &["-t", "10x", "-t", "5"],
+        &["-E", "md5", "-E", "sha256"],
+        &["-E", "crc32", "-E", "sha256"],
+        &["-s", "-s"],
+        &["-c", "-c"],
+        &["-U", "-U"],
+        &["-c", "-s"],
+        &["-d", "-d"],
+        &["-D"],
+    ];
+    for args in repeated {
+        let ours = starts_with(Which::TokenAgent, args)?;
+        let theirs = starts_with(Which::OpenSsh10, args)?;
+        assert_eq!(
+            ours, theirs,
+            "{args:?}: token-agent starts: {ours}, OpenSSH 10.5's ssh-agent: {theirs}"
+        );
+    }
+    let home = Home::new()?;
+    let usage_errors: &[&[&str]] = &[
+        &["-x"],
+        &["-c", "-s", "-k"],
+        &["-d", "-D"],
+        &["-d", "-d"],
+        &["-t", "10x", "-D"],
+        &["-a"],
+        &["-k", "-k"],
+    ];
+    for args in usage_errors {
+        let mut codes = Vec::new();
+        for which in BOTH {
+            let output = home
+                .agent(which)?
+                .args(*args)
+                .stdout(Stdio::null())
+                .output()?;
+            codes.push(output.status.code());
+        }
+        assert_eq!(
+            codes,
+            [Some(1), Some(1)],
+            "{args:?}: token-agent, OpenSSH 10.5"
+        );
+    }
+    Ok(())
+}
