@@ -346,6 +346,7 @@ impl Session {
             let order = listing::order(rule, &candidates);
             listed = order.into_iter().map(|i| listed[i]).collect();
         }
+        fit_for_clients(&mut listed);
         tracing::debug!(count = listed.len(), "listing identities");
         Reply::Identities(
             listed
@@ -731,6 +732,54 @@ struct Listed<'a> {
     upstream: Option<&'a Path>,
 }
 
+impl Listed<'_> {
+    /// The bytes this key takes in SSH_AGENT_IDENTITIES_ANSWER.
+    fn encoded_len(&self) -> usize {
+        8 + self.blob.len() + self.comment.len()
+    }
+}
+
+/// The most keys an OpenSSH client takes in one listing (MAX_AGENT_IDENTITIES).
+const MAX_LISTED_KEYS: usize = 2048;
+/// The longest listing answer an OpenSSH client reads (MAX_AGENT_REPLY_LEN).
+const MAX_LISTING_LEN: usize = 256 * 1024;
+
+/// Leaves out what an OpenSSH client would refuse the whole listing for:
+/// more than 2048 keys, or an answer over 256 KiB. Upstream agents' keys
+/// go first, from the end, so the agent's own keys are always listed; only
+/// if those alone are too many are some of them left out too.
+fn fit_for_clients(listed: &mut Vec<Listed<'_>>) {
+    // The message type and the count, then each key.
+    let mut len = 5 + listed.iter().map(Listed::encoded_len).sum::<usize>();
+    let mut count = listed.len();
+    let fits = |count: usize, len: usize| count <= MAX_LISTED_KEYS && len <= MAX_LISTING_LEN;
+    if fits(count, len) {
+        return;
+    }
+    let mut keep = vec![true; listed.len()];
+    for upstream_first in [true, false] {
+        for (at, key) in listed.iter().enumerate().rev() {
+            if fits(count, len) {
+                break;
+            }
+            if keep[at] && (key.upstream.is_some() || !upstream_first) {
+                keep[at] = false;
+                count -= 1;
+                len -= key.encoded_len();
+            }
+        }
+    }
+    let before = listed.len();
+    let mut kept = keep.into_iter();
+    listed.retain(|_| kept.next().unwrap_or(true));
+    tracing::warn!(
+        listed = listed.len(),
+        left_out = before - listed.len(),
+        "the listing left out keys (upstream agents' first): OpenSSH clients refuse a \
+         listing of more than {MAX_LISTED_KEYS} keys or {MAX_LISTING_LEN} bytes"
+    );
+}
+
 /// Why an upstream gave no answer, for the log.
 fn upstream_reason(err: &CallError) -> String {
     match err {
@@ -768,4 +817,48 @@ fn key_constraints(parsed: message::Constraints) -> Constraints {
         constraints = constraints.with_lifetime(std::time::Duration::from_secs(u64::from(seconds)));
     }
     constraints
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_fits_openssh_clients_upstream_keys_left_out_first() {
+        let upstream = Path::new("/run/upstream.sock");
+        let blob = vec![0u8; 100];
+        let key = |upstream: Option<&'static Path>| Listed {
+            blob: &blob,
+            comment: "k",
+            backend: "software",
+            upstream,
+        };
+        // Too many keys: 2 local keys among 2100 upstream ones.
+        let mut listed = vec![key(None)];
+        listed.extend((0..2100).map(|_| key(Some(upstream))));
+        listed.push(key(None));
+        fit_for_clients(&mut listed);
+        assert_eq!(listed.len(), MAX_LISTED_KEYS);
+        assert!(listed[0].upstream.is_none() && listed[MAX_LISTED_KEYS - 1].upstream.is_none());
+
+        // Too many bytes: fewer keys, but each large.
+        let big = vec![0u8; 1000];
+        let mut listed: Vec<Listed<'_>> = (0..300)
+            .map(|i| Listed {
+                blob: &big,
+                comment: "big",
+                backend: "upstream",
+                upstream: (i % 3 != 0).then_some(upstream),
+            })
+            .collect();
+        fit_for_clients(&mut listed);
+        let len = 5 + listed.iter().map(Listed::encoded_len).sum::<usize>();
+        assert!(len <= MAX_LISTING_LEN, "{len}");
+        assert_eq!(listed.iter().filter(|l| l.upstream.is_none()).count(), 100);
+
+        // What fits stays as it is.
+        let mut listed = vec![key(None), key(Some(upstream))];
+        fit_for_clients(&mut listed);
+        assert_eq!(listed.len(), 2);
+    }
 }

@@ -385,3 +385,63 @@ fn issue_16_listing_rules_order_and_filter_keys_per_host() -> anyhow::Result<()>
     assert_eq!(attempted(&login), ["own", "theirs"], "{}", stderr(&login));
     Ok(())
 }
+
+/// An upstream that lists more keys than an OpenSSH client takes in one
+/// listing (2048) does not make the whole listing unreadable: its keys are
+/// left out past the limit, and the agent's own keys are always listed.
+#[test]
+fn an_upstream_with_too_many_keys_leaves_the_agents_own_listed() -> anyhow::Result<()> {
+    use ssh_encoding::Encode;
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("crowded.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket)?;
+    // 2048 distinct Ed25519 public keys (the most an upstream may list), as an agent lists them.
+    let mut answer = vec![12u8];
+    answer.extend_from_slice(&2048u32.to_be_bytes());
+    for i in 0..2048u32 {
+        let mut point = [0u8; 32];
+        point[..4].copy_from_slice(&i.to_be_bytes());
+        let key = ssh_key::public::KeyData::Ed25519(ssh_key::public::Ed25519PublicKey(point));
+        let mut blob = Vec::new();
+        key.encode(&mut blob)?;
+        token_agent_core::push_string(&mut answer, &blob);
+        token_agent_core::push_string(&mut answer, format!("upstream-{i}").as_bytes());
+    }
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                let mut len = [0u8; 4];
+                while stream.read_exact(&mut len).is_ok() {
+                    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+                    if stream.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let reply = if body.first() == Some(&11) {
+                        answer.clone()
+                    } else {
+                        vec![5]
+                    };
+                    let _ = stream.write_all(&(reply.len() as u32).to_be_bytes());
+                    let _ = stream.write_all(&reply);
+                }
+            });
+        }
+    });
+    let agent = token_agent(&[&socket], "")?;
+    let (own, _) = key(dir.path(), "own-key")?;
+    check(agent.ssh_add([&own])?, "ssh-add")?;
+    let listed = check(agent.ssh_add(["-l"])?, "ssh-add -l")?;
+    let lines = stdout(&listed);
+    ensure!(
+        lines.lines().count() == 2048,
+        "{} keys",
+        lines.lines().count()
+    );
+    ensure!(lines.contains("own-key"), "the agent's own key is missing");
+    ensure!(agent.log_text().contains("the listing left out keys"));
+    Ok(())
+}
