@@ -96,7 +96,7 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let stopped = runtime.block_on(async {
         // The handlers come first: a session may send SIGTERM as soon as it
         // reads the socket's path, and the default action would leave the
         // socket (and its directory) behind.
@@ -120,12 +120,16 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
             crate::daemon::leave_cwd();
         }
         crate::session_lock::follow(&router, config.desktop.on_lock);
-        let shutdown = signals.until_shutdown(role, options.parent_pid, router.clone());
+        let stopped = std::cell::Cell::new(None);
+        let until = signals.until_shutdown(role, options.parent_pid, router.clone());
+        let shutdown = async {
+            stopped.set(Some(until.await));
+        };
         listener::serve(socket, router, listener::Access::current(), shutdown).await;
         tracing::info!("token-agent stopped");
-        Ok::<_, anyhow::Error>(())
+        Ok::<_, anyhow::Error>(stopped.get())
     })?;
-    Ok(ExitCode::SUCCESS)
+    Ok(stopped.map_or(ExitCode::SUCCESS, |why| why.exit_code(activated)))
 }
 
 fn backends(config: &Config) -> Vec<Arc<dyn Backend>> {
@@ -405,6 +409,29 @@ fn announce(
     }
 }
 
+/// What stopped the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM.
+    Term,
+    /// SIGINT, in the foreground.
+    Int,
+    /// The process running COMMAND exited.
+    ParentGone,
+}
+
+impl Stop {
+    /// As ssh-agent: 2 after a signal (`cleanup_exit(2)`) or the end of
+    /// COMMAND's process (`_exit(2)`), except 0 for SIGTERM under socket
+    /// activation, which a supervisor reads as a clean stop.
+    fn exit_code(self, activated: bool) -> ExitCode {
+        match self {
+            Self::Term if activated => ExitCode::SUCCESS,
+            Self::Term | Self::Int | Self::ParentGone => ExitCode::from(2),
+        }
+    }
+}
+
 /// The signals the agent acts on, caught from the start.
 struct Signals {
     term: Signal,
@@ -423,23 +450,28 @@ impl Signals {
         })
     }
 
-    /// Completes on SIGTERM, on SIGINT in the foreground, or when the parent
-    /// running COMMAND exits. SIGHUP makes every backend forget cached PINs and
+    /// Completes, saying why, on SIGTERM, on SIGINT in the foreground, or
+    /// when the parent running COMMAND exits. SIGHUP makes every backend forget cached PINs and
     /// let go of its tokens, and SIGUSR1 removes every key clients added (as
     /// OpenSSH 10's `keydrop_handler`, even while locked); the agent goes on.
-    async fn until_shutdown(mut self, role: Role, parent: Option<i32>, router: Arc<Router>) {
+    async fn until_shutdown(
+        mut self,
+        role: Role,
+        parent: Option<i32>,
+        router: Arc<Router>,
+    ) -> Stop {
         let foreground = matches!(role, Role::Foreground { .. });
         let mut parent_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = self.term.recv() => {
                     tracing::info!("SIGTERM: shutting down");
-                    return;
+                    return Stop::Term;
                 }
                 _ = self.int.recv() => {
                     if foreground {
                         tracing::info!("SIGINT: shutting down");
-                        return;
+                        return Stop::Int;
                     }
                 }
                 _ = self.hup.recv() => {
@@ -454,7 +486,7 @@ impl Signals {
                     if let Some(pid) = parent {
                         if !parent_alive(pid) {
                             tracing::info!(pid, "the command's process exited: shutting down");
-                            return;
+                            return Stop::ParentGone;
                         }
                     }
                 }

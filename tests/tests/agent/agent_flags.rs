@@ -943,3 +943,35 @@ fn a_flag_given_twice_counts_once_more_and_usage_errors_exit_1_as_openssh_10() -
     }
     Ok(())
 }
+
+#[test]
+fn d_and_d_stopped_by_sigterm_or_sigint_exit_2_as_openssh_10() -> anyhow::Result<()> {
+    for flag in ["-D", "-d"] {
+        for signal in [Signal::SIGTERM, Signal::SIGINT] {
+            let mut codes = Vec::new();
+            for which in BOTH {
+                let home = Home::new()?;
+                let mut command = home.agent(which)?;
+                command.arg(flag).arg("-a").arg(home.path().join("s"));
+                let mut agent = Foreground::start(command)?;
+                // ssh-agent prints its lines before it catches signals; once
+                // it answers, it has.
+                ensure!(lists_nothing(&agent.socket)?, "{which:?} does not answer");
+                let mut child = agent.child.take().context("no child")?;
+                kill(Pid::from_raw(i32::try_from(child.id())?), signal)?;
+                if !wait_for(Duration::from_secs(10), || {
+                    matches!(child.try_wait(), Ok(Some(_)))
+                }) {
+                    let _ = child.kill();
+                }
+                codes.push(child.wait()?.code());
+            }
+            assert_eq!(
+                codes,
+                [Some(2), Some(2)],
+                "{flag}, {signal}: token-agent, OpenSSH 10.5"
+            );
+        }
+    }
+    Ok(())
+}
