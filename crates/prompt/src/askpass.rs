@@ -1,8 +1,9 @@
 //! Asking through an `SSH_ASKPASS` program, exactly as OpenSSH runs it.
 //!
 //! The program gets the prompt as its only argument. For a PIN it prints the
-//! answer on standard output; for a confirmation OpenSSH sets
-//! `SSH_ASKPASS_PROMPT=confirm` and takes exit status 0 as "yes".
+//! answer on standard output, of which only the first line counts; for a
+//! confirmation OpenSSH sets `SSH_ASKPASS_PROMPT=confirm` and takes exit
+//! status 0 as "yes".
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -35,7 +36,8 @@ impl Askpass {
         &self.program
     }
 
-    /// Asks for a PIN.
+    /// Asks for a PIN: the first line the program prints. An empty answer is
+    /// [`PromptError::Cancelled`], never an empty PIN that would spend a try.
     pub async fn pin(&self, request: &PinRequest) -> Result<SecretString, PromptError> {
         let mut child = self.spawn(&request.description(), None)?;
         let mut stdout = child
@@ -59,9 +61,12 @@ impl Askpass {
         if !status.success() {
             return Err(PromptError::Cancelled);
         }
-        let text = std::str::from_utf8(&answer).map_err(|_| self.failed("answer is not UTF-8"))?;
-        let pin = text.trim_end_matches(['\r', '\n']);
-        Ok(SecretString::from(pin.to_owned()))
+        match first_line(&answer) {
+            Ok(Some(pin)) => Ok(SecretString::from(pin.to_owned())),
+            // Nothing typed: sending an empty PIN would only spend a try.
+            Ok(None) => Err(PromptError::Cancelled),
+            Err(_) => Err(self.failed("answer is not UTF-8")),
+        }
     }
 
     /// Asks to allow a use of a key. As OpenSSH's `ask_permission()`, only
@@ -139,6 +144,18 @@ impl Askpass {
             message: message.to_owned(),
         }
     }
+}
+
+/// A PIN answer: its first line (up to CR or LF), as OpenSSH's
+/// `ssh_askpass()` reads it, so anything an askpass prints after the PIN never
+/// reaches the token; `None` when that line is empty.
+fn first_line(answer: &[u8]) -> Result<Option<&str>, std::str::Utf8Error> {
+    let line = answer
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or_default();
+    let line = std::str::from_utf8(line)?;
+    Ok((!line.is_empty()).then_some(line))
 }
 
 /// The most of a confirmation answer that is read; "yes" needs four bytes.
@@ -257,6 +274,38 @@ mod tests {
         assert!(affirmative(b"yes\nno\n"));
         assert!(!affirmative(b"no\nyes\n"));
         assert!(!affirmative(b"y"));
+    }
+
+    #[test]
+    fn a_pin_answer_is_its_first_line_and_an_empty_one_is_none() {
+        assert_eq!(first_line(b"123456\n"), Ok(Some("123456")));
+        assert_eq!(first_line(b"123456\r\n"), Ok(Some("123456")));
+        assert_eq!(first_line(b"123456\njunk\n"), Ok(Some("123456")));
+        assert_eq!(first_line(b"123456"), Ok(Some("123456")));
+        assert_eq!(first_line(b" 12 34 \n"), Ok(Some(" 12 34 ")));
+        assert_eq!(first_line(b""), Ok(None));
+        assert_eq!(first_line(b"\n"), Ok(None));
+        assert_eq!(first_line(b"\r\n123456\n"), Ok(None));
+        assert!(first_line(b"\xff\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_pin_is_the_first_line_and_an_empty_answer_is_a_cancel() {
+        let cases = [
+            ("printf '123456\\njunk\\n'", Some("123456")),
+            ("printf '123456\\r\\nmore'", Some("123456")),
+            ("exit 0", None),
+            ("echo", None),
+        ];
+        for (body, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let askpass = Askpass::new(script(dir.path(), body), Duration::from_secs(10));
+            match (askpass.pin(&pin_request()).await, want) {
+                (Ok(pin), Some(want)) => assert_eq!(pin.expose_secret(), want, "`{body}`"),
+                (Err(PromptError::Cancelled), None) => {}
+                (other, _) => panic!("askpass `{body}`: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]

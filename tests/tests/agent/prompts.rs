@@ -2,6 +2,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
+use token_agent_e2e::softhsm::{KeyKind, SoftHsm, MODULE, PIN};
 use token_agent_e2e::{check, sign_file, test_binary, wait_for, write_script};
 
 /// An askpass script that records its prompt and answers by exit status.
@@ -134,6 +135,56 @@ fn issue_12_confirmation_prompts_show_the_e_fingerprint() -> anyhow::Result<()> 
     let asked = std::fs::read_to_string(dir.path().join("yes.asked"))?;
     assert!(asked.contains("MD5:"), "{asked}");
     assert!(!asked.contains("SHA256:"), "{asked}");
+    Ok(())
+}
+
+#[test]
+fn askpass_pins_are_their_first_line_and_an_empty_answer_reaches_no_token() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("asks", &[KeyKind::P256])?;
+    let dir = tempfile::tempdir()?;
+    let asked = dir.path().join("asked");
+    // Prints nothing and exits 0, as an askpass whose window was just closed.
+    let silent = dir.path().join("silent");
+    write_script(&silent, &format!("echo asked >> '{}'", asked.display()))?;
+    // The PIN, then more lines: OpenSSH reads only the first.
+    let chatty = dir.path().join("chatty");
+    write_script(&chatty, &format!("printf '%s\\nsecond line\\n' '{PIN}'"))?;
+    let current = dir.path().join("askpass");
+    std::os::unix::fs::symlink(&silent, &current)?;
+    let mut env = hsm.env();
+    env.push(("SSH_ASKPASS".into(), current.display().to_string()));
+    let agent = Agent::start(AgentOptions {
+        env,
+        config: Some(format!(
+            "[prompt]\npin_prompt = \"askpass\"\n[[pkcs11.modules]]\npath = \"{MODULE}\"\n"
+        )),
+        ..AgentOptions::default()
+    })?;
+    let mut listed = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            listed = agent.listed().unwrap_or_default();
+            listed.len() == 1
+        }),
+        "{}",
+        agent.log_text()
+    );
+    let public = agent.dir().join("token.pub");
+    std::fs::write(&public, format!("{}\n", listed[0]))?;
+
+    assert!(!try_sign(&agent, &public)?);
+    assert!(asked.exists(), "{}", agent.log_text());
+    assert!(
+        !agent.log_text().contains("PIN incorrect"),
+        "an empty answer was tried as a PIN:\n{}",
+        agent.log_text()
+    );
+
+    std::fs::remove_file(&current)?;
+    std::os::unix::fs::symlink(&chatty, &current)?;
+    assert!(try_sign(&agent, &public)?, "{}", agent.log_text());
+    assert!(!agent.log_text().contains("PIN incorrect"));
     Ok(())
 }
 
