@@ -383,7 +383,7 @@ impl Session {
                     return Reply::Failure.encode();
                 }
             };
-            if let Some(owner) = self.upstreams.owner(blob) {
+            if let Some(owner) = self.upstreams.find_owner(blob, &self.binds).await {
                 let fingerprint = self.router.fingerprint(&key_data);
                 return self
                     .sign_upstream(owner, blob, &key_data, fingerprint, &request, frame)
@@ -492,7 +492,7 @@ impl Session {
             return Reply::Failure.encode();
         };
         if self.router.snapshot().find(blob).is_none() {
-            if let Some(owner) = self.upstreams.owner(blob) {
+            if let Some(owner) = self.upstreams.find_owner(blob, &self.binds).await {
                 let fingerprint = self.router.fingerprint(&key_data);
                 let forwarded = self.upstreams.forward(&owner, &self.binds, frame).await;
                 return self.upstream_answer("remove", fingerprint, forwarded, |socket, fp| {

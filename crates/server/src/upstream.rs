@@ -328,6 +328,20 @@ impl Links {
         self.links.iter().map(|link| link.agent.socket.as_path())
     }
 
+    /// The upstream that holds `blob`, as [`Links::owner`] finds it, else
+    /// as the upstreams list now: a client may sign with or remove a key it
+    /// did not list first, as plain ssh-agent lets it.
+    pub(crate) async fn find_owner(&mut self, blob: &[u8], binds: &[Vec<u8>]) -> Option<Owner> {
+        if let Some(owner) = self.owner(blob) {
+            return Some(owner);
+        }
+        if self.links.is_empty() {
+            return None;
+        }
+        self.list(binds).await;
+        self.owner(blob)
+    }
+
     /// The upstream that holds `blob`: the first that listed it on this
     /// connection, else the first whose last list has it.
     pub(crate) fn owner(&self, blob: &[u8]) -> Option<Owner> {

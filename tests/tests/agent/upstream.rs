@@ -445,3 +445,37 @@ fn an_upstream_with_too_many_keys_leaves_the_agents_own_listed() -> anyhow::Resu
     ensure!(agent.log_text().contains("the listing left out keys"));
     Ok(())
 }
+
+/// A client may sign with or remove an upstream's key without listing first,
+/// as plain ssh-agent lets it: token-agent asks its upstreams who holds it.
+#[test]
+fn upstream_keys_sign_and_go_without_a_listing_first() -> anyhow::Result<()> {
+    use token_agent_e2e::wire::{RawClient, SIGN_RESPONSE};
+
+    let upstream = Agent::start_openssh(&[])?;
+    let (theirs, _) = key(upstream.dir(), "theirs")?;
+    check(upstream.ssh_add([&theirs])?, "ssh-add to ssh-agent")?;
+    let public = ssh_key::PublicKey::read_openssh_file(&theirs.with_extension("pub"))?;
+    let request = token_agent_e2e::bench::sign_request(&public.to_bytes()?, b"data", 0);
+
+    let agent = token_agent(&[upstream.socket()], "")?;
+    let mut client = RawClient::connect(agent.socket())?;
+    let reply = client.request(&request)?.unwrap_or_default();
+    ensure!(
+        reply.first() == Some(&SIGN_RESPONSE),
+        "{reply:?}\n{}",
+        agent.log_text()
+    );
+
+    // A fresh agent, with no listing kept from before.
+    let agent = token_agent(&[upstream.socket()], "")?;
+    check(
+        agent.ssh_add(["-d".as_ref(), theirs.with_extension("pub").as_os_str()])?,
+        "ssh-add -d through token-agent",
+    )?;
+    ensure!(
+        upstream.listed()?.is_empty(),
+        "the upstream still holds the key"
+    );
+    Ok(())
+}
