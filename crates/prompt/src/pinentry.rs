@@ -121,31 +121,94 @@ impl Pinentry {
 /// libgpg-error's "Not confirmed" (err-codes.h).
 const GPG_ERR_NOT_CONFIRMED: u16 = 114;
 
-/// Assuan lines are limited to 1,000 bytes (and the `pinentry` crate panics
-/// past that): shorten a long description, at a character boundary, leaving
-/// room for the command and escapes.
+/// Assuan lines are limited to 1,000 bytes, escapes included (and the
+/// `pinentry` crate panics past that). The crate escapes `%`, CR and LF into
+/// three bytes each, so a description is measured escaped: past
+/// [`MAX_ESCAPED`] bytes it is cut at a character boundary and ends in "…".
 fn assuan_line(mut text: String) -> String {
-    const MAX: usize = 600;
-    if text.len() > MAX {
-        let mut end = MAX;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
+    const ELLIPSIS: char = '…';
+    if text.chars().map(escaped_len).sum::<usize>() <= MAX_ESCAPED {
+        return text;
     }
+    let budget = MAX_ESCAPED - ELLIPSIS.len_utf8();
+    let mut used = 0;
+    let mut end = 0;
+    for (at, c) in text.char_indices() {
+        used += escaped_len(c);
+        if used > budget {
+            break;
+        }
+        end = at + c.len_utf8();
+    }
+    text.truncate(end);
+    text.push(ELLIPSIS);
     text
+}
+
+/// The most bytes a description takes once escaped: 1,000 less room for the
+/// command ("SETDESC "), a trailing backslash's escape and the newline.
+const MAX_ESCAPED: usize = 900;
+
+/// The bytes `c` takes on an Assuan line.
+fn escaped_len(c: char) -> usize {
+    match c {
+        '%' | '\r' | '\n' => 3,
+        c => c.len_utf8(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The line the `pinentry` crate sends for `SETDESC text`, escaped as it
+    /// escapes it (`encode_request`).
+    fn setdesc(text: &str) -> String {
+        let mut line = String::from("SETDESC ");
+        for c in text.chars() {
+            match c {
+                '\n' => line.push_str("%0A"),
+                '\r' => line.push_str("%0D"),
+                '%' => line.push_str("%25"),
+                c => line.push(c),
+            }
+        }
+        if line.ends_with('\\') {
+            line.pop();
+            line.push_str("%5C");
+        }
+        line.push('\n');
+        line
+    }
+
     #[test]
     fn long_descriptions_are_shortened() {
         let text = assuan_line("é".repeat(1000));
-        assert!(text.len() <= 604);
+        assert!(text.len() <= MAX_ESCAPED);
         assert!(text.ends_with('…'));
         assert_eq!(assuan_line("short".into()), "short");
+        let exact = "a".repeat(MAX_ESCAPED);
+        assert_eq!(assuan_line(exact.clone()), exact);
+    }
+
+    #[test]
+    fn descriptions_fit_an_assuan_line_once_escaped() {
+        let cases = [
+            "%".repeat(700),
+            "\n".repeat(400),
+            "\r\n".repeat(300),
+            format!("Allow use of key {}?", "%é\n".repeat(300)),
+            format!("{}\\", "a".repeat(MAX_ESCAPED - 1)),
+            "€%".repeat(400),
+        ];
+        for text in cases {
+            let shortened = assuan_line(text.clone());
+            let line = setdesc(&shortened);
+            assert!(line.len() <= 1000, "{} bytes: {line:?}", line.len());
+            assert!(text.starts_with(shortened.trim_end_matches('…')));
+        }
+        // Cut where the escaped text reaches the limit, not before.
+        let shortened = assuan_line("%".repeat(700));
+        assert_eq!(shortened, format!("{}…", "%".repeat((MAX_ESCAPED - 3) / 3)));
     }
 }

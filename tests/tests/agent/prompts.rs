@@ -229,6 +229,45 @@ fn confirm_through_pinentry_without_askpass() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_key_comment_of_many_percent_signs_can_still_be_confirmed_through_pinentry(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("script");
+    let log = dir.path().join("pinentry.log");
+    std::fs::write(&script, "confirm yes\n")?;
+    let pinentry = test_binary("scripted-pinentry")?;
+    let agent = Agent::start(AgentOptions {
+        env: vec![
+            ("PINENTRY_PROGRAM".into(), pinentry.display().to_string()),
+            (
+                "SCRIPTED_PINENTRY_SCRIPT".into(),
+                script.display().to_string(),
+            ),
+            ("SCRIPTED_PINENTRY_LOG".into(), log.display().to_string()),
+            ("DISPLAY".into(), ":0".into()),
+        ],
+        ..AgentOptions::default()
+    })?;
+    // Each `%` is three bytes on the Assuan line: 2,100 escaped.
+    let key = agent.dir().join("id");
+    keygen(&key, "ed25519", &"%".repeat(700))?;
+    check(
+        agent.ssh_add(["-c".as_ref(), key.as_os_str()])?,
+        "ssh-add -c",
+    )?;
+    std::fs::remove_file(&key)?;
+    assert!(
+        try_sign(&agent, &key.with_extension("pub"))?,
+        "{}",
+        agent.log_text()
+    );
+    let asked = std::fs::read_to_string(&log)?;
+    assert!(asked.contains("SETDESC Allow use of key %%%"), "{asked}");
+    assert!(asked.contains("…"), "{asked}");
+    Ok(())
+}
+
+#[test]
 fn confirm_without_any_prompt_refuses_clearly() -> anyhow::Result<()> {
     // No SSH_ASKPASS and no display: the agent must refuse, not hang.
     let agent = Agent::start(AgentOptions {
