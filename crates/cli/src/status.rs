@@ -102,6 +102,19 @@ fn ask(socket: &std::path::Path) -> anyhow::Result<Value> {
     serde_json::from_slice(json).context("the agent's answer is not JSON")
 }
 
+/// How the agent is locked, and what unlocks it.
+fn lock_state(doc: &Value) -> &'static str {
+    let flag = |name: &str| doc[name].as_bool().unwrap_or(false);
+    match (flag("locked_with_password"), flag("locked_with_session")) {
+        (true, true) => "LOCKED (ssh-add -X, and unlocking the desktop session, unlock it)",
+        (true, false) => "LOCKED (ssh-add -X unlocks)",
+        (false, true) => "LOCKED with the desktop session (unlocking the session unlocks it)",
+        // An agent from before the two flags.
+        (false, false) if flag("locked") => "LOCKED",
+        (false, false) => "unlocked",
+    }
+}
+
 /// The document in words.
 fn render(doc: &Value, socket: &std::path::Path) -> String {
     let mut out = String::new();
@@ -112,11 +125,7 @@ fn render(doc: &Value, socket: &std::path::Path) -> String {
         doc["pid"],
         socket.display(),
         duration(doc["uptime_seconds"].as_u64().unwrap_or(0)),
-        if doc["locked"].as_bool().unwrap_or(false) {
-            "LOCKED (ssh-add -X unlocks)"
-        } else {
-            "unlocked"
-        }
+        lock_state(doc)
     ));
     out.push_str("\nDevices:\n");
     let mut any_device = false;
@@ -313,5 +322,21 @@ mod tests {
         assert_eq!(time(u64::MAX), "forever");
         assert_eq!(duration(45), "45s");
         assert_eq!(duration(7380), "2h 3m");
+    }
+
+    #[test]
+    fn the_lock_says_what_unlocks_it() {
+        let doc = |password: bool, session: bool| {
+            serde_json::json!({
+                "locked": password || session,
+                "locked_with_password": password,
+                "locked_with_session": session,
+            })
+        };
+        assert_eq!(lock_state(&doc(false, false)), "unlocked");
+        assert_eq!(lock_state(&doc(true, false)), "LOCKED (ssh-add -X unlocks)");
+        assert!(lock_state(&doc(false, true)).contains("unlocking the session unlocks it"));
+        assert!(!lock_state(&doc(false, true)).contains("ssh-add -X"));
+        assert!(lock_state(&doc(true, true)).contains("ssh-add -X, and unlocking"));
     }
 }

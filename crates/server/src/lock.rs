@@ -51,6 +51,11 @@ impl Lock {
         self.state().is_some() || self.is_session_locked()
     }
 
+    /// Whether the agent is locked with a password (`ssh-add -x`).
+    pub fn is_password_locked(&self) -> bool {
+        self.state().is_some()
+    }
+
     /// Whether the agent is locked with the desktop session.
     pub fn is_session_locked(&self) -> bool {
         self.session.load(std::sync::atomic::Ordering::SeqCst)

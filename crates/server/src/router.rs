@@ -324,7 +324,10 @@ impl Router {
             .collect();
         status::document(
             self.started,
-            self.lock.is_locked(),
+            status::LockState {
+                password: self.lock.is_password_locked(),
+                session: self.lock.is_session_locked(),
+            },
             backends,
             keys,
             self.upstreams.status(),

@@ -164,10 +164,18 @@ impl KeyStatus<'_> {
     }
 }
 
+/// How the agent is locked: with a password (`ssh-add -x`), with the
+/// desktop session, both or neither.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LockState {
+    pub(crate) password: bool,
+    pub(crate) session: bool,
+}
+
 /// The whole answer.
 pub(crate) fn document(
     started: Instant,
-    locked: bool,
+    lock: LockState,
     backends: Vec<(&str, Vec<DeviceStatus>)>,
     keys: Vec<Value>,
     upstreams: Vec<Value>,
@@ -177,7 +185,9 @@ pub(crate) fn document(
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
         "uptime_seconds": started.elapsed().as_secs(),
-        "locked": locked,
+        "locked": lock.password || lock.session,
+        "locked_with_password": lock.password,
+        "locked_with_session": lock.session,
         "backends": backends
             .into_iter()
             .map(|(name, devices)| json!({

@@ -118,6 +118,15 @@ impl Upstreams {
             .iter()
             .map(|agent| {
                 let state = agent.state();
+                // What a listing now shows of it: while it does not answer,
+                // its last list only for keep_list_seconds.
+                let keys = match (&state.health, state.listed_at) {
+                    (Health::Answering, _) => state.keys.len(),
+                    (_, Some(at)) if now.duration_since(at) < self.settings.keep_list => {
+                        state.keys.len()
+                    }
+                    _ => 0,
+                };
                 let (health, reason, since) = match &state.health {
                     Health::Unknown => ("not asked yet", None, None),
                     Health::Answering => ("answering", None, None),
@@ -131,7 +140,7 @@ impl Upstreams {
                     "state": health,
                     "reason": reason,
                     "since_seconds": since.map(|s| now.duration_since(s).as_secs()),
-                    "keys": state.keys.len(),
+                    "keys": keys,
                     "listed_seconds_ago": state.listed_at.map(|t| now.duration_since(t).as_secs()),
                 })
             })
@@ -617,6 +626,36 @@ mod tests {
         let mut huge = vec![id::IDENTITIES_ANSWER];
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(parse_identities(&huge).is_err());
+    }
+
+    #[test]
+    fn status_counts_the_keys_a_listing_would_show() {
+        let upstreams = Upstreams::new(UpstreamSettings {
+            sockets: vec!["/nowhere".into()],
+            keep_list: Duration::from_secs(5),
+            ..UpstreamSettings::default()
+        });
+        let set = |health: Health, listed_ago: u64| {
+            let mut state = token_agent_core::lock(&upstreams.agents[0].state);
+            state.keys = Arc::from(vec![UpstreamKey {
+                blob: b"key".to_vec(),
+                comment: "kept".into(),
+            }]);
+            state.listed_at = Instant::now().checked_sub(Duration::from_secs(listed_ago));
+            state.health = health;
+        };
+        let silent = || Health::NotAnswering {
+            since: Instant::now(),
+            reason: "did not answer".into(),
+        };
+        // Not answering: its last list counts while it is kept, then not.
+        set(silent(), 1);
+        assert_eq!(upstreams.status()[0]["keys"], 1);
+        set(silent(), 10);
+        assert_eq!(upstreams.status()[0]["keys"], 0);
+        // Answering: what it listed last.
+        set(Health::Answering, 10);
+        assert_eq!(upstreams.status()[0]["keys"], 1);
     }
 
     #[tokio::test]
