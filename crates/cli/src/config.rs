@@ -40,7 +40,7 @@ pub(crate) const KEYS: &[Key] = &[
         section: "",
         name: "log_file",
         example: r#""~/.local/state/token-agent/agent.log""#,
-        meaning: "Where the background agent logs. Default: $XDG_STATE_HOME/token-agent/agent.log.",
+        meaning: "Where the background agent logs. Default: $XDG_STATE_HOME/token-agent/agent.log; syslog when the file cannot be made.",
     },
     Key {
         section: "",
@@ -245,7 +245,7 @@ The first rule that matches applies; without one, every key is listed.",
         section: "listing",
         name: "keys",
         example: r#"["backend:piv", "upstream:*gnupg*", "comment:work*"]"#,
-        meaning: "The keys such a connection is shown, in this order: \"SHA256:...\" (a fingerprint), \"comment:PATTERN\", \
+        meaning: "The keys such a connection is shown, in this order: \"SHA256:...\" (a fingerprint, in any hash ssh-add -l -E shows), \"comment:PATTERN\", \
 \"backend:NAME\" (software, pkcs11, piv, fido or upstream), \"upstream:PATTERN\" (by socket path) or \"*\" (the rest). Keys no selector takes are not listed; \
 they still sign if asked. Keeps the keys a host wants under sshd's MaxAuthTries.",
     },
@@ -852,10 +852,15 @@ fn expand_home(path: &Path) -> PathBuf {
     }
 }
 
+/// `$variable` when it is an absolute path, else `fallback` in the home
+/// directory: $HOME, or the passwd entry's when HOME is unset (as the
+/// default socket's place, [`crate::socket::home_dir`]).
 fn xdg_dir(variable: &str, fallback: &str) -> Option<PathBuf> {
     match std::env::var_os(variable) {
         Some(dir) if Path::new(&dir).is_absolute() => Some(PathBuf::from(dir)),
-        _ => std::env::var_os("HOME").map(|home| PathBuf::from(home).join(fallback)),
+        _ => crate::socket::home_dir()
+            .ok()
+            .map(|home| home.join(fallback)),
     }
 }
 
@@ -999,14 +1004,15 @@ policy = "allow"
         .unwrap();
         let policy = config.forwarding.policy();
         use token_agent_server::forwarding::ForwardedUse;
+        let key = ssh_key::public::KeyData::Ed25519(ssh_key::public::Ed25519PublicKey([1; 32]));
         assert_eq!(policy.default, ForwardedUse::Confirm);
         assert_eq!(policy.default_confirm_cache, Duration::from_secs(10));
         assert_eq!(
-            policy.decide("SHA256:x", "YubiKey", "piv").action,
+            policy.decide(&key, "YubiKey", "piv").action,
             ForwardedUse::Refuse
         );
         assert_eq!(
-            policy.decide("SHA256:x", "me@laptop", "software").action,
+            policy.decide(&key, "me@laptop", "software").action,
             ForwardedUse::Allow
         );
         let typo =

@@ -60,9 +60,13 @@ pub(crate) fn start(options: &Options) -> anyhow::Result<ExitCode> {
         let said = said.trim().trim_start_matches("token-agent: ");
         bail!("the agent did not start: {said}");
     };
-    // From here on the child logs to its file and has let go of its stdout
-    // and stderr pipes (detach_stdio), so no shell waits on them.
-    drop(child.stderr.take());
+    // The child has let go of its stdout and stderr pipes (detach_stdio)
+    // before it said READY; what it wrote on stderr until then (a warning
+    // that it could not make its log file) is passed on, and no shell waits
+    // on the pipes.
+    if let Some(stderr) = child.stderr.take() {
+        pass_on_warnings(stderr);
+    }
 
     if options.command.is_empty() {
         let mut stdout = std::io::stdout().lock();
@@ -81,6 +85,22 @@ pub(crate) fn start(options: &Options) -> anyhow::Result<ExitCode> {
         nix::sys::signal::Signal::SIGTERM,
     );
     Err(err).with_context(|| format!("cannot run {}", program.to_string_lossy()))
+}
+
+/// Copies to this process's stderr what the child wrote on its stderr before
+/// it said READY. The pipe is read without waiting: a PKCS#11 helper the
+/// child started may still hold its end.
+fn pass_on_warnings(stderr: std::process::ChildStderr) {
+    let mut stderr = File::from(std::os::fd::OwnedFd::from(stderr));
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if fcntl(stderr.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
+        return;
+    }
+    let mut said = Vec::new();
+    let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut said);
+    if !said.is_empty() {
+        let _ = std::io::stderr().write_all(&said);
+    }
 }
 
 /// In the background agent, once the parent has read the socket path:

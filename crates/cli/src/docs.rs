@@ -274,7 +274,7 @@ fn configuration_section() -> Roff {
         ),
         (
             "~/.local/state/token-agent/agent.log",
-            "The background agent's log ($XDG_STATE_HOME/token-agent/agent.log), unless log_file says otherwise.",
+            "The background agent's log ($XDG_STATE_HOME/token-agent/agent.log), unless log_file says otherwise; syslog when it cannot be made.",
         ),
         (
             "~/.ssh/agent/s.HOSTHASH.agent.RANDOM",

@@ -51,16 +51,7 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         Role::DaemonChild => {
             // A session of its own: the terminal's hangup and ^C do not reach the agent.
             nix::unistd::setsid().context("cannot start a new session")?;
-            let path = config
-                .log_file
-                .clone()
-                .or_else(config::default_log_file)
-                .context("cannot find a place for the log file: set HOME or log_file")?;
-            log_file = Some(logging::to_file(
-                &path,
-                "info",
-                config.log_level.as_deref(),
-            )?);
+            log_file = background_log(&config);
         }
     }
     harden();
@@ -130,6 +121,30 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         Ok::<_, anyhow::Error>(stopped.get())
     })?;
     Ok(stopped.map_or(ExitCode::SUCCESS, |why| why.exit_code(activated)))
+}
+
+/// The background agent's log: the configured or default file; else syslog
+/// (the journal), else nothing. The agent starts either way, as ssh-agent
+/// (which needs no file), and says on stderr, which the parent passes on
+/// before it detaches, where its log went instead.
+fn background_log(config: &Config) -> Option<File> {
+    let level = config.log_level.as_deref();
+    let failure = match config.log_file.clone().or_else(config::default_log_file) {
+        Some(path) => match logging::to_file(&path, "info", level) {
+            Ok(file) => return Some(file),
+            Err(err) => format!("{err:#}"),
+        },
+        None => "no place for the log file (no HOME, no home directory in the passwd entry, \
+                 no log_file)"
+            .to_owned(),
+    };
+    let instead = if logging::to_syslog("info", level) {
+        "logging to syslog instead (journalctl -t token-agent)"
+    } else {
+        "/dev/log cannot be reached either, so the agent logs nothing"
+    };
+    eprintln!("token-agent: warning: {failure}; {instead}");
+    None
 }
 
 fn backends(config: &Config) -> Vec<Arc<dyn Backend>> {

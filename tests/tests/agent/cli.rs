@@ -566,3 +566,72 @@ fn t_0_means_no_lifetime_and_t_1_5_one_second_as_openssh() -> anyhow::Result<()>
     assert_eq!(forever.listed()?.len(), 1, "-t 0 gave the key a lifetime");
     Ok(())
 }
+
+/// Starts `command` (a background start) and checks the agent it printed
+/// answers, then stops it; returns what it said on stderr.
+fn starts_in_the_background(mut command: Command, socket: &Path) -> anyhow::Result<String> {
+    let output = check(command.output()?, "token-agent -s")?;
+    let pid = variable(&stdout(&output), "SSH_AGENT_PID").unwrap_or_default();
+    let listed = Command::new("ssh-add")
+        .arg("-l")
+        .env("SSH_AUTH_SOCK", socket)
+        .output();
+    stop_printed_agent(&pid);
+    let listed = listed?;
+    assert!(
+        stdout(&listed).contains("The agent has no identities."),
+        "the agent does not answer: {}",
+        stderr(&listed)
+    );
+    Ok(stderr(&output))
+}
+
+#[test]
+fn background_agent_starts_without_a_log_file_and_says_so() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // HOME is a file: no log directory can be made under it.
+    let dir = tempfile::tempdir()?;
+    let home = dir.path().join("home-is-a-file");
+    std::fs::write(&home, "")?;
+    let socket = dir.path().join("s");
+    let mut command = token_agent(dir.path())?;
+    command
+        .env("HOME", &home)
+        .env_remove("XDG_STATE_HOME")
+        .args(["-s", "-a"])
+        .arg(&socket);
+    let said = starts_in_the_background(command, &socket)?;
+    assert!(
+        said.starts_with("token-agent: warning: cannot create the log directory")
+            && (said.contains("logging to syslog instead") || said.contains("logs nothing")),
+        "{said}"
+    );
+
+    // As a user whose passwd home does not exist, without HOME: the log
+    // would go under the passwd entry's home, which cannot be made.
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("not root: the run as nobody is left out");
+        return Ok(());
+    }
+    let shared = tempfile::tempdir()?;
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o777))?;
+    let binary = shared.path().join("token-agent");
+    std::fs::copy(agent_binary()?, &binary)?;
+    let socket = shared.path().join("s");
+    let mut command = isolated("setpriv", shared.path());
+    command
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(&binary)
+        .args(["-s", "-a"])
+        .arg(&socket)
+        .env_remove("HOME")
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("XDG_CONFIG_HOME")
+        .current_dir(shared.path());
+    let said = starts_in_the_background(command, &socket)?;
+    assert!(
+        said.contains("/nonexistent/.local/state/token-agent"),
+        "the passwd entry's home is not where the log was tried: {said}"
+    );
+    Ok(())
+}
