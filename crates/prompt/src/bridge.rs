@@ -7,7 +7,10 @@
 //! - Notices go to the [`Notifier`].
 //!
 //! One question is asked at a time: two pinentry windows at once would leave
-//! the person guessing which device each is for.
+//! the person guessing which device each is for. So each way of asking bounds
+//! its own wait (the timeout; for pinentry, a few seconds of grace past its
+//! own `SETTIMEOUT`, then the program is killed): a prompt nobody answers
+//! cannot hold the turn from the questions after it.
 
 use std::sync::Arc;
 

@@ -1,10 +1,21 @@
-//! Asking through a pinentry program (GnuPG's Assuan protocol, via the `pinentry` crate).
+//! Asking through a pinentry program, speaking GnuPG's Assuan protocol to it.
+//!
+//! The agent enforces the time limit itself. pinentry's `SETTIMEOUT` is only
+//! a request, and a pinentry that never answers (hung, or drawing on a screen
+//! nobody looks at) would otherwise hold the bridge's one-question-at-a-time
+//! turn, and so every later PIN and confirmation, until killed by hand. So the
+//! conversation runs on a thread of its own while the caller keeps the child
+//! process, and kills it once the limit has passed.
 
-use std::io::IsTerminal;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use token_agent_core::{ConfirmRequest, PinRequest, PromptError};
+use zeroize::Zeroizing;
 
 /// A pinentry program: `pinentry-gnome3`, `pinentry-qt`, `pinentry-curses`, `pinentry-mac`, ...
 #[derive(Debug, Clone)]
@@ -15,7 +26,8 @@ pub struct Pinentry {
 
 impl Pinentry {
     /// Uses `program` (a path, or a name looked up in PATH), giving the person
-    /// `timeout_seconds` to answer.
+    /// `timeout_seconds` to answer. The program is asked to close its dialog
+    /// then (`SETTIMEOUT`); one still running five seconds later is killed.
     pub fn new(program: impl Into<PathBuf>, timeout_seconds: u16) -> Self {
         Self {
             program: program.into(),
@@ -28,47 +40,139 @@ impl Pinentry {
         &self.program
     }
 
-    /// Asks for a PIN. Blocking: run it off the async runtime.
+    /// Asks for a PIN. Blocking (for at most the timeout and five seconds):
+    /// run it off the async runtime.
     pub fn pin(&self, request: &PinRequest) -> Result<SecretString, PromptError> {
         self.check_display(&request.title())?;
-        let Some(mut input) = ::pinentry::PassphraseInput::with_binary(&self.program) else {
-            return Err(self.not_found());
-        };
-        let (title, label) = (request.title(), request.label());
-        let description = assuan_line(request.description());
-        input
-            .with_title(&title)
-            .with_description(&description)
-            .with_prompt(&label)
-            .with_timeout(self.timeout_seconds)
-            .required("The PIN cannot be empty.");
-        input.interact().map_err(|e| self.error(e))
+        self.ask_pin(request)
     }
 
-    /// Asks to allow a use of a key. Blocking: run it off the async runtime.
+    /// Asks to allow a use of a key. Blocking (for at most the timeout and
+    /// five seconds): run it off the async runtime.
     pub fn confirm(&self, request: &ConfirmRequest) -> Result<bool, PromptError> {
         self.check_display("a confirmation")?;
-        let Some(mut dialog) = ::pinentry::ConfirmationDialog::with_binary(&self.program) else {
-            return Err(self.not_found());
-        };
-        dialog
-            .with_title("token-agent")
-            .with_ok("Allow")
-            .with_cancel("Deny")
-            .with_timeout(self.timeout_seconds);
-        // Only the OK button allows: Cancel, "Not confirmed" and a closed
+        self.ask_confirm(request)
+    }
+
+    fn ask_pin(&self, request: &PinRequest) -> Result<SecretString, PromptError> {
+        let title = assuan_line(request.title());
+        let description = assuan_line(request.description());
+        let label = assuan_line(request.label());
+        let timeout = self.timeout_seconds.to_string();
+        let pin = self.converse(move |session| {
+            session.request("SETTITLE", &title)?;
+            session.request("SETDESC", &description)?;
+            session.request("SETPROMPT", &label)?;
+            session.request("SETTIMEOUT", &timeout)?;
+            loop {
+                // An empty entry comes back without data: ask again (an
+                // empty PIN would only spend a try).
+                match session.command("GETPIN", None)? {
+                    Some(pin) => return Ok(pin),
+                    None => session.request("SETERROR", "The PIN cannot be empty.")?,
+                }
+            }
+        })?;
+        let pin = std::str::from_utf8(&pin).map_err(|_| self.failed("the PIN is not UTF-8"))?;
+        Ok(SecretString::from(pin))
+    }
+
+    fn ask_confirm(&self, request: &ConfirmRequest) -> Result<bool, PromptError> {
+        let description = assuan_line(request.description());
+        let timeout = self.timeout_seconds.to_string();
+        let answer = self.converse(move |session| {
+            session.request("SETTITLE", "token-agent")?;
+            session.request("SETDESC", &description)?;
+            session.request("SETOK", "Allow")?;
+            session.request("SETCANCEL", "Deny")?;
+            session.request("SETTIMEOUT", &timeout)?;
+            session.command("CONFIRM", None).map(|_| ())
+        });
+        // Only the OK button allows: Deny, "Not confirmed" and a closed
         // window are a no; a timeout or any other failure is an error (and so
         // refuses too).
-        match dialog.confirm(&assuan_line(request.description())) {
-            Ok(answer) => Ok(answer),
-            Err(::pinentry::Error::Timeout) => Err(PromptError::TimedOut {
-                seconds: u64::from(self.timeout_seconds),
-            }),
-            // Some pinentries answer Deny with GPG_ERR_NOT_CONFIRMED, which the
-            // crate turns into a "no" only when a third button was set.
-            Err(::pinentry::Error::Gpg(err)) if err.code() == GPG_ERR_NOT_CONFIRMED => Ok(false),
-            Err(err) => Err(self.error(err)),
+        match answer {
+            Ok(()) => Ok(true),
+            Err(PromptError::Cancelled) => Ok(false),
+            Err(err) => Err(err),
         }
+    }
+
+    /// Runs the pinentry and `talk`s to it on a thread of its own, waiting
+    /// at most the timeout and [`GRACE`]; past that the pinentry is killed,
+    /// which also ends the conversation's thread (its reads see the pipe
+    /// close), and the answer is [`PromptError::TimedOut`].
+    fn converse<T: Send + 'static>(
+        &self,
+        talk: impl FnOnce(&mut Session) -> Result<T, Failure> + Send + 'static,
+    ) -> Result<T, PromptError> {
+        let mut child = self.spawn()?;
+        let (Some(to), Some(from)) = (child.stdin.take(), child.stdout.take()) else {
+            stop(&mut child);
+            return Err(self.failed("no pipes to the program"));
+        };
+        let (send, answer) = mpsc::channel();
+        let talker = std::thread::Builder::new()
+            .name("pinentry".into())
+            .spawn(move || {
+                let mut session = Session {
+                    to,
+                    from: BufReader::new(from),
+                };
+                let result = session.open().and_then(|()| talk(&mut session));
+                session.bye();
+                // The caller has gone when it gave up waiting: nothing to do.
+                let _ = send.send(result);
+            });
+        if let Err(err) = talker {
+            stop(&mut child);
+            return Err(self.failed(&format!("cannot start a thread for it: {err}")));
+        }
+        let limit = Duration::from_secs(u64::from(self.timeout_seconds)) + GRACE;
+        match answer.recv_timeout(limit) {
+            Ok(result) => {
+                finish(&mut child);
+                result.map_err(|failure| self.error(failure))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    program = %self.program.display(),
+                    seconds = limit.as_secs(),
+                    "the pinentry did not answer in time; stopped it"
+                );
+                stop(&mut child);
+                Err(self.timed_out())
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                stop(&mut child);
+                Err(self.failed("the conversation with it ended without an answer"))
+            }
+        }
+    }
+
+    fn spawn(&self) -> Result<Child, PromptError> {
+        let mut command = Command::new(&self.program);
+        command.stdin(Stdio::piped()).stdout(Stdio::piped());
+        // ETXTBSY: the program was just written, and a process forked
+        // elsewhere in the meantime still holds the writer's descriptor until
+        // it execs. That lasts microseconds; try again briefly.
+        let mut spawned = command.spawn();
+        for _ in 0..20 {
+            match &spawned {
+                Err(err) if err.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    spawned = command.spawn();
+                }
+                _ => break,
+            }
+        }
+        spawned.map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => self.not_found(),
+            _ => PromptError::Unavailable {
+                what: "an answer".into(),
+                reason: format!("cannot run the pinentry {}: {err}", self.program.display()),
+            },
+        })
     }
 
     /// The agent usually runs without a terminal; a pinentry then needs a
@@ -104,26 +208,217 @@ impl Pinentry {
         }
     }
 
-    fn error(&self, err: ::pinentry::Error) -> PromptError {
-        match err {
-            ::pinentry::Error::Cancelled => PromptError::Cancelled,
-            ::pinentry::Error::Timeout => PromptError::TimedOut {
-                seconds: u64::from(self.timeout_seconds),
-            },
-            other => PromptError::Failed {
-                program: self.program.display().to_string(),
-                message: other.to_string(),
-            },
+    fn timed_out(&self) -> PromptError {
+        PromptError::TimedOut {
+            seconds: u64::from(self.timeout_seconds),
+        }
+    }
+
+    fn failed(&self, message: &str) -> PromptError {
+        PromptError::Failed {
+            program: self.program.display().to_string(),
+            message: message.to_owned(),
+        }
+    }
+
+    fn error(&self, failure: Failure) -> PromptError {
+        match failure {
+            // Some pinentries answer Deny with "Not confirmed" rather than
+            // "Cancelled": both are the person saying no.
+            Failure::Refused {
+                code: GPG_ERR_CANCELED | GPG_ERR_NOT_CONFIRMED,
+                ..
+            } => PromptError::Cancelled,
+            Failure::Refused {
+                code: GPG_ERR_TIMEOUT,
+                ..
+            } => self.timed_out(),
+            Failure::Refused { code, text } => self.failed(&format!("error {code}: {text}")),
+            Failure::Io(err) => self.failed(&err.to_string()),
+            Failure::Closed => self.failed("it closed the connection without answering"),
+            Failure::Protocol(what) => self.failed(what),
         }
     }
 }
 
-/// libgpg-error's "Not confirmed" (err-codes.h).
+/// How long past its own `SETTIMEOUT` a pinentry may take before it is
+/// killed: time to start and draw its window, and to report its own timeout.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// How long a pinentry may take to exit after `BYE` before it is killed.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// libgpg-error's codes (err-codes.h), as the low 16 bits of an `ERR` line.
+const GPG_ERR_TIMEOUT: u16 = 62;
+const GPG_ERR_CANCELED: u16 = 99;
 const GPG_ERR_NOT_CONFIRMED: u16 = 114;
 
-/// Assuan lines are limited to 1,000 bytes, escapes included (and the
-/// `pinentry` crate panics past that). The crate escapes `%`, CR and LF into
-/// three bytes each, so a description is measured escaped: past
+/// Why a conversation with a pinentry did not end in OK.
+#[derive(Debug)]
+enum Failure {
+    /// The pinentry answered `ERR`: the low 16 bits of its code, and its text.
+    Refused { code: u16, text: String },
+    /// Writing to or reading from it failed.
+    Io(std::io::Error),
+    /// It closed its output mid-conversation (it crashed, or was killed).
+    Closed,
+    /// It sent a line that is not Assuan, or we had one too long to send.
+    Protocol(&'static str),
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(err: std::io::Error) -> Self {
+        Self::Io(err)
+    }
+}
+
+/// The Assuan conversation with one pinentry process
+/// (<https://gnupg.org/documentation/manuals/assuan/Client-requests.html>).
+struct Session {
+    to: ChildStdin,
+    from: BufReader<ChildStdout>,
+}
+
+impl Session {
+    /// Reads the greeting and tells the pinentry which terminal to use, as
+    /// the `pinentry` crate did (pinentry-curses draws there).
+    fn open(&mut self) -> Result<(), Failure> {
+        self.response()?;
+        self.request("OPTION", "ttyname=/dev/tty")?;
+        let term = std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into());
+        self.request("OPTION", &format!("ttytype={term}"))
+    }
+
+    /// Sends `command parameter`; any data in the answer is dropped.
+    fn request(&mut self, command: &str, parameter: &str) -> Result<(), Failure> {
+        self.command(command, Some(parameter)).map(drop)
+    }
+
+    /// Sends a command and waits for its OK; returns the data lines of the
+    /// answer, decoded and joined, or `None` when there were none.
+    fn command(
+        &mut self,
+        command: &str,
+        parameter: Option<&str>,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, Failure> {
+        let line = encode(command, parameter).ok_or(Failure::Protocol(
+            "a request longer than an Assuan line (1,000 bytes)",
+        ))?;
+        self.to.write_all(line.as_bytes())?;
+        self.to.flush()?;
+        self.response()
+    }
+
+    fn response(&mut self) -> Result<Option<Zeroizing<Vec<u8>>>, Failure> {
+        let mut data: Option<Zeroizing<Vec<u8>>> = None;
+        loop {
+            // The line may hold the PIN: zeroed when dropped.
+            let mut line = Zeroizing::new(Vec::new());
+            if self.from.read_until(b'\n', &mut line)? == 0 {
+                return Err(Failure::Closed);
+            }
+            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            let text = text.strip_suffix(b"\r").unwrap_or(text);
+            if text == b"OK" || text.starts_with(b"OK ") {
+                return Ok(data);
+            } else if let Some(rest) = text.strip_prefix(b"ERR ") {
+                return Err(refusal(rest));
+            } else if let Some(rest) = text.strip_prefix(b"D ") {
+                decode(rest, data.get_or_insert_with(Default::default));
+            } else if text.starts_with(b"INQUIRE ") {
+                // pinentry does not inquire; decline, and its ERR follows.
+                self.to.write_all(b"CAN\n")?;
+                self.to.flush()?;
+            } else if !(text.starts_with(b"S ") || text.starts_with(b"#") || text.is_empty()) {
+                return Err(Failure::Protocol("a line that is not Assuan"));
+            }
+        }
+    }
+
+    /// Says goodbye; the pinentry exits (and is killed if it does not).
+    fn bye(&mut self) {
+        let _ = self.to.write_all(b"BYE\n");
+        let _ = self.to.flush();
+    }
+}
+
+/// `command parameter` as an Assuan line: `%`, CR and LF escaped, and a
+/// trailing backslash too; `None` past the protocol's 1,000 bytes.
+fn encode(command: &str, parameter: Option<&str>) -> Option<String> {
+    let mut line = command.to_owned();
+    if let Some(parameter) = parameter {
+        line.push(' ');
+        for c in parameter.chars() {
+            match c {
+                '%' => line.push_str("%25"),
+                '\r' => line.push_str("%0D"),
+                '\n' => line.push_str("%0A"),
+                c => line.push(c),
+            }
+        }
+    }
+    if line.ends_with('\\') {
+        line.pop();
+        line.push_str("%5C");
+    }
+    line.push('\n');
+    (line.len() <= 1000).then_some(line)
+}
+
+/// Appends a data line to `data`, undoing its `%XX` escapes.
+fn decode(line: &[u8], data: &mut Vec<u8>) {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut i = 0;
+    while i < line.len() {
+        if line[i] == b'%' {
+            if let (Some(high), Some(low)) = (
+                line.get(i + 1).copied().and_then(hex),
+                line.get(i + 2).copied().and_then(hex),
+            ) {
+                // Two hex digits make at most 0xff.
+                data.push((high * 16 + low) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        data.push(line[i]);
+        i += 1;
+    }
+}
+
+/// An `ERR code text` line: libgpg-error keeps the code in the low 16 bits
+/// (the high ones name the source, e.g. 83886179 is pinentry's "cancelled").
+fn refusal(rest: &[u8]) -> Failure {
+    let rest = String::from_utf8_lossy(rest);
+    let (code, text) = rest.split_once(' ').unwrap_or((&rest, ""));
+    Failure::Refused {
+        code: code.parse::<u32>().map_or(0, |code| (code & 0xffff) as u16),
+        text: text.to_owned(),
+    }
+}
+
+/// Lets the pinentry exit after `BYE`, killing it if it lingers.
+fn finish(child: &mut Child) {
+    let deadline = Instant::now() + CLOSE_WAIT;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) | Err(_) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop(child);
+}
+
+/// Kills the pinentry and reaps it. (A child of its own, such as a
+/// shell script's, is not killed with it.)
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Assuan lines are limited to 1,000 bytes, escapes included ([`encode`]
+/// refuses longer ones). `%`, CR and LF are escaped into three bytes each,
+/// so a description is measured escaped: past
 /// [`MAX_ESCAPED`] bytes it is cut at a character boundary and ends in "…".
 fn assuan_line(mut text: String) -> String {
     const ELLIPSIS: char = '…';
@@ -159,26 +454,115 @@ fn escaped_len(c: char) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use secrecy::ExposeSecret;
+    use token_agent_core::PromptSubject;
+
     use super::*;
 
-    /// The line the `pinentry` crate sends for `SETDESC text`, escaped as it
-    /// escapes it (`encode_request`).
-    fn setdesc(text: &str) -> String {
-        let mut line = String::from("SETDESC ");
-        for c in text.chars() {
-            match c {
-                '\n' => line.push_str("%0A"),
-                '\r' => line.push_str("%0D"),
-                '%' => line.push_str("%25"),
-                c => line.push(c),
+    /// A fake pinentry in `dir`: OK to everything, `getpin` and `confirm`
+    /// (shell commands) for the questions; it writes its pid to `dir/pid`.
+    fn fake(dir: &std::path::Path, getpin: &str, confirm: &str) -> PathBuf {
+        let path = dir.join("pinentry");
+        let body = format!(
+            "#!/bin/sh\necho $$ > '{}'\necho 'OK Pleased to meet you'\n\
+             while read -r line; do\n  case \"$line\" in\n    \
+             GETPIN*) {getpin} ;;\n    CONFIRM*) {confirm} ;;\n    \
+             BYE*) echo OK; exit 0 ;;\n    *) echo OK ;;\n  esac\ndone\n",
+            dir.join("pid").display()
+        );
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn confirm_request() -> ConfirmRequest {
+        ConfirmRequest {
+            subject: PromptSubject::default(),
+            question: None,
+        }
+    }
+
+    #[test]
+    fn a_pin_is_read_from_data_lines_and_an_empty_one_is_asked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let getpin = "n=$((n+1)); if [ $n = 1 ]; then echo OK; \
+                      else printf 'S PROGRESS\\n# hi\\nD 12%%2534\\nD 56\\nOK\\n'; fi";
+        let pinentry = Pinentry::new(fake(dir.path(), getpin, "echo OK"), 10);
+        let request = PinRequest::new(PromptSubject::default());
+        let pin = pinentry.ask_pin(&request).unwrap();
+        assert_eq!(pin.expose_secret(), "12%3456");
+    }
+
+    #[test]
+    fn cancel_deny_and_the_pinentry_s_own_timeout_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancelled = "echo 'ERR 83886179 Operation cancelled <Pinentry>'";
+        let pinentry = Pinentry::new(fake(dir.path(), cancelled, cancelled), 10);
+        let request = PinRequest::new(PromptSubject::default());
+        assert!(matches!(
+            pinentry.ask_pin(&request),
+            Err(PromptError::Cancelled)
+        ));
+        assert!(!pinentry.ask_confirm(&confirm_request()).unwrap());
+        let cases = [
+            ("echo OK", Some(true)),
+            ("echo 'ERR 83886194 Not confirmed <Pinentry>'", Some(false)),
+            ("echo 'ERR 83886142 Timeout <Pinentry>'", None),
+        ];
+        for (confirm, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let pinentry = Pinentry::new(fake(dir.path(), "echo OK", confirm), 10);
+            match (pinentry.ask_confirm(&confirm_request()), want) {
+                (Ok(answer), Some(want)) => assert_eq!(answer, want, "{confirm}"),
+                (Err(PromptError::TimedOut { seconds: 10 }), None) => {}
+                (other, _) => panic!("{confirm}: {other:?}"),
             }
         }
-        if line.ends_with('\\') {
-            line.pop();
-            line.push_str("%5C");
+    }
+
+    #[test]
+    fn a_pinentry_that_never_answers_is_killed_after_the_timeout() {
+        for question in ["pin", "confirm"] {
+            let dir = tempfile::tempdir().unwrap();
+            // Reads the question and waits for a line that never comes.
+            let hang = "read -r never";
+            let pinentry = Pinentry::new(fake(dir.path(), hang, hang), 1);
+            let started = Instant::now();
+            let answer = match question {
+                "pin" => pinentry
+                    .ask_pin(&PinRequest::new(PromptSubject::default()))
+                    .map(drop),
+                _ => pinentry.ask_confirm(&confirm_request()).map(drop),
+            };
+            assert!(
+                matches!(answer, Err(PromptError::TimedOut { seconds: 1 })),
+                "{question}: {answer:?}"
+            );
+            let took = started.elapsed();
+            assert!(took >= Duration::from_secs(1) + GRACE, "{took:?}");
+            assert!(took < Duration::from_secs(1) + GRACE * 2, "{took:?}");
+            let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap();
+            assert!(
+                !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+                "the pinentry {} still runs",
+                pid.trim()
+            );
         }
-        line.push('\n');
-        line
+    }
+
+    #[test]
+    fn lines_are_escaped_and_data_unescaped() {
+        assert_eq!(
+            encode("SETDESC", Some("50% off\r\nnow\\")).unwrap(),
+            "SETDESC 50%25 off%0D%0Anow%5C\n"
+        );
+        assert_eq!(encode("GETPIN", None).unwrap(), "GETPIN\n");
+        assert!(encode("SETDESC", Some(&"a".repeat(992))).is_none());
+        let mut data = Vec::new();
+        decode(b"a%25b%0A%zz%4", &mut data);
+        assert_eq!(data, b"a%b\n%zz%4");
     }
 
     #[test]
@@ -203,8 +587,8 @@ mod tests {
         ];
         for text in cases {
             let shortened = assuan_line(text.clone());
-            let line = setdesc(&shortened);
-            assert!(line.len() <= 1000, "{} bytes: {line:?}", line.len());
+            let line = encode("SETDESC", Some(&shortened));
+            assert!(line.is_some(), "too long: {shortened:?}");
             assert!(text.starts_with(shortened.trim_end_matches('…')));
         }
         // Cut where the escaped text reaches the limit, not before.

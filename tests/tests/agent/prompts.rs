@@ -268,6 +268,92 @@ fn a_key_comment_of_many_percent_signs_can_still_be_confirmed_through_pinentry(
 }
 
 #[test]
+fn a_pinentry_that_never_answers_is_killed_and_later_prompts_still_work() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A pinentry that takes the question and then ignores it, SETTIMEOUT included.
+    let pid = dir.path().join("pid");
+    let hung = dir.path().join("hung");
+    write_script(
+        &hung,
+        &format!(
+            "echo $$ > '{}'\necho OK\nwhile read -r line; do\n  case \"$line\" in\n    \
+             CONFIRM*|GETPIN*) read -r never ;;\n    *) echo OK ;;\n  esac\ndone",
+            pid.display()
+        ),
+    )?;
+    let script = dir.path().join("script");
+    std::fs::write(&script, "confirm yes\n")?;
+    // The agent runs the pinentry its environment names; switch by a symlink.
+    let current = dir.path().join("pinentry");
+    std::os::unix::fs::symlink(&hung, &current)?;
+    let agent = Agent::start(AgentOptions {
+        env: vec![
+            ("PINENTRY_PROGRAM".into(), current.display().to_string()),
+            (
+                "SCRIPTED_PINENTRY_SCRIPT".into(),
+                script.display().to_string(),
+            ),
+            ("DISPLAY".into(), ":0".into()),
+        ],
+        config: Some("[prompt]\ntimeout_seconds = 1\n".into()),
+        ..AgentOptions::default()
+    })?;
+    let public = add_confirmed_key(&agent)?;
+    // One second, and a few more of grace; not forever.
+    let started = Instant::now();
+    assert_eq!(
+        sign_within(&agent, &public, Duration::from_secs(30))?,
+        Some(false),
+        "{}",
+        agent.log_text()
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(
+        agent.log_text().contains("reason=confirm-timed-out"),
+        "{}",
+        agent.log_text()
+    );
+    let pid = std::fs::read_to_string(&pid)?;
+    assert!(
+        !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+        "the hung pinentry still runs"
+    );
+
+    std::fs::remove_file(&current)?;
+    std::os::unix::fs::symlink(test_binary("scripted-pinentry")?, &current)?;
+    assert_eq!(
+        sign_within(&agent, &public, Duration::from_secs(30))?,
+        Some(true),
+        "{}",
+        agent.log_text()
+    );
+    Ok(())
+}
+
+/// [`try_sign`], giving up after `limit`: `None` when no answer came by then.
+fn sign_within(agent: &Agent, public: &Path, limit: Duration) -> anyhow::Result<Option<bool>> {
+    let message = agent.dir().join("message");
+    std::fs::write(&message, "confirm me")?;
+    let _ = std::fs::remove_file(agent.dir().join("message.sig"));
+    let mut signer = sign_file(agent.command("ssh-keygen"), public, &message)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(status) = signer.try_wait()? {
+            return Ok(Some(
+                status.success() && agent.dir().join("message.sig").exists(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signer.kill()?;
+    signer.wait()?;
+    Ok(None)
+}
+
+#[test]
 fn confirm_without_any_prompt_refuses_clearly() -> anyhow::Result<()> {
     // No SSH_ASKPASS and no display: the agent must refuse, not hang.
     let agent = Agent::start(AgentOptions {
