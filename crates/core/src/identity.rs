@@ -209,6 +209,26 @@ impl FingerprintHash {
         }
     }
 
+    /// The hash a fingerprint as `ssh-keygen -l` prints it was made with,
+    /// by its prefix ("SHA256:..." is SHA-256).
+    pub fn of_fingerprint(fingerprint: &str) -> Option<Self> {
+        let (prefix, _) = fingerprint.split_once(':')?;
+        [
+            Self::Md5,
+            Self::Sha1,
+            Self::Sha256,
+            Self::Sha384,
+            Self::Sha512,
+        ]
+        .into_iter()
+        .find(|hash| hash.name().eq_ignore_ascii_case(prefix))
+    }
+
+    /// Whether `fingerprint`, in whichever hash its prefix names, is `key`'s.
+    pub fn matches(fingerprint: &str, key: &KeyData) -> bool {
+        Self::of_fingerprint(fingerprint).is_some_and(|hash| hash.fingerprint(key) == fingerprint)
+    }
+
     /// The fingerprint of `key`, as `ssh-keygen -l -E <name>` prints it.
     pub fn fingerprint(self, key: &KeyData) -> String {
         match self {

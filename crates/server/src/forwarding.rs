@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ssh_key::public::KeyData;
+use token_agent_core::FingerprintHash;
 
 use crate::constraints::SessionBindings;
 use crate::pattern;
@@ -36,7 +37,8 @@ pub enum ForwardedUse {
 /// Which keys a rule covers: every field given must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyMatch {
-    /// The key's fingerprint ("SHA256:..."), exactly.
+    /// The key's fingerprint ("SHA256:...", or of any hash `-E` takes),
+    /// whatever hash the agent shows fingerprints in.
     pub fingerprint: Option<String>,
     /// A pattern (`*`, `?`) the key's comment must match.
     pub comment: Option<String>,
@@ -78,11 +80,14 @@ pub struct Decision {
 }
 
 impl ForwardingPolicy {
-    /// What applies to the key `fingerprint` with `comment`, held by `backend`.
-    pub fn decide(&self, fingerprint: &str, comment: &str, backend: &str) -> Decision {
+    /// What applies to the key `key` with `comment`, held by `backend`.
+    pub fn decide(&self, key: &KeyData, comment: &str, backend: &str) -> Decision {
         for rule in &self.rules {
             let keys = &rule.keys;
-            let matches = keys.fingerprint.as_deref().is_none_or(|f| f == fingerprint)
+            let matches = keys
+                .fingerprint
+                .as_deref()
+                .is_none_or(|f| FingerprintHash::matches(f, key))
                 && keys
                     .comment
                     .as_deref()
@@ -228,10 +233,42 @@ mod tests {
             ],
             ..ForwardingPolicy::default()
         };
-        let action = |comment, backend| policy.decide("SHA256:x", comment, backend).action;
+        let key = KeyData::Ed25519(ssh_key::public::Ed25519PublicKey([1; 32]));
+        let action = |comment, backend| policy.decide(&key, comment, backend).action;
         assert_eq!(action("alice@laptop", "piv"), ForwardedUse::Refuse);
         assert_eq!(action("alice@laptop", "software"), ForwardedUse::Allow);
         assert_eq!(action("work", "software"), ForwardedUse::Confirm);
+    }
+
+    #[test]
+    fn a_fingerprint_rule_matches_in_its_own_hash() {
+        let key = KeyData::Ed25519(ssh_key::public::Ed25519PublicKey([1; 32]));
+        let other = KeyData::Ed25519(ssh_key::public::Ed25519PublicKey([2; 32]));
+        for hash in [
+            FingerprintHash::Md5,
+            FingerprintHash::Sha256,
+            FingerprintHash::Sha384,
+        ] {
+            let policy = ForwardingPolicy {
+                rules: vec![Rule {
+                    keys: KeyMatch {
+                        fingerprint: Some(hash.fingerprint(&key)),
+                        ..KeyMatch::default()
+                    },
+                    action: ForwardedUse::Refuse,
+                    confirm_cache: Duration::ZERO,
+                }],
+                ..ForwardingPolicy::default()
+            };
+            assert_eq!(
+                policy.decide(&key, "k", "software").action,
+                ForwardedUse::Refuse
+            );
+            assert_eq!(
+                policy.decide(&other, "k", "software").action,
+                ForwardedUse::Allow
+            );
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use hmac::{Hmac, Mac};
 use ssh_key::known_hosts::{HostPatterns, KnownHosts};
 use ssh_key::public::KeyData;
+use token_agent_core::FingerprintHash;
 
 use crate::constraints::SessionBindings;
 use crate::pattern;
@@ -38,7 +39,8 @@ pub struct ListingRule {
 /// Which keys a selector takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySelector {
-    /// The key with this fingerprint ("SHA256:..."), in the agent's `-E` hash.
+    /// The key with this fingerprint ("SHA256:...", or of any hash `-E`
+    /// takes), whatever hash the agent shows fingerprints in.
     Fingerprint(String),
     /// Keys whose comment matches the pattern.
     Comment(String),
@@ -65,7 +67,9 @@ impl KeySelector {
             )
         })?;
         match kind {
-            "SHA256" | "SHA512" | "MD5" => Ok(Self::Fingerprint(text.to_owned())),
+            "MD5" | "SHA1" | "SHA256" | "SHA384" | "SHA512" => {
+                Ok(Self::Fingerprint(text.to_owned()))
+            }
             "comment" => Ok(Self::Comment(value.to_owned())),
             "backend" => match value {
                 "software" | "pkcs11" | "piv" | "fido" | "upstream" => {
@@ -82,7 +86,9 @@ impl KeySelector {
 
     fn takes(&self, key: &Candidate<'_>) -> bool {
         match self {
-            Self::Fingerprint(fingerprint) => key.fingerprint == fingerprint,
+            Self::Fingerprint(fingerprint) => key
+                .key
+                .is_some_and(|k| FingerprintHash::matches(fingerprint, k)),
             Self::Comment(p) => pattern::matches(key.comment, p),
             Self::Backend(name) => key.backend == name,
             Self::Upstream(p) => key
@@ -96,7 +102,8 @@ impl KeySelector {
 /// One key that may be listed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Candidate<'a> {
-    pub(crate) fingerprint: &'a str,
+    /// Its key (a certificate's key for a certificate), if the blob reads.
+    pub(crate) key: Option<&'a KeyData>,
     pub(crate) comment: &'a str,
     /// Its backend's name, or "upstream".
     pub(crate) backend: &'a str,
@@ -216,7 +223,7 @@ mod tests {
         upstream: Option<&'a str>,
     ) -> Candidate<'a> {
         Candidate {
-            fingerprint: "SHA256:x",
+            key: None,
             comment,
             backend,
             upstream,
@@ -237,6 +244,34 @@ mod tests {
             KeySelector::parse("SHA256:abc").unwrap(),
             KeySelector::Fingerprint("SHA256:abc".into())
         );
+    }
+
+    #[test]
+    fn a_fingerprint_selector_matches_in_its_own_hash() {
+        let key = KeyData::Ed25519(ssh_key::private::Ed25519Keypair::from_seed(&[3; 32]).public);
+        let keys = [
+            Candidate {
+                key: Some(&key),
+                comment: "mine",
+                backend: "software",
+                upstream: None,
+            },
+            candidate("other", "software", None),
+        ];
+        for hash in [
+            FingerprintHash::Md5,
+            FingerprintHash::Sha1,
+            FingerprintHash::Sha256,
+            FingerprintHash::Sha384,
+            FingerprintHash::Sha512,
+        ] {
+            let selector = KeySelector::parse(&hash.fingerprint(&key)).unwrap();
+            let rule = ListingRule {
+                hosts: None,
+                keys: vec![selector],
+            };
+            assert_eq!(order(&rule, &keys), vec![0], "{hash:?}");
+        }
     }
 
     #[test]

@@ -433,6 +433,7 @@ impl Router {
         if forwarding::is_forwarded(bindings) {
             let used = KeyUse {
                 blob: &entry.blob,
+                key: key_data,
                 fingerprint: self.fingerprint(entry.identity.public_key()),
                 comment: entry.identity.comment(),
                 backend: entry.identity.key().backend(),
@@ -472,6 +473,7 @@ impl Router {
         if forwarding::is_forwarded(bindings) {
             let used = KeyUse {
                 blob,
+                key: key_data,
                 fingerprint: self.fingerprint(key_data),
                 comment,
                 backend: crate::upstream::BACKEND,
@@ -495,7 +497,7 @@ impl Router {
     ) -> Result<(), Refusal> {
         let policy = &self.policy.forwarding;
         let fingerprint = &used.fingerprint;
-        let decision = policy.decide(fingerprint, used.comment, used.backend);
+        let decision = policy.decide(used.key, used.comment, used.backend);
         if decision.action == ForwardedUse::Allow {
             return Ok(());
         }
@@ -1143,6 +1145,7 @@ struct Associated {
 /// A key being used, as the forwarding policy sees it.
 struct KeyUse<'a> {
     blob: &'a [u8],
+    key: &'a KeyData,
     fingerprint: String,
     comment: &'a str,
     backend: &'a str,

@@ -321,23 +321,18 @@ impl Session {
             &self.bindings,
             &policy.forwarding.known_hosts,
         ) {
-            let fingerprints: Vec<String> = listed
-                .iter()
-                .map(|l| {
-                    named_key(l.blob)
-                        .map_or_else(|_| String::new(), |k| self.router.fingerprint(&k))
-                })
-                .collect();
+            let keys: Vec<Option<KeyData>> =
+                listed.iter().map(|l| named_key(l.blob).ok()).collect();
             let sockets: Vec<Option<String>> = listed
                 .iter()
                 .map(|l| l.upstream.map(|s| s.display().to_string()))
                 .collect();
             let candidates: Vec<listing::Candidate<'_>> = listed
                 .iter()
-                .zip(&fingerprints)
+                .zip(&keys)
                 .zip(&sockets)
-                .map(|((l, fingerprint), socket)| listing::Candidate {
-                    fingerprint,
+                .map(|((l, key), socket)| listing::Candidate {
+                    key: key.as_ref(),
                     comment: l.comment,
                     backend: l.backend,
                     upstream: socket.as_deref(),
