@@ -40,7 +40,7 @@ pub(crate) const KEYS: &[Key] = &[
         section: "",
         name: "log_file",
         example: r#""~/.local/state/token-agent/agent.log""#,
-        meaning: "Where the background agent logs. Default: $XDG_STATE_HOME/token-agent/agent.log.",
+        meaning: "Where the background agent logs. Default: $XDG_STATE_HOME/token-agent/agent.log; syslog when the file cannot be made.",
     },
     Key {
         section: "",
@@ -852,10 +852,15 @@ fn expand_home(path: &Path) -> PathBuf {
     }
 }
 
+/// `$variable` when it is an absolute path, else `fallback` in the home
+/// directory: $HOME, or the passwd entry's when HOME is unset (as the
+/// default socket's place, [`crate::socket::home_dir`]).
 fn xdg_dir(variable: &str, fallback: &str) -> Option<PathBuf> {
     match std::env::var_os(variable) {
         Some(dir) if Path::new(&dir).is_absolute() => Some(PathBuf::from(dir)),
-        _ => std::env::var_os("HOME").map(|home| PathBuf::from(home).join(fallback)),
+        _ => crate::socket::home_dir()
+            .ok()
+            .map(|home| home.join(fallback)),
     }
 }
 
