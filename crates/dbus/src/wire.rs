@@ -451,7 +451,12 @@ impl Message {
         self.reply_serial
     }
 
-    pub(crate) fn sender(&self) -> Option<&str> {
+    /// The connection that sent the message, as the bus wrote it: a unique
+    /// name (`:1.42`), or `org.freedesktop.DBus` for the bus itself. The bus
+    /// sets this field on every message, so a peer cannot forge it; compare
+    /// it with a well-known name's owner ([`NameOwner`](crate::NameOwner))
+    /// to know a signal came from that service.
+    pub fn sender(&self) -> Option<&str> {
         self.sender.as_deref()
     }
 
@@ -488,6 +493,49 @@ impl Message {
         self.body("s")?.str()
     }
 
+    /// The arguments of a body of strings only (NameOwnerChanged's name, old
+    /// owner and new owner).
+    pub fn str_arguments(&self) -> Result<Vec<String>> {
+        if self.signature.bytes().any(|code| code != b's') {
+            return Err(Error::Signature {
+                expected: "s, any number",
+                found: self.signature.clone(),
+            });
+        }
+        let mut reader = self.raw_body()?;
+        self.signature.bytes().map(|_| reader.str()).collect()
+    }
+
+    /// Every object path in the body, in order, however deep in variants,
+    /// structures and arrays (logind's `GetSessionByPID` reply, a `User`'s
+    /// `Display` or `Sessions` property).
+    pub fn object_paths(&self) -> Result<Vec<String>> {
+        let mut reader = self.raw_body()?;
+        reader.paths = Some(Vec::new());
+        let signature = self.signature.as_bytes();
+        let mut at = 0;
+        while at < signature.len() {
+            at = reader.skip(signature, at, 0)?;
+        }
+        Ok(reader.paths.unwrap_or_default())
+    }
+
+    /// The first argument when it is a string (a match rule's `arg0`).
+    pub(crate) fn arg0(&self) -> Option<String> {
+        if !self.signature.starts_with('s') {
+            return None;
+        }
+        self.raw_body().ok()?.str().ok()
+    }
+
+    /// A reader of the body whatever its signature.
+    fn raw_body(&self) -> Result<Reader<'_>> {
+        match &self.body {
+            Some(body) => Ok(Reader::new(body, self.big_endian)),
+            None => Err(Error::TooLarge(self.body_length)),
+        }
+    }
+
     /// An error reply as an [`Error::Remote`], its message from the first
     /// argument when that is a string.
     pub(crate) fn into_error(self) -> Error {
@@ -512,6 +560,8 @@ struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
     big_endian: bool,
+    /// When set, the object paths [`Reader::skip`] reads past are kept here.
+    paths: Option<Vec<String>>,
 }
 
 impl<'a> Reader<'a> {
@@ -520,6 +570,7 @@ impl<'a> Reader<'a> {
             bytes,
             pos: 0,
             big_endian,
+            paths: None,
         }
     }
 
@@ -615,8 +666,14 @@ impl<'a> Reader<'a> {
                 self.align(8)?;
                 self.take(8)?;
             }
-            b's' | b'o' => {
+            b's' => {
                 self.str()?;
+            }
+            b'o' => {
+                let path = self.str()?;
+                if let Some(paths) = &mut self.paths {
+                    paths.push(path);
+                }
             }
             b'g' => {
                 self.signature()?;
@@ -635,7 +692,22 @@ impl<'a> Reader<'a> {
                     return Err(malformed("an array longer than D-Bus allows"));
                 }
                 self.align(alignment(signature[element]))?;
-                self.take(length)?;
+                if self.paths.is_none() {
+                    self.take(length)?;
+                    return Ok(end);
+                }
+                // Kept paths: walk the elements (each aligns itself).
+                let stop = self
+                    .pos
+                    .checked_add(length)
+                    .filter(|stop| *stop <= self.bytes.len())
+                    .ok_or_else(|| malformed("an array runs past the end of the message"))?;
+                while self.pos < stop {
+                    self.skip(signature, element, depth + 1)?;
+                }
+                if self.pos != stop {
+                    return Err(malformed("an array's elements run past its length"));
+                }
                 return Ok(end);
             }
             b'(' => {
@@ -857,6 +929,51 @@ mod tests {
     }
 
     #[test]
+    fn object_paths_are_found_however_deep_and_strings_read_in_a_row() -> anyhow::Result<()> {
+        use zbus::zvariant::{ObjectPath, Value};
+        // A User's Sessions property as logind answers Properties.Get: a
+        // variant holding a(so), big-endian here to read the other way too.
+        let sessions = vec![
+            (
+                "c7",
+                ObjectPath::try_from("/org/freedesktop/login1/session/c7")?,
+            ),
+            (
+                "3",
+                ObjectPath::try_from("/org/freedesktop/login1/session/_33")?,
+            ),
+        ];
+        let reply = zbus::Message::signal("/a", "a.b", "C")?
+            .endian(zbus::zvariant::BE)
+            .build(&(Value::from(sessions), "s", 7u32))?;
+        let ours = parse(reply.data())?.ok_or_else(|| malformed("ignored"))?;
+        assert_eq!(
+            ours.object_paths()?,
+            [
+                "/org/freedesktop/login1/session/c7",
+                "/org/freedesktop/login1/session/_33"
+            ]
+        );
+        assert!(ours.str_arguments().is_err());
+        assert_eq!(ours.arg0(), None);
+
+        let changed = zbus::Message::signal(
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameOwnerChanged",
+        )?
+        .build(&("org.freedesktop.login1", ":1.3", ""))?;
+        let ours = parse(changed.data())?.ok_or_else(|| malformed("ignored"))?;
+        assert_eq!(
+            ours.str_arguments()?,
+            ["org.freedesktop.login1", ":1.3", ""]
+        );
+        assert_eq!(ours.arg0().as_deref(), Some("org.freedesktop.login1"));
+        assert!(ours.object_paths()?.is_empty());
+        Ok(())
+    }
+
+    #[test]
     fn an_error_reply_carries_its_name_and_message() -> anyhow::Result<()> {
         let bytes = encode(
             Kind::Error,
@@ -1005,6 +1122,8 @@ mod tests {
             let _ = message.bool_argument();
             let _ = message.u32_argument();
             let _ = message.str_argument();
+            let _ = message.str_arguments();
+            let _ = message.object_paths();
             let _ = message.into_error();
         }
         Ok(())

@@ -4,7 +4,7 @@
 use std::process::Stdio;
 
 use anyhow::Context;
-use token_agent_dbus::{Body, Connection, Error, Kind, MatchRule};
+use token_agent_dbus::{Body, Connection, Error, Kind, MatchRule, NameOwner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
@@ -189,6 +189,67 @@ async fn other_peers_get_answers_to_ping_and_to_unknown_methods() -> anyhow::Res
         unknown.contains("org.freedesktop.DBus.Error.UnknownMethod"),
         "{unknown}"
     );
+    Ok(())
+}
+
+/// A signal sent straight to a connection passes its match rules, the
+/// sender's too; [`NameOwner`] tells the name's owner from anyone else, and
+/// follows the name to a new owner and to none.
+#[tokio::test]
+async fn only_a_names_owner_is_taken_for_it() -> anyhow::Result<()> {
+    const NAME: &str = "org.example.Saver";
+    let daemon = Daemon::path().await?;
+    let bus = Connection::connect(&daemon.address).await?;
+    let mut signals = bus
+        .subscribe(vec![
+            NameOwner::rule(NAME),
+            MatchRule::signal().sender(NAME).interface(NAME),
+        ])
+        .await?;
+    let mut saver = NameOwner::query(&bus, NAME).await?;
+    assert_eq!(saver.owner(), None);
+
+    // The reference implementation owns the name and sends as its owner.
+    let owner = zbus::connection::Builder::address(daemon.address.as_str())?
+        .name(NAME)?
+        .build()
+        .await?;
+    let changed = signals.next().await.context("no NameOwnerChanged")?;
+    assert!(saver.update(&changed));
+    let owner_name = owner.unique_name().context("no unique name")?.to_string();
+    assert_eq!(saver.owner(), Some(owner_name.as_str()));
+
+    // Another peer: its broadcast never arrives; sent straight to us, it
+    // does, and is not the owner's.
+    daemon
+        .send(&["--type=signal", "/", &format!("{NAME}.Broadcast")])
+        .await?;
+    daemon
+        .send(&[
+            "--type=signal",
+            &format!("--dest={}", bus.unique_name()),
+            "/",
+            &format!("{NAME}.Direct"),
+        ])
+        .await?;
+    let forged = signals.next().await.context("no signal")?;
+    assert_eq!(forged.member(), Some("Direct"));
+    assert!(!saver.update(&forged));
+    assert!(!saver.sent(&forged));
+
+    owner
+        .emit_signal(None::<&str>, "/", NAME, "ActiveChanged", &(true,))
+        .await?;
+    let real = signals.next().await.context("no signal")?;
+    assert_eq!(real.member(), Some("ActiveChanged"));
+    assert!(!saver.update(&real));
+    assert!(saver.sent(&real));
+
+    drop(owner);
+    let gone = signals.next().await.context("no NameOwnerChanged")?;
+    assert!(saver.update(&gone));
+    assert_eq!(saver.owner(), None);
+    assert!(!saver.sent(&real));
     Ok(())
 }
 
