@@ -187,12 +187,13 @@ impl FidoBackend {
     ) -> Identity {
         let identity = {
             let mut keys = self.keys();
-            // Adding a key again replaces it, as in OpenSSH, where a key and
-            // a certificate of it (or two certificates) are different keys.
-            keys.held.retain(|h| {
-                h.key.public_key() != key.public_key()
-                    || h.identity.certificate() != certificate.as_deref()
-                    || h.origin == Origin::Config
+            // Adding a key again replaces it in its place in the list, as in
+            // OpenSSH, where a key and a certificate of it (or two
+            // certificates) are different keys.
+            let place = keys.held.iter().position(|h| {
+                h.key.public_key() == key.public_key()
+                    && h.identity.certificate() == certificate.as_deref()
+                    && h.origin != Origin::Config
             });
             keys.next_id += 1;
             let id = keys.next_id;
@@ -205,14 +206,18 @@ impl FidoBackend {
             if let Some(certificate) = certificate {
                 identity = identity.with_certificate(certificate);
             }
-            keys.held.push(Held {
+            let held = Held {
                 id,
                 key,
                 comment,
                 origin,
                 provider,
                 identity: identity.clone(),
-            });
+            };
+            match place {
+                Some(at) => keys.held[at] = held,
+                None => keys.held.push(held),
+            }
             identity
         };
         self.publish();

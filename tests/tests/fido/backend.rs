@@ -846,6 +846,28 @@ async fn ssh_add_d_and_d_capital_remove_client_keys() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// As OpenSSH, a key added again is replaced where it stands in the list.
+#[tokio::test]
+async fn a_key_added_again_keeps_its_place() -> anyhow::Result<()> {
+    let sim = Arc::new(Simulator::new("order"));
+    let a = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    let b = make_key(&sim, &enrolment(CoseAlgorithm::EdDsa))?;
+    let (backend, published, _) = backend_with(vec![sim], &[(&a, "a"), (&b, "b")]).await?;
+    backend
+        .add_key(AddKey {
+            keypair: a.to_keypair()?,
+            opaque_secret: None,
+            comment: "a again".into(),
+            certificate: None,
+            sk_provider: None,
+        })
+        .await?;
+    published.wait_until(Duration::from_secs(5), |ids| {
+        ids.iter().map(Identity::comment).collect::<Vec<_>>() == ["a again", "b"]
+    })?;
+    Ok(())
+}
+
 /// Collects everything logged, from every thread, at trace level.
 #[derive(Clone, Default)]
 struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
