@@ -23,11 +23,13 @@ pub struct Askpass {
 }
 
 impl Askpass {
-    /// Uses `program`, giving the person `timeout` to answer.
+    /// Uses `program`, giving the person `timeout` to answer. Less than a
+    /// second counts as one, as for [`Pinentry`](crate::Pinentry): 0 would
+    /// refuse every question before the program could answer.
     pub fn new(program: impl Into<PathBuf>, timeout: Duration) -> Self {
         Self {
             program: program.into(),
-            timeout,
+            timeout: timeout.max(Duration::from_secs(1)),
         }
     }
 
@@ -306,6 +308,23 @@ mod tests {
                 (other, _) => panic!("askpass `{body}`: {other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_timeout_of_0_is_1_second_not_an_immediate_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let askpass = Askpass::new(script(dir.path(), "sleep 0.2; echo 123456"), Duration::ZERO);
+        assert_eq!(
+            askpass.pin(&pin_request()).await.unwrap().expose_secret(),
+            "123456"
+        );
+        let confirm = ConfirmRequest {
+            subject: PromptSubject::default(),
+            question: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let askpass = Askpass::new(script(dir.path(), "sleep 0.2"), Duration::ZERO);
+        assert!(askpass.confirm(&confirm).await.unwrap());
     }
 
     #[tokio::test]

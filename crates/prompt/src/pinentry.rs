@@ -28,10 +28,14 @@ impl Pinentry {
     /// Uses `program` (a path, or a name looked up in PATH), giving the person
     /// `timeout_seconds` to answer. The program is asked to close its dialog
     /// then (`SETTIMEOUT`); one still running five seconds later is killed.
+    ///
+    /// 0 counts as 1 second, as for [`Askpass`](crate::Askpass): the agent
+    /// never waits without a limit (pinentry would take `SETTIMEOUT 0` as
+    /// "wait forever", and the question would hold up every one after it).
     pub fn new(program: impl Into<PathBuf>, timeout_seconds: u16) -> Self {
         Self {
             program: program.into(),
-            timeout_seconds,
+            timeout_seconds: timeout_seconds.max(1),
         }
     }
 
@@ -550,6 +554,22 @@ mod tests {
                 pid.trim()
             );
         }
+    }
+
+    #[test]
+    fn a_timeout_of_0_is_1_second_not_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = dir.path().join("lines");
+        // Records every request; CONFIRM gets its OK as any other.
+        let record = format!("echo \"$line\" >> '{}'; echo OK", lines.display());
+        let path = fake(dir.path(), "echo OK", &record);
+        let script = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, script.replace("*) echo OK", &format!("*) {record}"))).unwrap();
+        let pinentry = Pinentry::new(path, 0);
+        assert!(pinentry.ask_confirm(&confirm_request()).unwrap());
+        let lines = std::fs::read_to_string(lines).unwrap();
+        assert!(lines.contains("SETTIMEOUT 1\n"), "{lines}");
+        assert!(!lines.contains("SETTIMEOUT 0"), "{lines}");
     }
 
     #[test]
