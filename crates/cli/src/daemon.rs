@@ -8,7 +8,7 @@
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -88,8 +88,9 @@ pub(crate) fn start(options: &Options) -> anyhow::Result<ExitCode> {
 }
 
 /// Copies to this process's stderr what the child wrote on its stderr before
-/// it said READY. The pipe is read without waiting: a PKCS#11 helper the
-/// child started may still hold its end.
+/// it said READY. The child has let go of the pipe by then and started no
+/// process that holds it, but it is read without waiting all the same: the
+/// parent must never hang on it.
 fn pass_on_warnings(stderr: std::process::ChildStderr) {
     let mut stderr = File::from(std::os::fd::OwnedFd::from(stderr));
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -103,13 +104,20 @@ fn pass_on_warnings(stderr: std::process::ChildStderr) {
     }
 }
 
-/// In the background agent, once the parent has read the socket path:
-/// standard input and output go to /dev/null and standard error to the log
-/// file, as ssh-agent's `stdfd_devnull()` (which sends standard error to
-/// /dev/null too: here the log keeps what PKCS#11 helpers and notice
-/// commands say there). Left as they were, both would stay pipes whose
-/// reader has exited, and a helper that prints a warning would die of it.
-pub(crate) fn detach_stdio(log: Option<&File>) -> anyhow::Result<()> {
+/// In the background agent, before its backends start and before it tells
+/// the parent where it listens: standard input and output go to /dev/null
+/// and standard error to the log file, as ssh-agent's `stdfd_devnull()`
+/// (which sends standard error to /dev/null too: here the log keeps what
+/// PKCS#11 helpers and notice commands say there). Left as they were, both
+/// would stay pipes whose reader has exited, and a helper that prints a
+/// warning would die of it. Returns a copy of the pipe to the parent, for
+/// READY.
+pub(crate) fn detach_stdio(log: Option<&File>) -> anyhow::Result<File> {
+    let parent = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(File::from)
+        .context("cannot keep the pipe to the parent")?;
     let null = OpenOptions::new()
         .read(true)
         .write(true)
@@ -120,7 +128,7 @@ pub(crate) fn detach_stdio(log: Option<&File>) -> anyhow::Result<()> {
         nix::unistd::dup2(file.as_raw_fd(), fd)
             .with_context(|| format!("cannot redirect file descriptor {fd}"))?;
     }
-    Ok(())
+    Ok(parent)
 }
 
 /// In the background agent, before anything else: closes every file

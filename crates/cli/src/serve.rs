@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -94,6 +93,13 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         let signals = Signals::install()?;
         let (socket, socket_path, _guard) = listen(place)?;
         check_upstreams(&policy.upstreams.sockets, &socket_path)?;
+        // The background agent lets go of its standard streams before the
+        // backends start: a PKCS#11 helper a backend starts at once inherits
+        // stderr, which must be the log by then and not the parent's pipe.
+        let parent = match role {
+            Role::DaemonChild => Some(crate::daemon::detach_stdio(log_file.as_ref())?),
+            Role::Foreground { .. } => None,
+        };
         let router = Router::new(backends(&config), prompter(&config), policy, certificates);
         tracing::info!(
             socket = %socket_path.display(),
@@ -105,7 +111,7 @@ pub(crate) fn run(options: &Options, role: Role) -> anyhow::Result<ExitCode> {
         // A supervisor that passed the socket tells the session where it is
         // (ssh-agent prints nothing then either).
         if !activated {
-            announce(options, role, &socket_path, log_file.as_ref())?;
+            announce(options, &socket_path, parent)?;
         }
         if role == Role::DaemonChild && leaves_cwd {
             crate::daemon::leave_cwd();
@@ -384,20 +390,11 @@ fn listen(place: Place) -> anyhow::Result<(UnixListener, PathBuf, Option<listene
     }
 }
 
-/// Tells the shell (foreground) or the parent (daemon child) where the agent is.
-///
-/// The daemon child first lets go of its standard streams (`log` becomes
-/// its standard error) and tells the parent on a copy of the pipe it was
-/// given as standard output: once the parent has heard, nothing the agent
-/// starts inherits a pipe whose reader has exited.
-fn announce(
-    options: &Options,
-    role: Role,
-    socket: &Path,
-    log: Option<&File>,
-) -> anyhow::Result<()> {
-    match role {
-        Role::Foreground { .. } => {
+/// Tells the shell (foreground) or the parent (daemon child, on the pipe
+/// [`crate::daemon::detach_stdio`] kept) where the agent is.
+fn announce(options: &Options, socket: &Path, parent: Option<File>) -> anyhow::Result<()> {
+    match parent {
+        None => {
             let mut stdout = std::io::stdout().lock();
             stdout.write_all(&shell::environment(
                 options.shell,
@@ -407,13 +404,7 @@ fn announce(
             ))?;
             stdout.flush().context("cannot write to stdout")
         }
-        Role::DaemonChild => {
-            let mut parent = std::io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .map(File::from)
-                .context("cannot keep the pipe to the parent")?;
-            crate::daemon::detach_stdio(log)?;
+        Some(mut parent) => {
             let mut said = READY.as_bytes().to_vec();
             said.extend_from_slice(socket.as_os_str().as_bytes());
             said.push(0);

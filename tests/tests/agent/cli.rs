@@ -635,3 +635,67 @@ fn background_agent_starts_without_a_log_file_and_says_so() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// The processes `pid` started (any of its threads).
+fn children(pid: &str) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn a_helper_the_background_agent_starts_at_once_writes_to_the_log() -> anyhow::Result<()> {
+    use token_agent_e2e::softhsm::{KeyKind, SoftHsm, MODULE};
+    // A module in the configuration: its helper starts as soon as the
+    // backends do, which once raced the agent's letting go of its pipes.
+    let hsm = SoftHsm::new()?;
+    hsm.token("at-once", &[KeyKind::P256])?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[[pkcs11.modules]]\npath = \"{MODULE}\"\n"),
+    )?;
+    let log = dir.path().join("token-agent/agent.log");
+    // The race was lost about one start in five.
+    for round in 0..20 {
+        // Each agent its own socket: one stopped while its helper starts
+        // may take seconds to go.
+        let socket = dir.path().join(format!("s{round}"));
+        let output = check(
+            token_agent(dir.path())?
+                .envs(hsm.env())
+                .arg("--config")
+                .arg(&config)
+                .args(["-s", "-a"])
+                .arg(&socket)
+                .output()?,
+            "token-agent -s",
+        )?;
+        let pid = variable(&stdout(&output), "SSH_AGENT_PID").unwrap_or_default();
+        let mut helpers = Vec::new();
+        wait_for(Duration::from_secs(10), || {
+            helpers = children(&pid);
+            !helpers.is_empty()
+        });
+        // (A process that is already gone is left out.)
+        let stderrs: Vec<_> = helpers
+            .iter()
+            .filter_map(|helper| std::fs::read_link(format!("/proc/{helper}/fd/2")).ok())
+            .collect();
+        stop_printed_agent(&pid);
+        assert!(!helpers.is_empty(), "no helper started");
+        for stderr in stderrs {
+            assert_eq!(stderr, log, "a helper's stderr is not the log");
+        }
+    }
+    Ok(())
+}
