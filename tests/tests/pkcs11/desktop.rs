@@ -138,13 +138,7 @@ impl Desktop {
         let runtime = tokio::runtime::Runtime::new()?;
         let (logind, screensaver, stranger) = runtime.block_on(async {
             let builder = || zbus::connection::Builder::address(bus.address.as_str());
-            let logind = builder()?
-                .name(LOGIND)?
-                .serve_at("/org/freedesktop/login1", Manager)?
-                .serve_at("/org/freedesktop/login1/user/_1000", User(sessions))?
-                .build()
-                .await
-                .context("the fake logind")?;
+            let logind = fake_logind(&bus.address, sessions).await?;
             let screensaver = builder()?.name(SCREENSAVER)?.build().await?;
             let stranger = builder()?.build().await?;
             anyhow::Ok((logind, screensaver, stranger))
@@ -156,6 +150,17 @@ impl Desktop {
             stranger,
             runtime,
         })
+    }
+
+    /// Stops the fake logind and starts another, as a restarted logind
+    /// takes its name again under a new unique name.
+    fn restart_logind(&mut self, sessions: UserSessions) -> anyhow::Result<()> {
+        let old = self.logind.clone();
+        self.logind = self.runtime.block_on(async {
+            old.close().await?;
+            fake_logind(&self.bus.address, sessions).await
+        })?;
+        Ok(())
     }
 
     /// Sends `interface.member` on `path` from `from`, to every subscriber
@@ -237,6 +242,18 @@ impl Desktop {
             Ok(names)
         })
     }
+}
+
+/// A connection to the bus at `address` that owns `org.freedesktop.login1`
+/// and serves its Manager and the user's User object.
+async fn fake_logind(address: &str, sessions: UserSessions) -> anyhow::Result<zbus::Connection> {
+    zbus::connection::Builder::address(address)?
+        .name(LOGIND)?
+        .serve_at("/org/freedesktop/login1", Manager)?
+        .serve_at("/org/freedesktop/login1/user/_1000", User(sessions))?
+        .build()
+        .await
+        .context("the fake logind")
 }
 
 /// An agent with a SoftHSM module from the configuration, `[desktop]
@@ -423,6 +440,26 @@ fn the_session_lock_obeys_logind_only() -> anyhow::Result<()> {
         Some(true),
     )?;
     wait_listed(&agent, 0, Duration::from_secs(5))?;
+    Ok(())
+}
+
+/// When logind restarts, the agent follows its name to the new owner, and
+/// still to no one else.
+#[test]
+fn the_session_lock_follows_a_restarted_logind() -> anyhow::Result<()> {
+    let hsm = SoftHsm::new()?;
+    hsm.token("pat", &[KeyKind::P256])?;
+    let mut desktop = Desktop::start(display_c7())?;
+    let (agent, _questions) = agent(&hsm, &desktop, "lock", "t1")?;
+    wait_listed(&agent, 1, Duration::from_secs(10))?;
+
+    desktop.restart_logind(display_c7())?;
+    desktop.forge(&agent, &session("t1"), SESSION_INTERFACE, "Lock", None)?;
+    still_lists(&agent, 1, 1)?;
+    desktop.logind(&session("t1"), SESSION_INTERFACE, "Lock", None)?;
+    wait_listed(&agent, 0, Duration::from_secs(5))?;
+    desktop.logind(&session("t1"), SESSION_INTERFACE, "Unlock", None)?;
+    wait_listed(&agent, 1, Duration::from_secs(5))?;
     Ok(())
 }
 
