@@ -95,7 +95,7 @@ Each signature goes to the agent that holds the key; session binds are passed on
         section: "prompt",
         name: "timeout_seconds",
         example: "60",
-        meaning: "Seconds the person has to answer a prompt. Default: 60.",
+        meaning: "Seconds the person has to answer a prompt (0 counts as 1). Default: 60.",
     },
     Key {
         section: "notice",
