@@ -232,9 +232,7 @@ fn prompter(config: &Config) -> Arc<dyn Prompter> {
         .or_else(|| std::env::var_os("PINENTRY_PROGRAM").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("pinentry"));
     let timeout = config.prompt.timeout_seconds;
-    let askpass = std::env::var_os("SSH_ASKPASS")
-        .filter(|program| !program.is_empty())
-        .map(|program| Askpass::new(program, Duration::from_secs(u64::from(timeout))));
+    let askpass = Askpass::from_environment(Duration::from_secs(u64::from(timeout)));
     let pin_source = match config.prompt.pin_prompt {
         PinPrompt::Pinentry => PinSource::Pinentry,
         PinPrompt::Askpass => PinSource::Askpass,

@@ -33,6 +33,24 @@ impl Askpass {
         }
     }
 
+    /// The `SSH_ASKPASS` program of the agent's environment, giving the
+    /// person `timeout`: none when `SSH_ASKPASS` is unset or empty, or when
+    /// `SSH_ASKPASS_REQUIRE=never` forbids askpass, as it does for OpenSSH.
+    pub fn from_environment(timeout: Duration) -> Option<Self> {
+        Self::from_variables(|name| std::env::var_os(name), timeout)
+    }
+
+    /// [`Askpass::from_environment`] with the variables `var` gives.
+    fn from_variables(
+        var: impl Fn(&str) -> Option<std::ffi::OsString>,
+        timeout: Duration,
+    ) -> Option<Self> {
+        let never =
+            var("SSH_ASKPASS_REQUIRE").is_some_and(|require| require.eq_ignore_ascii_case("never"));
+        let program = var("SSH_ASKPASS").filter(|program| !program.is_empty())?;
+        (!never).then(|| Self::new(program, timeout))
+    }
+
     /// The program.
     pub fn program(&self) -> &std::path::Path {
         &self.program
@@ -181,6 +199,40 @@ mod tests {
     use token_agent_core::{DeviceInfo, PromptSubject};
 
     use super::*;
+
+    #[test]
+    fn ssh_askpass_require_never_forbids_askpass_as_for_openssh() {
+        let with = |pairs: &'static [(&'static str, &'static str)]| {
+            Askpass::from_variables(
+                move |name| {
+                    pairs
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, v)| std::ffi::OsString::from(v))
+                },
+                Duration::from_secs(5),
+            )
+            .map(|askpass| askpass.program().to_owned())
+        };
+        assert_eq!(with(&[]), None);
+        assert_eq!(with(&[("SSH_ASKPASS", "")]), None);
+        assert_eq!(
+            with(&[("SSH_ASKPASS", "/usr/bin/ssh-askpass")]),
+            Some("/usr/bin/ssh-askpass".into())
+        );
+        assert_eq!(
+            with(&[("SSH_ASKPASS", "/a"), ("SSH_ASKPASS_REQUIRE", "never")]),
+            None
+        );
+        assert_eq!(
+            with(&[("SSH_ASKPASS", "/a"), ("SSH_ASKPASS_REQUIRE", "NEVER")]),
+            None
+        );
+        assert_eq!(
+            with(&[("SSH_ASKPASS", "/a"), ("SSH_ASKPASS_REQUIRE", "force")]),
+            Some("/a".into())
+        );
+    }
 
     fn script(dir: &std::path::Path, body: &str) -> PathBuf {
         let path = dir.join("askpass");

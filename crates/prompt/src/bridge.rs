@@ -2,8 +2,9 @@
 //!
 //! - PINs go through pinentry, unless the configuration chooses askpass.
 //! - Confirmations (`ssh-add -c`) go through `SSH_ASKPASS` when the agent's
-//!   environment sets it, exactly as OpenSSH's agent does, since that is what
-//!   its users have configured; otherwise through pinentry.
+//!   environment sets it (and `SSH_ASKPASS_REQUIRE` is not `never`), as
+//!   OpenSSH's agent does, since that is what its users have configured;
+//!   otherwise through pinentry.
 //! - Notices go to the [`Notifier`].
 //!
 //! One question is asked at a time: two pinentry windows at once would leave
@@ -72,7 +73,8 @@ impl Prompter for Bridge {
             (PinSource::Askpass, None) => Err(PromptError::Unavailable {
                 what: request.title(),
                 reason: "the configuration asks for PINs through askpass, but SSH_ASKPASS is \
-                         not set in the agent's environment"
+                         not set in the agent's environment (or SSH_ASKPASS_REQUIRE=never \
+                         forbids it)"
                     .into(),
             }),
             (PinSource::Pinentry, _) => {
