@@ -305,6 +305,15 @@ fn awkward_socket_paths(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     Ok(paths)
 }
 
+/// Stops the agent with this pid (as printed) when dropped, however the test ends.
+struct StopOnDrop(String);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        stop_printed_agent(&self.0);
+    }
+}
+
 /// Stops the agent a test started, by the pid it printed, if it still runs.
 fn stop_printed_agent(pid: &str) {
     if let Ok(pid) = pid.trim().parse::<i32>() {
@@ -336,24 +345,28 @@ fn socket_paths_survive_eval_in_sh_and_csh_background_and_foreground() -> anyhow
         let csh = csh.filter(|_| !bytes.contains(&b'\n'));
 
         // In the background, as a login script starts it.
+        let output = isolated("sh", dir.path())
+            .args([
+                "-c",
+                r#"eval "$("$1" -s -a "$2")" >/dev/null
+                   printf '%s\n' "$SSH_AGENT_PID" >&2
+                   ssh-add -l >/dev/null 2>&1
+                   [ $? -le 1 ] || exit 1
+                   printf %s "$SSH_AUTH_SOCK""#,
+                "sh",
+            ])
+            .arg(&binary)
+            .arg(&socket)
+            .output()?;
+        let agent = StopOnDrop(stderr(&output));
         let output = check(
-            isolated("sh", dir.path())
-                .args([
-                    "-c",
-                    r#"eval "$("$1" -s -a "$2")" >/dev/null || exit 1
-                       printf '%s\n' "$SSH_AGENT_PID" >&2
-                       ssh-add -l >/dev/null 2>&1
-                       [ $? -le 1 ] || exit 1
-                       printf %s "$SSH_AUTH_SOCK""#,
-                    "sh",
-                ])
-                .arg(&binary)
-                .arg(&socket)
-                .output()?,
+            output,
             &format!("sh: eval \"$(token-agent -s -a {shown:?})\" and ssh-add -l"),
         )?;
-        stop_printed_agent(&stderr(&output));
         assert_eq!(output.stdout, bytes, "sh, background, {shown:?}");
+        // The next agent binds the same path.
+        drop(agent);
+        wait_for(Duration::from_secs(10), || !socket.exists());
 
         if let Some(csh) = csh {
             let output = token_agent(dir.path())?
@@ -361,16 +374,26 @@ fn socket_paths_survive_eval_in_sh_and_csh_background_and_foreground() -> anyhow
                 .arg("-a")
                 .arg(&socket)
                 .output()?;
+            let agent = StopOnDrop(
+                stdout(&output)
+                    .split("setenv SSH_AGENT_PID ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(';').next())
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
             std::fs::write(&lines_file, &output.stdout)?;
             let seen = isolated(csh, dir.path())
                 .args([
                     "-f",
                     "-c",
-                    "eval \"`cat $LINES`\" >/dev/null; printf %s \"$SSH_AUTH_SOCK\"; kill $SSH_AGENT_PID",
+                    "eval \"`cat $LINES`\" >/dev/null; printf %s \"$SSH_AUTH_SOCK\"",
                 ])
                 .env("LINES", &lines_file)
                 .output()?;
             assert_eq!(seen.stdout, bytes, "csh, background, {shown:?}");
+            drop(agent);
+            wait_for(Duration::from_secs(10), || !socket.exists());
         }
 
         // In the foreground: the lines come first, then the agent serves on.
@@ -453,56 +476,48 @@ fn background_agent_leaves_no_pipe_behind_and_a_helper_that_warns_still_answers(
         "token-agent -s",
     )?;
     let pid = variable(&stdout(&output), "SSH_AGENT_PID").unwrap_or_default();
-    let result = (|| -> anyhow::Result<()> {
-        let fd = |n: u32| std::fs::read_link(format!("/proc/{pid}/fd/{n}"));
-        assert_eq!(fd(0)?, Path::new("/dev/null"));
-        assert_eq!(fd(1)?, Path::new("/dev/null"));
-        let log = dir.path().join("token-agent/agent.log");
-        assert_eq!(fd(2)?, log, "standard error goes to the log");
+    let _agent = StopOnDrop(pid.clone());
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{pid}/fd/{n}"));
+    assert_eq!(fd(0)?, Path::new("/dev/null"));
+    assert_eq!(fd(1)?, Path::new("/dev/null"));
+    let log = dir.path().join("token-agent/agent.log");
+    assert_eq!(fd(2)?, log, "standard error goes to the log");
 
-        let askpass = dir.path().join("askpass");
-        token_agent_e2e::write_script(&askpass, &format!("echo {PIN}"))?;
-        let mut add = Command::new("ssh-add")
-            .args(["-s", MODULE])
-            .env("SSH_AUTH_SOCK", &socket)
-            .env("SSH_ASKPASS", &askpass)
-            .env("SSH_ASKPASS_REQUIRE", "force")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        let mut status = None;
-        wait_for(Duration::from_secs(20), || {
-            status = add.try_wait().ok().flatten();
-            status.is_some()
-        });
-        if status.is_none() {
-            let _ = add.kill();
-            let _ = add.wait();
-        }
-        assert!(
-            status.is_some_and(|status| status.success()),
-            "ssh-add -s: {status:?}"
-        );
-        let listed = Command::new("ssh-add")
-            .arg("-l")
-            .env("SSH_AUTH_SOCK", &socket)
-            .output()?;
-        assert!(stdout(&listed).contains("warns"), "{}", stdout(&listed));
-        let log = std::fs::read_to_string(&log)?;
-        assert!(
-            log.contains("pkcs11 helper: skipping an object"),
-            "the helper's warning is not in the log:\n{log}"
-        );
-        Ok(())
-    })();
-    if let Ok(pid) = pid.parse() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+    let askpass = dir.path().join("askpass");
+    token_agent_e2e::write_script(&askpass, &format!("echo {PIN}"))?;
+    let mut add = Command::new("ssh-add")
+        .args(["-s", MODULE])
+        .env("SSH_AUTH_SOCK", &socket)
+        .env("SSH_ASKPASS", &askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut status = None;
+    wait_for(Duration::from_secs(20), || {
+        status = add.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = add.kill();
+        let _ = add.wait();
     }
-    result
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "ssh-add -s: {status:?}"
+    );
+    let listed = Command::new("ssh-add")
+        .arg("-l")
+        .env("SSH_AUTH_SOCK", &socket)
+        .output()?;
+    assert!(stdout(&listed).contains("warns"), "{}", stdout(&listed));
+    let log = std::fs::read_to_string(&log)?;
+    assert!(
+        log.contains("pkcs11 helper: skipping an object"),
+        "the helper's warning is not in the log:\n{log}"
+    );
+    Ok(())
 }
 
 #[test]
