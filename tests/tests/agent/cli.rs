@@ -366,14 +366,20 @@ fn socket_paths_survive_eval_in_sh_and_csh_background_and_foreground() -> anyhow
         assert_eq!(output.stdout, bytes, "sh, background, {shown:?}");
         // The next agent binds the same path.
         drop(agent);
-        wait_for(Duration::from_secs(10), || !socket.exists());
+        anyhow::ensure!(
+            wait_for(Duration::from_secs(30), || !socket.exists()),
+            "the agent on {shown:?} did not stop and remove its socket"
+        );
 
         if let Some(csh) = csh {
-            let output = token_agent(dir.path())?
-                .arg("-c")
-                .arg("-a")
-                .arg(&socket)
-                .output()?;
+            let output = check(
+                token_agent(dir.path())?
+                    .arg("-c")
+                    .arg("-a")
+                    .arg(&socket)
+                    .output()?,
+                &format!("token-agent -c -a {shown:?}"),
+            )?;
             let agent = StopOnDrop(
                 stdout(&output)
                     .split("setenv SSH_AGENT_PID ")
@@ -393,7 +399,10 @@ fn socket_paths_survive_eval_in_sh_and_csh_background_and_foreground() -> anyhow
                 .output()?;
             assert_eq!(seen.stdout, bytes, "csh, background, {shown:?}");
             drop(agent);
-            wait_for(Duration::from_secs(10), || !socket.exists());
+            anyhow::ensure!(
+                wait_for(Duration::from_secs(30), || !socket.exists()),
+                "the agent on {shown:?} did not stop and remove its socket"
+            );
         }
 
         // In the foreground: the lines come first, then the agent serves on.
