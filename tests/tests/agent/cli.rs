@@ -314,9 +314,14 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Stops the agent a test started, by the pid it printed, if it still runs.
-fn stop_printed_agent(pid: &str) {
-    if let Ok(pid) = pid.trim().parse::<i32>() {
+/// Stops the agent a test started, by the pid it printed (the last line of
+/// `printed` that is a number: warnings may come before it), if it still runs.
+fn stop_printed_agent(printed: &str) {
+    let pid = printed
+        .lines()
+        .rev()
+        .find_map(|line| line.trim().parse::<i32>().ok());
+    if let Some(pid) = pid {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGTERM,
