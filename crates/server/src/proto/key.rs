@@ -175,8 +175,7 @@ fn decode_certified(reader: &mut &[u8], name: &str) -> Result<PrivateKey, String
         KeyData::Other(public) if public.algorithm().as_str() == mldsa::ALGORITHM => {
             // A certificate's private half is `string sk` alone.
             let private = Zeroizing::new(Vec::<u8>::decode(reader).map_err(field("sk"))?);
-            mldsa::Keypair::from_openssh(public.as_ref(), &private)
-                .map_err(|e| e.to_string())?;
+            mldsa::Keypair::from_openssh(public.as_ref(), &private).map_err(|e| e.to_string())?;
             let keypair = KeypairData::Other(OpaqueKeypair::new(Vec::new(), public.clone()));
             return Ok(PrivateKey {
                 keypair,
