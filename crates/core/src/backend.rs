@@ -117,10 +117,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
 /// A private key a client adds.
 pub struct AddKey {
-    /// The key pair; its secret half is zeroized when dropped. For a key
-    /// type `ssh-key` does not know (`KeypairData::Other`), the private
-    /// half is empty here and travels in [`AddKey::opaque_secret`].
-    pub keypair: KeypairData,
+    /// The key pair; its secret half is zeroized when dropped. It lives on
+    /// the heap from the moment it is decoded, so that moving the request
+    /// from layer to layer (into and out of boxed futures) moves a pointer
+    /// and leaves no copy of a key held inline (Ed25519's) behind in freed
+    /// memory. For a key type `ssh-key` does not know
+    /// (`KeypairData::Other`), the private half is empty here and travels
+    /// in [`AddKey::opaque_secret`].
+    pub keypair: Box<KeypairData>,
     /// The private half of a key type `ssh-key` keeps as opaque bytes
     /// (ssh-mldsa44-ed25519@openssh.com): `ssh-key` would not zeroize them.
     pub opaque_secret: Option<Zeroizing<Vec<u8>>>,

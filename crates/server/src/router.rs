@@ -605,7 +605,7 @@ impl Router {
         // The constraints are in place before the key can be listed, so no
         // request can use it unconstrained in between.
         let public =
-            KeyData::try_from(&key.keypair).map_err(|e| Refusal::Invalid(e.to_string()))?;
+            KeyData::try_from(&*key.keypair).map_err(|e| Refusal::Invalid(e.to_string()))?;
         let blob = match &key.certificate {
             Some(cert) => encode_blob(cert.as_ref()),
             None => encode_blob(&public),
@@ -1407,7 +1407,7 @@ mod tests {
         async fn add_key(&self, key: AddKey) -> Result<Identity, Error> {
             self.added.lock().unwrap().push(key.sk_provider.clone());
             Ok(Identity::new(
-                KeyData::try_from(&key.keypair).unwrap(),
+                KeyData::try_from(&*key.keypair).unwrap(),
                 key.comment,
                 KeyRef::new("fido", b"1".to_vec()),
             ))
@@ -1419,7 +1419,7 @@ mod tests {
             ssh_key::public::SkEd25519::new(ssh_key::public::Ed25519PublicKey([4; 32]), "ssh:");
         let keypair = ssh_key::private::SkEd25519::new(public, 1, vec![1, 2, 3]).unwrap();
         AddKey {
-            keypair: ssh_key::private::KeypairData::SkEd25519(keypair),
+            keypair: Box::new(ssh_key::private::KeypairData::SkEd25519(keypair)),
             opaque_secret: None,
             comment: "sk".into(),
             certificate: None,
@@ -1553,7 +1553,7 @@ mod tests {
         let (allowed, other) = (keypair(1), keypair(2));
         let user = Ed25519Keypair::from_seed(&[9; 32]);
         let key = || AddKey {
-            keypair: ssh_key::private::KeypairData::Ed25519(user.clone()),
+            keypair: Box::new(ssh_key::private::KeypairData::Ed25519(user.clone())),
             opaque_secret: None,
             comment: "restricted".into(),
             certificate: None,
@@ -1622,7 +1622,9 @@ mod tests {
             Vec::new(),
         );
         let key = AddKey {
-            keypair: ssh_key::private::KeypairData::Ed25519(Ed25519Keypair::from_seed(&[3; 32])),
+            keypair: Box::new(ssh_key::private::KeypairData::Ed25519(
+                Ed25519Keypair::from_seed(&[3; 32]),
+            )),
             opaque_secret: None,
             comment: "plain".into(),
             certificate: None,

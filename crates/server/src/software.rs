@@ -58,7 +58,7 @@ enum KeySigner {
         key: EcKey<Private>,
         curve: EcdsaCurve,
     },
-    Ed25519(KeypairData),
+    Ed25519(Box<KeypairData>),
     /// ssh-mldsa44-ed25519@openssh.com, with both halves expanded once.
     MlDsa44Ed25519(Box<mldsa::Keypair>),
 }
@@ -130,7 +130,7 @@ impl Backend for SoftwareKeys {
     }
 
     async fn add_key(&self, key: AddKey) -> Result<Identity, Error> {
-        let public = KeyData::try_from(&key.keypair).map_err(|e| Error::InvalidKey {
+        let public = KeyData::try_from(&*key.keypair).map_err(|e| Error::InvalidKey {
             reason: e.to_string(),
         })?;
         if let Some(cert) = &key.certificate {
@@ -193,11 +193,14 @@ impl Backend for SoftwareKeys {
 const MIN_RSA_BITS: u32 = 1024;
 
 impl KeySigner {
-    fn new(keypair: KeypairData, opaque_secret: Option<Zeroizing<Vec<u8>>>) -> Result<Self, Error> {
+    fn new(
+        keypair: Box<KeypairData>,
+        opaque_secret: Option<Zeroizing<Vec<u8>>>,
+    ) -> Result<Self, Error> {
         let invalid = |e: openssl::error::ErrorStack| Error::InvalidKey {
             reason: format!("the key is inconsistent: {e}"),
         };
-        match &keypair {
+        match &*keypair {
             KeypairData::Rsa(rsa) => {
                 let key = rsa_key(rsa).map_err(invalid)?;
                 // As OpenSSH (SSH_RSA_MINIMUM_MODULUS_SIZE).
@@ -409,7 +412,7 @@ mod tests {
 
     async fn add(keys: &SoftwareKeys, keypair: KeypairData) -> Identity {
         keys.add_key(AddKey {
-            keypair,
+            keypair: Box::new(keypair),
             opaque_secret: None,
             comment: "test".into(),
             certificate: None,
@@ -488,7 +491,7 @@ mod tests {
         rsa.private.d = ssh_key::Mpint::from_positive_bytes(&[0x42; 255]).unwrap();
         let result = SoftwareKeys::new()
             .add_key(AddKey {
-                keypair: KeypairData::Rsa(rsa),
+                keypair: Box::new(KeypairData::Rsa(rsa)),
                 opaque_secret: None,
                 comment: "broken".into(),
                 certificate: None,
@@ -520,7 +523,7 @@ mod tests {
         };
         let result = SoftwareKeys::new()
             .add_key(AddKey {
-                keypair: KeypairData::Rsa(keypair),
+                keypair: Box::new(KeypairData::Rsa(keypair)),
                 opaque_secret: None,
                 comment: "short".into(),
                 certificate: None,

@@ -186,3 +186,75 @@ fn a_comment_that_is_not_utf8_does_not_refuse_the_key() -> anyhow::Result<()> {
     assert!(shown.contains("jos\u{fffd}@laptop (ED25519)"), "{shown}");
     Ok(())
 }
+
+/// A software Ed25519 key leaves no copy of its secret in the agent's heap
+/// once removed: the key is held inline in its type, so every move of the
+/// request would otherwise leave a copy behind in freed memory. Reading
+/// another process's memory needs root (the agent is not dumpable), which
+/// CI is; elsewhere the test says it cannot look and passes.
+#[test]
+fn a_removed_ed25519_key_leaves_no_copy_of_its_secret_in_the_heap() -> anyhow::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+
+    let agent = Agent::start(AgentOptions::default())?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ed25519", "secret")?;
+    let private = ssh_key::PrivateKey::read_openssh_file(&key)?;
+    let seed = private
+        .key_data()
+        .ed25519()
+        .map(|pair| pair.private.to_bytes())
+        .ok_or_else(|| anyhow::anyhow!("not an Ed25519 key"))?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    let message = agent.dir().join("message");
+    std::fs::write(&message, "signed once")?;
+    check(
+        token_agent_e2e::sign_file(
+            agent.command("ssh-keygen"),
+            key.with_extension("pub"),
+            &message,
+        )
+        .output()?,
+        "ssh-keygen -Y sign",
+    )?;
+    check(agent.ssh_add(["-D"])?, "ssh-add -D")?;
+
+    let pid = agent.pid().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    let Ok(mut memory) = std::fs::File::open(format!("/proc/{pid}/mem")) else {
+        eprintln!("cannot read the agent's memory (not root): nothing checked");
+        return Ok(());
+    };
+    let mut found = Vec::new();
+    for line in std::fs::read_to_string(format!("/proc/{pid}/maps"))?.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(range), Some(perms)) = (fields.first(), fields.get(1)) else {
+            continue;
+        };
+        let name = fields.get(5).copied().unwrap_or("");
+        // Writable memory that is not a stack: the heaps and anonymous maps.
+        if !perms.starts_with("rw") || name.starts_with("[stack") || name.starts_with('/') {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (start, end) = (
+            u64::from_str_radix(start, 16)?,
+            u64::from_str_radix(end, 16)?,
+        );
+        let mut bytes = vec![0u8; usize::try_from(end - start)?];
+        memory.seek(SeekFrom::Start(start))?;
+        if memory.read_exact(&mut bytes).is_err() {
+            continue;
+        }
+        let copies = bytes.windows(seed.len()).filter(|w| *w == seed).count();
+        if copies > 0 {
+            found.push(format!("{copies} in {line}"));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "copies of the removed key's secret: {found:?}"
+    );
+    Ok(())
+}

@@ -55,7 +55,7 @@ async fn backend_with(
         identities.push(
             backend
                 .add_key(AddKey {
-                    keypair: key.to_keypair()?,
+                    keypair: Box::new(key.to_keypair()?),
                     opaque_secret: None,
                     comment: (*comment).to_owned(),
                     certificate: None,
@@ -413,7 +413,7 @@ async fn middleware_signatures_that_waited_behind_a_wrong_pin_fail_with_it() -> 
     let library = token_agent_e2e::fido_sim_middleware()?;
     let identity = backend
         .add_key(AddKey {
-            keypair: key.to_keypair()?,
+            keypair: Box::new(key.to_keypair()?),
             opaque_secret: None,
             comment: "burst".into(),
             certificate: None,
@@ -855,7 +855,7 @@ async fn a_key_added_again_keeps_its_place() -> anyhow::Result<()> {
     let (backend, published, _) = backend_with(vec![sim], &[(&a, "a"), (&b, "b")]).await?;
     backend
         .add_key(AddKey {
-            keypair: a.to_keypair()?,
+            keypair: Box::new(a.to_keypair()?),
             opaque_secret: None,
             comment: "a again".into(),
             certificate: None,

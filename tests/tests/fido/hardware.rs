@@ -59,7 +59,7 @@ async fn enrol_and_sign_on_a_physical_key() -> anyhow::Result<()> {
     let backend = FidoBackend::new(Arc::new(HidDiscovery));
     let identity = backend
         .add_key(AddKey {
-            keypair: key.to_keypair()?,
+            keypair: Box::new(key.to_keypair()?),
             opaque_secret: None,
             comment: "hardware test".into(),
             certificate: None,

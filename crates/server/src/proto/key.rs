@@ -66,9 +66,10 @@ impl KeyOrCertificate {
 
 /// A private key, and the certificate it was sent with.
 pub struct PrivateKey {
-    /// The key pair; ssh-key zeroizes its secret half on drop. A key type
-    /// ssh-key does not know has an empty private half here.
-    pub keypair: KeypairData,
+    /// The key pair, on the heap (see `AddKey::keypair`); ssh-key zeroizes
+    /// its secret half on drop. A key type ssh-key does not know has an
+    /// empty private half here.
+    pub keypair: Box<KeypairData>,
     /// The private half of such a key (ssh-mldsa44-ed25519@openssh.com),
     /// which ssh-key's opaque type would not zeroize.
     pub opaque_secret: Option<Zeroizing<Vec<u8>>>,
@@ -95,7 +96,7 @@ pub fn decode(reader: &mut &[u8]) -> Result<PrivateKey, String> {
         return decode_certified(reader, &name);
     }
     let algorithm = Algorithm::new(&name).map_err(|_| format!("unknown key type {name}"))?;
-    let keypair = match algorithm {
+    let keypair = Box::new(match algorithm {
         Algorithm::Ecdsa { curve } => {
             let public = read_ecdsa_public(reader, curve)?;
             EcdsaKeypairParts { public }.with_scalar(read_mpint(reader)?)?
@@ -110,14 +111,14 @@ pub fn decode(reader: &mut &[u8]) -> Result<PrivateKey, String> {
                 ssh_key::public::OpaquePublicKey::new(public.to_vec(), algorithm),
             ));
             return Ok(PrivateKey {
-                keypair,
+                keypair: Box::new(keypair),
                 opaque_secret: Some(private),
                 certificate: None,
             });
         }
         Algorithm::Other(_) => return Err(format!("unknown key type {name}")),
         algorithm => KeypairData::decode_as(reader, algorithm).map_err(|e| e.to_string())?,
-    };
+    });
     Ok(PrivateKey {
         keypair,
         opaque_secret: None,
@@ -178,7 +179,7 @@ fn decode_certified(reader: &mut &[u8], name: &str) -> Result<PrivateKey, String
             mldsa::Keypair::from_openssh(public.as_ref(), &private).map_err(|e| e.to_string())?;
             let keypair = KeypairData::Other(OpaqueKeypair::new(Vec::new(), public.clone()));
             return Ok(PrivateKey {
-                keypair,
+                keypair: Box::new(keypair),
                 opaque_secret: Some(private),
                 certificate: Some(certificate),
             });
@@ -191,7 +192,7 @@ fn decode_certified(reader: &mut &[u8], name: &str) -> Result<PrivateKey, String
         }
     };
     Ok(PrivateKey {
-        keypair,
+        keypair: Box::new(keypair),
         opaque_secret: None,
         certificate: Some(certificate),
     })
@@ -325,7 +326,7 @@ mod tests {
             .encode(&mut frame)
             .unwrap();
         let decoded = decode(&mut frame.as_slice()).unwrap();
-        let KeypairData::Ecdsa(EcdsaKeypair::NistP256 { private, .. }) = decoded.keypair else {
+        let KeypairData::Ecdsa(EcdsaKeypair::NistP256 { private, .. }) = *decoded.keypair else {
             panic!("not P-256")
         };
         assert_eq!(private.as_slice(), scalar.as_slice());
