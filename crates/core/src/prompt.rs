@@ -70,7 +70,8 @@ impl PromptSubject {
 
     /// "key alice@laptop (SHA256:...)", or as much of it as is known.
     fn key_phrase(&self) -> Option<String> {
-        match (&self.key, &self.fingerprint) {
+        let key = self.key.as_deref().map(|key| shown(key, SHORT));
+        match (key, &self.fingerprint) {
             (Some(key), Some(fp)) => Some(format!("key {key} ({fp})")),
             (Some(key), None) => Some(format!("key {key}")),
             (None, Some(fp)) => Some(format!("key {fp}")),
@@ -83,14 +84,45 @@ impl PromptSubject {
         let mut phrase = String::new();
         if let Some(requester) = &self.requester {
             phrase.push_str(" for ");
-            phrase.push_str(requester);
+            phrase.push_str(&shown(requester, SHORT));
         }
         if let Some(destination) = &self.destination {
             phrase.push_str(" connecting to ");
-            phrase.push_str(destination);
+            phrase.push_str(&shown(destination, SHORT));
         }
         phrase
     }
+}
+
+/// How long a name in a prompt may be: a key comment, a process, a host.
+const SHORT: usize = 120;
+/// How long a question of its own may be (a forwarded use names hosts).
+const LONG: usize = 400;
+
+/// `text` as it may appear in a prompt, at most `max` characters. Parts of
+/// a prompt come from others: key comments from clients, the user name from
+/// the data a remote host has signed. A newline there could push the
+/// question out of view below a text of the sender's choosing, and a
+/// terminal escape or a bidirectional override could disguise it; such
+/// characters are shown escaped (`\n`, `\u{1b}`).
+fn shown(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for (count, c) in text.chars().enumerate() {
+        if count == max {
+            out.push('…');
+            break;
+        }
+        let disguising = matches!(
+            c,
+            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        );
+        if c.is_control() || disguising {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Which secret is asked for.
@@ -195,9 +227,13 @@ impl ConfirmRequest {
     /// The question, worded as OpenSSH's agent words it, plus who asks and for where:
     /// "Allow use of key alice@laptop?\nKey fingerprint SHA256:....\nRequested by ssh (pid 12) ...".
     pub fn description(&self) -> String {
-        let key = self.subject.key.as_deref().unwrap_or("(no comment)");
+        let key = self
+            .subject
+            .key
+            .as_deref()
+            .map_or_else(|| "(no comment)".to_owned(), |key| shown(key, SHORT));
         let mut text = match &self.question {
-            Some(question) => format!("{question}\n"),
+            Some(question) => format!("{}\n", shown(question, LONG)),
             None => String::new(),
         };
         text.push_str(&format!("Allow use of key {key}?"));
@@ -308,6 +344,38 @@ mod tests {
         );
         request.tries_left = Some(1);
         assert!(request.description().contains("Only 1 try is left"));
+    }
+
+    #[test]
+    fn text_from_others_cannot_break_the_lines_of_a_prompt() {
+        // A remote host chose the user name in the data it had signed.
+        let request = ConfirmRequest {
+            subject: PromptSubject {
+                key: Some("laptop\u{1b}[2J\u{202e}".into()),
+                destination: Some("git.\n\nThis is a LOCAL request; it is safe.".into()),
+                ..subject()
+            },
+            question: Some("bastion wants to use key k to log in to db as git.\n\n\n".into()),
+        };
+        let text = request.description();
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert!(text.starts_with("bastion wants to use key k to log in to db as git.\\n"));
+        assert!(
+            text.contains("Allow use of key laptop\\u{1b}[2J\\u{202e}?"),
+            "{text}"
+        );
+        assert!(text.contains("connecting to git.\\n\\nThis is a LOCAL request"));
+        let long = "x".repeat(1000);
+        let request = ConfirmRequest {
+            subject: PromptSubject {
+                key: Some(long),
+                ..subject()
+            },
+            question: None,
+        };
+        assert!(request
+            .description()
+            .contains(&format!("{}…?", "x".repeat(120))));
     }
 
     #[test]

@@ -517,7 +517,7 @@ impl Router {
             }
         }
         let purpose = match (to, crate::proto::userauth::parse(&request.data, used.blob)) {
-            (Some(to), Some(auth)) => format!("to log in to {to} as {}", auth.user),
+            (Some(to), Some(auth)) => format!("to log in to {to} as {}", auth.user.escape_debug()),
             (Some(to), None) => format!("to sign data for {to}"),
             (None, _) => "over a forwarded agent".to_owned(),
         };

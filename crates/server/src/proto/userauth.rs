@@ -31,16 +31,17 @@ pub fn parse(data: &[u8], blob: &[u8]) -> Option<UserauthRequest> {
     if session_id.is_empty() || u8::decode(&mut reader).ok()? != USERAUTH_REQUEST {
         return None;
     }
-    let user = String::decode(&mut reader).ok()?;
-    if String::decode(&mut reader).ok()? != SERVICE {
+    // OpenSSH reads these as C strings: any bytes but NUL.
+    let user = String::from_utf8_lossy(&cstring(&mut reader)?).into_owned();
+    if cstring(&mut reader)? != SERVICE.as_bytes() {
         return None;
     }
-    let method = String::decode(&mut reader).ok()?;
+    let method = cstring(&mut reader)?;
     if u8::decode(&mut reader).ok()? != 1 {
         // Not a request with a signature following.
         return None;
     }
-    let algorithm = String::decode(&mut reader).ok()?;
+    let algorithm = String::from_utf8(cstring(&mut reader)?).ok()?;
     // The key or certificate signed for: the very one the request names.
     if Vec::<u8>::decode(&mut reader).ok()? != blob {
         return None;
@@ -49,9 +50,9 @@ pub fn parse(data: &[u8], blob: &[u8]) -> Option<UserauthRequest> {
     if key_type_of(&algorithm) != key_type_of(&String::decode(&mut key_type).ok()?) {
         return None;
     }
-    let host_key = match method.as_str() {
-        "publickey" => None,
-        "publickey-hostbound-v00@openssh.com" => {
+    let host_key = match method.as_slice() {
+        b"publickey" => None,
+        b"publickey-hostbound-v00@openssh.com" => {
             Some(KeyOrCertificate::decode(&Vec::<u8>::decode(&mut reader).ok()?).ok()?)
         }
         _ => return None,
@@ -64,6 +65,13 @@ pub fn parse(data: &[u8], blob: &[u8]) -> Option<UserauthRequest> {
         user,
         host_key,
     })
+}
+
+/// A `string` as OpenSSH's `sshbuf_get_cstring` takes it: any bytes but NUL
+/// (a user name need not be UTF-8; one with a NUL is refused).
+fn cstring(reader: &mut &[u8]) -> Option<Vec<u8>> {
+    let bytes = Vec::<u8>::decode(reader).ok()?;
+    (!bytes.contains(&0)).then_some(bytes)
 }
 
 /// The service a user authentication request logs in to.
@@ -202,6 +210,27 @@ mod tests {
             };
             assert!(parse(&named.encode(), &user_blob).is_none(), "{algorithm}");
         }
+    }
+
+    #[test]
+    fn user_names_are_c_strings_as_openssh_reads_them() {
+        let user_key = key(1);
+        let user_blob = blob(&user_key);
+        let with_user = |user: &[u8]| {
+            let mut out = Vec::new();
+            b"session-id".to_vec().encode(&mut out).unwrap();
+            USERAUTH_REQUEST.encode(&mut out).unwrap();
+            user.to_vec().encode(&mut out).unwrap();
+            "ssh-connection".encode(&mut out).unwrap();
+            "publickey".encode(&mut out).unwrap();
+            1u8.encode(&mut out).unwrap();
+            "ssh-ed25519".encode(&mut out).unwrap();
+            user_key.encode_prefixed(&mut out).unwrap();
+            parse(&out, &user_blob)
+        };
+        assert!(with_user(b"a\0b").is_none(), "a NUL in the user name");
+        let latin1 = with_user(b"jos\xe9").unwrap();
+        assert_eq!(latin1.user, "jos\u{fffd}");
     }
 
     #[test]
