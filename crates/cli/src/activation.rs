@@ -23,6 +23,18 @@ use nix::unistd::{close, dup, dup2};
 /// The descriptor of the first (and only) inherited socket, SD_LISTEN_FDS_START.
 const LISTEN_FD: RawFd = 3;
 
+/// The descriptors a supervisor passed, which closing inherited descriptors
+/// must keep: fd 3 when LISTEN_PID and LISTEN_FDS are set ([`inherited`]
+/// then checks them and says what is wrong).
+pub(crate) fn passed_fds() -> &'static [RawFd] {
+    let set = |name| std::env::var_os(name).is_some();
+    if set("LISTEN_PID") && set("LISTEN_FDS") {
+        &[LISTEN_FD]
+    } else {
+        &[]
+    }
+}
+
 /// The listening socket a supervisor passed, when LISTEN_PID and LISTEN_FDS
 /// are both set; an error when they are set wrongly, as ssh-agent refuses
 /// to start then.

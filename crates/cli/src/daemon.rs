@@ -137,20 +137,27 @@ pub(crate) fn detach_stdio(log: Option<&File>) -> anyhow::Result<File> {
 /// end of a pipe in `{ token-agent -s >out; } 5>&1 | cat`), and holding it
 /// would keep that pipe open as long as the agent runs.
 pub(crate) fn close_inherited_fds() {
+    close_inherited_fds_but(&[]);
+}
+
+/// [`close_inherited_fds`], keeping `keep` (the socket systemd passes).
+pub(crate) fn close_inherited_fds_but(keep: &[i32]) {
     // Listed first, closed after: the listing's own descriptor is gone by
     // then (closing it again fails harmlessly), and nothing else runs yet
     // to reuse its number.
     let open: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
         Ok(entries) => entries
             .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-            .filter(|&fd| fd > 2)
+            .filter(|&fd| fd > 2 && !keep.contains(&fd))
             .collect(),
         // Without /proc: every number below the limit (capped, as a limit
         // may be a million).
         Err(_) => {
             let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
                 .map_or(1024, |(soft, _)| soft.min(65_536));
-            (3..i32::try_from(limit).unwrap_or(1024)).collect()
+            (3..i32::try_from(limit).unwrap_or(1024))
+                .filter(|fd| !keep.contains(fd))
+                .collect()
         }
     };
     for fd in open {

@@ -81,7 +81,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Mode::Kill => shell::kill(&options),
         Mode::Cleanup { any_host } => cleanup(any_host),
         Mode::Daemon => daemon::start(&options),
-        Mode::Foreground { debug } => serve::run(&options, serve::Role::Foreground { debug }),
+        Mode::Foreground { debug } => {
+            // As ssh-agent in every mode: whatever the starting process left
+            // open (not close-on-exec) would reach the helpers, which run
+            // module code, and every program the agent starts.
+            daemon::close_inherited_fds_but(activation::passed_fds());
+            serve::run(&options, serve::Role::Foreground { debug })
+        }
         Mode::DaemonChild => {
             daemon::close_inherited_fds();
             serve::run(&options, serve::Role::DaemonChild)

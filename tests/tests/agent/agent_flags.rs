@@ -975,3 +975,46 @@ fn d_and_d_stopped_by_sigterm_or_sigint_exit_2_as_openssh_10() -> anyhow::Result
     }
     Ok(())
 }
+
+/// In the foreground too, as ssh-agent in every mode: a descriptor the
+/// starting process left open does not reach the agent (nor so the helpers
+/// and programs it starts).
+#[test]
+fn a_foreground_agent_lets_go_of_inherited_descriptors() -> anyhow::Result<()> {
+    let home = Home::new()?;
+    let socket = home.path().join("s");
+    let held_file = home.path().join("held");
+    std::fs::write(&held_file, "left open by the shell")?;
+    let agent_command = home.agent(Which::TokenAgent)?;
+    // The shell opens fd 7 (not close-on-exec) and becomes the agent.
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", r#"exec 7<"$0"; exec "$@""#])
+        .arg(&held_file)
+        .arg(agent_command.get_program())
+        .args(agent_command.get_args())
+        .args(["-D", "-a"])
+        .arg(&socket)
+        .envs(
+            agent_command
+                .get_envs()
+                .filter_map(|(name, value)| value.map(|value| (name, value))),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut agent = command.spawn()?;
+    let listening = wait_for(Duration::from_secs(10), || socket.exists());
+    // Any descriptor of the agent that still names the file.
+    let held: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{}/fd", agent.id()))?
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| *target == held_file)
+        .collect();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(agent.id())?),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = agent.wait();
+    ensure!(listening, "the agent did not listen");
+    ensure!(held.is_empty(), "the agent still holds {held:?}");
+    Ok(())
+}
