@@ -46,8 +46,16 @@ fn main() -> ExitCode {
         // Hidden helper mode: each sk middleware (`ssh-add -S`) runs in a child
         // `token-agent --sk-helper`, loaded there and never in the agent.
         Some("--sk-helper") => token_agent_fido::middleware::run_helper(),
-        Some("piv") => return piv::main(std::env::args_os().skip(1)),
-        Some("fido") => return fido::main(std::env::args_os().skip(1)),
+        // These ask for PINs, PUKs and management keys: as the agent, not
+        // dumpable, so no other process of the user can read them.
+        Some("piv") => {
+            not_dumpable();
+            return piv::main(std::env::args_os().skip(1));
+        }
+        Some("fido") => {
+            not_dumpable();
+            return fido::main(std::env::args_os().skip(1));
+        }
         Some("status") => return status::main(std::env::args_os().skip(1)),
         Some("doctor") => return doctor::main(std::env::args_os().skip(1)),
         Some("--generate-docs") => return docs::main(std::env::args_os().skip(2)),
@@ -67,6 +75,13 @@ fn main() -> ExitCode {
             eprintln!("token-agent: {err:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// No core dumps, and no ptrace by other processes of the user.
+fn not_dumpable() {
+    if let Err(err) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("token-agent: cannot make the process non-dumpable: {err}");
     }
 }
 
