@@ -65,7 +65,8 @@ pub const TOUCH_TIMEOUT_ENV: &str = "TOKEN_AGENT_FIDO_SIM_TOUCH_TIMEOUT_MS";
 /// `1`: every signature needs the PIN (CTAP 2.1 alwaysUv).
 pub const ALWAYS_UV_ENV: &str = "TOKEN_AGENT_FIDO_SIM_ALWAYS_UV";
 
-/// Test only: `crash-in-sign` or `hang-in-sign`.
+/// Test only: `crash-in-sign`, `hang-in-sign`, or `read-stdin-in-sign` (reads
+/// standard input before signing, as `getpass()` does without a terminal).
 pub const FAULT_ENV: &str = "TOKEN_AGENT_FIDO_SIM_FAULT";
 
 /// The middleware: a simulator opened from [`STATE_ENV`] for each call.
@@ -230,6 +231,13 @@ fn fault_in_sign() -> Result<(), SkError> {
             eprintln!("fido-sim middleware: {FAULT_ENV}=crash-in-sign: aborting in sk_sign");
             std::process::abort()
         }
+        Ok("read-stdin-in-sign") => {
+            // Whatever standard input holds is read and ignored; at its end
+            // (or on an error) the signature goes on.
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            Ok(())
+        }
         Ok("hang-in-sign") => {
             eprintln!(
                 "fido-sim middleware: {FAULT_ENV}=hang-in-sign: never returning from sk_sign"
@@ -240,7 +248,8 @@ fn fault_in_sign() -> Result<(), SkError> {
         }
         Ok(other) => {
             eprintln!(
-                "fido-sim middleware: {FAULT_ENV}={other} is not crash-in-sign or hang-in-sign"
+                "fido-sim middleware: {FAULT_ENV}={other} is not crash-in-sign, hang-in-sign \
+                 or read-stdin-in-sign"
             );
             Err(SkError::General)
         }

@@ -388,6 +388,28 @@ fn a_middleware_that_crashes_in_sk_sign_costs_only_its_helper() -> anyhow::Resul
 }
 
 #[test]
+fn a_middleware_that_reads_standard_input_signs_at_once() -> anyhow::Result<()> {
+    // getpass() without a terminal reads standard input: the helper's is
+    // /dev/null, not the agent's request pipe, so the read ends at once.
+    let token = Token::new(None)?;
+    let (agent, faulty, _) = agent_with_faulty_middleware(
+        &token,
+        "read-stdin-in-sign",
+        "[fido]\nmiddleware_timeout_seconds = 20\n",
+    )?;
+    for _ in 0..2 {
+        let started = Instant::now();
+        sign_and_verify(agent.command("ssh-keygen"), &faulty)?;
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "signing took {:?}",
+            started.elapsed()
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn a_middleware_that_hangs_in_sk_sign_is_killed_after_the_time_limit() -> anyhow::Result<()> {
     let library = middleware_library()?;
     let token = Token::new(None)?;

@@ -4,9 +4,12 @@
 //! The middleware's code runs only here, so when it crashes, hangs or
 //! scribbles over memory, the agent loses a child it restarts, not itself or
 //! its secrets; OpenSSH isolates middlewares the same way (`ssh-sk-helper`).
-//! A middleware may print to standard output: the protocol keeps its own copy
-//! of the pipe, and standard output becomes standard error before the library
-//! is loaded.
+//! The protocol runs on private copies of the descriptors the agent gave as
+//! standard input and output, as OpenSSH's `ssh-sk-helper` moves its own
+//! away: before the library is loaded, standard input becomes /dev/null (a
+//! middleware that reads it, as `getpass()` does without a terminal, reads
+//! nothing instead of the agent's requests) and standard output becomes
+//! standard error (where anything the middleware prints goes).
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter};
@@ -22,15 +25,15 @@ pub fn run() -> ! {
     if let Err(err) = nix::sys::prctl::set_dumpable(false) {
         eprintln!("token-agent sk helper: cannot make the process non-dumpable: {err}");
     }
-    let output = match protocol_output() {
-        Ok(output) => output,
+    let (input, output) = match protocol_channel() {
+        Ok(channel) => channel,
         Err(err) => {
-            eprintln!("token-agent sk helper: cannot set up its output: {err}");
+            eprintln!("token-agent sk helper: cannot set up its input and output: {err}");
             std::process::exit(2);
         }
     };
     let mut output = BufWriter::new(output);
-    let mut input = BufReader::new(io::stdin().lock());
+    let mut input = BufReader::new(input);
     let mut library = None;
     loop {
         match read_frame::<Request>(&mut input) {
@@ -54,13 +57,17 @@ pub fn run() -> ! {
     }
 }
 
-/// A duplicate of standard output for the protocol; standard output itself
-/// then points at standard error, where anything the middleware prints goes.
-fn protocol_output() -> io::Result<File> {
-    let protocol = io::stdout().as_fd().try_clone_to_owned()?;
+/// Duplicates of standard input and output for the protocol; standard input
+/// itself then reads /dev/null and standard output points at standard error,
+/// so the middleware can neither steal a request nor write into an answer.
+fn protocol_channel() -> io::Result<(File, File)> {
+    let input = io::stdin().as_fd().try_clone_to_owned()?;
+    let output = io::stdout().as_fd().try_clone_to_owned()?;
+    let null = File::open("/dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), io::stdin().as_raw_fd()).map_err(io::Error::from)?;
     nix::unistd::dup2(io::stderr().as_raw_fd(), io::stdout().as_raw_fd())
         .map_err(io::Error::from)?;
-    Ok(File::from(protocol))
+    Ok((File::from(input), File::from(output)))
 }
 
 fn handle(library: &mut Option<Library>, op: Op) -> Result<Reply, Failure> {
