@@ -7,7 +7,7 @@
 //! conversation runs on a thread of its own while the caller keeps the child
 //! process, and kills it once the limit has passed.
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
@@ -121,7 +121,7 @@ impl Pinentry {
             .spawn(move || {
                 let mut session = Session {
                     to,
-                    from: BufReader::new(from),
+                    from: Lines::new(from),
                 };
                 let result = session.open().and_then(|()| talk(&mut session));
                 session.bye();
@@ -280,7 +280,58 @@ impl From<std::io::Error> for Failure {
 /// (<https://gnupg.org/documentation/manuals/assuan/Client-requests.html>).
 struct Session {
     to: ChildStdin,
-    from: BufReader<ChildStdout>,
+    from: Lines,
+}
+
+/// The longest line read from a pinentry: Assuan's 1,000 bytes.
+const MAX_LINE: usize = 1000;
+
+/// The lines a pinentry writes, read into buffers sized once and zeroed
+/// when dropped. A `D` line holds the PIN: a `BufReader`'s buffer, or a
+/// vector that grows (each reallocation leaves the old bytes in freed
+/// memory), would keep copies of it nothing wipes.
+struct Lines {
+    from: ChildStdout,
+    /// Read but not yet returned; never longer than a line and a read.
+    pending: Zeroizing<Vec<u8>>,
+}
+
+/// How much one read takes.
+const READ: usize = 1024;
+
+impl Lines {
+    fn new(from: ChildStdout) -> Self {
+        Self {
+            from,
+            pending: Zeroizing::new(Vec::with_capacity(MAX_LINE + READ + 1)),
+        }
+    }
+
+    /// The next line, with its newline, into `line` (cleared first, and
+    /// given room for a whole line up front); 0 at the end of the output.
+    fn next(&mut self, line: &mut Zeroizing<Vec<u8>>) -> std::io::Result<usize> {
+        line.clear();
+        line.reserve(MAX_LINE + 1);
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                line.extend_from_slice(&self.pending[..=end]);
+                self.pending.drain(..=end);
+                return Ok(end + 1);
+            }
+            if self.pending.len() > MAX_LINE {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a line longer than Assuan's 1,000 bytes",
+                ));
+            }
+            let mut chunk = Zeroizing::new([0u8; READ]);
+            let read = self.from.read(&mut chunk[..])?;
+            if read == 0 {
+                return Ok(0);
+            }
+            self.pending.extend_from_slice(&chunk[..read]);
+        }
+    }
 }
 
 impl Session {
@@ -318,7 +369,7 @@ impl Session {
         loop {
             // The line may hold the PIN: zeroed when dropped.
             let mut line = Zeroizing::new(Vec::new());
-            if self.from.read_until(b'\n', &mut line)? == 0 {
+            if self.from.next(&mut line)? == 0 {
                 return Err(Failure::Closed);
             }
             let text = line.strip_suffix(b"\n").unwrap_or(&line);
@@ -328,7 +379,10 @@ impl Session {
             } else if let Some(rest) = text.strip_prefix(b"ERR ") {
                 return Err(refusal(rest));
             } else if let Some(rest) = text.strip_prefix(b"D ") {
-                decode(rest, data.get_or_insert_with(Default::default));
+                // Room for a whole answer up front: no reallocation
+                // leaves part of the PIN behind.
+                let data = data.get_or_insert_with(|| Zeroizing::new(Vec::with_capacity(MAX_LINE)));
+                decode(rest, data);
             } else if text.starts_with(b"INQUIRE ") {
                 // pinentry does not inquire; decline, and its ERR follows.
                 self.to.write_all(b"CAN\n")?;
@@ -583,6 +637,26 @@ mod tests {
         let mut data = Vec::new();
         decode(b"a%25b%0A%zz%4", &mut data);
         assert_eq!(data, b"a%b\n%zz%4");
+    }
+
+    #[test]
+    fn lines_are_read_whole_and_bounded() {
+        let mut printf = Command::new("printf")
+            .arg(format!(
+                "OK hello\\nD a%%25b\\n{}\\n",
+                "x".repeat(MAX_LINE + 10)
+            ))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = Lines::new(printf.stdout.take().unwrap());
+        let mut line = Zeroizing::new(Vec::new());
+        assert_eq!(lines.next(&mut line).unwrap(), 9);
+        assert_eq!(&line[..], b"OK hello\n");
+        lines.next(&mut line).unwrap();
+        assert_eq!(&line[..], b"D a%25b\n");
+        assert!(lines.next(&mut line).is_err(), "a line past 1,000 bytes");
+        let _ = printf.wait();
     }
 
     #[test]
