@@ -506,6 +506,31 @@ impl Message {
         self.signature.bytes().map(|_| reader.str()).collect()
     }
 
+    /// The argument of a body that is one array of strings (`as`, as the
+    /// notification server's `GetCapabilities` answers).
+    pub fn str_array_argument(&self) -> Result<Vec<String>> {
+        if self.signature != "as" {
+            return Err(Error::Signature {
+                expected: "as",
+                found: self.signature.clone(),
+            });
+        }
+        let mut reader = self.raw_body()?;
+        let length = usize::try_from(reader.u32()?).map_err(|_| malformed("array length"))?;
+        let end = reader
+            .pos
+            .checked_add(length)
+            .ok_or_else(|| malformed("array length"))?;
+        let mut strings = Vec::new();
+        while reader.pos < end {
+            strings.push(reader.str()?);
+        }
+        if reader.pos != end {
+            return Err(malformed("array length"));
+        }
+        Ok(strings)
+    }
+
     /// Every object path in the body, in order, however deep in variants,
     /// structures and arrays (logind's `GetSessionByPID` reply, a `User`'s
     /// `Display` or `Sessions` property).
@@ -925,6 +950,24 @@ mod tests {
                 Err(Error::Signature { expected: "u", .. })
             ));
         }
+        Ok(())
+    }
+
+    #[test]
+    fn an_array_of_strings_is_read_both_ways() -> anyhow::Result<()> {
+        let capabilities = vec!["actions", "body", "body-markup"];
+        for endian in [zbus::zvariant::LE, zbus::zvariant::BE] {
+            let reply = zbus::Message::signal("/a", "a.b", "C")?
+                .endian(endian)
+                .build(&(capabilities.clone(),))?;
+            let ours = parse(reply.data())?.ok_or_else(|| malformed("ignored"))?;
+            assert_eq!(ours.str_array_argument()?, capabilities);
+            assert!(ours.str_arguments().is_err());
+        }
+        let empty: Vec<&str> = Vec::new();
+        let reply = zbus::Message::signal("/a", "a.b", "C")?.build(&(empty,))?;
+        let ours = parse(reply.data())?.ok_or_else(|| malformed("ignored"))?;
+        assert!(ours.str_array_argument()?.is_empty());
         Ok(())
     }
 

@@ -69,13 +69,26 @@ impl Drop for Shown {
 }
 
 async fn notify(bus: &Connection, summary: &str, body: &str) -> Option<u32> {
+    // A server with body-markup reads the body as markup: a key comment or
+    // host name with `<` or `&` would show wrong, or as a link of the
+    // sender's choosing. One without it shows the text as it is.
+    let markup = bus
+        .call(SERVICE, PATH, SERVICE, "GetCapabilities", &Body::new())
+        .await
+        .and_then(|reply| reply.str_array_argument())
+        .is_ok_and(|capabilities| capabilities.iter().any(|c| c == "body-markup"));
+    let body = if markup {
+        escape_markup(body)
+    } else {
+        body.to_owned()
+    };
     let arguments = Body::new()
         .str("token-agent")
         // replaces_id: a new notice.
         .u32(0)
         .str("security-high")
         .str(summary)
-        .str(body)
+        .str(&body)
         // No actions.
         .array("s", |_| {})
         // Hints: normal urgency; a device category so desktops may group it.
@@ -101,6 +114,23 @@ async fn notify(bus: &Connection, summary: &str, body: &str) -> Option<u32> {
     }
 }
 
+/// `text` with the characters the notification markup gives a meaning to
+/// written as entities.
+fn escape_markup(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 async fn close(bus: &Connection, id: u32) {
     let reply = bus
         .call(
@@ -113,5 +143,19 @@ async fn close(bus: &Connection, id: u32) {
         .await;
     if let Err(err) = reply {
         tracing::debug!(%err, id, "cannot close the desktop notification");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markup_characters_become_entities() {
+        assert_eq!(
+            escape_markup("key <a href=\"x\">a&b</a> 'q'"),
+            "key &lt;a href=&quot;x&quot;&gt;a&amp;b&lt;/a&gt; &apos;q&apos;"
+        );
+        assert_eq!(escape_markup("plain"), "plain");
     }
 }
