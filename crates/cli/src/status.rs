@@ -118,7 +118,7 @@ fn lock_state(doc: &Value) -> &'static str {
 /// The document in words.
 fn render(doc: &Value, socket: &std::path::Path) -> String {
     let mut out = String::new();
-    let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+    let text = |v: &Value| clean(v.as_str().unwrap_or(""));
     out.push_str(&format!(
         "token-agent {} (pid {}) on {}, up {}, {}\n",
         text(&doc["version"]),
@@ -164,7 +164,7 @@ fn render(doc: &Value, socket: &std::path::Path) -> String {
             text(&key["backend"]),
             key["device"]
                 .as_str()
-                .map(|d| format!(", {d}"))
+                .map(|d| format!(", {}", clean(d)))
                 .unwrap_or_default()
         ));
         let c = &key["constraints"];
@@ -226,7 +226,7 @@ fn render(doc: &Value, socket: &std::path::Path) -> String {
         }
         out.push_str(&line);
         out.push('\n');
-        if let Some(reason) = upstream["reason"].as_str() {
+        if let Some(reason) = upstream["reason"].as_str().map(clean) {
             let since = upstream["since_seconds"]
                 .as_u64()
                 .map(|s| format!(" (for {})", duration(s)))
@@ -245,13 +245,13 @@ fn render(doc: &Value, socket: &std::path::Path) -> String {
             "  {} {} {}: {}\n      {}\n      by {}{}\n",
             time(refusal["time"].as_u64().unwrap_or(0)),
             text(&refusal["operation"]),
-            refusal["key"].as_str().unwrap_or("-"),
+            clean(refusal["key"].as_str().unwrap_or("-")),
             text(&refusal["reason"]),
             text(&refusal["message"]),
             client.join(" < "),
             refusal["destination"]
                 .as_str()
-                .map(|d| format!(", via {d}"))
+                .map(|d| format!(", via {}", clean(d)))
                 .unwrap_or_default()
         ));
     }
@@ -264,8 +264,24 @@ fn strings(value: &Value) -> Vec<String> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|v| v.as_str().unwrap_or("").to_owned())
+        .map(|v| clean(v.as_str().unwrap_or("")))
         .collect()
+}
+
+/// `text` safe to print on a terminal: key comments, device labels and
+/// messages come from clients, upstream agents and modules, and a control
+/// character (an escape sequence, a newline) could rewrite what the
+/// person sees; such characters are shown escaped.
+fn clean(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// "2h 3m", "45s".
@@ -322,6 +338,15 @@ mod tests {
         assert_eq!(time(u64::MAX), "forever");
         assert_eq!(duration(45), "45s");
         assert_eq!(duration(7380), "2h 3m");
+    }
+
+    #[test]
+    fn text_from_others_cannot_rewrite_the_terminal() {
+        assert_eq!(
+            clean("laptop\u{1b}[2J\nfake line"),
+            "laptop\\u{1b}[2J\\nfake line"
+        );
+        assert_eq!(clean("plain é"), "plain é");
     }
 
     #[test]
