@@ -198,6 +198,15 @@ pub enum FingerprintHash {
 }
 
 impl FingerprintHash {
+    /// Every hash `-E` takes.
+    const ALL: [Self; 5] = [
+        Self::Md5,
+        Self::Sha1,
+        Self::Sha256,
+        Self::Sha384,
+        Self::Sha512,
+    ];
+
     /// The name `-E` takes.
     pub fn name(self) -> &'static str {
         match self {
@@ -213,15 +222,9 @@ impl FingerprintHash {
     /// by its prefix ("SHA256:..." is SHA-256).
     pub fn of_fingerprint(fingerprint: &str) -> Option<Self> {
         let (prefix, _) = fingerprint.split_once(':')?;
-        [
-            Self::Md5,
-            Self::Sha1,
-            Self::Sha256,
-            Self::Sha384,
-            Self::Sha512,
-        ]
-        .into_iter()
-        .find(|hash| hash.name().eq_ignore_ascii_case(prefix))
+        Self::ALL
+            .into_iter()
+            .find(|hash| hash.name().eq_ignore_ascii_case(prefix))
     }
 
     /// Whether `fingerprint`, in whichever hash its prefix names, is `key`'s.
@@ -276,18 +279,14 @@ impl std::str::FromStr for FingerprintHash {
     /// Parses `md5`, `sha1`, `sha256`, `sha384` or `sha512`, in any case, as
     /// OpenSSH's `ssh_digest_alg_by_name`.
     fn from_str(name: &str) -> Result<Self, String> {
-        [
-            Self::Md5,
-            Self::Sha1,
-            Self::Sha256,
-            Self::Sha384,
-            Self::Sha512,
-        ]
-        .into_iter()
-        .find(|hash| hash.name().eq_ignore_ascii_case(name))
-        .ok_or_else(|| {
-            format!("invalid fingerprint hash \"{name}\": use md5, sha1, sha256, sha384 or sha512")
-        })
+        Self::ALL
+            .into_iter()
+            .find(|hash| hash.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                format!(
+                    "invalid fingerprint hash \"{name}\": use md5, sha1, sha256, sha384 or sha512"
+                )
+            })
     }
 }
 

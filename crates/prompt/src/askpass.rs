@@ -136,19 +136,7 @@ impl Askpass {
             Some(kind) => command.env("SSH_ASKPASS_PROMPT", kind),
             None => command.env_remove("SSH_ASKPASS_PROMPT"),
         };
-        // ETXTBSY: the program was just written, and a process forked
-        // elsewhere in the meantime still holds the writer's descriptor until
-        // it execs. That lasts microseconds; try again briefly.
-        let mut spawned = command.spawn();
-        for _ in 0..20 {
-            match &spawned {
-                Err(err) if err.kind() == std::io::ErrorKind::ExecutableFileBusy => {
-                    std::thread::sleep(Duration::from_millis(5));
-                    spawned = command.spawn();
-                }
-                _ => break,
-            }
-        }
+        let spawned = crate::retry_busy(|| command.spawn());
         spawned.map_err(|err| PromptError::Unavailable {
             what: "an answer".into(),
             reason: format!(

@@ -42,3 +42,21 @@ pub use bridge::{Bridge, PinSource};
 pub use notice::{NoticeConfig, Notifier};
 pub use pinentry::Pinentry;
 pub use scripted::{Asked, Scripted, ScriptedAnswer};
+
+/// `spawn`, tried again for a moment while it fails with ETXTBSY: a program
+/// just written (a test's script) is busy while a process forked elsewhere
+/// in the meantime still holds the writer's descriptor, until that process
+/// execs, which takes microseconds.
+fn retry_busy<T>(mut spawn: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut spawned = spawn();
+    for _ in 0..20 {
+        match &spawned {
+            Err(err) if err.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                spawned = spawn();
+            }
+            _ => break,
+        }
+    }
+    spawned
+}

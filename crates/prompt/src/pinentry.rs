@@ -157,19 +157,7 @@ impl Pinentry {
     fn spawn(&self) -> Result<Child, PromptError> {
         let mut command = Command::new(&self.program);
         command.stdin(Stdio::piped()).stdout(Stdio::piped());
-        // ETXTBSY: the program was just written, and a process forked
-        // elsewhere in the meantime still holds the writer's descriptor until
-        // it execs. That lasts microseconds; try again briefly.
-        let mut spawned = command.spawn();
-        for _ in 0..20 {
-            match &spawned {
-                Err(err) if err.kind() == std::io::ErrorKind::ExecutableFileBusy => {
-                    std::thread::sleep(Duration::from_millis(5));
-                    spawned = command.spawn();
-                }
-                _ => break,
-            }
-        }
+        let spawned = crate::retry_busy(|| command.spawn());
         spawned.map_err(|err| match err.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => self.not_found(),
             _ => PromptError::Unavailable {
