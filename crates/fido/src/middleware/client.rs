@@ -3,9 +3,9 @@
 
 use std::io::{BufReader, BufWriter};
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -26,12 +26,18 @@ pub(crate) enum CallError {
     TimedOut(Duration),
 }
 
+/// The call waiting for an answer, if any: its id, and where its answer goes.
+/// The reader thread hands over only the answer with that id, once; any other
+/// frame the helper writes is dropped, so a helper cannot make the agent hold
+/// what nobody asked for.
+type Waiting = Arc<Mutex<Option<(u64, SyncSender<Response>)>>>;
+
 /// One running helper process.
 #[derive(Debug)]
 pub(crate) struct Helper {
     pid: Pid,
     stdin: BufWriter<ChildStdin>,
-    responses: Receiver<Response>,
+    waiting: Waiting,
     exit: Arc<Mutex<Option<String>>>,
     next_id: u64,
 }
@@ -54,30 +60,50 @@ impl Helper {
             .take()
             .ok_or_else(|| std::io::Error::other("the helper has no standard output"))?;
         let pid = Pid::from_raw(i32::try_from(child.id()).map_err(std::io::Error::other)?);
-        let (sender, responses) = mpsc::channel();
+        let waiting: Waiting = Arc::default();
         let exit: Arc<Mutex<Option<String>>> = Arc::default();
-        let reader_exit = exit.clone();
+        let (reader_waiting, reader_exit) = (waiting.clone(), exit.clone());
         std::thread::Builder::new()
             .name("sk-helper-reader".into())
             .spawn(move || {
                 let mut input = BufReader::new(stdout);
+                let mut warned = false;
                 while let Ok(Some(response)) = read_frame::<Response>(&mut input) {
-                    if sender.send(response).is_err() {
-                        break;
+                    let waiter = {
+                        let mut waiting = lock(&reader_waiting);
+                        match &*waiting {
+                            Some((id, _)) if *id == response.id => waiting.take(),
+                            _ => None,
+                        }
+                    };
+                    match waiter {
+                        // A channel of one, sent to once: this never blocks.
+                        Some((_, sender)) => drop(sender.try_send(response)),
+                        None if !warned => {
+                            warned = true;
+                            tracing::warn!(
+                                helper = child.id(),
+                                id = response.id,
+                                "an sk middleware helper answered a request nobody waits for; \
+                                 dropped (and any more from it)"
+                            );
+                        }
+                        None => {}
                     }
                 }
                 // End of output: the helper exited or died. Record how before
-                // the channel closes, so the caller can say what happened.
+                // the waiting call's channel closes, so it can say what happened.
                 let how = match child.wait() {
                     Ok(status) => describe_exit(status),
                     Err(err) => format!("could not be waited for: {err}"),
                 };
                 *lock(&reader_exit) = Some(how);
+                lock(&reader_waiting).take();
             })?;
         Ok(Self {
             pid,
             stdin: BufWriter::new(stdin),
-            responses,
+            waiting,
             exit,
             next_id: 1,
         })
@@ -93,29 +119,26 @@ impl Helper {
     pub(crate) fn call(&mut self, op: Op, limit: Duration) -> Result<Reply, CallError> {
         let id = self.next_id;
         self.next_id += 1;
+        let (sender, answer) = mpsc::sync_channel(1);
+        *lock(&self.waiting) = Some((id, sender));
+        // Checked after registering: the reader records the exit before it
+        // drops the waiting call's channel, so a helper that ended is seen
+        // here or closes the channel.
         if let Some(how) = lock(&self.exit).clone() {
+            lock(&self.waiting).take();
             return Err(CallError::Died(how));
         }
         if write_frame(&mut self.stdin, &Request { id, op }).is_err() {
+            lock(&self.waiting).take();
             return Err(CallError::Died(self.wait_exit()));
         }
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.responses.recv_timeout(left) {
-                Ok(response) if response.id == id => {
-                    return response.result.map_err(CallError::Failed);
-                }
-                // An answer to an earlier call that timed out cannot arrive
-                // (that helper was killed); skip anything else all the same.
-                Ok(_) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(CallError::Died(self.wait_exit()));
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    self.kill();
-                    return Err(CallError::TimedOut(limit));
-                }
+        match answer.recv_timeout(limit) {
+            Ok(response) => response.result.map_err(CallError::Failed),
+            Err(RecvTimeoutError::Disconnected) => Err(CallError::Died(self.wait_exit())),
+            Err(RecvTimeoutError::Timeout) => {
+                lock(&self.waiting).take();
+                self.kill();
+                Err(CallError::TimedOut(limit))
             }
         }
     }
@@ -147,6 +170,8 @@ impl Drop for Helper {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     #[test]
@@ -187,5 +212,72 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(helper.wait_exit(), "signal 9, SIGKILL");
+    }
+
+    /// Resident memory of this process, in KiB.
+    fn resident_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    fn frame<T: serde::Serialize>(message: &T) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, message).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn answers_nobody_asked_for_are_dropped_not_queued() {
+        // A helper that answers the first call, then writes 128 answers of
+        // 1 MiB nobody asked for while no call waits, then answers the second
+        // call: the agent does not keep the flood, and the second call gets
+        // its own answer.
+        let dir = std::env::temp_dir().join(format!("sk-flood-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |id| Request {
+            id,
+            op: Op::Load { path: "/x".into() },
+        };
+        let loaded = |id, version| Response {
+            id,
+            result: Ok(Reply::Loaded { version }),
+        };
+        std::fs::write(dir.join("a1"), frame(&loaded(1, 1))).unwrap();
+        std::fs::write(dir.join("a2"), frame(&loaded(2, 2))).unwrap();
+        let flood = Response {
+            id: 1,
+            result: Err(Failure::Protocol("a".repeat(1024 * 1024))),
+        };
+        std::fs::write(dir.join("flood"), frame(&flood)).unwrap();
+        let script = format!(
+            "cd {dir}; head -c {first} >/dev/null; cat a1; i=0; \
+             while [ $i -lt 128 ]; do cat flood; i=$((i+1)); done; touch flooded; \
+             head -c {second} >/dev/null; cat a2; sleep 60",
+            dir = dir.display(),
+            first = frame(&load(1)).len(),
+            second = frame(&load(2)).len(),
+        );
+        let mut helper = Helper::spawn(&HelperCommand {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+        })
+        .unwrap();
+        let before = resident_kib();
+        let limit = Duration::from_secs(20);
+        let first = helper.call(load(1).op, limit).unwrap();
+        assert!(matches!(first, Reply::Loaded { version: 1 }), "{first:?}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !dir.join("flooded").exists() {
+            assert!(Instant::now() < deadline, "the helper did not flood");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The last frames leave the pipe after `cat` returns.
+        std::thread::sleep(Duration::from_millis(500));
+        let grown = resident_kib().saturating_sub(before);
+        let second = helper.call(load(2).op, limit).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(grown < 40 * 1024, "the agent grew by {grown} KiB");
+        assert!(matches!(second, Reply::Loaded { version: 2 }), "{second:?}");
     }
 }
