@@ -790,7 +790,9 @@ fn middleware_error(device: &DeviceInfo, error: MiddlewareError) -> Error {
             "the sk middleware {path} found no security key (SSH_SK_ERR_DEVICE_NOT_FOUND); \
              plug in the key this key was made on"
         ),
-        MiddlewareError::Crashed { .. } | MiddlewareError::TimedOut { .. } => {
+        MiddlewareError::Crashed { .. }
+        | MiddlewareError::TimedOut { .. }
+        | MiddlewareError::NotReading { .. } => {
             let message = error.to_string();
             tracing::error!("{message}");
             message

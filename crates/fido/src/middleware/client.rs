@@ -1,11 +1,13 @@
 //! The agent's side of one helper process: start it, send a request, wait
 //! for the answer with a time limit, and tell how it died.
 
-use std::io::{BufReader, BufWriter};
-use std::process::{ChildStdin, Command, Stdio};
+use std::io::{BufReader, ErrorKind, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -24,7 +26,15 @@ pub(crate) enum CallError {
     Died(String),
     /// No answer within the time limit; the helper was killed.
     TimedOut(Duration),
+    /// The helper took no request within [`WRITE_TIMEOUT`] (it stopped
+    /// reading); it was killed and the request did not reach the middleware.
+    NotReading(Duration),
 }
+
+/// How long writing one request may block: the helper reads each request as
+/// soon as it comes, so a full socket buffer means it stopped working (it
+/// was stopped, or the middleware took over its input).
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The call waiting for an answer, if any: its id, and where its answer goes.
 /// The reader thread hands over only the answer with that id, once; any other
@@ -36,7 +46,10 @@ type Waiting = Arc<Mutex<Option<(u64, SyncSender<Response>)>>>;
 #[derive(Debug)]
 pub(crate) struct Helper {
     pid: Pid,
-    stdin: BufWriter<ChildStdin>,
+    /// The agent's end of the socket that is the helper's standard input: a
+    /// socket rather than a pipe for its send timeout (see [`ByDeadline`]).
+    /// Written unbuffered, a whole frame at a time.
+    requests: UnixStream,
     waiting: Waiting,
     exit: Arc<Mutex<Option<String>>>,
     next_id: u64,
@@ -45,16 +58,15 @@ pub(crate) struct Helper {
 impl Helper {
     /// Starts a helper process.
     pub(crate) fn spawn(command: &HelperCommand) -> std::io::Result<Self> {
+        let (requests, helper_input) = UnixStream::pair()?;
+        // The temporary Command holds the helper's end and closes it when
+        // the statement ends, so the helper's death is seen as EPIPE.
         let mut child = Command::new(&command.program)
             .args(&command.args)
-            .stdin(Stdio::piped())
+            .stdin(Stdio::from(OwnedFd::from(helper_input)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| std::io::Error::other("the helper has no standard input"))?;
         let stdout = child
             .stdout
             .take()
@@ -102,7 +114,7 @@ impl Helper {
             })?;
         Ok(Self {
             pid,
-            stdin: BufWriter::new(stdin),
+            requests,
             waiting,
             exit,
             next_id: 1,
@@ -128,8 +140,18 @@ impl Helper {
             lock(&self.waiting).take();
             return Err(CallError::Died(how));
         }
-        if write_frame(&mut self.stdin, &Request { id, op }).is_err() {
+        let mut requests = ByDeadline {
+            stream: &self.requests,
+            deadline: Instant::now() + WRITE_TIMEOUT,
+        };
+        if let Err(err) = write_frame(&mut requests, &Request { id, op }) {
             lock(&self.waiting).take();
+            if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                // Part of the request may sit in the socket: the helper
+                // cannot be talked to any more.
+                self.kill();
+                return Err(CallError::NotReading(WRITE_TIMEOUT));
+            }
             return Err(CallError::Died(self.wait_exit()));
         }
         match answer.recv_timeout(limit) {
@@ -162,6 +184,29 @@ impl Helper {
     }
 }
 
+/// Writes to a socket until a deadline for the whole of what is written: a
+/// send timeout alone bounds each write, and a helper that takes a little at
+/// a time would stretch a frame's write without end.
+struct ByDeadline<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Write for ByDeadline<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        self.stream.set_write_timeout(Some(left))?;
+        (&mut &*self.stream).write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Drop for Helper {
     fn drop(&mut self) {
         self.kill();
@@ -170,8 +215,6 @@ impl Drop for Helper {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
 
     #[test]
@@ -279,5 +322,37 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert!(grown < 40 * 1024, "the agent grew by {grown} KiB");
         assert!(matches!(second, Reply::Loaded { version: 2 }), "{second:?}");
+    }
+
+    #[test]
+    fn a_stopped_helper_is_killed_when_a_request_cannot_be_written() {
+        // A helper stopped with SIGSTOP takes no request: one larger than the
+        // socket buffer fails after WRITE_TIMEOUT instead of blocking for good.
+        let mut helper = Helper::spawn(&HelperCommand {
+            program: "sh".into(),
+            args: vec!["-c".into(), "exec cat >/dev/null".into()],
+        })
+        .unwrap();
+        kill(helper.pid, Signal::SIGSTOP).unwrap();
+        let (done, result) = mpsc::channel();
+        std::thread::spawn(move || {
+            let sign = super::super::proto::Sign {
+                alg: 1,
+                data: vec![0; 1024 * 1024],
+                application: "ssh:".into(),
+                key_handle: vec![1; 64],
+                flags: 1,
+                pin: None,
+            };
+            let started = Instant::now();
+            let result = helper.call(Op::Sign(sign), Duration::from_secs(60));
+            let _ = done.send((result, started.elapsed(), helper.wait_exit()));
+        });
+        let (result, took, how) = result
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the call is still blocked writing the request");
+        assert_eq!(result.unwrap_err(), CallError::NotReading(WRITE_TIMEOUT));
+        assert!(took < WRITE_TIMEOUT + Duration::from_secs(5), "{took:?}");
+        assert_eq!(how, "signal 9, SIGKILL");
     }
 }

@@ -130,6 +130,25 @@ pub(crate) enum MiddlewareError {
         /// Whether a new helper is running, or why not.
         restarted: Result<(), String>,
     },
+    /// The helper took no request for a while (it was stopped, or the
+    /// middleware took over its input); it was killed, and the request never
+    /// reached the middleware.
+    #[error(
+        "the helper of the sk middleware {path} took no {function} request within {} s; \
+         killed it{}",
+        limit.as_secs(),
+        restart_suffix(restarted)
+    )]
+    NotReading {
+        /// The library.
+        path: String,
+        /// The function the request was for.
+        function: &'static str,
+        /// How long the write waited.
+        limit: Duration,
+        /// Whether a new helper is running, or why not.
+        restarted: Result<(), String>,
+    },
     /// The middleware claimed success with an unusable answer, or the helper
     /// spoke out of turn.
     #[error("the sk middleware {path} answered {function} with something unusable: {reason}")]
@@ -268,6 +287,11 @@ impl Slot {
                 self.path,
                 limit.as_secs()
             ))),
+            Err(CallError::NotReading(limit)) => Err(load_error(format!(
+                "the helper for the sk middleware {} took no request within {} s; killed it",
+                self.path,
+                limit.as_secs()
+            ))),
         }
     }
 
@@ -298,6 +322,12 @@ impl Slot {
                 restarted: self.restart(&mut guard, options),
             }),
             Err(CallError::TimedOut(limit)) => Err(MiddlewareError::TimedOut {
+                path: self.path.clone(),
+                function: FUNCTION,
+                limit,
+                restarted: self.restart(&mut guard, options),
+            }),
+            Err(CallError::NotReading(limit)) => Err(MiddlewareError::NotReading {
                 path: self.path.clone(),
                 function: FUNCTION,
                 limit,
@@ -368,6 +398,17 @@ mod tests {
             hung.to_string(),
             "the sk middleware /x/libfoo.so did not answer sk_sign within 35 s; killed it; \
              could not restart it: cannot start the helper"
+        );
+        let stopped = MiddlewareError::NotReading {
+            path: "/x/libfoo.so".into(),
+            function: "sk_sign",
+            limit: Duration::from_secs(5),
+            restarted: Ok(()),
+        };
+        assert_eq!(
+            stopped.to_string(),
+            "the helper of the sk middleware /x/libfoo.so took no sk_sign request within 5 s; \
+             killed it; restarted it"
         );
     }
 

@@ -1,7 +1,7 @@
 //! The protocol between the agent and its sk middleware helpers.
 //!
-//! The agent starts `token-agent --sk-helper` with pipes on its standard
-//! input and output. Each message is a frame: a 4-byte big-endian length, then
+//! The agent starts `token-agent --sk-helper` with a socket on its standard
+//! input (for a send timeout) and a pipe on its standard output. Each message is a frame: a 4-byte big-endian length, then
 //! that many bytes of JSON. The agent sends a [`Request`] with an id and waits
 //! for the [`Response`] with the same id; it sends one request at a time.
 //! The first request is [`Op::Load`]; the library stays loaded until the
