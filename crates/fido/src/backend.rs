@@ -591,14 +591,18 @@ impl Backend for FidoBackend {
                 }
             }
         };
-        Ok(self.hold_with(
+        let identity = self.hold_with(
             sk_key,
             key.comment.clone(),
             Origin::Client,
             device,
             key.certificate.clone(),
             key.sk_provider.clone(),
-        ))
+        );
+        // The key may have replaced one that named another middleware (or
+        // the same key added with -S, now "internal"): that helper may go.
+        self.release_unused_middlewares();
+        Ok(identity)
     }
 
     async fn remove_key(&self, key: &KeyRef) -> Result<(), Error> {

@@ -223,6 +223,56 @@ fn ssh_add_s_keys_sign_through_the_middleware_in_a_helper() -> anyhow::Result<()
 }
 
 #[test]
+fn re_adding_a_key_with_another_middleware_or_internal_stops_the_old_helper() -> anyhow::Result<()>
+{
+    let library = middleware_library()?;
+    let token = Token::new(None)?;
+    let file = token.ssh_keygen("ed25519-sk", "id_readded", &[], None)?;
+    // The same middleware under another path is another middleware.
+    let copies = tempfile::Builder::new().prefix("sk-copy").tempdir()?;
+    let copy = copies.path().join("libcopied_middleware.so");
+    std::fs::copy(&library, &copy)?;
+    let allowed = format!("{},{}/*", allowing(&library)?, copies.path().display());
+    let mut agent = plain_agent(&token, &["-P", &allowed], "")?;
+    let pid = agent.pid().context("no agent pid")?;
+    let helpers = |of: &Path| {
+        children(pid)
+            .into_iter()
+            .filter(|child| maps_library(*child, of))
+            .count()
+    };
+    let add = |with: Option<&Path>| -> anyhow::Result<()> {
+        let mut args = Vec::new();
+        if let Some(with) = with {
+            args.extend([OsStr::new("-S"), with.as_os_str()]);
+        }
+        args.push(file.as_os_str());
+        check(agent.ssh_add(args)?, "ssh-add")?;
+        Ok(())
+    };
+    add(Some(&library))?;
+    ensure!(
+        helpers(&library) == 1,
+        "no helper for {}",
+        library.display()
+    );
+    add(Some(&copy))?;
+    sign_and_verify(agent.command("ssh-keygen"), &file)?;
+    ensure!(
+        token_agent_e2e::wait_for(Duration::from_secs(5), || helpers(&library) == 0),
+        "the first middleware's helper outlived the key re-added with another"
+    );
+    ensure!(helpers(&copy) == 1, "no helper for {}", copy.display());
+    add(None)?;
+    ensure!(
+        token_agent_e2e::wait_for(Duration::from_secs(5), || helpers(&copy) == 0),
+        "the middleware's helper outlived the key re-added without -S"
+    );
+    ensure!(agent.alive());
+    Ok(())
+}
+
+#[test]
 fn a_middleware_outside_the_allowlist_is_refused() -> anyhow::Result<()> {
     let library = middleware_library()?;
     let token = Token::new(None)?;
