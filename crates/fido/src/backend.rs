@@ -796,7 +796,8 @@ fn middleware_error(device: &DeviceInfo, error: MiddlewareError) -> Error {
         ),
         MiddlewareError::Crashed { .. }
         | MiddlewareError::TimedOut { .. }
-        | MiddlewareError::NotReading { .. } => {
+        | MiddlewareError::NotReading { .. }
+        | MiddlewareError::Gone { .. } => {
             let message = error.to_string();
             tracing::error!("{message}");
             message

@@ -273,6 +273,38 @@ fn re_adding_a_key_with_another_middleware_or_internal_stops_the_old_helper() ->
 }
 
 #[test]
+fn a_helper_killed_while_idle_is_restarted_and_the_next_signature_goes_through(
+) -> anyhow::Result<()> {
+    // The agent may not have seen the helper die when the next request comes:
+    // the request reached no middleware, so it goes to a fresh helper, and
+    // the signature neither fails nor blames sk_sign.
+    let library = middleware_library()?;
+    let token = Token::new(None)?;
+    let file = token.ssh_keygen("ed25519-sk", "id_idle", &[], None)?;
+    let agent = plain_agent(&token, &["-P", &allowing(&library)?], "")?;
+    check(
+        agent.ssh_add([OsStr::new("-S"), library.as_os_str(), file.as_os_str()])?,
+        "ssh-add -S",
+    )?;
+    let pid = agent.pid().context("no agent pid")?;
+    for round in 0..10 {
+        let helper = children(pid)
+            .into_iter()
+            .find(|child| maps_library(*child, &library))
+            .context("no helper holds the middleware")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(helper)?),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        sign_and_verify(agent.command("ssh-keygen"), &file)
+            .with_context(|| format!("signing right after killing the helper, round {round}"))?;
+    }
+    let log = agent.log_text();
+    ensure!(!log.contains("crashed in sk_sign"), "{log}");
+    Ok(())
+}
+
+#[test]
 fn a_middleware_outside_the_allowlist_is_refused() -> anyhow::Result<()> {
     let library = middleware_library()?;
     let token = Token::new(None)?;

@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use token_agent_core::lock;
 use token_agent_helper::describe_exit;
 
-use super::proto::{read_frame, write_frame, Failure, Op, Reply, Request, Response};
+use super::proto::{read_frame, write_frame, Failure, Op, Reply, RequestRef, Response};
 use super::HelperCommand;
 
 /// Why a call got no answer from the middleware.
@@ -22,8 +22,13 @@ use super::HelperCommand;
 pub(crate) enum CallError {
     /// The helper answered with a failure.
     Failed(Failure),
-    /// The helper died (crashed in the middleware, or was killed): how.
+    /// The helper died (crashed in the middleware, or was killed) while the
+    /// request was in it: how.
     Died(String),
+    /// The helper had ended before the request reached it (it died while
+    /// idle): how. The middleware never saw the request, so it is safe to
+    /// send it again to a new helper.
+    Gone(String),
     /// No answer within the time limit; the helper was killed.
     TimedOut(Duration),
     /// The helper took no request within [`WRITE_TIMEOUT`] (it stopped
@@ -128,7 +133,7 @@ impl Helper {
 
     /// Sends `op` and waits up to `limit` for its answer. Blocks the calling
     /// thread; on a timeout the helper is killed.
-    pub(crate) fn call(&mut self, op: Op, limit: Duration) -> Result<Reply, CallError> {
+    pub(crate) fn call(&mut self, op: &Op, limit: Duration) -> Result<Reply, CallError> {
         let id = self.next_id;
         self.next_id += 1;
         let (sender, answer) = mpsc::sync_channel(1);
@@ -138,13 +143,13 @@ impl Helper {
         // here or closes the channel.
         if let Some(how) = lock(&self.exit).clone() {
             lock(&self.waiting).take();
-            return Err(CallError::Died(how));
+            return Err(CallError::Gone(how));
         }
         let mut requests = ByDeadline {
             stream: &self.requests,
             deadline: Instant::now() + WRITE_TIMEOUT,
         };
-        if let Err(err) = write_frame(&mut requests, &Request { id, op }) {
+        if let Err(err) = write_frame(&mut requests, &RequestRef { id, op }) {
             lock(&self.waiting).take();
             if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
                 // Part of the request may sit in the socket: the helper
@@ -152,7 +157,9 @@ impl Helper {
                 self.kill();
                 return Err(CallError::NotReading(WRITE_TIMEOUT));
             }
-            return Err(CallError::Died(self.wait_exit()));
+            // The helper's end is closed (EPIPE): it ended before it had the
+            // whole request, and it acts only on whole requests.
+            return Err(CallError::Gone(self.wait_exit()));
         }
         match answer.recv_timeout(limit) {
             Ok(response) => response.result.map_err(CallError::Failed),
@@ -216,6 +223,7 @@ impl Drop for Helper {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::middleware::proto::Request;
 
     #[test]
     fn a_helper_that_is_not_a_helper_dies_and_says_how() {
@@ -226,12 +234,16 @@ mod tests {
         })
         .unwrap();
         let result = helper.call(
-            Op::Load {
+            &Op::Load {
                 path: "/nonexistent".into(),
             },
             Duration::from_secs(10),
         );
-        assert_eq!(result.unwrap_err(), CallError::Died("exit status 1".into()));
+        // Whether the request reached it before it ended is a race.
+        match result.unwrap_err() {
+            CallError::Died(how) | CallError::Gone(how) => assert_eq!(how, "exit status 1"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -244,7 +256,7 @@ mod tests {
         .unwrap();
         let started = Instant::now();
         let result = helper.call(
-            Op::Load {
+            &Op::Load {
                 path: "/nonexistent".into(),
             },
             Duration::from_millis(300),
@@ -308,7 +320,7 @@ mod tests {
         .unwrap();
         let before = resident_kib();
         let limit = Duration::from_secs(20);
-        let first = helper.call(load(1).op, limit).unwrap();
+        let first = helper.call(&load(1).op, limit).unwrap();
         assert!(matches!(first, Reply::Loaded { version: 1 }), "{first:?}");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !dir.join("flooded").exists() {
@@ -318,7 +330,7 @@ mod tests {
         // The last frames leave the pipe after `cat` returns.
         std::thread::sleep(Duration::from_millis(500));
         let grown = resident_kib().saturating_sub(before);
-        let second = helper.call(load(2).op, limit).unwrap();
+        let second = helper.call(&load(2).op, limit).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert!(grown < 40 * 1024, "the agent grew by {grown} KiB");
         assert!(matches!(second, Reply::Loaded { version: 2 }), "{second:?}");
@@ -345,7 +357,7 @@ mod tests {
                 pin: None,
             };
             let started = Instant::now();
-            let result = helper.call(Op::Sign(sign), Duration::from_secs(60));
+            let result = helper.call(&Op::Sign(sign), Duration::from_secs(60));
             let _ = done.send((result, started.elapsed(), helper.wait_exit()));
         });
         let (result, took, how) = result

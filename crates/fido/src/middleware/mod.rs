@@ -130,6 +130,23 @@ pub(crate) enum MiddlewareError {
         /// Whether a new helper is running, or why not.
         restarted: Result<(), String>,
     },
+    /// The helper had ended (while idle) before the request reached it, and
+    /// so had the fresh one it was sent to again: the middleware never saw it.
+    #[error(
+        "the helper of the sk middleware {path} ended ({how}) before the {function} request \
+         reached it, twice{}",
+        restart_suffix(restarted)
+    )]
+    Gone {
+        /// The library.
+        path: String,
+        /// The function the request was for.
+        function: &'static str,
+        /// How the second helper ended.
+        how: String,
+        /// Whether a new helper is running, or why not.
+        restarted: Result<(), String>,
+    },
     /// The helper took no request for a while (it was stopped, or the
     /// middleware took over its input); it was killed, and the request never
     /// reached the middleware.
@@ -259,7 +276,7 @@ impl Slot {
         let op = Op::Load {
             path: self.path.clone(),
         };
-        match helper.call(op, options.call_timeout) {
+        match helper.call(&op, options.call_timeout) {
             Ok(Reply::Loaded { version }) => {
                 tracing::info!(
                     middleware = self.path,
@@ -282,6 +299,10 @@ impl Slot {
                 "the sk middleware {} crashed while loading ({how})",
                 self.path
             ))),
+            Err(CallError::Gone(how)) => Err(load_error(format!(
+                "the helper for the sk middleware {} ended before it could load it ({how})",
+                self.path
+            ))),
             Err(CallError::TimedOut(limit)) => Err(load_error(format!(
                 "the sk middleware {} did not finish loading within {} s",
                 self.path,
@@ -298,9 +319,23 @@ impl Slot {
     fn sign(&self, options: &MiddlewareOptions, sign: Sign) -> Result<Signed, MiddlewareError> {
         const FUNCTION: &str = "sk_sign";
         let mut guard = lock(&self.helper);
-        let result = self
+        let op = Op::Sign(sign);
+        let mut result = self
             .running(&mut guard, options)?
-            .call(Op::Sign(sign), options.call_timeout);
+            .call(&op, options.call_timeout);
+        if let Err(CallError::Gone(how)) = &result {
+            // The helper died while idle, and the agent had not seen it yet:
+            // the request reached no middleware, so a fresh helper gets it.
+            tracing::warn!(
+                middleware = self.path,
+                how = how.as_str(),
+                "the sk middleware helper had ended while idle; started it again"
+            );
+            *guard = None;
+            result = self
+                .running(&mut guard, options)?
+                .call(&op, options.call_timeout);
+        }
         let malformed = |reason: String| MiddlewareError::Malformed {
             path: self.path.clone(),
             function: FUNCTION,
@@ -325,6 +360,12 @@ impl Slot {
                 path: self.path.clone(),
                 function: FUNCTION,
                 limit,
+                restarted: self.restart(&mut guard, options),
+            }),
+            Err(CallError::Gone(how)) => Err(MiddlewareError::Gone {
+                path: self.path.clone(),
+                function: FUNCTION,
+                how,
                 restarted: self.restart(&mut guard, options),
             }),
             Err(CallError::NotReading(limit)) => Err(MiddlewareError::NotReading {
@@ -429,5 +470,76 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    fn frame<T: serde::Serialize>(message: &T) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        proto::write_frame(&mut bytes, message).unwrap();
+        bytes
+    }
+
+    #[tokio::test]
+    async fn a_request_to_a_helper_that_ended_while_idle_goes_to_a_fresh_one() {
+        // The first helper loads, then closes its input and lingers with its
+        // output open: to the agent it is a helper that died while idle
+        // before the reader saw it (a write gets EPIPE). The sign request
+        // reached no middleware, so it goes to a second helper, which signs.
+        let dir = std::env::temp_dir().join(format!("sk-gone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sign = || Sign {
+            alg: 1,
+            data: vec![1, 2, 3],
+            application: "ssh:".into(),
+            key_handle: vec![4; 16],
+            flags: 1,
+            pin: None,
+        };
+        let load = proto::Request {
+            id: 1,
+            op: Op::Load { path: "/x".into() },
+        };
+        let signing = proto::Request {
+            id: 2,
+            op: Op::Sign(sign()),
+        };
+        let loaded = proto::Response {
+            id: 1,
+            result: Ok(Reply::Loaded {
+                version: 0x000a0000,
+            }),
+        };
+        let signed = proto::Response {
+            id: 2,
+            result: Ok(Reply::Signed(Signed {
+                flags: 1,
+                counter: 7,
+                sig_r: vec![9; 64],
+                sig_s: Vec::new(),
+            })),
+        };
+        std::fs::write(dir.join("loaded"), frame(&loaded)).unwrap();
+        std::fs::write(dir.join("signed"), frame(&signed)).unwrap();
+        let script = format!(
+            "cd {dir}; head -c {load} >/dev/null; cat loaded; \
+             if [ -e started ]; then head -c {sign} >/dev/null; cat signed; \
+             else touch started; exec 0<&-; fi; sleep 60",
+            dir = dir.display(),
+            load = frame(&load).len(),
+            sign = frame(&signing).len(),
+        );
+        let middlewares = Middlewares::new(MiddlewareOptions {
+            helper: HelperCommand {
+                program: "sh".into(),
+                args: vec!["-c".into(), script.into()],
+            },
+            call_timeout: Duration::from_secs(10),
+        });
+        middlewares.load("/x").await.unwrap();
+        // Time for the first helper to close its input.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let result = middlewares.sign("/x", sign()).await;
+        middlewares.retain(&[]);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(result.unwrap().counter, 7);
     }
 }

@@ -33,6 +33,16 @@ pub(crate) struct Request {
     pub(crate) op: Op,
 }
 
+/// A [`Request`] as the agent writes it: the same frame, with the operation
+/// borrowed, so a request can be sent again to a fresh helper.
+#[derive(Debug, Serialize)]
+pub(crate) struct RequestRef<'a> {
+    /// As in [`Request`].
+    pub(crate) id: u64,
+    /// As in [`Request`].
+    pub(crate) op: &'a Op,
+}
+
 /// What a helper does.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Op {
