@@ -562,6 +562,15 @@ impl Backend for FidoBackend {
             reason: "the FIDO backend takes only sk-ssh-ed25519 and sk-ecdsa-sha2-nistp256 keys"
                 .into(),
         })?;
+        // OpenSSH reads the application as a C string and refuses such a key;
+        // a middleware could never be handed it, so it would fail every signature.
+        if sk_key.application().contains('\0') {
+            return Err(Error::InvalidKey {
+                reason: "the key's application contains a NUL byte, which no security key \
+                         can sign for (OpenSSH refuses such keys too)"
+                    .into(),
+            });
+        }
         if let Some(certificate) = &key.certificate {
             if certificate.public_key() != sk_key.public_key() {
                 return Err(Error::InvalidKey {
@@ -873,5 +882,38 @@ pub(crate) fn device_error(device: &DeviceInfo, error: CtapError) -> Error {
             device: device.clone(),
             message: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use token_agent_core::AddKey;
+
+    use super::*;
+    use crate::ctap::CredentialPublicKey;
+
+    #[tokio::test]
+    async fn a_key_whose_application_holds_a_nul_byte_is_refused_when_added() {
+        let backend = FidoBackend::new(Arc::new(Fixed(Vec::new())));
+        let key = SkKey::from_credential(
+            &CredentialPublicKey::Ed25519([7; 32]),
+            "ssh:a\0b",
+            0x01,
+            vec![1; 16],
+        )
+        .unwrap();
+        let result = backend
+            .add_key(AddKey {
+                keypair: Box::new(key.to_keypair().unwrap()),
+                opaque_secret: None,
+                comment: "nul".into(),
+                certificate: None,
+                sk_provider: None,
+            })
+            .await;
+        match result {
+            Err(Error::InvalidKey { reason }) => assert!(reason.contains("NUL byte"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
