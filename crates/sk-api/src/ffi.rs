@@ -1,6 +1,6 @@
 //! The C side of OpenSSH's `sk-api.h` (revision 1.15, API version
-//! 0x000a0000, OpenSSH 8.9 to 9.x): the structures a middleware returns and the
-//! signatures of the four functions it exports.
+//! 0x000a0000, OpenSSH 8.9 and later, 10.5 included): the structures a
+//! middleware returns and the signatures of the four functions it exports.
 //!
 //! Every pointer in these structures is owned by whoever allocated it with
 //! `malloc(3)`; OpenSSH releases what a middleware returns with `free(3)`, field

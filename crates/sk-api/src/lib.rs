@@ -1,5 +1,6 @@
 //! OpenSSH's security-key middleware interface ("SecurityKeyProvider",
-//! `sk-api.h`, API version 0x000a0000 as in OpenSSH 8.9 to 9.x), for Rust.
+//! `sk-api.h`, API version 0x000a0000, OpenSSH 8.9 and later, 10.5
+//! included), for Rust.
 //!
 //! A middleware is a shared library exporting four C functions:
 //! `sk_api_version`, `sk_enroll`, `sk_sign` and `sk_load_resident_keys`.

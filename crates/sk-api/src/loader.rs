@@ -60,7 +60,7 @@ pub enum LoadError {
     /// newer OpenSSH's).
     #[error(
         "{path} implements sk-api version {found:#010x}; this build speaks {API_VERSION:#010x} \
-         (OpenSSH 8.9 to 9.x)"
+         (OpenSSH 8.9 and later, 10.5 included)"
     )]
     Version {
         /// The library.
@@ -543,6 +543,20 @@ impl Library {
 mod tests {
     use super::*;
     use crate::{Algorithm, Provider, RESIDENT_KEY, USER_PRESENCE_REQD, USER_VERIFICATION_REQD};
+
+    #[test]
+    fn another_api_version_names_the_openssh_releases_this_one_is() {
+        // sk-api.h of OpenSSH 10.5 still says SSH_SK_VERSION_MAJOR 0x000a0000.
+        let error = LoadError::Version {
+            path: "/x/libsk.so".into(),
+            found: 0x0009_0000,
+        };
+        assert_eq!(
+            error.to_string(),
+            "/x/libsk.so implements sk-api version 0x00090000; this build speaks 0x000a0000 \
+             (OpenSSH 8.9 and later, 10.5 included)"
+        );
+    }
 
     /// A middleware that echoes its arguments back, to check what crosses.
     #[derive(Default)]
