@@ -12,7 +12,7 @@
 //! standard error (where anything the middleware prints goes).
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 
 use token_agent_sk_api::{Algorithm, Library, LoadError, SignRequest};
@@ -32,8 +32,10 @@ pub fn run() -> ! {
             std::process::exit(2);
         }
     };
-    let mut output = BufWriter::new(output);
-    let mut input = BufReader::new(input);
+    // Unbuffered both ways: a request is read with two read_exact calls
+    // straight into a wiped buffer, and a BufReader would keep its own copy
+    // of it (the PIN included) for the life of the process.
+    let (mut input, mut output) = (input, output);
     let mut library = None;
     loop {
         match read_frame::<Request>(&mut input) {

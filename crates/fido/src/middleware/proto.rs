@@ -127,19 +127,51 @@ pub(crate) enum Failure {
     Protocol(String),
 }
 
-/// Writes `message` as one frame; the serialised form, which may hold a PIN,
-/// is wiped after writing.
+/// Writes `message` as one frame, in a single `write_all` of a buffer
+/// built by [`encode_frame`] and wiped after writing. Callers hand it the
+/// descriptor itself, not a `BufWriter`, whose buffer would keep a copy of
+/// the frame (and of any PIN in it) after the call.
 pub(crate) fn write_frame<T: Serialize>(out: &mut impl Write, message: &T) -> io::Result<()> {
-    let body = Zeroizing::new(serde_json::to_vec(message).map_err(io::Error::other)?);
-    let len = u32::try_from(body.len())
+    let frame = encode_frame(message)?;
+    out.write_all(&frame)?;
+    out.flush()
+}
+
+/// `message` as one frame (length prefix and JSON), in a buffer allocated
+/// once at its final size: serialising into a growing `Vec` would leave the
+/// copies made before each reallocation, PIN included, in freed memory.
+pub(crate) fn encode_frame<T: Serialize>(message: &T) -> io::Result<Zeroizing<Vec<u8>>> {
+    let mut counted = Counter(0);
+    serde_json::to_writer(&mut counted, message).map_err(io::Error::other)?;
+    let len = u32::try_from(counted.0)
         .ok()
         .filter(|len| (*len as usize) <= MAX_FRAME)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
-    let mut frame = Zeroizing::new(Vec::with_capacity(body.len() + 4));
+    let mut frame = Zeroizing::new(Vec::with_capacity(counted.0 + 4));
     frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(&body);
-    out.write_all(&frame)?;
-    out.flush()
+    serde_json::to_writer(&mut *frame, message).map_err(io::Error::other)?;
+    if frame.len() != counted.0 + 4 {
+        // Serialising the same value twice gave two lengths: cannot happen
+        // with serde_json and our types, but a wrong prefix must not go out.
+        return Err(io::Error::other(
+            "the frame changed size while being written",
+        ));
+    }
+    Ok(frame)
+}
+
+/// Counts the bytes written to it.
+struct Counter(usize);
+
+impl Write for Counter {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
@@ -197,6 +229,33 @@ mod tests {
         }
         let none: Option<Request> = read_frame(&mut [].as_slice()).unwrap();
         assert!(none.is_none());
+    }
+
+    #[test]
+    fn frames_are_built_in_one_buffer_of_their_final_size() {
+        // No reallocation while serialising: the buffer's capacity is what
+        // was asked for up front, so no partial copy of the PIN was freed.
+        let request = Request {
+            id: 3,
+            op: Op::Sign(Sign {
+                alg: 0,
+                data: vec![7; 5000],
+                application: "ssh:".into(),
+                key_handle: vec![4; 64],
+                flags: 0x05,
+                pin: Some(Pin::new("135790".into())),
+            }),
+        };
+        let frame = encode_frame(&request).unwrap();
+        assert_eq!(frame.capacity(), frame.len());
+        assert_eq!(
+            u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
+            frame.len() - 4
+        );
+        // And write_frame writes exactly that, in one piece, to its writer.
+        let mut out = Vec::new();
+        write_frame(&mut out, &request).unwrap();
+        assert_eq!(out, *frame);
     }
 
     #[test]
