@@ -196,6 +196,15 @@ impl Agent {
         Ok(serde_json::from_slice(&output.stdout)?)
     }
 
+    /// The newest refusal `token-agent status` records (JSON null when none).
+    pub fn last_refusal(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(self.status()?["refusals"]
+            .as_array()
+            .and_then(|r| r.last())
+            .cloned()
+            .unwrap_or_default())
+    }
+
     /// Stops the agent with SIGTERM and waits for it.
     pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("agent already stopped")?;

@@ -90,13 +90,8 @@ fn issue_15_refuse_refuses_the_forwarded_signature_and_still_signs_locally() -> 
         "the forwarded login got in\n{}",
         hops.agent.log_text()
     );
-    let doc = hops.agent.status()?;
-    let refusal = doc["refusals"]
-        .as_array()
-        .and_then(|r| r.last())
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(refusal["reason"], "forwarding", "{doc:#}");
+    let refusal = hops.agent.last_refusal()?;
+    assert_eq!(refusal["reason"], "forwarding", "{refusal:#}");
     let message = refusal["message"].as_str().unwrap_or("");
     assert!(
         message.contains("bastion.test asked to use key fwd-key")
@@ -185,13 +180,8 @@ fn a_connection_whose_first_bind_did_not_verify_counts_as_forwarded() -> anyhow:
     assert_eq!(reply.as_deref(), Some(&[SUCCESS][..]));
     let reply = remote.request(&request)?;
     assert_eq!(reply.as_deref(), Some(&[FAILURE][..]));
-    let doc = agent.status()?;
-    let refusal = doc["refusals"]
-        .as_array()
-        .and_then(|r| r.last())
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(refusal["reason"], "forwarding", "{doc:#}");
+    let refusal = agent.last_refusal()?;
+    assert_eq!(refusal["reason"], "forwarding", "{refusal:#}");
     let message = refusal["message"].as_str().unwrap_or("");
     assert!(
         message.starts_with("a host whose session bind did not verify asked to use key fwd-key")
