@@ -19,6 +19,8 @@ pub struct Agent {
     socket: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// A background agent's process, which is not this process's child.
+    daemon: Option<Pid>,
 }
 
 /// How to start token-agent.
@@ -40,13 +42,32 @@ impl Agent {
 
     /// [`Agent::start`] with the token-agent executable at `binary`.
     pub fn start_binary(binary: &Path, options: AgentOptions) -> anyhow::Result<Self> {
+        Self::start_as(binary, options, false)
+    }
+
+    /// Starts token-agent in the background, as a person's `eval
+    /// "$(token-agent)"` does: the agent detaches, logs to its default log
+    /// file (under its own HOME, the test's directory) at its default level
+    /// unless `options` set TOKEN_AGENT_LOG, and is stopped by PID.
+    pub fn start_background(options: AgentOptions) -> anyhow::Result<Self> {
+        Self::start_background_binary(&agent_binary()?, options)
+    }
+
+    /// [`Agent::start_background`] with the token-agent executable at `binary`.
+    pub fn start_background_binary(binary: &Path, options: AgentOptions) -> anyhow::Result<Self> {
+        Self::start_as(binary, options, true)
+    }
+
+    fn start_as(binary: &Path, options: AgentOptions, background: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("token-agent-test")
             .tempdir()?;
         let socket = dir.path().join("agent.sock");
-        let log = dir.path().join("agent.log");
         let mut command = Command::new(binary);
-        command.arg("-d").arg("-a").arg(&socket);
+        if !background {
+            command.arg("-d");
+        }
+        command.arg("-a").arg(&socket);
         command.args(&options.args);
         let config = dir.path().join("config.toml");
         std::fs::write(&config, options.config.as_deref().unwrap_or(""))?;
@@ -56,20 +77,38 @@ impl Agent {
         command
             .env_remove("WAYLAND_DISPLAY")
             .env_remove("SSH_AUTH_SOCK");
-        command.env("TOKEN_AGENT_LOG", "debug");
+        let log = if background {
+            command
+                .env("HOME", dir.path())
+                .env_remove("XDG_STATE_HOME")
+                .env_remove("TOKEN_AGENT_LOG");
+            dir.path().join(".local/state/token-agent/agent.log")
+        } else {
+            command.env("TOKEN_AGENT_LOG", "debug");
+            dir.path().join("agent.log")
+        };
         for (key, value) in &options.env {
             command.env(key, value);
         }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
-        let child = command.spawn().context("cannot start token-agent")?;
+        command.stdin(Stdio::null());
+        let (child, daemon) = if background {
+            let pid = detach(&mut command).context("cannot start token-agent in the background")?;
+            (None, Some(pid))
+        } else {
+            command
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?);
+            (
+                Some(command.spawn().context("cannot start token-agent")?),
+                None,
+            )
+        };
         let agent = Self {
             dir,
             socket,
             log,
-            child: Some(child),
+            child,
+            daemon,
         };
         agent.wait_ready()?;
         Ok(agent)
@@ -109,6 +148,37 @@ impl Agent {
             socket,
             log,
             child: Some(child),
+            daemon: None,
+        };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// OpenSSH's ssh-agent in the background, as `eval "$(ssh-agent)"`
+    /// starts it, with `env` added to its environment; stopped by PID.
+    pub fn start_openssh_background(env: &[(String, String)]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("openssh-agent-test")
+            .tempdir()?;
+        let socket = dir.path().join("agent.sock");
+        let mut command = Command::new(crate::openssh::OpenSsh::system().tool("ssh-agent"));
+        command
+            .arg("-s")
+            .arg("-a")
+            .arg(&socket)
+            .env_remove("SSH_ASKPASS")
+            .env_remove("DISPLAY")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        let daemon = detach(&mut command).context("cannot start ssh-agent in the background")?;
+        let agent = Self {
+            log: dir
+                .path()
+                .join("no log: ssh-agent logs nothing in the background"),
+            dir,
+            socket,
+            child: None,
+            daemon: Some(daemon),
         };
         agent.wait_ready()?;
         Ok(agent)
@@ -136,7 +206,10 @@ impl Agent {
 
     /// The agent's process id.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        match self.daemon {
+            Some(pid) => u32::try_from(pid.as_raw()).ok(),
+            None => self.child.as_ref().map(Child::id),
+        }
     }
 
     /// Everything the agent logged so far.
@@ -146,6 +219,9 @@ impl Agent {
 
     /// Whether the agent process still runs.
     pub fn alive(&mut self) -> bool {
+        if let Some(pid) = self.daemon {
+            return running(pid);
+        }
         match self.child.as_mut() {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
@@ -205,8 +281,20 @@ impl Agent {
             .unwrap_or_default())
     }
 
-    /// Stops the agent with SIGTERM and waits for it.
+    /// Stops the agent with SIGTERM and waits for it. A background agent is
+    /// not this process's child, so its exit status cannot be known: it is
+    /// given as success once the agent has gone.
     pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(pid) = self.daemon.take() {
+            let _ = kill(pid, Signal::SIGTERM);
+            let stopped = wait_for(Duration::from_secs(10), || !running(pid));
+            if !stopped {
+                let _ = kill(pid, Signal::SIGKILL);
+                bail!("the background agent did not stop on SIGTERM");
+            }
+            // Not this process's child: its status went to its parent.
+            return Ok(std::os::unix::process::ExitStatusExt::from_raw(0));
+        }
         let mut child = self.child.take().context("agent already stopped")?;
         let pid = Pid::from_raw(i32::try_from(child.id())?);
         let _ = kill(pid, Signal::SIGTERM);
@@ -222,9 +310,41 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        if self.child.is_some() || self.daemon.is_some() {
             let _ = self.stop();
         }
+    }
+}
+
+/// Runs an agent's `command` that starts it in the background, and returns
+/// the PID of the agent it started, from the shell commands it prints
+/// (`SSH_AGENT_PID=1234; export SSH_AGENT_PID;`).
+fn detach(command: &mut Command) -> anyhow::Result<Pid> {
+    // The command exits once the agent serves; the agent lets go of the pipe.
+    let output = command.output()?;
+    let said = String::from_utf8_lossy(&output.stdout);
+    let pid = said
+        .split_once("SSH_AGENT_PID=")
+        .and_then(|(_, rest)| rest.split(';').next()?.parse::<i32>().ok())
+        .with_context(|| {
+            format!(
+                "no SSH_AGENT_PID in what it said ({}):\n{said}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    Ok(Pid::from_raw(pid))
+}
+
+/// Whether `pid` still runs: it exists and has not exited (a zombie waits
+/// only for its parent to collect its status).
+fn running(pid: Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
     }
 }
 

@@ -6,7 +6,8 @@
 //! ends up resident.
 //!
 //! It runs the release agent under valgrind's callgrind (the helpers too),
-//! drives it through a day's work with OpenSSH's tools (a SoftHSM token added
+//! started once in the foreground (as systemd starts it) and once in the
+//! background (as `eval "$(token-agent)"` does), drives the second through a day's work with OpenSSH's tools (a SoftHSM token added
 //! with `ssh-add -s`, software keys of each type, with a lifetime and with a
 //! confirmation, signatures with every key, removal, lock and unlock, status),
 //! ending the signing helper with SIGTERM, on which valgrind writes its
@@ -152,17 +153,33 @@ fn run_a_day(agent: &Path, dir: &Path, profiles: &Path) -> anyhow::Result<()> {
         ("SSH_ASKPASS".to_owned(), askpass.display().to_string()),
         ("SSH_ASKPASS_REQUIRE".to_owned(), "force".to_owned()),
         ("DISPLAY".to_owned(), ":0".to_owned()),
-        // What a user's agent logs, not the tests' debug level.
-        ("TOKEN_AGENT_LOG".to_owned(), "info".to_owned()),
     ]);
-    let mut day = Agent::start_binary(
+    let options = AgentOptions {
+        env,
+        config: Some("[prompt]\npin_prompt = \"askpass\"\n".to_owned()),
+        ..AgentOptions::default()
+    };
+    // Started in the foreground, as systemd starts it (`-D`; `-d` runs the
+    // same code), at the level a user's agent logs at: its start and a list.
+    let mut foreground = Agent::start_binary(
         &wrapper,
         AgentOptions {
-            env,
-            config: Some("[prompt]\npin_prompt = \"askpass\"\n".to_owned()),
-            ..AgentOptions::default()
+            env: [("TOKEN_AGENT_LOG".to_owned(), "info".to_owned())]
+                .into_iter()
+                .chain(options.env.iter().cloned())
+                .collect(),
+            ..options.clone()
         },
     )?;
+    check(
+        foreground.command("ssh-add").arg("-l").output()?,
+        "ssh-add -l",
+    )
+    .ok();
+    foreground.stop()?;
+    // The day itself, in the background as `eval "$(token-agent)"` starts
+    // it, logging to its file at its default level.
+    let mut day = Agent::start_background_binary(&wrapper, options)?;
     // OpenSSH's tools, answered by the askpass program.
     let tool = |program: &str| {
         let mut command = day.command(program);

@@ -297,19 +297,29 @@ fn main() -> anyhow::Result<()> {
 /// module loaded and nothing else: idle (sampled across several token
 /// polls), then after `seconds` of P-256 and RSA signatures from 8 clients,
 /// and after two more such bursts with pauses between them.
-/// Fresh agents, so the other scenarios' modules do not count.
+/// Fresh agents, so the other scenarios' modules do not count. Both run as
+/// a person runs them: started in the background (`eval "$(token-agent)"`,
+/// `eval "$(ssh-agent)"`), token-agent logging to its file at its default
+/// level (each signature's audit line among it), not at `--agent-log`.
 fn memory(env: &[(String, String)], askpass: &Path, seconds: u64) -> anyhow::Result<()> {
-    let token = Agent::start(AgentOptions {
-        env: env.to_vec(),
+    let env: Vec<(String, String)> = env
+        .iter()
+        .filter(|(key, _)| key != "TOKEN_AGENT_LOG")
+        .cloned()
+        .collect();
+    let token = Agent::start_background(AgentOptions {
+        env: env.clone(),
         config: Some("[prompt]\npin_prompt = \"askpass\"\n".into()),
         ..AgentOptions::default()
     })?;
-    let openssh = Agent::start_openssh(env)?;
+    let openssh = Agent::start_openssh_background(&env)?;
     let agents = [("token-agent", &token), ("OpenSSH ssh-agent", &openssh)];
     for (_, agent) in agents {
         add_provider(agent, Path::new(MODULE), askpass)?;
     }
-    println!("## Memory with one PKCS#11 module loaded (agent and its helpers)");
+    println!(
+        "## Memory with one PKCS#11 module loaded (agent and its helpers, started in the background)"
+    );
     println!();
     println!(
         "Sampled every 100 ms for 5 s: the median sample and the largest \

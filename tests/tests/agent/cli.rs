@@ -2,6 +2,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::Context;
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
 use token_agent_e2e::{agent_binary, check, stderr, stdout, wait_for};
 
@@ -726,5 +727,45 @@ fn a_helper_the_background_agent_starts_at_once_writes_to_the_log() -> anyhow::R
             assert_eq!(stderr, log, "a helper's stderr is not the log");
         }
     }
+    Ok(())
+}
+
+#[test]
+fn the_background_agent_logs_each_signature_at_info_with_its_time() -> anyhow::Result<()> {
+    let mut agent = Agent::start_background(AgentOptions::default())?;
+    let pid = i32::try_from(agent.pid().context("no pid")?)?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ed25519", "audited")?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    let message = agent.dir().join("message");
+    std::fs::write(&message, "signed in the background\n")?;
+    check(
+        agent
+            .command("ssh-keygen")
+            .args(["-Y", "sign", "-n", "file", "-f"])
+            .arg(&key)
+            .arg(&message)
+            .output()?,
+        "ssh-keygen -Y sign",
+    )?;
+    // The default log file under the agent's HOME, at the default level.
+    let log = agent.log_text();
+    let line = log
+        .lines()
+        .find(|line| line.contains("signed key=SHA256:"))
+        .with_context(|| format!("no audit line in the log:\n{log}"))?;
+    let (time, rest) = line.split_once(' ').unwrap_or_default();
+    assert!(
+        time.len() > 20 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+        "{line}"
+    );
+    assert!(rest.trim_start().starts_with("INFO "), "{line}");
+    assert!(line.contains("comment=\"audited\""), "{line}");
+    assert!(
+        !log.contains(" DEBUG "),
+        "debug lines at the default level:\n{log}"
+    );
+    agent.stop()?;
+    assert!(!running(pid), "the agent outlived SIGTERM");
     Ok(())
 }
