@@ -25,7 +25,7 @@ use crate::listing;
 use crate::proto::frame::FrameError;
 use crate::proto::key::{KeyOrCertificate, PrivateKey};
 use crate::proto::message::{self, decode_request, ListedIdentity, Reply, Request};
-use crate::router::{Refusal, Router};
+use crate::router::{Entry, Refusal, Router};
 use crate::status::{self, RefusalRecord};
 use crate::upstream::{self, CallError, Forwarded, Links, Owner};
 
@@ -59,6 +59,7 @@ pub(crate) async fn serve(router: Arc<Router>, stream: UnixStream, peer: Peer) {
         bindings: SessionBindings::default(),
         binds: Vec::new(),
         upstreams,
+        signed: None,
     };
     async move {
         // Frames can carry private keys and passwords: wipe the buffer when done.
@@ -78,7 +79,12 @@ pub(crate) async fn serve(router: Arc<Router>, stream: UnixStream, peer: Peer) {
             }
             let reply = session.handle_frame(&body).await;
             body.fill(0);
-            if let Err(err) = connection.write_frame(&reply).await {
+            let written = connection.write_frame(&reply).await;
+            // After the answer, so that the client does not wait for the log.
+            if let Some(signed) = session.signed.take() {
+                signed.log(&session.router);
+            }
+            if let Err(err) = written {
                 tracing::debug!(%err, "could not answer; the client went away");
                 break;
             }
@@ -97,6 +103,39 @@ struct Session {
     binds: Vec<Vec<u8>>,
     /// This connection's connections to the upstream agents.
     upstreams: Links,
+    /// The signature the request being answered made, logged once the
+    /// answer is written.
+    signed: Option<Signed>,
+}
+
+/// A signature made, for the audit line.
+struct Signed {
+    entry: Arc<Entry>,
+    context: SignContext,
+    algorithm: String,
+}
+
+impl Signed {
+    fn log(self, router: &Router) {
+        let Self {
+            entry,
+            context,
+            algorithm,
+        } = self;
+        tracing::info!(
+            key = %router.fingerprint(entry.identity.public_key()),
+            comment = entry.identity.comment(),
+            backend = entry.identity.key().backend(),
+            device = entry.identity.device().map(|d| d.label()),
+            client = %context.peer,
+            exe = exe_field(&context.peer),
+            uid = context.peer.uid,
+            destination = context.destination.as_ref().map(ToString::to_string),
+            forwarded = context.forwarded,
+            algorithm,
+            "signed"
+        );
+    }
 }
 
 impl Session {
@@ -391,19 +430,13 @@ impl Session {
             .await
         {
             Ok((entry, signature, context)) => {
-                tracing::info!(
-                    key = %self.router.fingerprint(entry.identity.public_key()),
-                    comment = entry.identity.comment(),
-                    backend = entry.identity.key().backend(),
-                    device = entry.identity.device().map(|d| d.label()),
-                    client = %context.peer,
-                    exe = exe_field(&context.peer),
-                    uid = context.peer.uid,
-                    destination = context.destination.as_ref().map(ToString::to_string),
-                    forwarded = context.forwarded,
-                    algorithm = signature.algorithm(),
-                    "signed"
-                );
+                if tracing::enabled!(tracing::Level::INFO) {
+                    self.signed = Some(Signed {
+                        entry,
+                        context,
+                        algorithm: signature.algorithm().to_owned(),
+                    });
+                }
                 Reply::Signature(signature).encode()
             }
             Err(refusal) => {
