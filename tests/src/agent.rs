@@ -217,6 +217,12 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the log shows `text` within 10 seconds (lines the agent
+    /// writes after its answer, or on a timer).
+    pub fn log_shows(&self, text: &str) -> bool {
+        wait_for(Duration::from_secs(10), || self.log_text().contains(text))
+    }
+
     /// Whether the agent process still runs.
     pub fn alive(&mut self) -> bool {
         if let Some(pid) = self.daemon {

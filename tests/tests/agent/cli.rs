@@ -750,9 +750,7 @@ fn the_background_agent_logs_each_signature_at_info_with_its_time() -> anyhow::R
     )?;
     // The default log file under the agent's HOME, at the default level;
     // the audit line follows the answer.
-    wait_for(Duration::from_secs(10), || {
-        agent.log_text().contains("signed key=SHA256:")
-    });
+    agent.log_shows("signed key=SHA256:");
     let log = agent.log_text();
     let line = log
         .lines()

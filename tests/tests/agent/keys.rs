@@ -74,9 +74,7 @@ fn lifetime_removes_the_key() -> anyhow::Result<()> {
     // Listing hides an expired key at once; the removal that logs it runs on
     // its timer a moment later.
     assert!(
-        wait_for(Duration::from_secs(5), || agent
-            .log_text()
-            .contains("key lifetime expired")),
+        agent.log_shows("key lifetime expired"),
         "{}",
         agent.log_text()
     );

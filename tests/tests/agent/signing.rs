@@ -1,10 +1,9 @@
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
 use token_agent_e2e::openssh::{ensure_only_allowed, restrict_to_one_of_two, Sshd};
-use token_agent_e2e::{check, sign_file, wait_for};
+use token_agent_e2e::{check, sign_file};
 
 /// Signs `message` with the agent's key for `public` and verifies it with ssh-keygen.
 fn sign_and_verify(agent: &Agent, public: &Path, message: &Path) -> anyhow::Result<()> {
@@ -67,9 +66,7 @@ fn login_to_sshd_with_plain_keys() -> anyhow::Result<()> {
     sshd_rsa.ensure_logged_in(&login, &agent.log_text())?;
     // The audit line follows the answer.
     assert!(
-        wait_for(Duration::from_secs(10), || agent
-            .log_text()
-            .contains("algorithm=\"rsa-sha2-")),
+        agent.log_shows("algorithm=\"rsa-sha2-"),
         "{}",
         agent.log_text()
     );
@@ -130,12 +127,6 @@ fn a_destination_restricted_key_signs_only_for_its_host() -> anyhow::Result<()> 
     )
     .output()?;
     assert!(!signed.status.success() || !message.with_extension("txt.sig").exists());
-    assert!(
-        wait_for(Duration::from_secs(10), || agent
-            .log_text()
-            .contains("destination")),
-        "{}",
-        agent.log_text()
-    );
+    assert!(agent.log_shows("destination"), "{}", agent.log_text());
     Ok(())
 }
