@@ -226,7 +226,7 @@ impl Agent {
     /// Whether the agent process still runs.
     pub fn alive(&mut self) -> bool {
         if let Some(pid) = self.daemon {
-            return running(pid);
+            return crate::running(pid.as_raw());
         }
         match self.child.as_mut() {
             Some(child) => matches!(child.try_wait(), Ok(None)),
@@ -287,19 +287,17 @@ impl Agent {
             .unwrap_or_default())
     }
 
-    /// Stops the agent with SIGTERM and waits for it. A background agent is
-    /// not this process's child, so its exit status cannot be known: it is
-    /// given as success once the agent has gone.
-    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+    /// Stops the agent with SIGTERM and waits for it to end (killing it if
+    /// it has not within 10 seconds).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(pid) = self.daemon.take() {
             let _ = kill(pid, Signal::SIGTERM);
-            let stopped = wait_for(Duration::from_secs(10), || !running(pid));
+            let stopped = wait_for(Duration::from_secs(10), || !crate::running(pid.as_raw()));
             if !stopped {
                 let _ = kill(pid, Signal::SIGKILL);
                 bail!("the background agent did not stop on SIGTERM");
             }
-            // Not this process's child: its status went to its parent.
-            return Ok(std::os::unix::process::ExitStatusExt::from_raw(0));
+            return Ok(());
         }
         let mut child = self.child.take().context("agent already stopped")?;
         let pid = Pid::from_raw(i32::try_from(child.id())?);
@@ -310,7 +308,8 @@ impl Agent {
         if !stopped {
             let _ = child.kill();
         }
-        Ok(child.wait()?)
+        child.wait()?;
+        Ok(())
     }
 }
 
@@ -340,18 +339,6 @@ fn detach(command: &mut Command) -> anyhow::Result<Pid> {
             )
         })?;
     Ok(Pid::from_raw(pid))
-}
-
-/// Whether `pid` still runs: it exists and has not exited (a zombie waits
-/// only for its parent to collect its status).
-fn running(pid: Pid) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
-    }
 }
 
 /// Generates a key pair of `kind` ("ed25519", "ecdsa-256", "rsa-2048", ...) at `path`.

@@ -171,11 +171,8 @@ fn run_a_day(agent: &Path, dir: &Path, profiles: &Path) -> anyhow::Result<()> {
             ..options.clone()
         },
     )?;
-    check(
-        foreground.command("ssh-add").arg("-l").output()?,
-        "ssh-add -l",
-    )
-    .ok();
+    // No keys yet: ssh-add -l says so and exits 1.
+    foreground.ssh_add(["-l"])?;
     foreground.stop()?;
     // The day itself, in the background as `eval "$(token-agent)"` starts
     // it, logging to its file at its default level.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use token_agent_e2e::agent::{keygen, Agent, AgentOptions};
-use token_agent_e2e::{agent_binary, check, stderr, stdout, wait_for};
+use token_agent_e2e::{agent_binary, check, running, stderr, stdout, wait_for};
 
 /// Compares `actual` with the snapshot file `name`; UPDATE_SNAPSHOTS=1 rewrites it.
 pub(crate) fn snapshot(name: &str, actual: &str) -> anyhow::Result<()> {
@@ -45,12 +45,6 @@ fn variable(text: &str, name: &str) -> Option<String> {
         .nth(1)
         .and_then(|rest| rest.split(';').next())
         .map(str::to_owned)
-}
-
-fn running(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|stat| stat.contains(") Z "))
 }
 
 #[test]

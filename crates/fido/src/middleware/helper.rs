@@ -25,17 +25,16 @@ pub fn run() -> ! {
     if let Err(err) = nix::sys::prctl::set_dumpable(false) {
         eprintln!("token-agent sk helper: cannot make the process non-dumpable: {err}");
     }
-    let (input, output) = match protocol_channel() {
+    // Unbuffered both ways: a request is read with two read_exact calls
+    // straight into a wiped buffer, and a BufReader would keep its own copy
+    // of it (the PIN included) for the life of the process.
+    let (mut input, mut output) = match protocol_channel() {
         Ok(channel) => channel,
         Err(err) => {
             eprintln!("token-agent sk helper: cannot set up its input and output: {err}");
             std::process::exit(2);
         }
     };
-    // Unbuffered both ways: a request is read with two read_exact calls
-    // straight into a wiped buffer, and a BufReader would keep its own copy
-    // of it (the PIN included) for the life of the process.
-    let (mut input, mut output) = (input, output);
     let mut library = None;
     loop {
         match read_frame::<Request>(&mut input) {

@@ -202,19 +202,24 @@ pub(crate) fn read_frame<T: for<'de> Deserialize<'de>>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn sign_requests_round_trip_and_hide_the_pin() {
-        let request = Request {
-            id: 9,
+    /// A sign request with `data` and the PIN 135790.
+    fn sign_with_pin(id: u64, data: Vec<u8>) -> Request {
+        Request {
+            id,
             op: Op::Sign(Sign {
                 alg: 1,
-                data: vec![1, 2, 3],
+                data,
                 application: "ssh:".into(),
-                key_handle: vec![4; 8],
+                key_handle: vec![4; 64],
                 flags: 0x05,
                 pin: Some(Pin::new("135790".into())),
             }),
-        };
+        }
+    }
+
+    #[test]
+    fn sign_requests_round_trip_and_hide_the_pin() {
+        let request = sign_with_pin(9, vec![1, 2, 3]);
         assert!(!format!("{request:?}").contains("135790"));
         let mut buffer = Vec::new();
         write_frame(&mut buffer, &request).unwrap();
@@ -235,17 +240,7 @@ mod tests {
     fn frames_are_built_in_one_buffer_of_their_final_size() {
         // No reallocation while serialising: the buffer's capacity is what
         // was asked for up front, so no partial copy of the PIN was freed.
-        let request = Request {
-            id: 3,
-            op: Op::Sign(Sign {
-                alg: 0,
-                data: vec![7; 5000],
-                application: "ssh:".into(),
-                key_handle: vec![4; 64],
-                flags: 0x05,
-                pin: Some(Pin::new("135790".into())),
-            }),
-        };
+        let request = sign_with_pin(3, vec![7; 5000]);
         let frame = encode_frame(&request).unwrap();
         assert_eq!(frame.capacity(), frame.len());
         assert_eq!(
