@@ -19,6 +19,8 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
+mod line;
+
 /// Logs to stderr at `default_level` unless TOKEN_AGENT_LOG or `configured` says otherwise.
 pub(crate) fn to_stderr(default_level: &str, configured: Option<&str>) {
     install(Sink::Stderr, default_level, configured);
@@ -86,7 +88,8 @@ fn subscriber(sink: Sink, filter: EnvFilter) -> impl tracing::Subscriber + Send 
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_timer(clock)
+        .fmt_fields(line::Fields)
+        .event_format(line::Format { clock })
         .with_writer(sink)
         .finish()
 }
