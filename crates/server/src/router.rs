@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -81,6 +81,26 @@ pub struct Entry {
     /// A certificate the router presents with a backend's key (from the
     /// configuration, or sent with `ssh-add -s`), not one the backend holds.
     pub paired: bool,
+    /// The key's fingerprint, once a log line or prompt has shown it: the
+    /// audit line of every signature shows it.
+    fingerprint: OnceLock<String>,
+}
+
+impl Entry {
+    fn new(
+        identity: Identity,
+        blob: Vec<u8>,
+        constraints: Option<Arc<Constraints>>,
+        paired: bool,
+    ) -> Self {
+        Self {
+            identity,
+            blob,
+            constraints,
+            paired,
+            fingerprint: OnceLock::new(),
+        }
+    }
 }
 
 /// Every identity of every backend, at one moment.
@@ -308,7 +328,7 @@ impl Router {
                 KeyStatus {
                     comment: entry.identity.comment(),
                     algorithm: entry.identity.public_key().algorithm().to_string(),
-                    fingerprint: self.fingerprint(entry.identity.public_key()),
+                    fingerprint: self.entry_fingerprint(entry).to_owned(),
                     backend: entry.identity.key().backend(),
                     device: entry.identity.device().map(|d| d.label()),
                     certificate: entry.identity.certificate(),
@@ -434,7 +454,7 @@ impl Router {
             let used = KeyUse {
                 blob: &entry.blob,
                 key: key_data,
-                fingerprint: self.fingerprint(entry.identity.public_key()),
+                fingerprint: self.entry_fingerprint(&entry).to_owned(),
                 comment: entry.identity.comment(),
                 backend: entry.identity.key().backend(),
                 device: entry.identity.device(),
@@ -626,12 +646,7 @@ impl Router {
         if let Some(c) = &constraints {
             self.schedule_expiry(blob.clone(), c);
         }
-        Ok(Entry {
-            identity,
-            blob,
-            constraints,
-            paired: false,
-        })
+        Ok(Entry::new(identity, blob, constraints, false))
     }
 
     /// Removes the key a client names by `blob` (`ssh-add -d`), if the
@@ -766,20 +781,20 @@ impl Router {
                     }
                 }
                 for cert in &mine.certificates {
-                    added.push(Entry {
-                        identity: identity.clone().with_certificate(cert.clone()),
-                        blob: encode_blob(cert.as_ref()).unwrap_or_default(),
-                        constraints: constraints.clone(),
-                        paired: true,
-                    });
+                    added.push(Entry::new(
+                        identity.clone().with_certificate(cert.clone()),
+                        encode_blob(cert.as_ref()).unwrap_or_default(),
+                        constraints.clone(),
+                        true,
+                    ));
                 }
                 if !mine.certs_only {
-                    added.push(Entry {
-                        identity: identity.clone(),
-                        blob: blob.clone(),
-                        constraints: constraints.clone(),
-                        paired: false,
-                    });
+                    added.push(Entry::new(
+                        identity.clone(),
+                        blob.clone(),
+                        constraints.clone(),
+                        false,
+                    ));
                 }
                 if mine.is_empty() {
                     self.associated_mut().remove(&blob);
@@ -871,7 +886,7 @@ impl Router {
     pub fn subject(&self, entry: &Entry) -> PromptSubject {
         PromptSubject {
             key: Some(entry.identity.comment().to_owned()),
-            fingerprint: Some(self.fingerprint(entry.identity.public_key())),
+            fingerprint: Some(self.entry_fingerprint(entry).to_owned()),
             device: entry.identity.device().cloned(),
             requester: None,
             destination: None,
@@ -881,6 +896,13 @@ impl Router {
     /// The fingerprint of `key` in the hash of `-E`, for logs and prompts.
     pub fn fingerprint(&self, key: &KeyData) -> String {
         self.policy.fingerprint_hash.fingerprint(key)
+    }
+
+    /// The fingerprint of `entry`'s key, computed once per entry.
+    pub fn entry_fingerprint<'a>(&self, entry: &'a Entry) -> &'a str {
+        entry
+            .fingerprint
+            .get_or_init(|| self.fingerprint(entry.identity.public_key()))
     }
 
     fn backend(&self, name: &str) -> Result<Arc<dyn Backend>, Refusal> {
@@ -985,7 +1007,7 @@ impl Router {
             if current.is_some_and(|c| Arc::ptr_eq(&c, &expected)) {
                 if let Some(entry) = router.snapshot().find(&blob).cloned() {
                     tracing::info!(
-                        key = %router.fingerprint(entry.identity.public_key()),
+                        key = %router.entry_fingerprint(&entry),
                         comment = entry.identity.comment(),
                         "key lifetime expired; removing it"
                     );
@@ -1082,12 +1104,7 @@ impl Router {
                         .cloned()
                         .or(gated.clone())
                         .or(own.clone());
-                    entries.push(Arc::new(Entry {
-                        identity,
-                        blob,
-                        constraints,
-                        paired,
-                    }));
+                    entries.push(Arc::new(Entry::new(identity, blob, constraints, paired)));
                 };
                 if identity.certificate().is_some() {
                     push(identity.clone(), blob, false);

@@ -123,7 +123,7 @@ impl Signed {
             algorithm,
         } = self;
         tracing::info!(
-            key = %router.fingerprint(entry.identity.public_key()),
+            key = %router.entry_fingerprint(&entry),
             comment = entry.identity.comment(),
             backend = entry.identity.key().backend(),
             device = entry.identity.device().map(|d| d.label()),
@@ -496,7 +496,7 @@ impl Session {
         {
             Ok(entry) => {
                 tracing::info!(
-                    key = %self.router.fingerprint(entry.identity.public_key()),
+                    key = %self.router.entry_fingerprint(&entry),
                     comment = entry.identity.comment(),
                     certificate = entry.identity.certificate().is_some(),
                     sk_provider,
@@ -531,7 +531,7 @@ impl Session {
         match self.router.remove(blob, &self.bindings).await {
             Ok(entry) => {
                 tracing::info!(
-                    key = %self.router.fingerprint(entry.identity.public_key()),
+                    key = %self.router.entry_fingerprint(&entry),
                     comment = entry.identity.comment(),
                     client = %self.peer,
                     "removed key"
