@@ -46,6 +46,33 @@ fn ssh_keygen_signatures_verify_for_every_key_type() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_client_named_to_forge_a_log_line_is_logged_on_one_line() -> anyhow::Result<()> {
+    let agent = Agent::start(AgentOptions::default())?;
+    let key = agent.dir().join("id");
+    keygen(&key, "ed25519", "forgery")?;
+    check(agent.ssh_add([&key])?, "ssh-add")?;
+    std::fs::remove_file(&key)?;
+    // A copy of ssh-keygen whose name ends the audit line and starts one.
+    let forged = "2026-12-07T12:00:00.000000Z  INFO token_agent_server::session: signed";
+    let forger = agent.dir().join(format!("ssh-keygen\n{forged}"));
+    std::fs::copy("/usr/bin/ssh-keygen", &forger)?;
+    let message = agent.dir().join("message.txt");
+    std::fs::write(&message, "sign me\n")?;
+    check(
+        sign_file(agent.command(&forger), key.with_extension("pub"), &message).output()?,
+        "ssh-keygen -Y sign",
+    )?;
+    assert!(
+        agent.log_shows(&format!("client=ssh-keygen\\n{forged}")),
+        "{}",
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    assert!(!log.lines().any(|line| line.starts_with(forged)), "{log}");
+    Ok(())
+}
+
+#[test]
 fn login_to_sshd_with_plain_keys() -> anyhow::Result<()> {
     let agent = Agent::start(AgentOptions::default())?;
     let mut authorized = String::new();
