@@ -7,7 +7,8 @@
 //!
 //! It runs the release agent under valgrind's callgrind (the helpers too),
 //! started once in the foreground (as systemd starts it) and once in the
-//! background (as `eval "$(token-agent)"` does), drives the second through a day's work with OpenSSH's tools (a SoftHSM token added
+//! background (as `eval "$(token-agent)"` does), drives the second through
+//! a day's work with OpenSSH's tools (a SoftHSM token added
 //! with `ssh-add -s`, software keys of each type, with a lifetime and with a
 //! confirmation, signatures with every key, removal, lock and unlock, status),
 //! ending the signing helper with SIGTERM, on which valgrind writes its

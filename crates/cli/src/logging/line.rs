@@ -144,7 +144,6 @@ impl Visitor<'_> {
         if !std::mem::take(&mut self.first) {
             self.writer.write_char(' ')?;
         }
-        let sanitize = self.writer.sanitizes_ansi_escapes();
         if name != "message" {
             let name = name.strip_prefix("r#").unwrap_or(name);
             if self.writer.has_ansi_escapes() {
@@ -155,7 +154,6 @@ impl Visitor<'_> {
         }
         value(&mut Sanitized {
             inner: &mut self.writer,
-            sanitize,
         })
     }
 }
@@ -220,20 +218,17 @@ fn quoted(out: &mut Sanitized<'_>, value: &str) -> fmt::Result {
 /// as commands: line breaks and the other C0 controls but tab, DEL, and
 /// the C1 controls, written as `\n`, `\x1b`, `\u{9b}`.
 /// tracing-subscriber escapes ESC, BEL, BS, FF, DEL and C1 in messages
-/// only.
+/// only, and only unless told not to; here it is always done.
 struct Sanitized<'a> {
     inner: &'a mut dyn Write,
-    /// Off when the subscriber was told not to sanitize.
-    sanitize: bool,
 }
 
 impl Write for Sanitized<'_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         // C1 controls are U+0080 to U+009F: 0xC2 then 0x80 to 0x9F in UTF-8.
-        let clean = !self.sanitize
-            || text
-                .bytes()
-                .all(|b| (b >= b' ' || b == b'\t') && b != 0x7f && b != 0xc2);
+        let clean = text
+            .bytes()
+            .all(|b| (b >= b' ' || b == b'\t') && b != 0x7f && b != 0xc2);
         if clean {
             return self.inner.write_str(text);
         }
@@ -255,8 +250,6 @@ impl Write for Sanitized<'_> {
 mod tests {
     use std::io;
     use std::sync::{Arc, Mutex};
-
-    use tracing_subscriber::fmt::MakeWriter;
 
     use super::*;
 
@@ -287,14 +280,6 @@ mod tests {
 
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Buffer {
-        type Writer = Self;
-
-        fn make_writer(&'a self) -> Self {
-            self.clone()
         }
     }
 
@@ -372,11 +357,12 @@ mod tests {
 
     fn theirs(ansi: bool) -> String {
         let buffer = Buffer::default();
+        let writer = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(Level::TRACE)
             .with_ansi(ansi)
             .with_timer(Noon)
-            .with_writer(buffer.clone())
+            .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, events);
         buffer.text()
@@ -384,12 +370,13 @@ mod tests {
 
     fn ours(ansi: bool, events: fn()) -> String {
         let buffer = Buffer::default();
+        let writer = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(Level::TRACE)
             .with_ansi(ansi)
             .fmt_fields(Fields)
             .event_format(Format { clock: Noon })
-            .with_writer(buffer.clone())
+            .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, events);
         buffer.text()
